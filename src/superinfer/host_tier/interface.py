@@ -1,0 +1,86 @@
+"""The contract between who decides (the SGLang adapter) and who moves bytes (a KV mover).
+
+Slots are token indices: a *device slot* indexes SGLang's per-layer ``k_buffer[l]`` /
+``v_buffer[l]`` (the values stored in ``req_to_token``); a *host slot* indexes a
+``HostKVPool``. A mover copies, for every layer, K and V of ``device_slots[i]`` to or from
+``host_slots[i]``. Nothing here imports SGLang.
+
+Ordering rules every mover keeps:
+- ``submit_d2h`` copies nothing before ``ready`` (an event recorded on the forward stream after
+  the last forward that wrote those slots) has fired; the caller frees the device slots only after
+  ``poll`` reports the job done.
+- ``submit_h2d`` jobs become visible to compute only through ``fence_compute(stream)``, which
+  makes that stream wait on the copies on the device; the host never synchronizes.
+- Jobs of one direction finish in submission order; the two directions run concurrently.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """Shape of the KV of one token on one rank: ``num_layers`` × (K, V) × ``num_heads`` × ``head_dim``."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    itemsize: int  # bytes per element as stored (fp8 is 1)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_heads * self.head_dim * self.itemsize
+
+
+@dataclass(slots=True)
+class TransferReport:
+    """Jobs completed since the previous ``poll``, in submission order per direction."""
+
+    done_d2h: list[str] = field(default_factory=list)
+    done_h2d: list[str] = field(default_factory=list)
+    bytes_d2h: int = 0
+    bytes_h2d: int = 0
+
+
+class KVMover(abc.ABC):
+    """Moves the KV of token slots between a device pool and a host pool, asynchronously."""
+
+    @abc.abstractmethod
+    def submit_d2h(
+        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
+    ) -> int:
+        """Queue device→host; ``ready`` is a ``torch.cuda.Event`` (or None on the CPU). Returns bytes."""
+
+    @abc.abstractmethod
+    def submit_h2d(
+        self,
+        job_id: str,
+        host_slots: torch.Tensor,
+        device_slots: torch.Tensor,
+        ready: object | None = None,
+    ) -> int:
+        """Queue host→device into already-allocated device slots. Returns bytes.
+
+        ``ready`` (optional, added after the first version) is an event after which the device
+        slots may be overwritten: freshly reallocated slots can still be read by an in-flight
+        forward of their previous owner. On CUDA, None means "after the work queued so far on
+        the caller's current stream"; the same holds for ``submit_d2h``.
+        """
+
+    @abc.abstractmethod
+    def poll(self) -> TransferReport:
+        """Non-blocking: the jobs that have finished since the last call (``event.query()``)."""
+
+    @abc.abstractmethod
+    def fence_compute(self, stream: object | None) -> None:
+        """Make ``stream`` wait, on the device, for every h2d job submitted so far."""
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Block until every submitted job is done (tests and shutdown only)."""

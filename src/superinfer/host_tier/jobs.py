@@ -1,0 +1,94 @@
+"""Bookkeeping shared by the movers: per-direction job queues and host-slot runs."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from superinfer.host_tier.interface import KVLayout
+
+
+@dataclass(slots=True)
+class Job:
+    """One submitted transfer. ``keepalive`` holds every tensor the side stream still touches
+    (index tensors, staging buffers), so the caching allocator cannot hand their memory to
+    someone else before ``event`` fires."""
+
+    job_id: str
+    num_bytes: int
+    event: torch.cuda.Event | None  # None: the work finished before submit returned (CPU)
+    keepalive: tuple[torch.Tensor, ...] = ()
+
+    def is_done(self) -> bool:
+        return self.event is None or self.event.query()
+
+
+class JobQueue:
+    """The jobs of one direction in submission order; they run in order on one stream, so
+    polling only the head is enough."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[Job] = deque()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def push(self, job: Job) -> None:
+        self._jobs.append(job)
+
+    def pop_done(self) -> tuple[list[str], int]:
+        """Remove the finished head jobs; return their ids and bytes. Never blocks."""
+        done_ids, num_bytes = [], 0
+        while self._jobs and self._jobs[0].is_done():
+            job = self._jobs.popleft()
+            done_ids.append(job.job_id)
+            num_bytes += job.num_bytes
+        return done_ids, num_bytes
+
+    def last_event(self) -> torch.cuda.Event | None:
+        return self._jobs[-1].event if self._jobs else None
+
+
+def contiguous_runs(host_slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Split host slots into maximal runs of consecutive slots.
+
+    Returns ``(offset, host_start, length)``: ``host_slots[offset:offset+length]`` equals
+    ``host_start + arange(length)``. Pages come from ``HostKVPool.alloc`` in runs, so a batch
+    usually is one or a few runs, each one DMA.
+    """
+    slots = host_slots.reshape(-1)
+    if slots.numel() == 0:
+        return []
+    starts = torch.ones(slots.numel(), dtype=torch.bool)
+    starts[1:] = slots[1:] - slots[:-1] != 1
+    offsets = torch.nonzero(starts).reshape(-1)
+    lengths = torch.diff(offsets, append=torch.tensor([slots.numel()]))
+    return list(zip(offsets.tolist(), slots[offsets].tolist(), lengths.tolist(), strict=True))
+
+
+def check_device_buffers(
+    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], layout: KVLayout, dtype: torch.dtype
+) -> None:
+    """Raise ValueError unless the buffers are SGLang's layer-first ``[slots, heads, head_dim]``."""
+    if len(k_buffers) != layout.num_layers or len(v_buffers) != layout.num_layers:
+        raise ValueError(f"expected {layout.num_layers} K and V buffers")
+    shape = k_buffers[0].shape
+    for buf in (*k_buffers, *v_buffers):
+        if buf.shape != shape or buf.dtype != dtype or not buf.is_contiguous():
+            raise ValueError(f"KV buffers must be contiguous {tuple(shape)} of {dtype}")
+        if buf.device != k_buffers[0].device:
+            raise ValueError("KV buffers must live on one device")
+    if shape[1:] != (layout.num_heads, layout.head_dim):
+        raise ValueError(f"KV buffer shape {tuple(shape)} does not match {layout}")
+
+
+def check_slots(device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
+    """Raise ValueError unless the slot tensors pair up; host slots must be CPU int64."""
+    if device_slots.dim() != 1 or host_slots.dim() != 1 or device_slots.numel() != host_slots.numel():
+        raise ValueError("device_slots and host_slots must be 1-D and of equal length")
+    if host_slots.device.type != "cpu" or host_slots.dtype != torch.int64:
+        raise ValueError("host_slots must be a CPU int64 tensor (from HostKVPool.alloc)")
+    if device_slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError("device_slots must be int32 or int64")

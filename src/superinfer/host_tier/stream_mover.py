@@ -1,0 +1,98 @@
+"""Stream and event plumbing shared by every KVMover: one side stream per direction.
+
+Subclasses say how to copy one batch (``_copy_d2h`` / ``_copy_h2d``); this class decides on
+which stream it runs, what it waits for, and when it is reported done (style rule 9, V10).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from superinfer.host_tier.interface import KVMover, TransferReport
+from superinfer.host_tier.jobs import Job, JobQueue, check_device_buffers, check_slots
+from superinfer.host_tier.pool import HostKVPool
+
+# torch stream priorities: lower is more urgent. h2d feeds the next forward; d2h only frees memory.
+_H2D_PRIORITY = -1
+_D2H_PRIORITY = 0
+
+
+class StreamMover(KVMover):
+    """d2h on a low-priority stream, h2d on a high-priority one; on the CPU everything is synchronous."""
+
+    def __init__(
+        self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], host: HostKVPool
+    ) -> None:
+        check_device_buffers(k_buffers, v_buffers, host.layout, host.buffer.dtype)
+        self.k_buffers, self.v_buffers, self.host = k_buffers, v_buffers, host
+        self.device = k_buffers[0].device
+        self._on_cuda = self.device.type == "cuda"
+        if self._on_cuda:
+            self._d2h_stream = torch.cuda.Stream(self.device, priority=_D2H_PRIORITY)
+            self._h2d_stream = torch.cuda.Stream(self.device, priority=_H2D_PRIORITY)
+        self._d2h_jobs, self._h2d_jobs = JobQueue(), JobQueue()
+
+    def submit_d2h(
+        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
+    ) -> int:
+        check_slots(device_slots, host_slots)
+        stream = self._d2h_stream if self._on_cuda else None
+        job = self._launch(stream, ready, job_id, device_slots, host_slots, self._copy_d2h)
+        self._d2h_jobs.push(job)
+        return job.num_bytes
+
+    def submit_h2d(
+        self,
+        job_id: str,
+        host_slots: torch.Tensor,
+        device_slots: torch.Tensor,
+        ready: object | None = None,
+    ) -> int:
+        check_slots(device_slots, host_slots)
+        stream = self._h2d_stream if self._on_cuda else None
+        job = self._launch(stream, ready, job_id, device_slots, host_slots, self._copy_h2d)
+        self._h2d_jobs.push(job)
+        return job.num_bytes
+
+    def poll(self) -> TransferReport:
+        done_d2h, bytes_d2h = self._d2h_jobs.pop_done()
+        done_h2d, bytes_h2d = self._h2d_jobs.pop_done()
+        return TransferReport(done_d2h, done_h2d, bytes_d2h, bytes_h2d)
+
+    def fence_compute(self, stream: object | None) -> None:
+        last = self._h2d_jobs.last_event()
+        if last is not None:
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(last)
+
+    def synchronize(self) -> None:
+        if self._on_cuda:
+            self._d2h_stream.synchronize()
+            self._h2d_stream.synchronize()
+
+    def _launch(self, stream, ready, job_id, device_slots, host_slots, copy) -> Job:
+        """Run ``copy`` on ``stream`` after ``ready`` (else after the caller's current stream)."""
+        num_bytes = host_slots.numel() * self.host.bytes_per_token
+        if stream is None:
+            copy(device_slots, host_slots)
+            return Job(job_id, num_bytes, None)
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            else:
+                stream.wait_stream(caller)
+            dev_idx = device_slots.to(self.device, non_blocking=True)
+            keepalive = copy(dev_idx, host_slots)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return Job(job_id, num_bytes, event, (device_slots, dev_idx, host_slots, *keepalive))
+
+    @abc.abstractmethod
+    def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Enqueue the copy on the current stream; return the tensors it still uses."""
+
+    @abc.abstractmethod
+    def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Enqueue the copy on the current stream; return the tensors it still uses."""
