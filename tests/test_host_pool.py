@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.jobs import contiguous_runs
 from superinfer.host_tier.pool import HostKVPool
 
 LAYOUT = KVLayout(num_layers=3, num_heads=2, head_dim=8, itemsize=2)
@@ -127,3 +128,12 @@ def test_check_integrity_catches_a_corrupted_counter() -> None:
 def test_pinning_without_cuda_fails_clearly() -> None:
     with pytest.raises(RuntimeError, match="pin_memory=False"):
         HostKVPool(LAYOUT, 16, 4, torch.bfloat16, pin_memory=True)
+
+
+def test_dma_runs_never_cross_a_pinned_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("superinfer.host_tier.pool._REGISTER_CHUNK_BYTES", 3 * 4 * LAYOUT.bytes_per_token)
+    pool = make_pool(num_tokens=64, page_size=4)
+    assert pool.dma_chunk_tokens == 12
+    slots = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 13, 30, 2, 3])
+    runs = contiguous_runs(slots, pool.dma_chunk_tokens)
+    assert runs == [(0, 5, 7), (7, 12, 2), (9, 30, 1), (10, 2, 2)]

@@ -51,8 +51,9 @@ class JobQueue:
         return self._jobs[-1].event if self._jobs else None
 
 
-def contiguous_runs(host_slots: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Split host slots into maximal runs of consecutive slots.
+def contiguous_runs(host_slots: torch.Tensor, boundary: int) -> list[tuple[int, int, int]]:
+    """Split host slots into maximal runs of consecutive slots that do not cross a multiple of
+    ``boundary`` (``HostKVPool.dma_chunk_tokens``: one DMA must stay inside one pinned range).
 
     Returns ``(offset, host_start, length)``: ``host_slots[offset:offset+length]`` equals
     ``host_start + arange(length)``. Pages come from ``HostKVPool.alloc`` in runs, so a batch
@@ -62,7 +63,7 @@ def contiguous_runs(host_slots: torch.Tensor) -> list[tuple[int, int, int]]:
     if slots.numel() == 0:
         return []
     starts = torch.ones(slots.numel(), dtype=torch.bool)
-    starts[1:] = slots[1:] - slots[:-1] != 1
+    starts[1:] = (slots[1:] - slots[:-1] != 1) | (slots[1:] % boundary == 0)
     offsets = torch.nonzero(starts).reshape(-1)
     lengths = torch.diff(offsets, append=torch.tensor([slots.numel()]))
     return list(zip(offsets.tolist(), slots[offsets].tolist(), lengths.tolist(), strict=True))

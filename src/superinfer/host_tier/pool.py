@@ -20,7 +20,7 @@ import torch
 from superinfer.host_tier.interface import KVLayout
 
 # NOTE: cudaHostRegister on hundreds of GiB in one call can take minutes or fail outright;
-# registering in chunks, as SGLang's host pool does, bounds each call and each failure.
+# registering in ~1 GiB chunks bounds each call and each failure.
 _REGISTER_CHUNK_BYTES = 1 << 30
 
 
@@ -45,6 +45,9 @@ class HostKVPool:
         self.size = num_tokens
         self.page_size = page_size
         self.num_pages = num_tokens // page_size
+        # Whole pages per pinned registration; a DMA never spans two (see ``dma_chunk_tokens``).
+        pages_per_chunk = max(1, _REGISTER_CHUNK_BYTES // (layout.bytes_per_token * page_size))
+        self.dma_chunk_tokens = pages_per_chunk * page_size
         self.buffer = torch.empty(
             (num_tokens, layout.num_layers, 2, layout.num_heads * layout.head_dim), dtype=dtype
         )
@@ -52,9 +55,10 @@ class HostKVPool:
             _bind_to_numa_node(self.buffer, numa_node)
         self.pinned = False
         if pin_memory:
-            _pin(self.buffer)
+            chunk_bytes = self.dma_chunk_tokens * layout.bytes_per_token
+            _pin(self.buffer, chunk_bytes)
             self.pinned = True
-            weakref.finalize(self, _unpin, self.buffer)
+            weakref.finalize(self, _unpin, self.buffer, chunk_bytes)
         self._page_free = torch.ones(self.num_pages, dtype=torch.bool)
         self._num_free_pages = self.num_pages
 
@@ -123,8 +127,12 @@ class HostKVPool:
         return free_ids[:num_pages].to(torch.int64)
 
 
-def _pin(buffer: torch.Tensor) -> None:
-    """Page-lock ``buffer`` in place with cudaHostRegister, chunk by chunk.
+def _nbytes(buffer: torch.Tensor) -> int:
+    return buffer.numel() * buffer.element_size()
+
+
+def _pin(buffer: torch.Tensor, chunk_bytes: int) -> None:
+    """Page-lock ``buffer`` in place with cudaHostRegister, ``chunk_bytes`` at a time.
 
     NOTE: not ``torch.empty(pin_memory=True)``: torch's caching host allocator rounds a request
     up to a power of two, which can nearly double a pool of hundreds of GiB.
@@ -132,28 +140,25 @@ def _pin(buffer: torch.Tensor) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError("HostKVPool(pin_memory=True) needs CUDA; pass pin_memory=False on the CPU")
     cudart = torch.cuda.cudart()
-    base, total = buffer.data_ptr(), buffer.numel() * buffer.element_size()
-    done = 0
-    while done < total:
-        nbytes = min(_REGISTER_CHUNK_BYTES, total - done)
-        err = cudart.cudaHostRegister(base + done, nbytes, 0)
+    base, total = buffer.data_ptr(), _nbytes(buffer)
+    for offset in range(0, total, chunk_bytes):
+        err = cudart.cudaHostRegister(base + offset, min(chunk_bytes, total - offset), 0)
         if int(err) != 0:
-            _unregister(base, done)
+            _unregister(base, offset, chunk_bytes)
             raise RuntimeError(
                 f"cannot pin {total / 2**30:.1f} GiB of host memory for the KV host pool "
-                f"(cudaHostRegister failed with error {int(err)} after {done / 2**30:.1f} GiB); "
+                f"(cudaHostRegister: {cudart.cudaGetErrorString(err)} after {offset / 2**30:.1f} GiB); "
                 "make the host pool smaller or raise the locked-memory limit (ulimit -l)"
             )
-        done += nbytes
 
 
-def _unpin(buffer: torch.Tensor) -> None:
-    _unregister(buffer.data_ptr(), buffer.numel() * buffer.element_size())
+def _unpin(buffer: torch.Tensor, chunk_bytes: int) -> None:
+    _unregister(buffer.data_ptr(), _nbytes(buffer), chunk_bytes)
 
 
-def _unregister(base: int, total: int) -> None:
+def _unregister(base: int, total: int, chunk_bytes: int) -> None:
     cudart = torch.cuda.cudart()
-    for offset in range(0, total, _REGISTER_CHUNK_BYTES):
+    for offset in range(0, total, chunk_bytes):
         cudart.cudaHostUnregister(base + offset)
 
 
@@ -171,7 +176,7 @@ def _bind_to_numa_node(buffer: torch.Tensor, node: int) -> None:
         raise RuntimeError(f"NUMA node {node} is not available on this machine")
     os_page = os.sysconf("SC_PAGE_SIZE")  # 64 KiB on many Grace kernels
     start = -(-buffer.data_ptr() // os_page) * os_page
-    end = (buffer.data_ptr() + buffer.numel() * buffer.element_size()) // os_page * os_page
+    end = (buffer.data_ptr() + _nbytes(buffer)) // os_page * os_page
     if end > start:
         libnuma.numa_tonode_memory.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libnuma.numa_tonode_memory(ctypes.c_void_p(start), ctypes.c_size_t(end - start), node)

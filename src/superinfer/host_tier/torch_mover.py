@@ -27,7 +27,7 @@ class TorchMover(StreamMover):
         for layer, (k, v) in enumerate(zip(self.k_buffers, self.v_buffers, strict=True)):
             staging[:, layer, 0] = k.view(-1, row)[device_slots]
             staging[:, layer, 1] = v.view(-1, row)[device_slots]
-        for offset, host_start, length in contiguous_runs(host_slots):
+        for offset, host_start, length in contiguous_runs(host_slots, self.host.dma_chunk_tokens):
             self.host.buffer[host_start : host_start + length].copy_(
                 staging[offset : offset + length], non_blocking=True
             )
@@ -35,7 +35,7 @@ class TorchMover(StreamMover):
 
     def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         staging = self._staging(host_slots.numel())
-        for offset, host_start, length in contiguous_runs(host_slots):
+        for offset, host_start, length in contiguous_runs(host_slots, self.host.dma_chunk_tokens):
             staging[offset : offset + length].copy_(
                 self.host.buffer[host_start : host_start + length], non_blocking=True
             )
