@@ -1,0 +1,75 @@
+"""SuperInfer settings: one frozen dataclass, validated once, with no SGLang types.
+
+The SGLang adapter builds it from ``ServerArgs``; everything else receives the fields it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("slo", "lvf")
+MOVER_PATHS = ("auto", "torch", "staging", "zerocopy")
+
+
+class ConfigError(ValueError):
+    """A SuperInfer setting is out of range; the message names the flag."""
+
+
+@dataclass(frozen=True, slots=True)
+class RotaConfig:
+    ttft_slo_s: float = 1.0
+    tbt_slo_s: float = 0.1
+    host_kv_gb: float = 8.0
+    policy: str = "slo"
+    # Victims must have slack >= margin × their round-trip estimate.
+    slack_margin: float = 2.0
+    # Proactive free reserve = arrival rate × mean prompt × window, capped at a pool fraction.
+    reserve_window_s: float = 0.2
+    reserve_max_frac: float = 0.25
+    # Requests already past their deadline are admitted after those that can still make it.
+    late_last: bool = True
+    # LVF (reference rule): fixed proactive budget B in tokens.
+    lvf_budget_tokens: int = 2400 * 16
+    mover: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive("--rota-ttft-slo", self.ttft_slo_s)
+        _positive("--rota-tbt-slo", self.tbt_slo_s)
+        _positive("--rota-host-kv-gb", self.host_kv_gb)
+        _positive("--rota-slack-margin", self.slack_margin)
+        if self.reserve_window_s < 0:
+            raise ConfigError(f"--rota-reserve-window must be >= 0, got {self.reserve_window_s}")
+        if not 0.0 <= self.reserve_max_frac < 1.0:
+            raise ConfigError(f"reserve_max_frac must be in [0, 1), got {self.reserve_max_frac}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"--rota-policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.mover not in MOVER_PATHS:
+            raise ConfigError(f"--rota-mover must be one of {MOVER_PATHS}, got {self.mover!r}")
+        if self.lvf_budget_tokens < 0:
+            raise ConfigError(f"lvf_budget_tokens must be >= 0, got {self.lvf_budget_tokens}")
+
+
+def _positive(flag: str, value: float) -> None:
+    # NOTE: `not value > 0` also rejects NaN.
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{flag} must be a positive finite number, got {value}")
+
+
+def parse_slo_override(custom_params: object) -> tuple[float | None, float | None]:
+    """Per-request SLOs from a request's ``custom_params`` dict (``ttft_slo``/``tbt_slo``, seconds).
+
+    Raises ConfigError for a present but invalid value, so the server can answer 400.
+    """
+    if not isinstance(custom_params, dict):
+        return None, None
+    out: list[float | None] = []
+    for key in ("ttft_slo", "tbt_slo"):
+        value = custom_params.get(key)
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"custom_params.{key} must be a number of seconds, got {value!r}")
+        _positive(f"custom_params.{key}", float(value))
+        out.append(float(value))
+    return out[0], out[1]

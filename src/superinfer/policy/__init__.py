@@ -1,0 +1,21 @@
+"""RotaSched's decision core: pure Python + numpy, no torch, no SGLang."""
+
+from __future__ import annotations
+
+from ..config import RotaConfig
+from .base import Policy
+from .costs import CostModel
+from .lvf import LvfPolicy
+from .rotasched import SloPolicy
+from .table import RequestTable
+from .types import Capacity, Costs, Phase, ReqView, StepPlan
+
+_POLICIES: dict[str, type[Policy]] = {"slo": SloPolicy, "lvf": LvfPolicy}
+
+
+def create_policy(config: RotaConfig) -> Policy:
+    return _POLICIES[config.policy](config)
+
+
+__all__ = ["Capacity", "CostModel", "Costs", "LvfPolicy", "Phase", "Policy", "ReqView",
+           "RequestTable", "SloPolicy", "StepPlan", "create_policy"]

@@ -1,0 +1,68 @@
+"""LVF: the reference code's rule, reproduced for ablation (no SLO arithmetic at all).
+
+- Trigger: the next step of every running request plus the whole prompt of every waiting
+  request does not fit, and free memory is below the fixed budget B, and the host tier is
+  under 95% full.
+- Victims: decode requests, longest resident on the device first, while the freed tokens stay
+  below B.
+- Queue: one FIFO of new requests (by arrival) and rotated-out ones (by rotation time); new
+  prompts wait while the host tier is over 90% full; admission stops at the first misfit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Policy
+from .types import Capacity, Costs, Phase, StepPlan
+
+
+class LvfPolicy(Policy):
+    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int) -> StepPlan:
+        plan = StepPlan()
+        t = self.table
+        host_total = cap.free_host_tokens + int(t.num_tokens[t.slots_in(Phase.ON_HOST, Phase.ROTATING_OUT)].sum())
+        host_used_frac = 1.0 - cap.free_host_tokens / host_total if host_total else 1.0
+        self._fifo(plan, cap, host_used_frac > 0.90, max_prefill_tokens)
+        waiting = t.slots_in(Phase.WAITING)
+        running = t.slots_in(Phase.RUNNING)
+        demand = running.size + int(t.num_prompt_tokens[waiting].sum())
+        budget = self.config.lvf_budget_tokens
+        if demand > cap.free_device_tokens and cap.free_device_tokens < budget and host_used_frac < 0.95:
+            decode = running[~np.isnan(t.first_token_s[running])]
+            order = np.lexsort((t.seq[decode], t.resident_since_s[decode]))
+            freed = 0
+            for s in decode[order].tolist():
+                n = int(t.num_tokens[s])
+                if freed + n > budget or freed + n > cap.free_host_tokens:
+                    break
+                req_id = t.id_at(s)
+                plan.rotate_out.append(req_id)
+                plan.reasons[req_id] = "lvf: longest resident"
+                freed += n
+        plan.check()
+        return plan
+
+    def _fifo(self, plan: StepPlan, cap: Capacity, defer_new: bool, max_prefill_tokens: int) -> None:
+        t = self.table
+        cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
+        on_host = t.phase[cand] == Phase.ON_HOST
+        key = np.where(on_host, t.rotated_at_s[cand], t.arrival_s[cand])
+        used = prefill = 0
+        for s in cand[np.lexsort((t.seq[cand], key))].tolist():
+            req_id = t.id_at(s)
+            if t.phase[s] == Phase.ON_HOST:
+                need = int(t.num_tokens[s])
+                if need > cap.free_device_tokens - used:
+                    return
+                plan.rotate_in.append(req_id)
+            else:
+                if defer_new:
+                    continue
+                need = int(t.num_prompt_tokens[s])
+                plan.admit.append(req_id)
+                if need > cap.free_device_tokens - used or prefill + need > max_prefill_tokens:
+                    return
+                prefill += need
+            plan.reasons[req_id] = "lvf: fifo"
+            used += need

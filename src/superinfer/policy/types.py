@@ -1,0 +1,77 @@
+"""Plain data crossing the boundary between the SGLang adapter and the policy.
+
+No tensors, no SGLang objects: the adapter translates, the policy decides. All times are
+seconds on one clock chosen by the adapter (rank 0's, broadcast under tensor parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Phase(IntEnum):
+    WAITING = 0  # needs a prefill (new, or retracted by SGLang)
+    PREFILLING = 1  # in a (chunked) prefill: neither a candidate nor a victim
+    RUNNING = 2  # decoding, KV on the device
+    ROTATING_OUT = 3  # device->host copy in flight
+    ON_HOST = 4  # rotated out: KV on the host tier, waiting to come back
+    ROTATING_IN = 5  # host->device copy in flight
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """Measured (or default) costs; see costs.CostModel."""
+
+    prefill_s_per_token: float
+    decode_step_s: float
+    d2h_bytes_per_s: float
+    h2d_bytes_per_s: float
+    arrival_rate_per_s: float
+    mean_prompt_tokens: float
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Memory as the adapter sees it this iteration, in tokens."""
+
+    # What an admission or rotate-in may use now, net of the running batch's reservation.
+    free_device_tokens: int
+    total_device_tokens: int
+    free_host_tokens: int
+    bytes_per_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReqView:
+    """One request's policy state, for logs and tests (the planner works on columns)."""
+
+    req_id: str
+    phase: Phase
+    arrival_s: float
+    ttft_slo_s: float
+    tbt_slo_s: float
+    num_prompt_tokens: int
+    num_tokens: int
+    num_output_tokens: int
+    first_token_s: float | None
+    resident_since_s: float
+    rotated_at_s: float
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What to do this iteration; each request id appears in at most one list."""
+
+    admit: list[str] = field(default_factory=list)  # WAITING ids for the queue front, in order
+    rotate_in: list[str] = field(default_factory=list)  # ON_HOST ids, in order
+    rotate_out: list[str] = field(default_factory=list)  # RUNNING ids
+    reasons: dict[str, str] = field(default_factory=dict)  # id -> why (logs and tests)
+
+    def is_empty(self) -> bool:
+        return not (self.admit or self.rotate_in or self.rotate_out)
+
+    def check(self) -> None:
+        ids = self.admit + self.rotate_in + self.rotate_out
+        if len(ids) != len(set(ids)):
+            raise AssertionError(f"a request appears twice in {self}")
