@@ -138,7 +138,8 @@ def _launch_config(table: KVTable, num_tokens: int, num_programs: int | None) ->
     persistent grid, by default two programs per SM."""
     word = table.word_dtype.itemsize
     block_w = min(triton.next_power_of_2(table.row_words), max(1, 4096 // word))
-    block_t = max(1, min(triton.next_power_of_2(num_tokens), 16384 // (block_w * word)))
+    # NOTE: independent of num_tokens, so a short last chunk does not compile another variant.
+    block_t = max(1, 16384 // (block_w * word))
     num_items = triton.cdiv(num_tokens, block_t) * table.num_rows * triton.cdiv(table.row_words, block_w)
     if num_programs is None:
         kv_device = table.ptrs.device

@@ -14,9 +14,11 @@ from superinfer.host_tier.interface import KVMover, TransferReport
 from superinfer.host_tier.jobs import Job, JobQueue, check_device_buffers, check_slots
 from superinfer.host_tier.pool import HostKVPool
 
+CopyResult = tuple[tuple[torch.Tensor, ...], "torch.cuda.Event | None"]
+
 # torch stream priorities: lower is more urgent. h2d feeds the next forward; d2h only frees memory.
-_H2D_PRIORITY = -1
-_D2H_PRIORITY = 0
+H2D_PRIORITY = -1
+D2H_PRIORITY = 0
 
 
 class StreamMover(KVMover):
@@ -30,8 +32,8 @@ class StreamMover(KVMover):
         self.device = k_buffers[0].device
         self._on_cuda = self.device.type == "cuda"
         if self._on_cuda:
-            self._d2h_stream = torch.cuda.Stream(self.device, priority=_D2H_PRIORITY)
-            self._h2d_stream = torch.cuda.Stream(self.device, priority=_H2D_PRIORITY)
+            self._d2h_stream = torch.cuda.Stream(self.device, priority=D2H_PRIORITY)
+            self._h2d_stream = torch.cuda.Stream(self.device, priority=H2D_PRIORITY)
         self._d2h_jobs, self._h2d_jobs = JobQueue(), JobQueue()
 
     def submit_d2h(
@@ -84,15 +86,19 @@ class StreamMover(KVMover):
             else:
                 stream.wait_stream(caller)
             dev_idx = device_slots.to(self.device, non_blocking=True)
-            keepalive = copy(dev_idx, host_slots)
-            event = torch.cuda.Event()
-            event.record(stream)
+            keepalive, event = copy(dev_idx, host_slots)
+            if event is None:
+                event = torch.cuda.Event()
+                event.record(stream)
         return Job(job_id, num_bytes, event, (device_slots, dev_idx, host_slots, *keepalive))
 
     @abc.abstractmethod
-    def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Enqueue the copy on the current stream; return the tensors it still uses."""
+    def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
+        """Enqueue the copy after the work on the current (direction) stream.
+
+        Returns the tensors the copy still uses and, if it ends on another stream, the event
+        that marks its end (None: it ends on the direction stream)."""
 
     @abc.abstractmethod
-    def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Enqueue the copy on the current stream; return the tensors it still uses."""
+    def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
+        """As ``_copy_d2h``, for host→device."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from superinfer.host_tier.jobs import contiguous_runs
-from superinfer.host_tier.stream_mover import StreamMover
+from superinfer.host_tier.stream_mover import CopyResult, StreamMover
 
 
 class TorchMover(StreamMover):
@@ -21,7 +21,7 @@ class TorchMover(StreamMover):
             (num_tokens, *self.host.buffer.shape[1:]), dtype=self.host.buffer.dtype, device=self.device
         )
 
-    def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
         staging = self._staging(host_slots.numel())
         row = staging.shape[-1]
         for layer, (k, v) in enumerate(zip(self.k_buffers, self.v_buffers, strict=True)):
@@ -31,9 +31,9 @@ class TorchMover(StreamMover):
             self.host.buffer[host_start : host_start + length].copy_(
                 staging[offset : offset + length], non_blocking=True
             )
-        return (staging,)
+        return (staging,), None
 
-    def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
         staging = self._staging(host_slots.numel())
         for offset, host_start, length in contiguous_runs(host_slots, self.host.dma_chunk_tokens):
             staging[offset : offset + length].copy_(
@@ -43,4 +43,4 @@ class TorchMover(StreamMover):
         for layer, (k, v) in enumerate(zip(self.k_buffers, self.v_buffers, strict=True)):
             k.view(-1, row)[device_slots] = staging[:, layer, 0]
             v.view(-1, row)[device_slots] = staging[:, layer, 1]
-        return (staging,)
+        return (staging,), None
