@@ -1,0 +1,106 @@
+"""eval/traces.py: the real Azure CSVs load as documented; arrivals and ids are as specified."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+
+from traces import (  # noqa: E402
+    TOKEN_HI,
+    TOKEN_LO,
+    TraceRow,
+    load_azure,
+    make_specs,
+    prompt_ids,
+    trace_rate,
+)
+
+AZURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "azure_llm_2023"
+CONV = AZURE / "AzureLLMInferenceTrace_conv.csv"
+CODE = AZURE / "AzureLLMInferenceTrace_code.csv"
+needs_azure = pytest.mark.skipif(not CONV.exists() or not CODE.exists(),
+                                 reason="../shared/data/azure_llm_2023 not present")
+
+
+def _rows(gaps: list[float]) -> list[TraceRow]:
+    t, rows = 0.0, []
+    for i, g in enumerate([0.0] + gaps):
+        t += g
+        rows.append(TraceRow(t, 100 + i, 10 + i))
+    return rows
+
+
+def _cv(xs: list[float]) -> float:
+    return statistics.pstdev(xs) / statistics.fmean(xs)
+
+
+@needs_azure
+def test_conv_trace_matches_its_readme():
+    rows = load_azure(CONV)
+    assert len(rows) == 19366
+    assert rows[0] == TraceRow(0.0, 374, 44)
+    # 18:15:50.9951690 - 18:15:46.6805900 (7 fractional digits in the CSV).
+    assert rows[1].t == pytest.approx(4.314579, abs=1e-6)
+    assert all(a.t <= b.t for a, b in zip(rows, rows[1:]))
+    assert 55 * 60 < rows[-1].t < 60 * 60  # "58 min"
+    assert statistics.fmean(r.prompt_len for r in rows) == pytest.approx(1155, abs=1)
+    assert statistics.fmean(r.output_len for r in rows) == pytest.approx(211, abs=1)
+
+
+@needs_azure
+def test_code_trace_loads_and_rescales_to_a_rate():
+    rows = load_azure(CODE)
+    assert len(rows) == 8819
+    specs = make_specs(rows, num=600, arrival="trace", rate=20.0)
+    assert len(specs) == 600 and specs[0].arrival == 0.0
+    assert 599 / specs[-1].arrival == pytest.approx(20.0)
+    assert [s.prompt_len for s in specs] == [r.prompt_len for r in rows[:600]]
+
+
+def test_rescaling_keeps_the_traces_burstiness():
+    rows = _rows([1.0, 0.1, 0.1, 3.0, 0.2, 0.5])
+    specs = make_specs(rows, arrival="trace", rate=12.0)
+    gaps = [b.arrival - a.arrival for a, b in zip(specs, specs[1:])]
+    orig = [b.t - a.t for a, b in zip(rows, rows[1:])]
+    scale = trace_rate(rows) / 12.0
+    assert gaps == pytest.approx([g * scale for g in orig])
+    assert _cv(gaps) == pytest.approx(_cv(orig))
+    assert make_specs(rows, arrival="trace")[3].arrival == pytest.approx(rows[3].t)
+
+
+def test_poisson_and_gamma_hit_rate_and_burstiness_deterministically():
+    rows = _rows([1.0] * 19999)
+    for arrival, cv in (("poisson", 1.0), ("gamma", 3.0), ("gamma", 0.5)):
+        specs = make_specs(rows, arrival=arrival, rate=16.0, cv=cv, seed=7)
+        gaps = [b.arrival - a.arrival for a, b in zip(specs, specs[1:])]
+        assert len(gaps) / specs[-1].arrival == pytest.approx(16.0, rel=0.08)
+        assert _cv(gaps) == pytest.approx(cv, rel=0.1)
+        assert specs == make_specs(rows, arrival=arrival, rate=16.0, cv=cv, seed=7)
+        assert specs != make_specs(rows, arrival=arrival, rate=16.0, cv=cv, seed=8)
+        # Lengths come from the trace rows in order.
+        assert [s.prompt_len for s in specs[:3]] == [100, 101, 102]
+
+
+def test_first_n_start_and_length_caps():
+    rows = _rows([1.0] * 9)
+    specs = make_specs(rows, num=4, start=2, max_prompt=103, max_output=12)
+    assert [s.idx for s in specs] == [2, 3, 4, 5]
+    assert [s.prompt_len for s in specs] == [102, 103, 103, 103]
+    assert [s.output_len for s in specs] == [12, 12, 12, 12]
+    with pytest.raises(ValueError):
+        make_specs(rows, arrival="poisson")  # synthetic arrivals need a rate
+
+
+def test_prompt_ids_are_deterministic_in_range_and_salted():
+    a = prompt_ids(5, 2000)
+    assert a == prompt_ids(5, 2000)
+    assert all(TOKEN_LO <= x < TOKEN_HI for x in a)
+    assert len(set(a)) > 1900  # random-ish, not a ramp of repeats
+    assert prompt_ids(6, 2000)[:50] != a[:50]
+    assert prompt_ids(5, 2000, salt=1)[:50] != a[:50]
+    assert prompt_ids(5, 10) == a[:10]
