@@ -88,7 +88,7 @@ def test_indexed_rows_round_trip(num_programs) -> None:
     assert (host[untouched].view(torch.uint8) == POISON).all()
 
     for t in k + v:
-        t[dst_slots].view(torch.uint8).fill_(POISON)
+        t.view(torch.uint8)[dst_slots] = POISON
     before = [t.clone() for t in k + v]
     scatter_kv(table, dst_slots, host, rows, num_programs=num_programs)
     assert torch.equal(gather_kv_ref(k, v, dst_slots), gather_kv_ref(k, v, src_slots))
@@ -125,7 +125,7 @@ def test_zero_copy_into_pinned_host_memory() -> None:
     torch.cuda.synchronize()
     assert torch.equal(host[rows], gather_kv_ref(k, v, slots).cpu())
     for t in k + v:
-        t[slots].view(torch.uint8).fill_(POISON)
+        t.view(torch.uint8)[slots] = POISON
     scatter_kv(table, slots, host, rows.to(DEVICE))
     torch.cuda.synchronize()
     assert torch.equal(gather_kv_ref(k, v, slots).cpu(), host[rows])

@@ -1,0 +1,375 @@
+"""DuplexKV benchmark: KV rotation bandwidth and its cost to a decode step (issue 3).
+
+Llama-3.1-8B KV (32 layers, 8 KV heads, head dim 128, bf16: 128 KiB per token) in a device pool
+of ``--pool-tokens`` slots; every batch is whole 16-token pages picked at random from that pool.
+For each mover configuration and batch size it times device->host alone, host->device alone and
+both at once (disjoint slot sets), wall clock from first submit to last completion. Baselines:
+per-page torch copies (one DMA per page, layer and K/V into a layer-first pinned buffer, as naive
+code does) and TorchMover (torch indexing + DMA). Interference: a stand-in for a Llama-3.1-8B
+decode step (the weight-streaming matmuls of 32 layers plus the LM head, batch 64) is timed with
+and without rotation running at full rate in both directions.
+
+``--smoke`` runs a tiny CPU version (TorchMover only) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from superinfer.host_tier.interface import KVLayout, KVMover
+from superinfer.host_tier.pool import HostKVPool
+from superinfer.host_tier.torch_mover import TorchMover
+
+GOALS = {"duplex_gbps": 92.0, "d2h_gbps": 50.0, "h2d_gbps": 50.0, "speedup_vs_per_page": 10.0,
+         "decode_slowdown": 0.05}
+PAGE = 16
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Bench:
+    """The device pool, the host pool and two disjoint random page sets (out and in)."""
+
+    def __init__(self, layout: KVLayout, pool_tokens: int, max_tokens: int, device: str) -> None:
+        self.layout, self.device = layout, torch.device(device)
+        shape = (pool_tokens + PAGE, layout.num_heads, layout.head_dim)
+        self.k = [self._random(shape) for _ in range(layout.num_layers)]
+        self.v = [self._random(shape) for _ in range(layout.num_layers)]
+        pages = torch.randperm(pool_tokens // PAGE)
+        num_pages = max_tokens // PAGE
+        assert 2 * num_pages <= pages.numel(), "pool too small for two disjoint batches"
+        self.out_slots = self._expand(pages[:num_pages])
+        self.in_slots = self._expand(pages[num_pages : 2 * num_pages])
+        t0 = time.perf_counter()
+        self.host = HostKVPool(layout, 2 * max_tokens, PAGE, torch.bfloat16,
+                               pin_memory=self.device.type == "cuda")
+        log(f"host pool: {2 * max_tokens * layout.bytes_per_token / 2**30:.1f} GiB pinned "
+            f"in {time.perf_counter() - t0:.1f} s")
+        self.out_host, self.in_host = self.host.alloc(max_tokens), self.host.alloc(max_tokens)
+        self._fill_host_random(self.in_host)
+
+    def _fill_host_random(self, host_slots: torch.Tensor, chunk: int = 4096) -> None:
+        """h2d sources hold random non-zero bytes too (fresh host memory reads as zeros)."""
+        for start in range(0, host_slots.numel(), chunk):
+            rows = host_slots[start : start + chunk]
+            src = torch.empty((rows.numel(), *self.host.buffer.shape[1:]), dtype=torch.bfloat16,
+                              device=self.device).uniform_(0.5, 1.5)
+            self.host.buffer[rows] = src.cpu()
+
+    def verify(self, n: int, num_samples: int = 512) -> bool:
+        """After a duplex run of ``n`` tokens: sampled rows match on both sides, bit for bit."""
+        idx = torch.randperm(n)[:num_samples]
+        out_slots, in_slots = self.out_slots[idx.to(self.device)], self.in_slots[idx.to(self.device)]
+        ok = True
+        for layer in range(self.layout.num_layers):
+            for j, buf in enumerate((self.k[layer], self.v[layer])):
+                host_out = self.host.buffer[self.out_host[idx], layer, j]
+                host_in = self.host.buffer[self.in_host[idx], layer, j]
+                ok &= torch.equal(buf[out_slots].flatten(1).cpu(), host_out)
+                ok &= torch.equal(buf[in_slots].flatten(1).cpu(), host_in)
+        return bool(ok)
+
+    def _random(self, shape) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.bfloat16, device=self.device).uniform_(0.5, 1.5)
+
+    def _expand(self, pages: torch.Tensor) -> torch.Tensor:
+        return (pages[:, None] * PAGE + torch.arange(PAGE)).reshape(-1).to(self.device)
+
+    def d2h(self, mover: KVMover, n: int) -> int:
+        return mover.submit_d2h("out", self.out_slots[:n], self.out_host[:n], None)
+
+    def h2d(self, mover: KVMover, n: int) -> int:
+        return mover.submit_h2d("in", self.in_host[:n], self.in_slots[:n])
+
+
+def gbps(fn, mover: KVMover, reps: int) -> float:
+    """Median GB/s of ``fn`` (which submits and returns bytes) over ``reps`` after one warm-up."""
+    rates = []
+    for _ in range(reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        num_bytes = fn()
+        mover.synchronize()
+        sync()
+        rates.append(num_bytes / (time.perf_counter() - t0) / 1e9)
+        mover.poll()
+    return statistics.median(rates[1:])
+
+
+def measure_mover(bench: Bench, mover: KVMover, sizes: list[int], reps: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        row = {
+            "tokens": n,
+            "d2h_gbps": gbps(lambda: bench.d2h(mover, n), mover, reps),
+            "h2d_gbps": gbps(lambda: bench.h2d(mover, n), mover, reps),
+            "duplex_gbps": gbps(lambda: bench.d2h(mover, n) + bench.h2d(mover, n), mover, reps),
+        }
+        log(f"  {n:6d} tokens: d2h {row['d2h_gbps']:6.1f}  h2d {row['h2d_gbps']:6.1f}  "
+            f"duplex {row['duplex_gbps']:6.1f} GB/s")
+        rows.append(row)
+    return rows
+
+
+def per_page_copy_gbps(bench: Bench, n: int, reps: int) -> dict:
+    """Naive baseline: one torch copy per (page, layer, K/V), 32 KiB each, both directions."""
+    row_dim = bench.layout.num_heads * bench.layout.head_dim
+    pages = (bench.out_slots[:n:PAGE] // PAGE).tolist()
+    host = torch.empty((len(pages), bench.layout.num_layers, 2, PAGE, row_dim), dtype=torch.bfloat16,
+                       pin_memory=bench.device.type == "cuda")
+
+    def run(to_host: bool) -> float:
+        rates = []
+        for _ in range(reps + 1):
+            sync()
+            t0 = time.perf_counter()
+            for i, page in enumerate(pages):
+                for layer in range(bench.layout.num_layers):
+                    for j, buf in enumerate((bench.k[layer], bench.v[layer])):
+                        dev = buf[page * PAGE : (page + 1) * PAGE].view(PAGE, row_dim)
+                        dst, src = (host[i, layer, j], dev) if to_host else (dev, host[i, layer, j])
+                        dst.copy_(src, non_blocking=True)
+            sync()
+            rates.append(n * bench.layout.bytes_per_token / (time.perf_counter() - t0) / 1e9)
+        return statistics.median(rates[1:])
+
+    return {"tokens": n, "d2h_gbps": run(True), "h2d_gbps": run(False)}
+
+
+class DecodeStandIn:
+    """Weight-streaming matmuls of a Llama-3.1-8B decode step (batch 64): the HBM traffic and
+    SM load a real decode step puts on the GPU, without attention."""
+
+    def __init__(self, device: torch.device, scale: int = 1, batch: int = 64) -> None:
+        h, ffn, qkv, vocab = 4096 // scale, 14336 // scale, 6144 // scale, 128256 // scale
+        mk = lambda a, b: torch.empty((a, b), dtype=torch.bfloat16, device=device).uniform_(-0.02, 0.02)
+        self.layers = [(mk(h, qkv), mk(h, h), mk(h, 2 * ffn), mk(ffn, h)) for _ in range(32)]
+        self.lm_head = mk(h, vocab)
+        self.x = torch.empty((batch, h), dtype=torch.bfloat16, device=device).uniform_(-1, 1)
+        self.h, self.ffn = h, ffn
+
+    def step(self) -> None:
+        x = self.x
+        for w_qkv, w_o, w_gu, w_d in self.layers:
+            attn = (x @ w_qkv)[:, : self.h]
+            x = x + attn @ w_o
+            x = x + (x @ w_gu)[:, : self.ffn] @ w_d
+        (x @ self.lm_head).argmax(-1)
+
+
+def step_ms(model: DecodeStandIn, steps: int) -> float:
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model.step()
+        return (time.perf_counter() - t0) * 1e3 / steps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        model.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, trials: int,
+                    steps: int) -> dict:
+    """Decode-step time alone vs. while ``n`` tokens rotate each way, twice (full rate)."""
+    step_ms(model, 3)
+    base, rotating, covered = [], [], 0
+    for _ in range(trials):
+        sync()
+        base.append(step_ms(model, steps))
+        for _ in range(2):
+            bench.d2h(mover, n)
+            bench.h2d(mover, n)
+        rotating.append(step_ms(model, steps))
+        report = mover.poll()
+        covered += len(report.done_d2h) < 2 and len(report.done_h2d) < 2
+        mover.synchronize()
+        mover.poll()
+    b, r = statistics.median(base), statistics.median(rotating)
+    log(f"  decode step {b:.3f} ms alone, {r:.3f} ms rotating ({r / b - 1:+.1%}); "
+        f"rotation outlasted the window in {covered}/{trials} trials")
+    return {"base_ms": b, "rotating_ms": r, "slowdown": r / b - 1, "windows_covered": covered,
+            "trials": trials}
+
+
+def configs(args, num_sms: int) -> list[dict]:
+    if args.smoke:
+        return [{"name": "torch", "path": "torch"}]
+    out = [{"name": f"staging/chunk{c}", "path": "staging", "max_chunk_tokens": c}
+           for c in args.chunks]
+    out += [{"name": f"zerocopy/grid{g}", "path": "zerocopy", "num_programs": g}
+            for g in (int(f * num_sms) for f in args.grid_factors)]
+    out.append({"name": "torch", "path": "torch"})
+    return out
+
+
+def make_mover(bench: Bench, cfg: dict) -> KVMover:
+    if cfg["path"] == "torch":
+        return TorchMover(bench.k, bench.v, bench.host)
+    from superinfer.host_tier.duplex import DuplexKVMover
+
+    return DuplexKVMover(bench.k, bench.v, bench.host, path=cfg["path"],
+                         max_chunk_tokens=cfg.get("max_chunk_tokens"),
+                         num_programs=cfg.get("num_programs"))
+
+
+def choose_default(results: dict, decode: dict) -> tuple[str, str]:
+    """Staging unless zero copy is clearly faster at the largest batch and still cheap for decode."""
+    best = {}
+    for name, rows in results.items():
+        path = name.split("/")[0]
+        if path != "torch" and rows[-1]["duplex_gbps"] > best.get(path, (0, ""))[0]:
+            best[path] = (rows[-1]["duplex_gbps"], name)
+    if "zerocopy" not in best:
+        return "staging", "zero-copy path failed to run (see failed_configs)"
+    (s_bw, s_name), (z_bw, z_name) = best["staging"], best["zerocopy"]
+    s_slow, z_slow = decode["staging"]["slowdown"], decode["zerocopy"]["slowdown"]
+    facts = (f"largest batch duplex: {s_name} {s_bw:.1f} GB/s vs {z_name} {z_bw:.1f} GB/s; "
+             f"decode slowdown: staging {s_slow:+.1%} vs zerocopy {z_slow:+.1%}")
+    if z_bw > 1.05 * s_bw and z_slow <= GOALS["decode_slowdown"]:
+        return "zerocopy", "zero copy is >5% faster and within the decode budget; " + facts
+    return "staging", "copy engines leave the SMs to the model at equal or better bandwidth; " + facts
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, rows in summary["detail"].items():
+        xs = [r["tokens"] for r in rows]
+        ax.plot(xs, [r["duplex_gbps"] for r in rows], marker="o", label=f"{name} duplex")
+        if name == summary["default_config"]:
+            ax.plot(xs, [r["d2h_gbps"] for r in rows], ls="--", marker=".", label=f"{name} d2h")
+            ax.plot(xs, [r["h2d_gbps"] for r in rows], ls=":", marker=".", label=f"{name} h2d")
+    pp = summary["per_page_copy"]
+    ax.scatter([pp["tokens"]], [pp["d2h_gbps"]], marker="x", color="k", label="per-page copies d2h")
+    ax.axhline(GOALS["duplex_gbps"], color="grey", lw=0.8)
+    ax.axhline(GOALS["d2h_gbps"], color="grey", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="tokens per batch (16-token pages, random)", ylabel="GB/s",
+           title=f"DuplexKV on {summary['gpu']} (Llama-3.1-8B KV, bf16)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pool-tokens", type=int, default=200_000)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--grid-factors", type=float, nargs="+", default=[0.5, 1, 2, 4])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--per-page-tokens", type=int, default=4096)
+    ap.add_argument("--out", type=Path, default=Path("eval/results/duplexkv_h200.json"))
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the script itself")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    layout = KVLayout(2, 2, 8, 2) if args.smoke else KVLayout(32, 8, 128, 2)
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 1
+    log(f"{gpu}, {num_sms} SMs; torch {torch.__version__}; {layout.bytes_per_token} B/token")
+
+    bench = Bench(layout, args.pool_tokens, max(args.sizes), "cuda" if cuda else "cpu")
+    results, movers, failed, verified = {}, {}, {}, {}
+    for cfg in configs(args, num_sms):
+        log(f"{cfg['name']}")
+        try:  # NOTE: one broken configuration must not cost the others their (scarce) GPU run
+            movers[cfg["name"]] = make_mover(bench, cfg)
+            results[cfg["name"]] = measure_mover(bench, movers[cfg["name"]], args.sizes, args.reps)
+            verified[cfg["name"]] = bench.verify(max(args.sizes))
+            log(f"  bytes verified after the last duplex run: {verified[cfg['name']]}")
+        except Exception as exc:  # noqa: BLE001
+            log(f"  FAILED: {exc!r}")
+            failed[cfg["name"]] = repr(exc)
+    log("per-page torch copies")
+    per_page = per_page_copy_gbps(bench, min(args.per_page_tokens, max(args.sizes)), args.reps)
+    log(f"  {per_page}")
+
+    model = DecodeStandIn(bench.device, scale=64 if args.smoke else 1)
+    decode = {}
+    for path in ("staging", "zerocopy") if cuda else ("torch",):
+        names = [n for n in results if n.startswith(path)]
+        if not names:
+            continue
+        name = max(names, key=lambda n: results[n][-1]["duplex_gbps"])
+        log(f"decode slowdown, {name}")
+        decode[path] = decode_slowdown(bench, movers[name], model, max(args.sizes), 3, 20 if cuda else 2)
+        decode[path]["config"] = name
+    default_path, reason = choose_default(results, decode) if cuda else ("torch", "smoke run")
+    default_cfg = decode[default_path]["config"]
+    top = results[default_cfg][-1]
+    summary = {
+        "gpu": gpu,
+        "duplex_gbps": top["duplex_gbps"],
+        "d2h_gbps": top["d2h_gbps"],
+        "h2d_gbps": top["h2d_gbps"],
+        "per_page_copy_gbps": max(per_page["d2h_gbps"], per_page["h2d_gbps"]),
+        "decode_slowdown": decode[default_path]["slowdown"],
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "default_path": default_path,
+        "default_config": default_cfg,
+        "default_path_reason": reason,
+        "headline_tokens": top["tokens"],
+        "layout": {"num_layers": layout.num_layers, "num_heads": layout.num_heads,
+                   "head_dim": layout.head_dim, "dtype": "bf16", "page_size": PAGE,
+                   "device_pool_tokens": args.pool_tokens},
+        "versions": {"torch": torch.__version__, "triton": _triton_version()},
+        "detail": results,
+        "per_page_copy": per_page,
+        "failed_configs": failed,
+        "verified": verified,
+        "decode": decode,
+        "sglang_host_pool_baseline": "not measured: sglang is not installed on the device machine",
+    }
+    # Same direction against same direction, the weaker of the two.
+    summary["speedup_vs_per_page"] = min(top["d2h_gbps"] / per_page["d2h_gbps"],
+                                         top["h2d_gbps"] / per_page["h2d_gbps"])
+    summary["goals"] = GOALS
+    summary["goals_met"] = {
+        "duplex_gbps": summary["duplex_gbps"] >= GOALS["duplex_gbps"],
+        "d2h_gbps": summary["d2h_gbps"] >= GOALS["d2h_gbps"],
+        "h2d_gbps": summary["h2d_gbps"] >= GOALS["h2d_gbps"],
+        "speedup_vs_per_page": summary["speedup_vs_per_page"] >= GOALS["speedup_vs_per_page"],
+        "decode_slowdown": summary["decode_slowdown"] <= GOALS["decode_slowdown"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, args.out.with_suffix(".png"))
+    log(f"default {default_cfg}: duplex {top['duplex_gbps']:.1f}, d2h {top['d2h_gbps']:.1f}, "
+        f"h2d {top['h2d_gbps']:.1f} GB/s at {top['tokens']} tokens; per-page "
+        f"{summary['per_page_copy_gbps']:.1f} GB/s; decode slowdown {summary['decode_slowdown']:+.1%}")
+    log(f"goals met: {summary['goals_met']}; wrote {args.out}")
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "missing"
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    main()
