@@ -23,13 +23,15 @@ class LvfPolicy(Policy):
         t = self.table
         host_total = cap.free_host_tokens + int(t.num_tokens[t.slots_in(Phase.ON_HOST, Phase.ROTATING_OUT)].sum())
         host_used_frac = 1.0 - cap.free_host_tokens / host_total if host_total else 1.0
-        self._fifo(plan, cap, host_used_frac > 0.90, max_prefill_tokens)
-        waiting = t.slots_in(Phase.WAITING)
         running = t.slots_in(Phase.RUNNING)
+        free = cap.available_device_tokens - int(t.decode_reservation(running, cap.new_token_ratio).sum())
+        self._fifo(plan, free, host_used_frac > 0.90, max_prefill_tokens)
+        waiting = t.slots_in(Phase.WAITING)
         demand = running.size + int(t.num_prompt_tokens[waiting].sum())
         budget = self.config.lvf_budget_tokens
-        if demand > cap.free_device_tokens and cap.free_device_tokens < budget and host_used_frac < 0.95:
-            decode = running[~np.isnan(t.first_token_s[running])]
+        if demand > free and free < budget and host_used_frac < 0.95:
+            decode = running[~np.isnan(t.first_token_s[running])
+                             & (t.max_new_tokens[running] - t.num_output_tokens[running] > 2)]
             order = np.lexsort((t.seq[decode], t.resident_since_s[decode]))
             freed = 0
             for s in decode[order].tolist():
@@ -43,7 +45,7 @@ class LvfPolicy(Policy):
         plan.check()
         return plan
 
-    def _fifo(self, plan: StepPlan, cap: Capacity, defer_new: bool, max_prefill_tokens: int) -> None:
+    def _fifo(self, plan: StepPlan, free: int, defer_new: bool, max_prefill_tokens: int) -> None:
         t = self.table
         cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
         on_host = t.phase[cand] == Phase.ON_HOST
@@ -53,7 +55,7 @@ class LvfPolicy(Policy):
             req_id = t.id_at(s)
             if t.phase[s] == Phase.ON_HOST:
                 need = int(t.num_tokens[s])
-                if need > cap.free_device_tokens - used:
+                if need > free - used:
                     return
                 plan.rotate_in.append(req_id)
             else:
@@ -61,7 +63,7 @@ class LvfPolicy(Policy):
                     continue
                 need = int(t.num_prompt_tokens[s])
                 plan.admit.append(req_id)
-                if need > cap.free_device_tokens - used or prefill + need > max_prefill_tokens:
+                if need > free - used or prefill + need > max_prefill_tokens:
                     return
                 prefill += need
             plan.reasons[req_id] = "lvf: fifo"

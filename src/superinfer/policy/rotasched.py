@@ -10,6 +10,10 @@ Each iteration:
 3. If the head does not fit, rotate out decode requests with the most slack, only those whose
    slack covers their round trip by ``slack_margin``, until the head fits; otherwise keep the
    adaptive free reserve the same way. Never more than one step's worth of device→host bytes.
+
+Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
+``new_token_ratio`` × its remaining output; a new request needs its prompt plus its whole
+(clipped) output budget.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from . import slo
 from .base import Policy
+from .table import CLIP_NEW_TOKENS
 from .types import Capacity, Costs, Phase, StepPlan
 
 _WALK_CHUNK = 64  # candidates converted to Python at a time: admission rarely goes deeper
@@ -27,14 +32,15 @@ class SloPolicy(Policy):
     def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int) -> StepPlan:
         plan = StepPlan()
         cfg = self.config
+        t = self.table
+        running = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
+        free = cap.available_device_tokens - int(t.decode_reservation(running, cap.new_token_ratio).sum())
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
-        used, blocked, blocked_wait_s = self._admit(plan, now_s, cap, costs, max_prefill_tokens, reserve)
-        room = cap.free_device_tokens - used
-        if blocked is not None:
-            deficit, why, wait_s = blocked, "make room for the EDF head", blocked_wait_s
-        else:
-            deficit, why, wait_s = reserve - room, "keep the free reserve", cfg.reserve_window_s
+        used, deficit, wait_s = self._admit(plan, now_s, free, cap, costs, max_prefill_tokens, reserve)
+        why = "make room for the EDF head"
+        if deficit is None:
+            deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"
         if deficit > 0:
             self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why)
         plan.check()
@@ -57,44 +63,42 @@ class SloPolicy(Policy):
         order = np.lexsort((t.seq[cand], key, late))
         return cand[order], key[order]
 
-    def _admit(self, plan: StepPlan, now_s: float, cap: Capacity, costs: Costs,
+    def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
                max_prefill_tokens: int, reserve: int) -> tuple[int, int | None, float]:
         """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
         head or None, how long a victim would wait for that head)."""
         t = self.table
         order, key = self._rank(now_s, cap, costs)
-        free = cap.free_device_tokens
         h2d_budget = int(costs.h2d_bytes_per_s * costs.decode_step_s / cap.bytes_per_token)
         urgent_before = now_s + 2 * costs.decode_step_s
         used = prefill = h2d = 0
         for start in range(0, len(order), _WALK_CHUNK):
-            chunk = order[start:start + _WALK_CHUNK].tolist()
-            for i, s in enumerate(chunk):
+            for i, s in enumerate(order[start:start + _WALK_CHUNK].tolist()):
                 req_id = t.id_at(s)
                 if t.phase[s] == Phase.ON_HOST:
-                    need = int(t.num_tokens[s])
+                    need = int(t.num_tokens[s] + t.decode_reservation(np.array([s]), cap.new_token_ratio)[0])
                     urgent = key[start + i] <= urgent_before
                     room = free - used - (0 if urgent else reserve)
                     if need > room:
                         return used, need - room, costs.decode_step_s
-                    if h2d + need > h2d_budget and plan.rotate_in:
+                    if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
                         return used, None, 0.0  # budget spent this step; order kept
                     plan.rotate_in.append(req_id)
                     plan.reasons[req_id] = "urgent rotate-in" if urgent else "rotate-in"
-                    used += need
-                    h2d += need
+                    h2d += int(t.num_tokens[s])
                 else:
-                    need = int(t.num_prompt_tokens[s])
+                    prompt = int(t.num_prompt_tokens[s])
+                    need = prompt + int(min(t.max_new_tokens[s], CLIP_NEW_TOKENS))
                     if need > free - used:
                         plan.admit.append(req_id)  # first in line, so nobody overtakes it
                         plan.reasons[req_id] = "EDF head, blocked"
-                        return used, need - (free - used), need * costs.prefill_s_per_token
-                    if prefill + need > max_prefill_tokens and plan.admit:
+                        return used, need - (free - used), prompt * costs.prefill_s_per_token
+                    if prefill + prompt > max_prefill_tokens and plan.admit:
                         return used, None, 0.0
                     plan.admit.append(req_id)
                     plan.reasons[req_id] = "admit"
-                    used += need
-                    prefill += need
+                    prefill += prompt
+                used += need
         return used, None, 0.0
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
@@ -103,7 +107,9 @@ class SloPolicy(Policy):
         the eligible victims cannot cover it: a partial rotation would only waste bandwidth)."""
         t = self.table
         run = t.slots_in(Phase.RUNNING)
-        run = run[~np.isnan(t.first_token_s[run])]
+        # Decoding, and not about to finish: a request that finishes in the step in flight
+        # is released by SGLang itself.
+        run = run[~np.isnan(t.first_token_s[run]) & (t.max_new_tokens[run] - t.num_output_tokens[run] > 2)]
         if run.size == 0:
             return
         tokens = t.num_tokens[run]
@@ -113,12 +119,15 @@ class SloPolicy(Policy):
         ok = slack >= need_slack
         run, tokens, slack = run[ok], tokens[ok], slack[ok]
         order = np.lexsort((t.seq[run], -slack))
-        freed = np.cumsum(tokens[order])
+        run, tokens = run[order], tokens[order]
+        frees = tokens + t.decode_reservation(run, cap.new_token_ratio)
+        freed = np.cumsum(frees)
         if freed.size == 0 or freed[-1] < deficit:
             return
         d2h_budget = max(int(costs.d2h_bytes_per_s * costs.decode_step_s / cap.bytes_per_token), 1)
-        limit = min(cap.free_host_tokens, max(d2h_budget, int(freed[0])))
-        take = min(int(np.searchsorted(freed, deficit)) + 1, int(np.searchsorted(freed, limit, side="right")))
-        for req_id in t.ids(run[order[:take]]):
+        moved = np.cumsum(tokens)
+        fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= cap.free_host_tokens)
+        take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
+        for req_id in t.ids(run[:take]):
             plan.rotate_out.append(req_id)
             plan.reasons[req_id] = f"rotate out: {why}"

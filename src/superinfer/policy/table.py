@@ -20,8 +20,9 @@ _ALLOWED = {  # phase transitions; anything else is a bug in the caller
     Phase.ON_HOST: {Phase.ROTATING_IN, Phase.WAITING},
     Phase.ROTATING_IN: {Phase.RUNNING, Phase.ON_HOST},
 }
+CLIP_NEW_TOKENS = 4096  # mirrors SGLang's SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION default
 _FLOAT_COLS = ("arrival_s", "ttft_slo_s", "tbt_slo_s", "first_token_s", "resident_since_s", "rotated_at_s")
-_INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "seq")
+_INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "max_new_tokens", "seq")
 
 
 class RequestTable:
@@ -37,7 +38,7 @@ class RequestTable:
 
     # --- events -------------------------------------------------------------------------------
     def add(self, req_id: str, arrival_s: float, num_prompt_tokens: int, ttft_slo_s: float,
-            tbt_slo_s: float) -> None:
+            tbt_slo_s: float, max_new_tokens: int = 1 << 20) -> None:
         if req_id in self._slot_of:
             raise KeyError(f"request {req_id!r} is already in the table")
         if not self._free:
@@ -52,6 +53,7 @@ class RequestTable:
         self.num_prompt_tokens[slot] = num_prompt_tokens
         self.num_tokens[slot] = 0
         self.num_output_tokens[slot] = 0
+        self.max_new_tokens[slot] = max_new_tokens
         self.first_token_s[slot] = np.nan
         self.resident_since_s[slot] = np.nan
         self.rotated_at_s[slot] = np.nan
@@ -85,6 +87,10 @@ class RequestTable:
         if self.phase[slot] != Phase.RUNNING:
             self.set_phase(req_id, Phase.RUNNING, now_s)
 
+    def set_prompt_tokens(self, req_id: str, num_prompt_tokens: int) -> None:
+        """A retracted request re-enters the queue and must prefill prompt plus output."""
+        self.num_prompt_tokens[self._slot_of[req_id]] = num_prompt_tokens
+
     def advance(self, req_ids: list[str]) -> None:
         """One decode step produced one token for each of ``req_ids``."""
         slots = np.fromiter((self._slot_of[r] for r in req_ids), np.int64, len(req_ids))
@@ -101,8 +107,17 @@ class RequestTable:
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._slot_of
 
+    def all_ids(self) -> list[str]:
+        return list(self._slot_of)
+
     def __len__(self) -> int:
         return len(self._slot_of)
+
+    def decode_reservation(self, slots: np.ndarray, ratio: float) -> np.ndarray:
+        """Tokens SGLang's admission keeps free for these requests' future output: the
+        remaining output (clipped like SGLang's CLIP_MAX_NEW_TOKENS) times ``ratio``."""
+        remaining = np.minimum(self.max_new_tokens[slots] - self.num_output_tokens[slots], CLIP_NEW_TOKENS)
+        return np.maximum(remaining, 0) * ratio
 
     def slots_in(self, *phases: Phase) -> np.ndarray:
         return np.flatnonzero(np.isin(self.phase, [int(p) for p in phases]))
@@ -124,6 +139,7 @@ class RequestTable:
             ttft_slo_s=float(self.ttft_slo_s[s]), tbt_slo_s=float(self.tbt_slo_s[s]),
             num_prompt_tokens=int(self.num_prompt_tokens[s]), num_tokens=int(self.num_tokens[s]),
             num_output_tokens=int(self.num_output_tokens[s]),
+            max_new_tokens=int(self.max_new_tokens[s]),
             first_token_s=None if np.isnan(first) else first,
             resident_since_s=float(self.resident_since_s[s]), rotated_at_s=float(self.rotated_at_s[s]),
         )

@@ -35,11 +35,13 @@ class Costs:
 class Capacity:
     """Memory as the adapter sees it this iteration, in tokens."""
 
-    # What an admission or rotate-in may use now, net of the running batch's reservation.
-    free_device_tokens: int
+    # Free plus evictable device tokens, before the running batch's decode reservation.
+    available_device_tokens: int
     total_device_tokens: int
     free_host_tokens: int
     bytes_per_token: int
+    # SGLang reserves this fraction of each running request's remaining output tokens.
+    new_token_ratio: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ class ReqView:
     num_prompt_tokens: int
     num_tokens: int
     num_output_tokens: int
+    max_new_tokens: int
     first_token_s: float | None
     resident_since_s: float
     rotated_at_s: float

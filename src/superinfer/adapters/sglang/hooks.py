@@ -1,0 +1,103 @@
+"""The only place SuperInfer patches SGLang's scheduler, through SGLang's HookRegistry.
+
+Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
+- ``init_schedule_policy``: SGLang's own SchedulePolicy runs as ``fcfs`` (we order the queue),
+  and a ``Rotator`` is attached to the scheduler.
+- ``get_next_batch_to_run``: one rotation step before SGLang builds the batch.
+- ``_add_request_to_queue``: new (or retracted) requests enter the policy's table; a bad
+  per-request SLO override is answered with HTTP 400 instead.
+- ``process_batch_result``: prefill/decode progress and finishes update the table.
+- ``abort_request``: aborts reach requests that are rotated out.
+- ``is_fully_idle``: rotated-out requests keep the scheduler awake.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any, Callable
+
+from .cli import is_rotasched, rota_config
+
+logger = logging.getLogger("superinfer")
+_SCHED = "sglang.srt.managers.scheduler.Scheduler"
+
+
+def _rotator(scheduler: Any):
+    return getattr(scheduler, "_superinfer_rotator", None)
+
+
+def _init_schedule_policy(original: Callable, self: Any, *args: Any, **kwargs: Any) -> Any:
+    if not is_rotasched(self.server_args):
+        return original(self, *args, **kwargs)
+    from .rotator import Rotator
+
+    self.schedule_policy = "fcfs"
+    try:
+        result = original(self, *args, **kwargs)
+    finally:
+        self.schedule_policy = "rotasched"
+    self._superinfer_rotator = Rotator(self, rota_config(self.server_args))
+    return result
+
+
+def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *args: Any, **kwargs: Any) -> Any:
+    rot = _rotator(self)
+    if rot is not None:
+        running_batch = rot.step(running_batch)
+        self.running_batch = running_batch
+    return original(self, running_batch, *args, **kwargs)
+
+
+def _add_request_to_queue(original: Callable, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    rot = _rotator(self)
+    if rot is None:
+        return original(self, req, *args, **kwargs)
+    from .rotator import validate_request_slo
+
+    error = validate_request_slo(req)
+    if error is not None:
+        from sglang.srt.disaggregation.utils import prepare_abort
+
+        prepare_abort(req, error, status_code=HTTPStatus.BAD_REQUEST)
+        self.output_streamer.stream_output([req], req.return_logprob)
+        return None
+    result = original(self, req, *args, **kwargs)
+    is_retracted = kwargs.get("is_retracted", args[0] if args else False)
+    if any(r is req for r in self.waiting_queue[-4:]) or req in self.waiting_queue:
+        rot.on_enqueue(req, bool(is_retracted))
+    return result
+
+
+def _process_batch_result(result: Any, self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    rot = _rotator(self)
+    if rot is not None:
+        rot.on_batch_result(batch)
+    return result
+
+
+def _abort_request(result: Any, self: Any, recv_req: Any, *args: Any, **kwargs: Any) -> Any:
+    rot = _rotator(self)
+    if rot is not None:
+        rot.on_abort(recv_req.rid or "", bool(getattr(recv_req, "abort_all", False)))
+    return result
+
+
+def _is_fully_idle(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    rot = _rotator(self)
+    return result and not (rot is not None and rot.busy())
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    around, after = HookType.AROUND, HookType.AFTER
+    for name, hook, kind in (
+        ("init_schedule_policy", _init_schedule_policy, around),
+        ("get_next_batch_to_run", _get_next_batch_to_run, around),
+        ("_add_request_to_queue", _add_request_to_queue, around),
+        ("process_batch_result", _process_batch_result, after),
+        ("abort_request", _abort_request, after),
+        ("is_fully_idle", _is_fully_idle, after),
+    ):
+        HookRegistry.register(f"{_SCHED}.{name}", hook, kind)

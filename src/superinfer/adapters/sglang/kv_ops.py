@@ -1,0 +1,131 @@
+"""Rotation mechanics on one scheduler's SGLang objects: which device slots hold a request's
+KV, how to give them back after a rotate-out, how to get slots again for a rotate-in, and how
+a rotated-in request rejoins the running batch as a plain decode request (no re-prefill).
+
+The KV of a decoding request covers positions [0, kv_len) with
+``kv_len = len(origin_input_ids) + len(output_ids) - 1``: the newest token's KV is written by
+the next decode step, which reads that token from the FutureMap relay::
+
+    positions  0 ........ P ................ kv_len   kv_len+1
+               |<-radix->|<- private KV ---->|<- next decode writes here
+    rotate-in: P tokens re-matched in the radix tree (no copy), [P, kv_len) copied host->device
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from sglang.srt.managers.overlap_utils import RelayPayload
+from sglang.srt.managers.schedule_batch import ReqKvInfo, ScheduleBatch
+from sglang.srt.mem_cache.allocation import alloc_paged_token_slots_extend, alloc_token_slots
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+from sglang.srt.mem_cache.common import release_kv_cache
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.scheduler import Scheduler
+
+
+class SglangKV:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.req_to_token_pool = scheduler.req_to_token_pool
+        self.tree_cache = scheduler.tree_cache
+        self.allocator = scheduler.token_to_kv_pool_allocator
+        self.page_size = scheduler.page_size
+        self.device = self.req_to_token_pool.req_to_token.device
+
+    @staticmethod
+    def kv_len(req: Req) -> int:
+        return req.kv_committed_len
+
+    def device_slots(self, req: Req) -> torch.Tensor:
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        return row[: req.kv_committed_len].to(torch.int64)
+
+    def release(self, req: Req) -> None:
+        """Give a rotated-out request's device KV and request slot back. With the radix cache
+        its tokens are inserted as evictable entries, so a quick rotate-in may find them still
+        there; without it (or in deterministic mode) everything past the protected prefix is
+        freed. Call only once its device→host copy is done."""
+        release_kv_cache(req, self.tree_cache, is_insert=True)
+        req.last_node = None
+        req.prefix_indices = torch.empty((0,), dtype=torch.int64)
+
+    def can_restore(self, num_tokens: int) -> bool:
+        return (
+            self.req_to_token_pool.available_size() > 0
+            and self.allocator.available_size() + self.tree_cache.evictable_size()
+            >= num_tokens + self.page_size
+        )
+
+    def restore(self, req: Req, kv_len: int) -> tuple[int, torch.Tensor]:
+        """Allocate a request slot and device KV for positions [0, kv_len). Returns the prefix
+        length P still held by the radix tree and the new slots for [P, kv_len)."""
+        token_ids = (req.origin_input_ids + req.output_ids)[:kv_len]
+        match = self.tree_cache.match_prefix(
+            MatchPrefixParams(key=RadixKey(token_ids, req.extra_key)))
+        prefix = match.device_indices.to(torch.int64)
+        prefix_len = len(prefix)
+        if match.last_device_node is not None:
+            self.tree_cache.inc_lock_ref(match.last_device_node)
+        req.last_node = match.last_device_node
+        if self.req_to_token_pool.alloc([req]) is None:
+            raise RuntimeError("no free request slot for a rotate-in (checked by can_restore)")
+        new_slots = self._alloc(req, prefix, kv_len)
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        if prefix_len:
+            row[:prefix_len] = prefix.to(row.dtype)
+        row[prefix_len:kv_len] = new_slots.to(row.dtype)
+        req.prefix_indices = prefix
+        req.cache_protected_len = prefix_len
+        req.kv_committed_len = kv_len
+        req.kv = ReqKvInfo(kv_allocated_len=kv_len, swa_evicted_seqlen=0)
+        return prefix_len, new_slots.to(torch.int64)
+
+    def _alloc(self, req: Req, prefix: torch.Tensor, kv_len: int) -> torch.Tensor:
+        num_new = kv_len - len(prefix)
+        if self.page_size == 1:
+            return alloc_token_slots(self.tree_cache, num_new)
+        # The radix tree matches whole pages only, so the new run starts on a fresh page.
+        last_loc = prefix[-1:] if len(prefix) else torch.full((1,), -1, dtype=torch.int64)
+        prefix_lens = torch.tensor([len(prefix)], dtype=torch.int64)
+        seq_lens = torch.tensor([kv_len], dtype=torch.int64)
+        return alloc_paged_token_slots_extend(
+            tree_cache=self.tree_cache,
+            prefix_lens=prefix_lens.to(self.device), prefix_lens_cpu=prefix_lens,
+            seq_lens=seq_lens.to(self.device), seq_lens_cpu=seq_lens,
+            last_loc=last_loc.to(self.device), extend_num_tokens=num_new,
+        )
+
+    def decode_batch(self, reqs: list[Req]) -> ScheduleBatch:
+        """A ScheduleBatch of restored requests, ready to merge into the running batch; their
+        last token goes into the FutureMap relay like after any decode step."""
+        s = self.scheduler
+        batch = ScheduleBatch.init_new(
+            reqs=reqs, req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool_allocator=self.allocator, tree_cache=self.tree_cache,
+            model_config=s.model_config, enable_overlap=s.enable_overlap,
+            spec_algorithm=s.spec_algorithm,
+        )
+        pool_idx = [r.req_pool_idx for r in reqs]
+        seq_lens = [r.kv_committed_len for r in reqs]
+        batch.req_pool_indices_cpu = torch.tensor(pool_idx, dtype=torch.int64)
+        batch.req_pool_indices = batch.req_pool_indices_cpu.to(self.device)
+        batch.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+        batch.seq_lens = batch.seq_lens_cpu.to(self.device)
+        batch.orig_seq_lens = batch.seq_lens.to(torch.int32)
+        batch.seq_lens_sum = sum(seq_lens)
+        last = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=self.device)
+        s.future_map.stash(batch.req_pool_indices, RelayPayload(bonus_tokens=last))
+        batch.input_ids = None
+        batch.multimodal_inputs = [r.multimodal_inputs for r in reqs]
+        if batch.return_logprob:
+            batch.top_logprobs_nums = [r.logprob.top_logprobs_num for r in reqs]
+            batch.token_ids_logprobs = [r.logprob.token_ids_logprob for r in reqs]
+        batch.sampling_info = SamplingBatchInfo.from_schedule_batch(batch, s.model_config.vocab_size)
+        return batch

@@ -1,0 +1,348 @@
+"""Drives rotation inside one SGLang scheduler process: keeps the policy's request table true,
+asks the policy for a plan every iteration, and carries the plan out through ``SglangKV``
+(mechanics) and a ``KVMover`` (bytes).
+
+Lifecycle of a rotated request (phases of ``superinfer.policy.Phase``)::
+
+    RUNNING --out--> ROTATING_OUT --d2h done: release device--> ON_HOST
+    ON_HOST --in: alloc + h2d--> ROTATING_IN --h2d done: merge as decode--> RUNNING
+
+Device slots are freed only after the device→host copy completes, and that copy waits on an
+event recorded on the forward stream, so the KV written by the forward in flight is included.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...config import ConfigError, RotaConfig, parse_slo_override
+from ...host_tier.interface import KVLayout, KVMover
+from ...host_tier.pool import HostKVPool
+from ...policy import Capacity, CostModel, Phase, create_policy
+from .kv_ops import SglangKV
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.managers.scheduler import Scheduler
+
+logger = logging.getLogger("superinfer")
+_RECONCILE_EVERY = 512  # iterations between table/scheduler consistency sweeps
+
+
+@dataclass(slots=True)
+class Parked:
+    """A request away from the running batch, with its host copy."""
+
+    req: Req
+    kv_len: int
+    host_slots: torch.Tensor
+    submitted_s: float
+    abort: bool = False
+
+
+@dataclass(slots=True)
+class RotationStats:
+    rotations_out: int = 0
+    rotations_in: int = 0
+    bytes_d2h: int = 0
+    bytes_h2d: int = 0
+    fallbacks: int = 0  # rotate-outs skipped because the host tier had no room
+
+
+class Rotator:
+    def __init__(self, scheduler: Scheduler, config: RotaConfig, mover: KVMover | None = None) -> None:
+        self.scheduler = scheduler
+        self.config = config
+        self.kv = SglangKV(scheduler)
+        self.policy = create_policy(config)
+        self.table = self.policy.table
+        self.costs = CostModel()
+        self.stats = RotationStats()
+        kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+        k0 = kv_pool.k_buffer[0]
+        self.layout = KVLayout(len(kv_pool.k_buffer), k0.shape[1], k0.shape[2], k0.element_size())
+        num_tokens = int(config.host_kv_gb * 1e9 / self.layout.bytes_per_token) // 16 * 16
+        self.host = HostKVPool(self.layout, num_tokens, 16, k0.dtype, pin_memory=k0.is_cuda)
+        self.mover = mover or _make_mover(config.mover, kv_pool.k_buffer, kv_pool.v_buffer, self.host)
+        self.out: dict[str, Parked] = {}  # ROTATING_OUT
+        self.parked: dict[str, Parked] = {}  # ON_HOST
+        self.inbound: dict[str, Parked] = {}  # ROTATING_IN
+        self.now_s = 0.0
+        self._iteration = 0
+        self._last_decode_launch: float | None = None
+        tp = scheduler.server_args.tp_size
+        self._tp_group = scheduler.tp_cpu_group if tp > 1 else None
+        logger.info("rotasched: policy=%s host tier %.1f GB (%d tokens), mover %s",
+                    config.policy, config.host_kv_gb, num_tokens, type(self.mover).__name__)
+
+    # --- the per-iteration step -----------------------------------------------------------
+    def step(self, running: ScheduleBatch) -> ScheduleBatch:
+        """Before SGLang builds the next batch: finish transfers, plan, act."""
+        self._iteration += 1
+        self._sync_clock()
+        running = self._collect(running)
+        if self._iteration % _RECONCILE_EVERY == 0:
+            self._reconcile(running)
+        if len(self.table) == 0:
+            return running
+        s = self.scheduler
+        cap = Capacity(
+            available_device_tokens=self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size(),
+            total_device_tokens=s.max_total_num_tokens,
+            free_host_tokens=self.host.available_size(),
+            bytes_per_token=self.layout.bytes_per_token,
+            new_token_ratio=s.new_token_ratio_tracker.current,
+        )
+        plan = self.policy.plan(self.now_s, cap, self.costs.costs(), s.max_prefill_tokens)
+        if plan.rotate_out:
+            running = self._rotate_out(running, set(plan.rotate_out))
+        for rid in plan.rotate_in:
+            self._rotate_in(rid)
+        if plan.admit:
+            self._reorder_waiting(plan.admit)
+        return running
+
+    def _sync_clock(self) -> None:
+        """One clock and one set of cost estimates for all TP ranks: rank 0's."""
+        now = time.monotonic()
+        if self._tp_group is None:
+            self.now_s = now
+            return
+        payload = [now, self.costs]
+        src = torch.distributed.get_global_rank(self._tp_group, 0)
+        torch.distributed.broadcast_object_list(payload, src=src, group=self._tp_group)
+        self.now_s, self.costs = payload
+
+    # --- transfers finishing --------------------------------------------------------------
+    def _collect(self, running: ScheduleBatch) -> ScheduleBatch:
+        report = self.mover.poll()
+        for rid in report.done_d2h:
+            self._out_done(rid)
+        ready = [p for rid in report.done_h2d if (p := self.inbound.pop(rid, None)) is not None]
+        if ready:
+            running = self._rejoin(running, ready)
+        return running
+
+    def _out_done(self, rid: str) -> None:
+        p = self.out.pop(rid)
+        elapsed = max(self.now_s - p.submitted_s, 1e-6)
+        self.costs.observe_transfer("d2h", p.kv_len * self.layout.bytes_per_token, elapsed)
+        if p.req.finished():  # finished by the step that was in flight; SGLang released it
+            self.host.free(p.host_slots)
+            self.table.remove(rid)
+            return
+        self.kv.release(p.req)
+        if p.abort:
+            self._drop(p)
+            return
+        self.parked[rid] = p
+        self.table.set_phase(rid, Phase.ON_HOST, self.now_s)
+
+    def _rejoin(self, running: ScheduleBatch, ready: list[Parked]) -> ScheduleBatch:
+        for p in ready:
+            self.host.free(p.host_slots)
+            self.costs.observe_transfer("h2d", p.kv_len * self.layout.bytes_per_token,
+                                        max(self.now_s - p.submitted_s, 1e-6))
+            self.table.set_phase(p.req.rid, Phase.RUNNING, self.now_s)
+            if p.abort:
+                from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+                p.req.to_finish = FINISH_ABORT()  # one more decode step, then SGLang cleans up
+        self.mover.fence_compute(self._forward_stream())
+        batch = self.kv.decode_batch([p.req for p in ready])
+        if running.is_empty():
+            return batch
+        running.merge_batch(batch)
+        running.batch_is_full = False
+        return running
+
+    # --- acting on a plan -----------------------------------------------------------------
+    def _rotate_out(self, running: ScheduleBatch, victims: set[str]) -> ScheduleBatch:
+        keep, chosen = [], []
+        for i, req in enumerate(running.reqs):
+            (chosen if req.rid in victims and not req.finished() else keep).append(i)
+        ready = self._forward_event()
+        moved: list[int] = []
+        for i in chosen:
+            req = running.reqs[i]
+            kv_len = self.kv.kv_len(req)
+            host_slots = self.host.alloc(kv_len)
+            if host_slots is None:  # fragmented or full: leave it to SGLang's retraction
+                self.stats.fallbacks += 1
+                keep.append(i)
+                continue
+            self.table.set_counts(req.rid, kv_len, len(req.output_ids))
+            self.table.set_phase(req.rid, Phase.ROTATING_OUT, self.now_s)
+            nbytes = self.mover.submit_d2h(req.rid, self.kv.device_slots(req), host_slots, ready)
+            self.out[req.rid] = Parked(req, kv_len, host_slots, self.now_s)
+            self.stats.rotations_out += 1
+            self.stats.bytes_d2h += nbytes
+            moved.append(i)
+        if moved:
+            running.filter_batch(keep_indices=sorted(keep))
+            running.batch_is_full = False
+        return running
+
+    def _rotate_in(self, rid: str) -> None:
+        p = self.parked[rid]
+        req = p.req
+        kv_len = len(req.origin_input_ids) + len(req.output_ids) - 1
+        assert kv_len == p.kv_len, f"{rid}: KV length moved while rotated out ({p.kv_len} -> {kv_len})"
+        if not self.kv.can_restore(kv_len):
+            return
+        del self.parked[rid]
+        prefix_len, new_slots = self.kv.restore(req, kv_len)
+        p.submitted_s = self.now_s
+        self.inbound[rid] = p
+        self.table.set_phase(rid, Phase.ROTATING_IN, self.now_s)
+        # NOTE: freshly allocated slots may still be read by the forward in flight (their
+        # previous owner's last step), so the copy waits for it.
+        nbytes = self.mover.submit_h2d(rid, p.host_slots[prefix_len:kv_len], new_slots,
+                                       self._forward_event())
+        self.stats.rotations_in += 1
+        self.stats.bytes_h2d += nbytes
+
+    def _reorder_waiting(self, front: list[str]) -> None:
+        queue = self.scheduler.waiting_queue
+        if [r.rid for r in queue[: len(front)]] == front:
+            return
+        by_rid = {r.rid: r for r in queue}
+        head = [by_rid[rid] for rid in front if rid in by_rid]
+        chosen = {id(r) for r in head}
+        self.scheduler.waiting_queue = head + [r for r in queue if id(r) not in chosen]
+
+    # --- events from SGLang ---------------------------------------------------------------
+    def on_enqueue(self, req: Req, is_retracted: bool) -> None:
+        rid = req.rid
+        if rid in self.table:
+            if self.table.phase_of(rid) is not Phase.WAITING:
+                self.table.set_phase(rid, Phase.WAITING, self.now_s)
+            self.table.set_counts(rid, 0, len(req.output_ids))
+            self.table.set_prompt_tokens(rid, len(req.origin_input_ids) + len(req.output_ids))
+            return
+        ttft, tbt = parse_slo_override(req.sampling_params.custom_params)
+        self.table.add(rid, self.now_s, len(req.origin_input_ids),
+                       ttft or self.config.ttft_slo_s, tbt or self.config.tbt_slo_s,
+                       req.sampling_params.max_new_tokens or (1 << 20))
+        self.costs.observe_arrival(self.now_s, len(req.origin_input_ids))
+
+    def on_batch_result(self, batch: ScheduleBatch) -> None:
+        now = time.monotonic()
+        mode = batch.forward_mode
+        if mode.is_decode():
+            launch = batch.launch_ts
+            if launch is not None and self._last_decode_launch is not None:
+                self.costs.observe_decode(launch - self._last_decode_launch)
+            self._last_decode_launch = launch
+            stepped = []
+            for req in batch.reqs:
+                if req.rid not in self.table:
+                    continue
+                if req.finished():
+                    if self.table.phase_of(req.rid) is Phase.RUNNING:
+                        self.table.remove(req.rid)
+                else:
+                    stepped.append(req.rid)
+            if stepped:
+                self.table.advance(stepped)
+        elif mode.is_extend():
+            if batch.launch_ts is not None:
+                self.costs.observe_prefill(batch.extend_num_tokens or 0, now - batch.launch_ts)
+            chunked = self.scheduler.chunked_req
+            for req in batch.reqs:
+                rid = req.rid
+                if rid not in self.table or self.table.phase_of(rid) is Phase.RUNNING:
+                    continue
+                if req.finished():
+                    self.table.remove(rid)
+                elif req is chunked:
+                    if self.table.phase_of(rid) is Phase.WAITING:
+                        self.table.set_phase(rid, Phase.PREFILLING, self.now_s)
+                else:
+                    self.table.prefill_done(rid, req.kv_committed_len, self.now_s)
+                    self.table.set_counts(rid, req.kv_committed_len, len(req.output_ids))
+
+    def on_abort(self, rid_prefix: str, abort_all: bool) -> None:
+        def hit(rid: str) -> bool:
+            return abort_all or rid.startswith(rid_prefix)
+
+        for rid in [r for r in self.parked if hit(r)]:
+            self._drop(self.parked.pop(rid))
+        for p in list(self.out.values()) + list(self.inbound.values()):
+            if hit(p.req.rid):
+                p.abort = True
+        waiting = {r.rid for r in self.scheduler.waiting_queue}
+        for rid in self.table.ids(self.table.slots_in(Phase.WAITING)):
+            if hit(rid) and rid not in waiting:
+                self.table.remove(rid)
+
+    def _drop(self, p: Parked) -> None:
+        """An aborted request that is on the host only: free its copy, tell the client."""
+        from sglang.srt.managers.io_struct import AbortReq
+
+        self.host.free(p.host_slots)
+        self.table.remove(p.req.rid)
+        self.scheduler.ipc_channels.send_to_tokenizer.send_output(AbortReq(rid=p.req.rid), p.req)
+
+    def _reconcile(self, running: ScheduleBatch) -> None:
+        """Forget table entries SGLang finished through paths we do not hook (timeouts...)."""
+        s = self.scheduler
+        live = {r.rid for r in s.waiting_queue} | {r.rid for r in running.reqs}
+        live |= set(self.out) | set(self.parked) | set(self.inbound)
+        for b in (s.last_batch, getattr(s, "chunked_req", None)):
+            if b is not None:
+                live |= {r.rid for r in getattr(b, "reqs", [b])}
+        for rid in self.table.all_ids():
+            if rid not in live:
+                self.table.remove(rid)
+
+    # --- streams --------------------------------------------------------------------------
+    def _forward_stream(self) -> object | None:
+        if not torch.cuda.is_available() or self.kv.device.type != "cuda":
+            return None
+        s = self.scheduler
+        return s.forward_stream if s.enable_overlap else torch.cuda.current_stream()
+
+    def _forward_event(self) -> object | None:
+        stream = self._forward_stream()
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def busy(self) -> bool:
+        """Requests away from the batch keep the scheduler awake (it must bring them back)."""
+        return bool(self.out or self.parked or self.inbound)
+
+    def check(self) -> None:
+        """Invariants, for tests and the idle self-check."""
+        self.host.check_integrity()
+        held = sum(int(p.host_slots.numel()) for d in (self.out, self.parked, self.inbound) for p in d.values())
+        used = self.host.size - self.host.available_size()
+        if held > used:
+            raise AssertionError(f"rotations hold {held} host slots but only {used} are in use")
+
+
+def _make_mover(path: str, k_buffers: list, v_buffers: list, host: HostKVPool) -> KVMover:
+    if path in ("torch",) or not k_buffers[0].is_cuda:
+        from ...host_tier.torch_mover import TorchMover
+
+        return TorchMover(k_buffers, v_buffers, host)
+    from ...host_tier.duplex import DuplexKVMover
+
+    return DuplexKVMover(k_buffers, v_buffers, host, path="staging" if path == "auto" else path)
+
+
+def validate_request_slo(req: Req) -> str | None:
+    """The error message for a bad per-request SLO override, or None."""
+    try:
+        parse_slo_override(req.sampling_params.custom_params)
+    except ConfigError as e:
+        return str(e)
+    return None
