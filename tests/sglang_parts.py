@@ -72,6 +72,7 @@ class SchedulerParts:
         self.chunked_req = None
         self.last_batch = None
         self.tp_cpu_group = None
+        self.ps = types.SimpleNamespace(tp_rank=0)
         self.sent: list = []  # what would go to the tokenizer
         self.ipc_channels = types.SimpleNamespace(
             send_to_tokenizer=types.SimpleNamespace(send_output=lambda out, req=None: self.sent.append(out)))

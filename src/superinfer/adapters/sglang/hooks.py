@@ -8,7 +8,8 @@ Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
   per-request SLO override is answered with HTTP 400 instead.
 - ``process_batch_result``: prefill/decode progress and finishes update the table.
 - ``abort_request``: aborts reach requests that are rotated out.
-- ``is_fully_idle``: rotated-out requests keep the scheduler awake.
+- ``is_fully_idle``: rotated-out requests keep the scheduler awake; entering idle logs the
+  pool check (device and host back at their initial free sizes).
 """
 
 from __future__ import annotations
@@ -85,7 +86,13 @@ def _abort_request(result: Any, self: Any, recv_req: Any, *args: Any, **kwargs: 
 
 def _is_fully_idle(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     rot = _rotator(self)
-    return result and not (rot is not None and rot.busy())
+    if rot is None:
+        return result
+    idle = bool(result) and not rot.busy()
+    if idle and not getattr(self, "_superinfer_idle_logged", False):
+        rot.on_idle()  # once per idle period: the leak check the soak test reads
+    self._superinfer_idle_logged = idle
+    return idle
 
 
 def register() -> None:

@@ -25,6 +25,7 @@ from ...host_tier.interface import KVLayout, KVMover
 from ...host_tier.pool import HostKVPool
 from ...policy import Capacity, CostModel, Phase, create_policy
 from .kv_ops import SglangKV
+from .metrics import RotationMetrics, RotationStats
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("superinfer")
 _RECONCILE_EVERY = 512  # iterations between table/scheduler consistency sweeps
+_REPORT_EVERY_S = 5.0  # seconds between stats log lines / metric updates
 
 
 @dataclass(slots=True)
@@ -43,15 +45,6 @@ class Parked:
     host_slots: torch.Tensor
     submitted_s: float
     abort: bool = False
-
-
-@dataclass(slots=True)
-class RotationStats:
-    rotations_out: int = 0
-    rotations_in: int = 0
-    bytes_d2h: int = 0
-    bytes_h2d: int = 0
-    fallbacks: int = 0  # rotate-outs skipped because the host tier had no room
 
 
 class Rotator:
@@ -74,6 +67,10 @@ class Rotator:
         self.inbound: dict[str, Parked] = {}  # ROTATING_IN
         self.now_s = 0.0
         self._iteration = 0
+        self._next_report_s = 0.0
+        self.metrics = RotationMetrics(bool(scheduler.server_args.enable_metrics), scheduler.ps.tp_rank)
+        self.initial_host_tokens = self.host.available_size()
+        self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
         self._last_decode_launch: float | None = None
         tp = scheduler.server_args.tp_size
         self._tp_group = scheduler.tp_cpu_group if tp > 1 else None
@@ -88,6 +85,8 @@ class Rotator:
         running = self._collect(running)
         if self._iteration % _RECONCILE_EVERY == 0:
             self._reconcile(running)
+        if self.now_s >= self._next_report_s:
+            self._report()
         if len(self.table) == 0:
             return running
         s = self.scheduler
@@ -180,6 +179,7 @@ class Rotator:
             self.table.set_phase(req.rid, Phase.ROTATING_OUT, self.now_s)
             nbytes = self.mover.submit_d2h(req.rid, self.kv.device_slots(req), host_slots, ready)
             self.out[req.rid] = Parked(req, kv_len, host_slots, self.now_s)
+            self.times_rotated[req.rid] = self.times_rotated.get(req.rid, 0) + 1
             self.stats.rotations_out += 1
             self.stats.bytes_d2h += nbytes
             moved.append(i)
@@ -272,9 +272,11 @@ class Rotator:
             return abort_all or rid.startswith(rid_prefix)
 
         for rid in [r for r in self.parked if hit(r)]:
+            self.stats.aborted_while_rotated += 1
             self._drop(self.parked.pop(rid))
         for p in list(self.out.values()) + list(self.inbound.values()):
-            if hit(p.req.rid):
+            if hit(p.req.rid) and not p.abort:
+                self.stats.aborted_while_rotated += 1
                 p.abort = True
         waiting = {r.rid for r in self.scheduler.waiting_queue}
         for rid in self.table.ids(self.table.slots_in(Phase.WAITING)):
@@ -315,6 +317,31 @@ class Rotator:
         event = torch.cuda.Event()
         event.record(stream)
         return event
+
+    def _report(self) -> None:
+        self._next_report_s = self.now_s + _REPORT_EVERY_S
+        st = self.stats
+        used = self.host.size - self.host.available_size()
+        self.metrics.publish(st, used, len(self.out) + len(self.parked) + len(self.inbound))
+        if st.rotations_out:
+            logger.info("rotasched stats: out=%d in=%d d2h=%.2fGB h2d=%.2fGB fallbacks=%d away=%d "
+                        "host_used=%d", st.rotations_out, st.rotations_in, st.bytes_d2h / 1e9,
+                        st.bytes_h2d / 1e9, st.fallbacks, len(self.out) + len(self.parked) + len(self.inbound), used)
+
+    def on_idle(self) -> None:
+        """Fully idle: every pool must be back at its initial free size."""
+        s = self.scheduler
+        device_free = self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
+        host_free = self.host.available_size()
+        self.check()
+        self._report()
+        counts = self.times_rotated.values()
+        logger.info("rotasched idle check: device_free=%d device_total=%d host_free=%d host_total=%d "
+                    "table=%d rotations_out=%d rotated_reqs=%d multi_rotated_reqs=%d max_per_req=%d "
+                    "aborted_while_rotated=%d", device_free, s.max_total_num_tokens, host_free,
+                    self.initial_host_tokens, len(self.table), self.stats.rotations_out, len(counts),
+                    sum(c > 1 for c in counts), max(counts, default=0), self.stats.aborted_while_rotated)
+        self.times_rotated.clear()
 
     def busy(self) -> bool:
         """Requests away from the batch keep the scheduler awake (it must bring them back)."""
