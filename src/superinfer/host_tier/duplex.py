@@ -27,9 +27,13 @@ from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import CopyResult, StreamMover, D2H_PRIORITY, H2D_PRIORITY
 from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
 
-# 64 MiB per staging buffer: one DMA of it takes ~1.3 ms at 50 GB/s, far above launch costs,
-# and four of them (2 per direction) are a small slice of an H200.
-_DEFAULT_CHUNK_BYTES = 64 << 20
+# Defaults from two H200 runs of eval/bench_duplexkv.py (Llama-3.1-8B KV, 64k-token batches):
+# 2048-token (256 MiB) chunks gave 75-93 GB/s duplex, 512-token chunks 75-81 (run-to-run spread
+# is ~15 GB/s, so this is a lean, not a proof). The staging kernels only have to outrun the DMA;
+# 32 programs did (54.6 / 52.7 GB/s one way) and leave ~100 SMs to the model. Grids of 8-264
+# programs all cost a decode step 31-38%, as plain torch copies did. Staging holds 4 chunks.
+_DEFAULT_CHUNK_BYTES = 256 << 20
+_DEFAULT_STAGING_PROGRAMS = 32
 PATHS = ("staging", "zerocopy")
 
 
@@ -54,7 +58,9 @@ class DuplexKVMover(StreamMover):
             raise ValueError("DuplexKVMover needs a pinned HostKVPool")
         self.path = path
         self.max_chunk_tokens = max_chunk_tokens or max(1, _DEFAULT_CHUNK_BYTES // host.bytes_per_token)
-        self.num_programs = num_programs
+        # NOTE: None on the zero-copy path means the kernel's own default (2 programs per SM):
+        # there the kernel is the transfer, and fewer programs cannot cover PCIe latency.
+        self.num_programs = num_programs or (_DEFAULT_STAGING_PROGRAMS if path == "staging" else None)
         self._table = make_kv_table(k_buffers, v_buffers)
         if path == "staging":
             self._d2h_dma_stream = torch.cuda.Stream(self.device, priority=D2H_PRIORITY)
