@@ -20,6 +20,9 @@ DEFAULT_COSTS = Costs(
 )
 
 
+RATE_WINDOW_S = 0.5
+
+
 @dataclass(slots=True)
 class _Ewma:
     value: float
@@ -40,9 +43,10 @@ class CostModel:
         self._decode = _Ewma(defaults.decode_step_s, alpha)
         self._d2h = _Ewma(defaults.d2h_bytes_per_s, alpha)
         self._h2d = _Ewma(defaults.h2d_bytes_per_s, alpha)
-        self._gap = _Ewma(float("inf"), alpha)  # seconds between arrivals
+        self._rate = _Ewma(defaults.arrival_rate_per_s, alpha)
         self._prompt = _Ewma(defaults.mean_prompt_tokens, alpha)
-        self._last_arrival_s: float | None = None
+        self._window_start_s: float | None = None
+        self._window_arrivals = 0
 
     def observe_prefill(self, num_tokens: int, elapsed_s: float) -> None:
         if num_tokens > 0 and elapsed_s > 0:
@@ -58,18 +62,23 @@ class CostModel:
         (self._d2h if direction == "d2h" else self._h2d).add(num_bytes / elapsed_s)
 
     def observe_arrival(self, now_s: float, num_prompt_tokens: int) -> None:
-        if self._last_arrival_s is not None:
-            self._gap.add(max(now_s - self._last_arrival_s, 1e-6))
-        self._last_arrival_s = now_s
+        """Arrivals are counted over windows of at least RATE_WINDOW_S: a burst landing in one
+        scheduler iteration must not read as an infinite rate."""
         self._prompt.add(float(num_prompt_tokens))
+        if self._window_start_s is None:
+            self._window_start_s = now_s
+        self._window_arrivals += 1
+        span = now_s - self._window_start_s
+        if span >= RATE_WINDOW_S:
+            self._rate.add((self._window_arrivals - 1) / span)  # the one at now_s opens the next
+            self._window_start_s, self._window_arrivals = now_s, 1
 
     def costs(self) -> Costs:
-        gap = self._gap.value
         return Costs(
             prefill_s_per_token=self._prefill.value,
             decode_step_s=self._decode.value,
             d2h_bytes_per_s=self._d2h.value,
             h2d_bytes_per_s=self._h2d.value,
-            arrival_rate_per_s=0.0 if gap == float("inf") else 1.0 / gap,
+            arrival_rate_per_s=self._rate.value,
             mean_prompt_tokens=self._prompt.value,
         )

@@ -99,9 +99,9 @@ class Rotator:
         )
         plan = self.policy.plan(self.now_s, cap, self.costs.costs(), s.max_prefill_tokens)
         if plan.rotate_out:
-            running = self._rotate_out(running, set(plan.rotate_out))
+            running = self.rotate_out(running, set(plan.rotate_out))
         for rid in plan.rotate_in:
-            self._rotate_in(rid)
+            self.rotate_in(rid)
         if plan.admit:
             self._reorder_waiting(plan.admit)
         return running
@@ -161,7 +161,9 @@ class Rotator:
         return running
 
     # --- acting on a plan -----------------------------------------------------------------
-    def _rotate_out(self, running: ScheduleBatch, victims: set[str]) -> ScheduleBatch:
+    def rotate_out(self, running: ScheduleBatch, victims: set[str]) -> ScheduleBatch:
+        """Start moving ``victims`` (running decode requests) to the host; returns the batch
+        without them. Their device KV stays allocated until the copy is done."""
         keep, chosen = [], []
         for i, req in enumerate(running.reqs):
             (chosen if req.rid in victims and not req.finished() else keep).append(i)
@@ -188,7 +190,9 @@ class Rotator:
             running.batch_is_full = False
         return running
 
-    def _rotate_in(self, rid: str) -> None:
+    def rotate_in(self, rid: str) -> None:
+        """Allocate device KV for a parked request and start copying it back; it rejoins the
+        running batch when the copy is done (a later ``step``)."""
         p = self.parked[rid]
         req = p.req
         kv_len = len(req.origin_input_ids) + len(req.output_ids) - 1

@@ -1,0 +1,184 @@
+"""Rotation against real SGLang objects on the CPU: pools, allocators, radix/chunk cache,
+FutureMap and ScheduleBatch (see sglang_parts.py). Only the model forward is stood in for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_parts import SchedulerParts
+from superinfer.adapters.sglang.rotator import Rotator
+from superinfer.config import RotaConfig
+from superinfer.policy import Phase
+
+CONFIGS = [(1, True), (1, False), (16, True), (16, False)]
+
+
+def setup(page_size: int, radix: bool, n: int = 3, prompt: int = 40, host_gb: float = 0.0004):
+    parts = SchedulerParts(size=1024, page_size=page_size, radix=radix)
+    rot = Rotator(parts, RotaConfig(host_kv_gb=host_gb))
+    rot.step(parts.empty_batch())  # starts the policy clock, as the first scheduler iteration does
+    reqs = [parts.make_req(f"r{i}", prompt + 7 * i, max_new_tokens=64) for i in range(n)]
+    for r in reqs:
+        parts.waiting_queue.append(r)
+        rot.on_enqueue(r, False)
+    batch = parts.prefill(reqs)
+    parts.waiting_queue.clear()
+    rot.on_batch_result(batch)
+    for _ in range(3):
+        parts.decode_step(batch)
+        rot.on_batch_result(batch)
+    return parts, rot, batch
+
+
+def finish_all(parts, rot, batch):
+    parts.finish(batch)
+    rot.on_batch_result(batch)
+    batch.filter_batch()
+
+
+def assert_pools_initial(parts, rot):
+    assert parts.free_tokens() == parts.initial_free
+    assert parts.tree_cache.protected_size() == 0
+    assert rot.host.available_size() == rot.initial_host_tokens
+    assert len(rot.table) == 0 and not rot.busy()
+    rot.check()
+
+
+@pytest.mark.parametrize("page_size,radix", CONFIGS)
+def test_round_trip_restores_every_kv_byte(page_size, radix):
+    parts, rot, batch = setup(page_size, radix)
+    before = {r.rid: parts.kv_of(r) for r in batch.reqs}
+    batch = rot.rotate_out(batch, {"r1"})
+    assert [r.rid for r in batch.reqs] == ["r0", "r2"]
+    assert rot.table.phase_of("r1") is Phase.ROTATING_OUT
+    batch = rot.step(batch)  # copy done -> device released -> plenty of room -> rotate-in planned
+    assert rot.table.phase_of("r1") is Phase.ROTATING_IN
+    batch = rot.step(batch)  # copy back done -> rejoins as a decode request
+    r1 = next(r for r in batch.reqs if r.rid == "r1")
+    assert torch.equal(parts.kv_of(r1), before["r1"])
+    assert rot.stats.rotations_out == 1 and rot.stats.rotations_in == 1
+    # The rejoined request decodes on: SGLang allocates its next slot and reads its last token
+    # from the FutureMap relay at its new request slot.
+    last = r1.output_ids[-1]
+    assert int(parts.future_map.output_tokens_buf[r1.req_pool_idx]) == last
+    parts.decode_step(batch)
+    rot.on_batch_result(batch)
+    assert r1.kv_committed_len == len(r1.origin_input_ids) + len(r1.output_ids) - 1
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)
+
+
+@pytest.mark.parametrize("page_size,radix", CONFIGS)
+def test_abort_while_parked_frees_host_and_device(page_size, radix):
+    parts, rot, batch = setup(page_size, radix)
+    rot.config = rot.config  # the default policy would bring r0 back: park it by hand
+    batch = rot.rotate_out(batch, {"r0"})
+    rot._collect(batch)
+    assert rot.table.phase_of("r0") is Phase.ON_HOST
+    rot.on_abort("r0", abort_all=False)
+    assert parts.sent and parts.sent[-1].rid == "r0"
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)
+    assert rot.stats.aborted_while_rotated == 1
+
+
+@pytest.mark.parametrize("page_size,radix", CONFIGS[:2])
+def test_abort_while_copying_out(page_size, radix):
+    parts, rot, batch = setup(page_size, radix)
+    batch = rot.rotate_out(batch, {"r2"})
+    rot.on_abort("r2", abort_all=False)  # arrives before the copy is reported done
+    batch = rot.step(batch)
+    assert "r2" not in rot.table and not rot.busy()
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)
+
+
+def test_victim_finished_by_the_step_in_flight_is_not_released_twice():
+    parts, rot, batch = setup(1, True)
+    victim = batch.reqs[0]
+    batch = rot.rotate_out(batch, {victim.rid})
+    # The forward that was in flight produced the victim's last token: SGLang finishes and
+    # releases it while its device->host copy is pending.
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    in_flight = ScheduleBatch(reqs=[victim], batch_is_full=False)
+    parts.finish(in_flight)
+    batch = rot.step(batch)
+    assert victim.rid not in rot.table
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)
+
+
+def test_full_host_tier_falls_back_to_sglang():
+    parts, rot, batch = setup(1, True, host_gb=0.000004)  # ~20 tokens of host tier
+    batch = rot.rotate_out(batch, {"r0"})
+    assert [r.rid for r in batch.reqs] == ["r0", "r1", "r2"]
+    assert rot.stats.fallbacks == 1 and rot.stats.rotations_out == 0
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)
+
+
+def test_policy_driven_rotation_under_memory_pressure():
+    """No hand-picked victims: the policy rotates to admit a new request that does not fit,
+    brings the victims back, and everything drains to the initial pool sizes."""
+    parts = SchedulerParts(size=512, page_size=1, radix=True)
+    rot = Rotator(parts, RotaConfig(host_kv_gb=0.001, reserve_window_s=0.0))
+    rot.step(parts.empty_batch())
+    reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
+    for r in reqs:
+        parts.waiting_queue.append(r)
+        rot.on_enqueue(r, False)
+    running = parts.prefill(reqs)
+    parts.waiting_queue.clear()
+    rot.on_batch_result(running)
+    for _ in range(2):
+        parts.decode_step(running)
+        rot.on_batch_result(running)
+    rot.table.first_token_s[:] += 5.0  # far ahead of their 0.1 s pace: plenty of slack
+    late = parts.make_req("new", 200, max_new_tokens=8)
+    parts.waiting_queue.append(late)
+    rot.on_enqueue(late, False)
+    saw_rotation = False
+    for _ in range(200):
+        running = rot.step(running)
+        saw_rotation |= rot.stats.rotations_out > 0
+        if parts.waiting_queue:
+            admitted = parts.prefill(list(parts.waiting_queue), running)
+            if admitted is not None:
+                parts.waiting_queue.clear()
+                rot.on_batch_result(admitted)
+                running.merge_batch(admitted) if not running.is_empty() else None
+                running = admitted if running.is_empty() else running
+        if not running.is_empty():
+            parts.decode_step(running)
+            done = {r.rid for r in running.reqs if len(r.output_ids) >= r.sampling_params.max_new_tokens}
+            parts.finish(running, done)
+            rot.on_batch_result(running)
+            running.filter_batch()
+        if running.is_empty() and not parts.waiting_queue and not rot.busy():
+            break
+    assert saw_rotation and rot.stats.rotations_in == rot.stats.rotations_out
+    assert_pools_initial(parts, rot)
+
+
+def test_bad_per_request_slo_is_rejected_with_400():
+    from superinfer.adapters.sglang import hooks
+
+    parts, rot, _ = setup(1, True)
+    parts._superinfer_rotator = rot
+    streamed = []
+    parts.output_streamer = type("S", (), {"stream_output": lambda self, reqs, lp: streamed.extend(reqs)})()
+    bad = parts.make_req("bad", 10, custom_params={"ttft_slo": -1})
+    ok = parts.make_req("ok", 10, custom_params={"ttft_slo": 0.25, "tbt_slo": 0.05})
+
+    def original(scheduler, req, is_retracted=False):
+        scheduler.waiting_queue.append(req)
+
+    hooks._add_request_to_queue(original, parts, bad)
+    hooks._add_request_to_queue(original, parts, ok)
+    assert streamed == [bad] and bad.finished_reason.status_code == 400
+    assert "ttft_slo" in bad.finished_reason.message
+    assert parts.waiting_queue == [ok]
+    view = rot.table.view("ok")
+    assert (view.ttft_slo_s, view.tbt_slo_s) == (0.25, 0.05)
