@@ -25,7 +25,8 @@ from .base import Policy
 from .table import CLIP_NEW_TOKENS
 from .types import Capacity, Costs, Phase, StepPlan
 
-_WALK_CHUNK = 64  # candidates converted to Python at a time: admission rarely goes deeper
+_WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
+_LATE = 1e12  # added to the key of a request already past its TTFT deadline (late_last)
 
 
 class SloPolicy(Policy):
@@ -46,8 +47,12 @@ class SloPolicy(Policy):
         plan.check()
         return plan
 
-    def _rank(self, now_s: float, cap: Capacity, costs: Costs) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate slots in admission order, and each one's EDF key."""
+    def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``depth`` candidate slots in admission order, and their EDF keys.
+
+        Only the head of the order is ever walked, so it is selected in O(n) with
+        ``argpartition`` and only that part is sorted (ties by arrival order, so every TP rank
+        gets the same order)."""
         t = self.table
         cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
         on_host = t.phase[cand] == Phase.ON_HOST
@@ -59,8 +64,12 @@ class SloPolicy(Policy):
             host_deadline - slo.transfer_s(t.num_tokens[cand], cap.bytes_per_token, costs.h2d_bytes_per_s),
             new_deadline - t.num_prompt_tokens[cand] * costs.prefill_s_per_token,
         )
-        late = (~on_host) & (new_deadline < now_s) if self.config.late_last else np.zeros_like(on_host)
-        order = np.lexsort((t.seq[cand], key, late))
+        if self.config.late_last:
+            key = key + np.where((~on_host) & (new_deadline < now_s), _LATE, 0.0)
+        if depth < len(cand):
+            head = np.argpartition(key, depth)[:depth]
+            cand, key = cand[head], key[head]
+        order = np.lexsort((t.seq[cand], key))
         return cand[order], key[order]
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
@@ -68,16 +77,18 @@ class SloPolicy(Policy):
         """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
         head or None, how long a victim would wait for that head)."""
         t = self.table
-        order, key = self._rank(now_s, cap, costs)
+        depth = _WALK_DEPTH
+        order, key = self._rank(now_s, cap, costs, depth)
         h2d_budget = int(costs.h2d_bytes_per_s * costs.decode_step_s / cap.bytes_per_token)
         urgent_before = now_s + 2 * costs.decode_step_s
         used = prefill = h2d = 0
-        for start in range(0, len(order), _WALK_CHUNK):
-            for i, s in enumerate(order[start:start + _WALK_CHUNK].tolist()):
+        start = 0
+        while start < len(order):
+            for i, s in enumerate(order[start:].tolist(), start):
                 req_id = t.id_at(s)
                 if t.phase[s] == Phase.ON_HOST:
                     need = int(t.num_tokens[s] + t.decode_reservation(np.array([s]), cap.new_token_ratio)[0])
-                    urgent = key[start + i] <= urgent_before
+                    urgent = key[i] <= urgent_before
                     room = free - used - (0 if urgent else reserve)
                     if need > room:
                         return used, need - room, costs.decode_step_s
@@ -99,6 +110,10 @@ class SloPolicy(Policy):
                     plan.reasons[req_id] = "admit"
                     prefill += prompt
                 used += need
+            if len(order) < depth:
+                break
+            start, depth = len(order), 4 * depth  # everything ranked so far fit: look deeper
+            order, key = self._rank(now_s, cap, costs, depth)
         return used, None, 0.0
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
@@ -118,12 +133,16 @@ class SloPolicy(Policy):
         need_slack = self.config.slack_margin * slo.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s)
         ok = slack >= need_slack
         run, tokens, slack = run[ok], tokens[ok], slack[ok]
+        frees = tokens + t.decode_reservation(run, cap.new_token_ratio)
+        if frees.sum() < deficit:
+            return
+        if len(run) > _WALK_DEPTH:  # most-slack head first: usually covers the deficit
+            head = np.argpartition(-slack, _WALK_DEPTH)[:_WALK_DEPTH]
+            if frees[head].sum() >= deficit:
+                run, tokens, slack, frees = run[head], tokens[head], slack[head], frees[head]
         order = np.lexsort((t.seq[run], -slack))
         run, tokens = run[order], tokens[order]
-        frees = tokens + t.decode_reservation(run, cap.new_token_ratio)
-        freed = np.cumsum(frees)
-        if freed.size == 0 or freed[-1] < deficit:
-            return
+        freed = np.cumsum(frees[order])
         d2h_budget = max(int(costs.d2h_bytes_per_s * costs.decode_step_s / cap.bytes_per_token), 1)
         moved = np.cumsum(tokens)
         fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= cap.free_host_tokens)

@@ -93,7 +93,8 @@ class RequestTable:
 
     def advance(self, req_ids: list[str]) -> None:
         """One decode step produced one token for each of ``req_ids``."""
-        slots = np.fromiter((self._slot_of[r] for r in req_ids), np.int64, len(req_ids))
+        slot_of = self._slot_of
+        slots = np.array([slot_of[r] for r in req_ids], dtype=np.int64)
         self.num_output_tokens[slots] += 1
         self.num_tokens[slots] += 1
 
@@ -120,7 +121,10 @@ class RequestTable:
         return np.maximum(remaining, 0) * ratio
 
     def slots_in(self, *phases: Phase) -> np.ndarray:
-        return np.flatnonzero(np.isin(self.phase, [int(p) for p in phases]))
+        mask = self.phase == int(phases[0])
+        for p in phases[1:]:
+            mask |= self.phase == int(p)
+        return np.flatnonzero(mask)
 
     def id_at(self, slot: int) -> str:
         return self._ids[slot]  # type: ignore[return-value]
