@@ -81,10 +81,11 @@ class StreamMover(KVMover):
             return Job(job_id, num_bytes, None)
         caller = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(stream):
+            # NOTE: the caller's stream is always waited on too: the index tensors (and, for
+            # h2d, the freshly allocated slots) were computed there by kernels still queued.
             if ready is not None:
                 stream.wait_event(ready)
-            else:
-                stream.wait_stream(caller)
+            stream.wait_stream(caller)
             dev_idx = device_slots.to(self.device, non_blocking=True)
             keepalive, event = copy(dev_idx, host_slots)
             if event is None:
