@@ -1,0 +1,197 @@
+"""A CPU stand-in for ``python -m sglang.launch_server``, for tests of eval/e2e_rotation.py.
+
+It speaks what the script uses, in sglang 0.5.17's formats: /health, /generate (token ids,
+``stream`` SSE with --incremental-streaming-output deltas, or one JSON answer), /flush_cache
+(200 only when idle), /metrics (Prometheus text), and it logs the rotator's lines the way SGLang's
+scheduler logger prints them (``[date time TPn] msg`` with --tp-size > 1). Output ids depend only
+on the prompt, so every server agrees. Under rotasched every request counts as rotated
+``idx % 3`` times; a bad per-request SLO is refused as SGLang + SuperInfer do (HTTP 400, or an
+abort with status_code 400 inside a 200 stream). Knobs for negative tests (environment):
+FAKE_SGLANG_FAIL_DETERMINISTIC=1 (exit like a failed deterministic-inference start),
+FAKE_SGLANG_LEAK=N (rotasched idle checks report N device tokens still held).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+from aiohttp import web
+
+TOKEN_S = 0.002
+HOST_TOKENS = 122064
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--schedule-policy", "--scheduler-policy", dest="policy", default="fcfs")
+    ap.add_argument("--page-size", type=int, default=1)
+    ap.add_argument("--max-total-tokens", type=int, default=100000)
+    ap.add_argument("--enable-deterministic-inference", action="store_true")
+    return ap.parse_known_args(argv)[0]
+
+
+class State:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rota = args.policy == "rotasched"
+        self.inflight: set[int] = set()
+        self.next_id = 0
+        self.out = self.in_ = self.aborted_rotated = 0
+        self.period: Counter[int] = Counter()  # request -> rotations, this busy period
+
+    def log(self, msg: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        for rank in range(self.args.tp_size):
+            tag = f" TP{rank}" if self.args.tp_size > 1 else ""
+            sys.stderr.write(f"[{stamp}{tag}] {msg}\n")
+        sys.stderr.flush()
+
+    def begin(self) -> int:
+        self.next_id += 1
+        self.inflight.add(self.next_id)
+        return self.next_id
+
+    def end(self, rid: int, rotations: int, finished: bool) -> None:
+        self.inflight.discard(rid)
+        if self.rota and rotations:
+            self.period[rid] = rotations
+            self.out += rotations
+            self.in_ += rotations if finished else rotations - 1
+            self.aborted_rotated += not finished
+        if not self.inflight and self.rota:
+            self.idle_check()
+
+    def idle_check(self) -> None:
+        total = self.args.max_total_tokens
+        held = int(os.environ.get("FAKE_SGLANG_LEAK", "0"))
+        counts = self.period.values()
+        self.log(f"rotasched idle check: device_free={total - held} device_total={total} "
+                 f"host_free={HOST_TOKENS} host_total={HOST_TOKENS} table=0 "
+                 f"rotations_out={self.out} rotated_reqs={len(counts)} "
+                 f"multi_rotated_reqs={sum(c > 1 for c in counts)} "
+                 f"max_per_req={max(counts, default=0)} "
+                 f"aborted_while_rotated={self.aborted_rotated}")
+        self.period.clear()
+
+    def stats(self) -> None:
+        self.log(f"rotasched stats: out={self.out} in={self.in_} d2h={self.out * 0.13:.2f}GB "
+                 f"h2d={self.in_ * 0.13:.2f}GB fallbacks=0 away={len(self.inflight) // 3} "
+                 "host_used=0")
+
+
+def output_ids(prompt: list[int], n: int) -> list[int]:
+    base = sum(prompt[:8]) % 997
+    return [100 + (base * 31 + k * 7) % 5000 for k in range(n)]
+
+
+def bad_slo(params: dict) -> str | None:
+    custom = params.get("custom_params") or {}
+    for key in ("ttft_slo", "tbt_slo"):
+        v = custom.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            return f"custom_params.{key} must be a positive finite number, got {v}"
+    return None
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    st: State = request.app["state"]
+    body = await request.json()
+    params = body["sampling_params"]
+    prompt = body["input_ids"]
+    n = params["max_new_tokens"]
+    error = bad_slo(params) if st.rota else None
+    abort = {"type": "abort", "message": error, "status_code": 400}
+    if not body.get("stream"):
+        if error:
+            return web.json_response({"error": {"message": error}}, status=400)
+        await asyncio.sleep(TOKEN_S * n)
+        meta = {"finish_reason": {"type": "length", "length": n}, "prompt_tokens": len(prompt),
+                "completion_tokens": n, "num_retractions": 0}
+        return web.json_response({"output_ids": output_ids(prompt, n), "meta_info": meta})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    if error:
+        chunk = {"output_ids": [], "meta_info": {"finish_reason": abort, "completion_tokens": 0}}
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n" + b"data: [DONE]\n\n")
+        return resp
+    rid, ids, finished = st.begin(), output_ids(prompt, n), False
+    try:
+        for start in range(0, n, 2):
+            await asyncio.sleep(TOKEN_S)
+            done = start + 2 >= n
+            meta = {"finish_reason": {"type": "length", "length": n} if done else None,
+                    "prompt_tokens": len(prompt), "completion_tokens": min(n, start + 2),
+                    "num_retractions": 0}
+            chunk = {"output_ids": ids[start:start + 2], "meta_info": meta}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        finished = True
+    finally:
+        st.end(rid, sum(prompt[:4]) % 3, finished)
+    return resp
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    return web.Response(status=400 if request.app["state"].inflight else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    st: State = request.app["state"]
+    lines = ["# TYPE sglang:num_running_reqs gauge",
+             f"sglang:num_running_reqs {len(st.inflight)}.0"]
+    if st.rota:
+        for rank in range(st.args.tp_size):
+            lab = f'{{tp_rank="{rank}"}}'
+            lines += [f"superinfer:rotations_out_total{lab} {st.out}.0",
+                      f"superinfer:rotations_in_total{lab} {st.in_}.0",
+                      f"superinfer:bytes_d2h_total{lab} {st.out * 1.3e8}",
+                      f"superinfer:bytes_h2d_total{lab} {st.in_ * 1.3e8}",
+                      f"superinfer:host_tier_tokens_used{lab} 0.0",
+                      f"superinfer:requests_rotated_out{lab} 0.0"]
+    return web.Response(text="\n".join(lines) + "\n")
+
+
+async def stats_loop(st: State) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        if st.out:
+            st.stats()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    st = State(args)
+    app = web.Application()
+    app["state"] = st
+    app.router.add_get("/health", lambda _: web.Response(status=200))
+    app.router.add_post("/generate", generate)
+    app.router.add_route("*", "/flush_cache", flush_cache)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    if st.rota:
+        st.log("rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover DuplexKVMover")
+        st.idle_check()
+    await stats_loop(st)
+
+
+def main() -> None:
+    args = parse(sys.argv[1:])
+    if args.enable_deterministic_inference and os.environ.get("FAKE_SGLANG_FAIL_DETERMINISTIC"):
+        sys.stderr.write("Traceback (most recent call last):\n  File \"batch_invariant_ops.py\"\n"
+                         "RuntimeError: deterministic inference is not supported here\n")
+        sys.exit(1)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

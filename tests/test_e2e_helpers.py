@@ -1,0 +1,403 @@
+"""eval/e2e_rotation.py without a GPU: log and metrics parsing, output comparison, the headline
+fields, server commands (checked by SGLang's own parser when it is installed), and the whole
+script against CPU stand-in servers (tests/fake_sglang_server.py)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+
+import e2e_rotation as e2e  # noqa: E402
+from traces import TraceRow  # noqa: E402
+
+FAKE = ROOT / "tests" / "fake_sglang_server.py"
+
+
+def rotator_formats() -> dict[str, str]:
+    """The rotator's own logger.info format strings for its stats and idle-check lines."""
+    tree = ast.parse((ROOT / "src/superinfer/adapters/sglang/rotator.py").read_text())
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "info" and node.args:
+            fmt = node.args[0]
+            if isinstance(fmt, ast.Constant) and isinstance(fmt.value, str):
+                for mark in (e2e.STATS_MARK, e2e.IDLE_MARK, e2e.ROTATOR_MARK):
+                    if fmt.value.startswith(mark):
+                        found[mark] = fmt.value
+    return found
+
+
+def idle_line(prefix: str = "[2026-11-29 12:00:00]", **kw: int) -> str:
+    vals = dict(device_free=12000, device_total=12000, host_free=122064, host_total=122064, table=0,
+                rotations_out=0, rotated_reqs=0, multi_rotated_reqs=0, max_per_req=0,
+                aborted_while_rotated=0)
+    vals.update(kw)
+    fmt = rotator_formats()[e2e.IDLE_MARK]
+    return f"{prefix} " + fmt % tuple(vals[k] for k in e2e.IDLE_KEYS)
+
+
+def stats_line(prefix: str = "[2026-11-29 12:00:00]", out: int = 5, in_: int = 4) -> str:
+    fmt = rotator_formats()[e2e.STATS_MARK]
+    return f"{prefix} " + fmt % (out, in_, 0.655, 0.52, 0, 1, 1024)
+
+
+def rec(idx: int, ids: list[int], n: int | None = None, error: str | None = None,
+        aborted: bool = False, retractions: int = 0) -> dict:
+    return {"idx": idx, "prompt_len": 10, "output_len": len(ids) if n is None else n,
+            "output_ids": ids, "error": error, "aborted": aborted,
+            "meta": {"num_retractions": retractions}}
+
+
+# --- log lines ------------------------------------------------------------------------------
+def test_parser_reads_the_rotators_own_format():
+    assert set(rotator_formats()) == {e2e.STATS_MARK, e2e.IDLE_MARK, e2e.ROTATOR_MARK}
+    text = "\n".join([
+        "[2026-11-29 12:00:00] Prefill batch, #new-seq: 3, #new-token: 900",
+        stats_line(out=7, in_=6),
+        idle_line("[2026-11-29 12:00:01.123 TP1]", device_free=11990, rotations_out=7,
+                  rotated_reqs=4, multi_rotated_reqs=2, max_per_req=3, aborted_while_rotated=1),
+        idle_line("[2026-11-29 12:00:02 DP0 TP0]", rotations_out=7)[:-30],  # cut mid-line
+        "superinfer INFO rotasched idle check: device_free=1",  # not a complete line
+    ])
+    lines = e2e.parse_rota_lines(text)
+    assert [(x["kind"], x["rank"]) for x in lines] == [("stats", 0), ("idle", 1)]
+    assert lines[0]["out"] == 7 and lines[0]["in"] == 6 and lines[0]["d2h"] == pytest.approx(0.66)
+    idle = lines[1]
+    assert (idle["device_free"], idle["rotated_reqs"], idle["max_per_req"]) == (11990, 4, 3)
+    assert all(isinstance(idle[k], int) for k in e2e.IDLE_KEYS)
+
+
+def test_rotator_start_line_gives_the_ranks():
+    fmt = rotator_formats()[e2e.ROTATOR_MARK]
+    line = fmt % ("slo", 16.0, 122064, "DuplexKVMover")
+    text = f"[t TP0] {line}\n[t TP1] {line}\n[t] unrelated"
+    assert e2e.rotator_ranks(text) == [0, 1]
+    assert e2e.rotator_ranks(f"[2026-11-29 12:00:00] {line}") == [0]
+
+
+def test_phase_rotations_subtract_cumulative_and_sum_busy_periods():
+    before = e2e.parse_rota_lines(idle_line(rotations_out=10, rotated_reqs=3,
+                                            aborted_while_rotated=2))
+    during = e2e.parse_rota_lines("\n".join([
+        stats_line(out=20, in_=18),
+        idle_line(rotations_out=14, rotated_reqs=3, multi_rotated_reqs=1, max_per_req=2,
+                  aborted_while_rotated=2),
+        idle_line(device_free=11984, host_free=122048, table=1, rotations_out=25, rotated_reqs=6,
+                  multi_rotated_reqs=2, max_per_req=4, aborted_while_rotated=5),
+    ]))
+    r = e2e.phase_rotations(before, during, page_size=16)["0"]
+    counts = [r[k] for k in ("rotations_out", "rotated_reqs", "multi_rotated_reqs", "max_per_req")]
+    assert counts == [15, 9, 3, 4]
+    assert r["aborted_while_rotated"] == 3 and r["idle_checks"] == 2 and r["cumulative_in"] == 18
+    assert r["leaks"] == {"device_tokens": 16, "host_tokens": 16, "device_pages": 1,
+                          "host_pages": 1, "table": 1, "clean": False}
+    assert e2e.phase_rotations([], [], 1) == {}
+
+
+def test_leak_summary_rounds_up_to_pages():
+    idle = {"device_total": 12000, "device_free": 11995, "host_total": 160, "host_free": 143,
+            "table": 0}
+    assert e2e.leak_summary(idle, 16) == {"device_tokens": 5, "host_tokens": 17, "device_pages": 1,
+                                          "host_pages": 2, "table": 0, "clean": False}
+    idle.update(device_free=12000, host_free=160)
+    assert e2e.leak_summary(idle, 1)["clean"]
+
+
+def test_ranks_agree():
+    same = [stats_line("[t TP0]"), stats_line("[t TP1]"), idle_line("[t TP0]", rotations_out=5),
+            idle_line("[t TP0]", rotations_out=5), idle_line("[t TP1]", rotations_out=5)]
+    r = e2e.ranks_agree(e2e.parse_rota_lines("\n".join(same)))
+    assert r["ranks"] == [0, 1] and r["identical"] and r["last_lines_equal"]
+    assert r["lines"]["idle/TP0"] == 1  # the repeated line counts once
+    differ = same + [idle_line("[t TP0]", rotations_out=6), idle_line("[t TP1]", rotations_out=7)]
+    r = e2e.ranks_agree(e2e.parse_rota_lines("\n".join(differ)))
+    assert r["identical"] is False and r["last_lines_equal"] is False
+    d = r["first_difference"]
+    assert (d["kind"], d["index"]) == ("idle", 1)
+    assert (d["TP0"]["rotations_out"], d["TP1"]["rotations_out"]) == (6, 7)
+    assert e2e.ranks_agree(e2e.parse_rota_lines(stats_line()))["identical"] is None
+
+
+# --- outputs --------------------------------------------------------------------------------
+def test_compare_outputs():
+    ref = [rec(0, [1, 2, 3]), rec(1, [4, 5, 6]), rec(2, [7, 8, 9]), rec(3, [1, 1], error="cut"),
+           rec(4, [5, 5, 5], retractions=1)]
+    got = [rec(0, [1, 2, 3]), rec(1, [4, 9, 6]), rec(2, [7, 8], n=3), rec(3, [1, 1]),
+           rec(4, [5, 5, 6]), rec(5, [1]), rec(6, [2, 2], aborted=True)]
+    c = e2e.compare_outputs(ref, got)
+    assert (c["n"], c["n_compared"], c["n_equal"], c["n_mismatched"]) == (7, 3, 1, 2)
+    assert c["mismatched_with_retraction"] == 1
+    assert c["first_mismatch"] == {"idx": 1, "prompt_len": 10, "output_len": 3, "position": 1,
+                                   "ref_ids": [5, 6], "got_ids": [9, 6], "retractions": [0, 0]}
+    assert e2e.compare_outputs(ref, ref[:3])["n_equal"] == 3
+
+
+def test_record_counts_and_compact():
+    recs = [rec(0, [1, 2]), rec(1, [1], n=2, error="cancelled: replay time limit"),
+            rec(2, [3], n=2, aborted=True), rec(3, [], n=2, error="HTTP 400: bad"),
+            rec(4, [1, 2], retractions=2)]
+    c = e2e.record_counts(recs)
+    keys = ("n", "complete", "client_aborted", "errors", "retracted", "tokens")
+    assert [c[k] for k in keys] == [5, 2, 1, 2, 1, 6]
+    assert c["error_kinds"] == {"cancelled": 1, "HTTP 400": 1}
+    small = e2e.compact(recs[0], keep_ids=False)
+    assert "output_ids" not in small and small["n_tokens"] == 2
+    assert e2e.compact(recs[0], keep_ids=True)["output_ids"] == [1, 2]
+
+
+# --- HTTP answers and metrics ---------------------------------------------------------------
+def test_parse_generate_body():
+    meta = {"completion_tokens": 3, "finish_reason": {"type": "length"}}
+    plain = json.dumps({"output_ids": [1, 2, 3], "meta_info": meta})
+    assert e2e.parse_generate_body(plain, stream=False) == {
+        "n_ids": 3, "finish_reason": {"type": "length"}, "error": None}
+    refused = json.dumps({"error": {"message": "custom_params.ttft_slo must be positive"}})
+    assert "ttft_slo" in e2e.parse_generate_body(refused, stream=False)["error"]
+    abort = {"type": "abort", "message": "bad slo", "status_code": 400}
+    sse = ("data: " + json.dumps({"output_ids": [], "meta_info": {"finish_reason": abort,
+                                                                  "completion_tokens": 0}})
+           + "\n\ndata: [DONE]\n\n")
+    assert e2e.parse_generate_body(sse, stream=True) == {"n_ids": 0, "finish_reason": abort,
+                                                         "error": None}
+    assert e2e.parse_generate_body(refused, stream=True)["error"]  # a stream refused as plain JSON
+    assert e2e.parse_generate_body("Internal Server Error", stream=False)["n_ids"] == 0
+
+
+PROM = """# HELP superinfer:rotations_out_total Requests rotated out to the host tier.
+# TYPE superinfer:rotations_out_total counter
+superinfer:rotations_out_total{tp_rank="0"} 42.0
+superinfer:rotations_out_total{tp_rank="1"} 42.0
+superinfer:rotations_in_total{tp_rank="0"} 40.0
+superinfer:rotations_in_total{tp_rank="1"} 40.0
+superinfer:bytes_d2h_total{tp_rank="0"} 5.5e+09
+superinfer:bytes_d2h_total{tp_rank="1"} 5.5e+09
+superinfer:bytes_h2d_total{tp_rank="0"} 5.2e+09
+superinfer:bytes_h2d_total{tp_rank="1"} 5.2e+09
+superinfer:host_tier_tokens_used{tp_rank="0"} 0.0
+superinfer:host_tier_tokens_used{tp_rank="1"} 0.0
+superinfer:requests_rotated_out{tp_rank="0"} 0.0
+superinfer:requests_rotated_out{tp_rank="1"} 0.0
+sglang:num_running_reqs{model_name="m",engine_type="unified"} 0.0
+"""
+
+
+def test_prometheus_parse_and_check():
+    series = e2e.parse_prometheus(PROM)
+    assert series["superinfer:rotations_out_total"] == [({"tp_rank": "0"}, 42.0),
+                                                        ({"tp_rank": "1"}, 42.0)]
+    assert series["sglang:num_running_reqs"][0][0] == {"model_name": "m", "engine_type": "unified"}
+    m = e2e.check_metrics(series)
+    assert m["ok"] and m["missing"] == [] and m["tp_ranks"] == ["0", "1"]
+    assert m["sglang_series"] == 1
+    assert m["values"]["superinfer:bytes_d2h_total"] == {"0": 5.5e9, "1": 5.5e9}
+    no_rot = e2e.parse_prometheus(PROM.replace("} 42.0", "} 0.0"))
+    assert not e2e.check_metrics(no_rot)["ok"]
+    rank1 = e2e.parse_prometheus("\n".join(l for l in PROM.splitlines() if 'rank="0"' not in l))
+    assert not e2e.check_metrics(rank1)["ok"]
+    missing = e2e.parse_prometheus("\n".join(l for l in PROM.splitlines() if "host_tier" not in l))
+    m = e2e.check_metrics(missing)
+    assert not m["ok"] and m["missing"] == ["superinfer:host_tier_tokens_used"]
+
+
+# --- plans and commands ---------------------------------------------------------------------
+def args_for(*extra: str):
+    return e2e.parse_args(["--trace", "t.csv", *extra])
+
+
+def test_plans_default_tp2_and_gpu_placement():
+    plans, skipped = e2e.plan_servers(args_for(), 2, 50000)
+    assert [p.name for p in plans] == list(e2e.SINGLE) and skipped == []
+    assert all(p.gpus == (0,) for p in plans)
+    plans, skipped = e2e.plan_servers(args_for("--tp2"), 2, 50000)
+    by = {p.name: p for p in plans}
+    assert by["baseline"].gpus == (1,) and by["rota_tp2"].gpus == (0, 1) and by["rota_tp2"].tp == 2
+    assert by["rota_tp2"].reference == "baseline_tp2" and by["rota_p16"].reference == "baseline"
+    plans, skipped = e2e.plan_servers(args_for("--tp2"), 1, 50000)
+    assert [p.name for p in plans] == list(e2e.SINGLE) and plans[0].gpus == (0,)
+    assert [s["server"] for s in skipped] == list(e2e.TP2)
+    args = args_for("--servers", "baseline", "rota_p16", "--baseline-gpu", "1")
+    plans, _ = e2e.plan_servers(args, 1, 9)
+    assert [p.name for p in plans] == ["baseline", "rota_p16"] and plans[0].gpus == (1,)
+
+
+def test_server_commands():
+    args = args_for("--tp2", "--cap", "9000", "--rota-extra", "--rota-tbt-slo 0.2",
+                    "--server-extra", "--log-level info")
+    plans, _ = e2e.plan_servers(args, 2, 77777)
+    cmds = {p.name: e2e.server_cmd(args, p, 31000 + 10 * i, True) for i, p in enumerate(plans)}
+    joined = {n: " ".join(c) for n, c in cmds.items()}
+    for name, cmd in joined.items():
+        assert "--load-format dummy --skip-tokenizer-init --attention-backend triton" in cmd
+        assert "--disable-prefill-cuda-graph" in cmd and "--disable-overlap" not in cmd
+        assert "--enable-deterministic-inference" in cmd and cmd.endswith("--log-level info")
+    assert ("--schedule-policy rotasched --page-size 1 --max-total-tokens 9000 --enable-metrics"
+            in joined["rota_p1"])
+    assert "--scheduler-policy rotasched --page-size 16" in joined["rota_p16"]
+    assert "--disable-radix-cache" in joined["rota_p1_noradix"]
+    assert "--rota-tbt-slo 0.2" in joined["rota_p1"]
+    assert "--schedule-policy fcfs --page-size 1 --max-total-tokens 77777" in joined["baseline"]
+    assert "--tp-size 2" in joined["rota_tp2"] and "--rota" not in joined["baseline"]
+    ports = [c[c.index("--port") + 1] for c in cmds.values()] + [c[c.index("--nccl-port") + 1]
+                                                                for c in cmds.values()]
+    assert len(set(ports)) == len(ports)
+    plan = plans[0]
+    assert "--enable-deterministic-inference" not in e2e.server_cmd(args, plan, 1, False)
+
+
+def test_sglang_parser_accepts_every_command():
+    pytest.importorskip("sglang")
+    import argparse
+
+    from sglang.srt import server_args as sa
+
+    from superinfer.adapters.sglang.cli import extend_server_args
+
+    extend_server_args(sa)
+    args = args_for("--tp2", "--rota-extra", "--rota-policy lvf")
+    plans, _ = e2e.plan_servers(args, 2, 80000)
+    for i, p in enumerate(plans):
+        parser = argparse.ArgumentParser()
+        sa.ServerArgs.add_cli_args(parser)
+        ns = parser.parse_args(e2e.server_cmd(args, p, 31000 + 10 * i, True)[3:])
+        assert ns.enable_deterministic_inference and ns.load_format == "dummy"
+        assert ns.tp_size == p.tp and ns.page_size == p.page_size
+        assert ns.schedule_policy == ("rotasched" if p.rotasched else "fcfs")
+        assert ns.max_total_tokens == (args.cap if p.rotasched else 80000)
+        assert ns.enable_metrics == p.rotasched and ns.incremental_streaming_output
+        if p.rotasched:
+            assert ns.rota_host_kv_gb == 16.0 and ns.rota_policy == "lvf"
+
+
+def test_visible_devices_and_env():
+    assert e2e.visible_devices((0, 1), None) == "0,1"
+    assert e2e.visible_devices((1,), "4,5") == "5"
+    assert e2e.visible_count(8, "2,3") == 2 and e2e.visible_count(2, None) == 2
+    plans, _ = e2e.plan_servers(args_for("--tp2"), 2, 1)
+    env = e2e.server_env(next(p for p in plans if p.name == "rota_tp2"))
+    assert env["SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"] == "0"
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env
+
+
+def test_failure_text_blames_determinism_only_in_the_error():
+    warned = ("[t] Sampling backend is set to pytorch for deterministic inference.\n"
+              "Traceback (most recent call last):\n  File \"model_runner.py\"\n"
+              "torch.OutOfMemoryError: CUDA out of memory\n")
+    assert not e2e.blames_determinism(warned)
+    failed = warned + ("Traceback (most recent call last):\n  File \".../batch_invariant_ops.py\"\n"
+                       "ImportError: deep_gemm\n")
+    assert e2e.blames_determinism(failed)
+    assert e2e.failure_text("a\nValueError: x\nb") == "ValueError: x"
+
+
+def test_request_sets():
+    rows = [TraceRow(0.1 * i, 100 + 37 * i, 5 + 13 * i) for i in range(100)]
+    args = args_for("--num", "30", "--max-prompt", "1500", "--soak-rate", "40")
+    burst = e2e.burst_specs(rows, args)
+    assert len(burst) == 30 and all(s.arrival == 0.0 for s in burst)
+    assert all(s.prompt_len <= 1500 and 32 <= s.output_len <= 256 for s in burst)
+    assert {s.output_len for s in burst} >= {32, 256}
+    assert e2e.baseline_tokens(burst) == sum(s.prompt_len + s.output_len for s in burst) + 4096
+    soak = e2e.soak_specs(rows, 50, args)
+    assert [s.idx for s in soak] == list(range(30, 80))
+    assert soak[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in zip(soak, soak[1:]))
+    assert all(32 <= s.output_len <= 256 for s in soak)
+
+
+# --- headline fields ------------------------------------------------------------------------
+def correctness(n_equal: int, rotations: int = 10, idle: bool = True,
+                device_free: int = 100) -> dict:
+    leaks = e2e.leak_summary({"device_total": 100, "device_free": device_free, "host_total": 64,
+                              "host_free": 64, "table": 0}, 1)
+    return {"n": 3, "complete": 3, "idle_reached": idle, "reference": "baseline",
+            "compare": {"n": 3, "n_compared": 3, "n_equal": n_equal},
+            "rotations": {"rotations_out": rotations, "rotated_reqs": 2, "multi_rotated_reqs": 1},
+            "rotations_by_rank": {"0": {"leaks": leaks}}}
+
+
+def result_with(**parts) -> dict:
+    base = {"correctness": {"baseline": {"n": 3, "complete": 3, "idle_reached": True,
+                                         "control_reversed": {"n_compared": 3, "n_equal": 3}},
+                            "rota_p1": correctness(3)},
+            "soak": {}, "checks": {"rota_p1": {"passed": True, "bad_slo": {"status": 400}}},
+            "metrics": {"rota_p1": {"ok": True}}, "tp2": None}
+    base.update(parts)
+    return base
+
+
+def test_overall_passes_and_fails_for_the_right_reasons():
+    head = e2e.overall(result_with())
+    assert head["passed"] and head["rotations"] == 10 and head["outputs_equal"]
+    assert head["leaked_device_pages"] == 0 and head["leak_source"] == {"rota_p1": "correctness"}
+    assert head["control_outputs_equal"] and head["bad_slo_status"] == {"rota_p1": 400}
+    assert head["outputs_compared"] == {"rota_p1": "3/3 of 3"}
+    corr = {"rota_p1": correctness(2)}
+    assert not e2e.overall(result_with(correctness=corr))["outputs_equal"]
+    no_rotation = {"rota_p1": correctness(3, rotations=0)}
+    assert not e2e.overall(result_with(correctness=no_rotation))["passed"]
+    leak = e2e.overall(result_with(correctness={"rota_p1": correctness(3, device_free=97)}))
+    assert leak["leaked_device_tokens"] == 3 and not leak["passed"]
+    unknown = e2e.overall(result_with(correctness={"rota_p1": correctness(3, idle=False)}))
+    assert unknown["leaked_device_pages"] is None and not unknown["passed"]
+    held = correctness(3, device_free=96)["rotations_by_rank"]["0"]["leaks"]
+    soaked = {"rota_p1": {"leaks": {"0": held}}}
+    head = e2e.overall(result_with(soak=soaked))
+    assert head["leaked_device_tokens"] == 4 and head["leak_source"] == {"rota_p1": "soak"}
+    tp2 = dict(result_with()["correctness"], rota_tp2=correctness(3))
+    assert e2e.overall(result_with(correctness=tp2, tp2={"identical": True}))["tp2_ran"]
+    assert not e2e.overall(result_with(correctness=tp2, tp2={"identical": False}))["passed"]
+    refused_not = {"rota_p1": {"passed": False, "bad_slo": {"status": 200}}}
+    assert not e2e.overall(result_with(checks=refused_not))["passed"]
+
+
+# --- the whole script against stand-in servers ----------------------------------------------
+def run_script(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[int, dict]:
+    csv = tmp_path / "conv.csv"
+    rows = [f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{50 + 13 * i},{10 + 7 * i % 90}"
+            for i in range(120)]
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, str(ROOT / "eval/e2e_rotation.py"),
+           "--launcher", f"{sys.executable} {FAKE}", "--trace", str(csv), "--num", "16",
+           "--max-output", "48", "--soak-num", "40", "--soak-rate", "40", "--soak-seconds", "1",
+           "--soak-tail", "1", "--budget", "400",
+           "--port", str(random.randrange(20000, 60000, 100)), "--out", str(out),
+           "--out-dir", str(tmp_path / "raw"), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.returncode, json.loads(out.read_text())
+
+
+def test_script_end_to_end_on_stand_in_servers(tmp_path):
+    rc, r = run_script(tmp_path, "--tp2", "--gpus", "2")
+    assert rc == 0 and r["passed"], json.dumps(r)[:3000]
+    assert r["outputs_equal"] and r["rotations"] > 0
+    assert r["tp2_ran"] and r["tp2_identical_decisions"]
+    assert r["leaked_device_pages"] == r["leaked_host_pages"] == 0
+    assert set(r["bad_slo_status"].values()) == {400} and r["metrics_ok"]
+    assert r["servers"]["rota_tp2"]["rotator_ranks"] == [0, 1]
+    assert set(r["soak"]) == {"rota_p1", "rota_p16", "rota_p1_noradix", "rota_tp2"}
+    assert r["correctness"]["baseline"]["control_reversed"]["n_equal"] == 16
+    assert (tmp_path / "raw" / "server_rota_tp2.log").exists()
+    assert (tmp_path / "raw" / "e2e.json").exists() and r["command"] and r["date"]
+
+
+def test_script_retries_without_determinism_and_reports_leaks(tmp_path):
+    rc, r = run_script(tmp_path, "--gpus", "1", "--servers", "baseline", "rota_p16", "--no-control",
+                       env={"FAKE_SGLANG_FAIL_DETERMINISTIC": "1", "FAKE_SGLANG_LEAK": "3"})
+    assert rc == 1 and not r["passed"] and r["outputs_equal"]
+    srv = r["servers"]["rota_p16"]
+    assert srv["state"] == "up" and not srv["deterministic"]
+    assert srv["attempts"][0]["deterministic"] and "batch_invariant" in srv["attempts"][0]["error"]
+    assert r["leaked_device_tokens"] == 3 and r["leaked_device_pages"] == 1  # page size 16
+    assert "control_reversed" not in r["correctness"]["baseline"]
