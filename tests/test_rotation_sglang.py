@@ -182,3 +182,16 @@ def test_bad_per_request_slo_is_rejected_with_400():
     assert parts.waiting_queue == [ok]
     view = rot.table.view("ok")
     assert (view.ttft_slo_s, view.tbt_slo_s) == (0.25, 0.05)
+
+
+def test_copies_commit_only_when_every_rank_reports_them_done(monkeypatch):
+    """Under TP each rank moves its own shard; a copy is acted on only once all ranks agree."""
+    parts, rot, batch = setup(1, True)
+    agreed = {"d2h": 0}
+    monkeypatch.setattr(rot, "_sync", lambda d2h, h2d: (min(d2h, agreed["d2h"]), 0))
+    batch = rot.rotate_out(batch, {"r1"})
+    batch = rot.step(batch)  # done here (CPU copies are synchronous), not yet on the other rank
+    assert rot.table.phase_of("r1") is Phase.ROTATING_OUT and len(rot._done_d2h) == 1
+    agreed["d2h"] = 1
+    batch = rot.step(batch)
+    assert rot.table.phase_of("r1") in (Phase.ON_HOST, Phase.ROTATING_IN)

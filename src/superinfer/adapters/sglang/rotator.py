@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,9 @@ class Rotator:
         self.out: dict[str, Parked] = {}  # ROTATING_OUT
         self.parked: dict[str, Parked] = {}  # ON_HOST
         self.inbound: dict[str, Parked] = {}  # ROTATING_IN
+        # Copies done on this rank, in submission order, not yet done on every TP rank.
+        self._done_d2h: deque[str] = deque()
+        self._done_h2d: deque[str] = deque()
         self.now_s = 0.0
         self._iteration = 0
         self._next_report_s = 0.0
@@ -81,7 +85,6 @@ class Rotator:
     def step(self, running: ScheduleBatch) -> ScheduleBatch:
         """Before SGLang builds the next batch: finish transfers, plan, act."""
         self._iteration += 1
-        self._sync_clock()
         running = self._collect(running)
         if self._iteration % _RECONCILE_EVERY == 0:
             self._reconcile(running)
@@ -106,23 +109,29 @@ class Rotator:
             self._reorder_waiting(plan.admit)
         return running
 
-    def _sync_clock(self) -> None:
-        """One clock and one set of cost estimates for all TP ranks: rank 0's."""
+    def _sync(self, local_d2h: int, local_h2d: int) -> tuple[int, int]:
+        """Agree across TP ranks on the clock, the costs (rank 0's) and how many transfers are
+        done: a copy counts as done only once it is done on every rank, since each rank moves
+        its own KV shard at its own pace. Returns the agreed done counts per direction."""
         now = time.monotonic()
         if self._tp_group is None:
             self.now_s = now
-            return
-        payload = [now, self.costs]
-        src = torch.distributed.get_global_rank(self._tp_group, 0)
-        torch.distributed.broadcast_object_list(payload, src=src, group=self._tp_group)
-        self.now_s, self.costs = payload
+            return local_d2h, local_h2d
+        views: list = [None] * torch.distributed.get_world_size(self._tp_group)
+        torch.distributed.all_gather_object(views, (now, self.costs, local_d2h, local_h2d),
+                                            group=self._tp_group)
+        self.now_s, self.costs = views[0][0], views[0][1]
+        return min(v[2] for v in views), min(v[3] for v in views)
 
     # --- transfers finishing --------------------------------------------------------------
     def _collect(self, running: ScheduleBatch) -> ScheduleBatch:
         report = self.mover.poll()
-        for rid in report.done_d2h:
-            self._out_done(rid)
-        ready = [p for rid in report.done_h2d if (p := self.inbound.pop(rid, None)) is not None]
+        self._done_d2h.extend(report.done_d2h)
+        self._done_h2d.extend(report.done_h2d)
+        n_d2h, n_h2d = self._sync(len(self._done_d2h), len(self._done_h2d))
+        for _ in range(n_d2h):
+            self._out_done(self._done_d2h.popleft())
+        ready = [self.inbound.pop(self._done_h2d.popleft()) for _ in range(n_h2d)]
         if ready:
             running = self._rejoin(running, ready)
         return running
