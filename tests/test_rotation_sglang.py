@@ -195,3 +195,21 @@ def test_copies_commit_only_when_every_rank_reports_them_done(monkeypatch):
     agreed["d2h"] = 1
     batch = rot.step(batch)
     assert rot.table.phase_of("r1") in (Phase.ON_HOST, Phase.ROTATING_IN)
+
+
+def test_idle_check_is_logged_once_per_idle_period(caplog):
+    parts, rot, batch = setup(1, True)
+    finish_all(parts, rot, batch)
+    with caplog.at_level("INFO", logger="superinfer"):
+        rot.on_idle()
+        rot.on_idle()  # same idle period: no second line
+        late = parts.make_req("again", 30)
+        parts.waiting_queue.append(late)
+        rot.on_enqueue(late, False)
+        rot.step(parts.empty_batch())  # busy again: re-armed
+        parts.waiting_queue.clear()
+        rot.table.remove("again")
+        rot.on_idle()
+    lines = [r.getMessage() for r in caplog.records if "idle check" in r.getMessage()]
+    assert len(lines) == 2
+    assert "device_free=1024 device_total=1024" in lines[0] and "table=0" in lines[0]

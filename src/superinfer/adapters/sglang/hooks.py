@@ -89,9 +89,8 @@ def _is_fully_idle(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     if rot is None:
         return result
     idle = bool(result) and not rot.busy()
-    if idle and not getattr(self, "_superinfer_idle_logged", False):
-        rot.on_idle()  # once per idle period: the leak check the soak test reads
-    self._superinfer_idle_logged = idle
+    if idle:
+        rot.on_idle()  # logs once per idle period: the leak check the soak test reads
     return idle
 
 

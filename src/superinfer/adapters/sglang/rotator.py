@@ -72,6 +72,7 @@ class Rotator:
         self.now_s = 0.0
         self._iteration = 0
         self._next_report_s = 0.0
+        self._idle_checked = False
         self.metrics = RotationMetrics(bool(scheduler.server_args.enable_metrics), scheduler.ps.tp_rank)
         self.initial_host_tokens = self.host.available_size()
         self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
@@ -86,6 +87,8 @@ class Rotator:
         """Before SGLang builds the next batch: finish transfers, plan, act."""
         self._iteration += 1
         running = self._collect(running)
+        if len(self.table):
+            self._idle_checked = False
         if self._iteration % _RECONCILE_EVERY == 0:
             self._reconcile(running)
         if self.now_s >= self._next_report_s:
@@ -342,11 +345,18 @@ class Rotator:
                         st.bytes_h2d / 1e9, st.fallbacks, len(self.out) + len(self.parked) + len(self.inbound), used)
 
     def on_idle(self) -> None:
-        """Fully idle: every pool must be back at its initial free size."""
+        """Fully idle: every pool must be back at its initial free size. Checked and logged once
+        per idle period (``step`` re-arms it whenever a request is known)."""
+        if self._idle_checked:
+            return
+        self._idle_checked = True
         s = self.scheduler
         device_free = self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
         host_free = self.host.available_size()
-        self.check()
+        try:
+            self.check()
+        except AssertionError as e:  # report, never take the server down from a self-check
+            logger.error("rotasched idle check failed: %s", e)
         self._report()
         counts = self.times_rotated.values()
         logger.info("rotasched idle check: device_free=%d device_total=%d host_free=%d host_total=%d "
