@@ -93,9 +93,10 @@ class SchedulerParts:
         params.normalize(None)
         return Req(rid, "", array("q", ids), params, vocab_size=VOCAB)
 
-    def prefill(self, reqs: list, running=None):
+    def prefill(self, reqs: list, running=None, chunk: int | None = None):
         """SGLang's own admission and extend path (PrefillAdder, match, allocate, write
-        req_to_token), then random KV where the forward would write it and a first token.
+        req_to_token), then random KV where the forward would write it and a first token
+        (none for a request whose prompt was cut by ``chunk``: it becomes ``chunked_req``).
         Returns the prefill batch (None if nothing fit)."""
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
@@ -103,7 +104,7 @@ class SchedulerParts:
 
         running = running or self.empty_batch()
         adder = PrefillAdder(self.page_size, self.tree_cache, self.token_to_kv_pool_allocator, running,
-                             self.new_token_ratio_tracker.current, self.max_prefill_tokens, None)
+                             self.new_token_ratio_tracker.current, self.max_prefill_tokens, chunk)
         for r in reqs:
             r.init_next_round_input(self.tree_cache)
             if adder.add_one_req(r, has_chunked_req=False, truncation_align_size=None) != AddReqResult.CONTINUE:
@@ -116,8 +117,10 @@ class SchedulerParts:
         batch.prepare_for_extend()
         batch.launch_ts = time.monotonic()  # what Scheduler.run_batch records
         self._write_random_kv(batch.out_cache_loc)
+        self.chunked_req = adder.new_chunked_req
         for r in reqs:
-            r.output_ids.append(int(torch.randint(100, VOCAB, (1,))))
+            if r is not self.chunked_req:
+                r.output_ids.append(int(torch.randint(100, VOCAB, (1,))))
             maybe_cache_unfinished_req(r, self.tree_cache)
         return batch
 

@@ -9,7 +9,7 @@ import torch
 from sglang_parts import SchedulerParts
 from superinfer.adapters.sglang.rotator import Rotator
 from superinfer.config import RotaConfig
-from superinfer.policy import Phase
+from superinfer.policy import Capacity, Phase
 
 CONFIGS = [(1, True), (1, False), (16, True), (16, False)]
 
@@ -213,3 +213,25 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
     lines = [r.getMessage() for r in caplog.records if "idle check" in r.getMessage()]
     assert len(lines) == 2
     assert "device_free=1024 device_total=1024" in lines[0] and "table=0" in lines[0]
+
+
+def test_chunked_prefill_request_is_never_a_victim():
+    parts = SchedulerParts(size=1024, page_size=1, radix=True)
+    rot = Rotator(parts, RotaConfig(host_kv_gb=0.0004, reserve_window_s=0.0))
+    rot.step(parts.empty_batch())
+    short, long_ = parts.make_req("short", 30), parts.make_req("long", 300)
+    for r in (short, long_):
+        parts.waiting_queue.append(r)
+        rot.on_enqueue(r, False)
+    batch = parts.prefill([short, long_], chunk=64)  # "long" is cut after its first chunk
+    assert parts.chunked_req is long_
+    rot.on_batch_result(batch)
+    assert rot.table.phase_of("short") is Phase.RUNNING
+    assert rot.table.phase_of("long") is Phase.PREFILLING
+    rot.table.first_token_s[:] += 5.0  # everyone far ahead of pace: only phase protects "long"
+    newcomer = parts.make_req("new", 900)
+    parts.waiting_queue = [newcomer]
+    rot.on_enqueue(newcomer, False)
+    cap = Capacity(parts.free_tokens(), 1024, rot.host.available_size(), rot.layout.bytes_per_token)
+    plan = rot.policy.plan(rot.now_s, cap, rot.costs.costs(), 16384)
+    assert plan.rotate_out == ["short"]
