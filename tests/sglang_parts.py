@@ -67,6 +67,7 @@ class SchedulerParts:
         self.forward_stream = None
         self.max_total_num_tokens = size
         self.max_prefill_tokens = 16384
+        self.chunked_prefill_size = None
         self.new_token_ratio_tracker = types.SimpleNamespace(current=0.0)
         self.waiting_queue: list = []
         self.chunked_req = None

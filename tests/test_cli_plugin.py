@@ -26,6 +26,8 @@ def test_server_args_carry_rotasched_fields():
                 "--rota-policy", "lvf"])
     assert (ns.schedule_policy, ns.rota_ttft_slo, ns.rota_policy) == ("rotasched", 0.5, "lvf")
     assert ns.rota_tbt_slo == 0.1  # default
+    assert ns.rota_disable_prefill_pacing is False
+    assert parse(["--model-path", "m", "--rota-disable-prefill-pacing"]).rota_disable_prefill_pacing
     fields = {f.name for f in __import__("dataclasses").fields(ServerArgs)}
     assert {"rota_ttft_slo", "rota_tbt_slo", "rota_host_kv_gb", "rota_policy"} <= fields
 

@@ -104,6 +104,42 @@ def test_phase_rotations_subtract_cumulative_and_sum_busy_periods():
     assert e2e.phase_rotations([], [], 1) == {}
 
 
+def test_phase_without_idle_check_falls_back_on_stats_lines():
+    # The burst ends and the soak starts before the server logs an idle check (seen on the
+    # H200): the burst's rotations come from its stats lines, the soak's from its idle check
+    # less the last counter logged before it.
+    warmup = [idle_line("[2026-11-29 12:00:00]")]
+    burst = e2e.parse_rota_lines("\n".join([stats_line("[2026-11-29 12:00:05]", out=8, in_=7),
+                                            stats_line("[2026-11-29 12:00:10]", out=454, in_=441),
+                                            "[2026-11-29 12:00:11] Cache flushed successfully!"]))
+    r = e2e.phase_rotations(e2e.parse_rota_lines(warmup[0]), burst, page_size=1)["0"]
+    assert (r["source"], r["rotations_out"], r["cumulative_in"], r["idle_checks"]) == (
+        "stats", 454, 441, 0)
+    assert all(r[k] is None for k in ("rotated_reqs", "multi_rotated_reqs", "max_per_req",
+                                      "aborted_while_rotated", "pools", "leaks"))
+    assert e2e.idle_leaks({"0": r}) is None
+    soak = e2e.parse_rota_lines("\n".join([
+        stats_line("[2026-11-29 12:00:15]", out=470, in_=460),
+        idle_line("[2026-11-29 12:00:20]", rotations_out=511, rotated_reqs=140,
+                  multi_rotated_reqs=112, max_per_req=12, aborted_while_rotated=23)]))
+    s = e2e.phase_rotations(e2e.parse_rota_lines(warmup[0]) + burst, soak, page_size=1)["0"]
+    assert (s["source"], s["rotations_out"], s["carried_rotations"]) == ("idle", 57, 454)
+    assert (s["rotated_reqs"], s["aborted_while_rotated"]) == (140, 23)
+    assert e2e.idle_leaks({"0": s}) == {"0": s["leaks"]} and s["leaks"]["clean"]
+    # the headline counts stats-line rotations; per-request counts are unknown
+    corr = correctness(3)
+    corr["rotations"] = r
+    corr["rotations_by_rank"] = {"0": r}
+    head = e2e.overall(result_with(correctness={"rota_p1": corr},
+                                   soak={"rota_p1": {"leaks": {"0": s["leaks"]},
+                                                     "rotations_by_rank": {"0": s}}}))
+    assert head["rotations"] == 454 and head["rotations_source"] == {"rota_p1": "stats"}
+    assert head["rotated_requests"] is None and head["multi_rotated_requests"] is None
+    assert head["soak_aborted_while_rotated"] == 23 and head["passed"]
+    unsoaked = e2e.overall(result_with(correctness={"rota_p1": corr}))
+    assert unsoaked["leaked_device_pages"] is None and not unsoaked["passed"]  # leaks unknown
+
+
 def test_leak_summary_rounds_up_to_pages():
     idle = {"device_total": 12000, "device_free": 11995, "host_total": 160, "host_free": 143,
             "table": 0}
@@ -401,3 +437,100 @@ def test_script_retries_without_determinism_and_reports_leaks(tmp_path):
     assert srv["attempts"][0]["deterministic"] and "batch_invariant" in srv["attempts"][0]["error"]
     assert r["leaked_device_tokens"] == 3 and r["leaked_device_pages"] == 1  # page size 16
     assert "control_reversed" not in r["correctness"]["baseline"]
+
+
+# --- re-analysis of a finished run ------------------------------------------------------------
+def write_run_dir(d: Path) -> None:
+    """A finished run's --out-dir, by hand: baseline + rota_p1, a burst whose end logged no idle
+    check, a soak, progress.log across midnight (server logs carry the date, it does not)."""
+    d.mkdir()
+    ids = {i: [100 + i, 200 + i, 300 + i] for i in range(3)}
+    burst = [dict(e2e.compact(rec(i, ids[i]), keep_ids=True)) for i in range(3)]
+    for name in ("baseline", "rota_p1"):
+        (d / f"correctness_{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in burst))
+    soak = [rec(10, [1, 2]), rec(11, [1], n=2, error="cancelled: replay time limit"),
+            rec(12, [1], n=2, aborted=True)]
+    (d / "soak_rota_p1.jsonl").write_text(
+        "".join(json.dumps(e2e.compact(r, keep_ids=False)) + "\n" for r in soak))
+    (d / "progress.log").write_text("\n".join([
+        "[23:59:50 +   0s] 2 servers on 1 GPU(s) (H200), budget 400s, logs in /gone",
+        "[23:59:58 +   8s] correctness: 3 requests at once to baseline, rota_p1 (limit 100s)",
+        "[00:00:10 +  20s] correctness: baseline: 3/3 complete, 0 errors",
+        "[00:00:10 +  20s] correctness: rota_p1: 3/3 complete, 0 errors, equal 3/3",
+        "[00:00:10 +  20s] soak: 3 requests at 40 req/s to rota_p1, 10% aborted mid-stream",
+        "[00:00:20 +  30s] soak: rota_p1: 1/3 complete, 1 aborted by the client",
+        "[00:00:21 +  31s] checks: rota_p1: normal 200/200, bad SLO -> HTTP 400",
+    ]) + "\n")
+    start = rotator_formats()[e2e.ROTATOR_MARK] % ("slo", 16.0, 122064, "DuplexKVMover")
+    (d / "server_rota_p1.log").write_text("\n".join([
+        f"[2026-11-29 23:59:40] {start}",
+        idle_line("[2026-11-29 23:59:40]"),  # warm-up
+        stats_line("[2026-11-29 23:59:57]", out=1, in_=0),  # before the burst: subtracted
+        stats_line("[2026-11-30 00:00:04]", out=7, in_=6),
+        "Traceback (most recent call last):",  # unstamped: goes with the line before
+        stats_line("[2026-11-30 00:00:09]", out=9, in_=9),
+        "[2026-11-30 00:00:09] Cache flushed successfully!",
+        stats_line("[2026-11-30 00:00:15]", out=12, in_=11),
+        stats_line("[2026-11-30 00:00:19]", out=13, in_=12),
+        idle_line("[2026-11-30 00:00:19]", rotations_out=13, rotated_reqs=5,
+                  multi_rotated_reqs=2, max_per_req=3, aborted_while_rotated=1),
+    ]) + "\n")
+    (d / "server_baseline.log").write_text("[2026-11-29 23:59:41] The server is fired up\n")
+    servers = {n: {"state": "up", "gpus": [0], "port": 31000 + 10 * i, "deterministic": True,
+                   "log": f"/gone/server_{n}.log", "attempts": []}
+               for i, n in enumerate(("baseline", "rota_p1"))}
+    orig = {
+        "command": "python3 eval/e2e_rotation.py --gpus 1 --servers baseline rota_p1 --num 3 "
+                   "--out-dir /gone --out /gone/e2e_h200.json",
+        "date": "2026-11-29T23:59:50+00:00", "gpu": ["NVIDIA H200, 143771 MiB"],
+        "settings": {"baseline_tokens": 5000}, "notes": ["n"], "servers": servers,
+        "correctness": {
+            "baseline": {"n": 3, "complete": 3, "idle_reached": True,
+                         "control_reversed": {"n": 3, "n_compared": 3, "n_equal": 3}},
+            "rota_p1": {"n": 3, "complete": 3, "idle_reached": True, "rotations_by_rank": {},
+                        "rotations": None, "reference": "baseline",
+                        "compare": {"n": 3, "n_compared": 3, "n_equal": 3}}},
+        "soak": {"rota_p1": {"idle_reached": True, "leaks": None, "rotations_by_rank": {}}},
+        "checks": {"rota_p1": {"passed": True, "bad_slo": {"status": 400}}},
+        "metrics": {"rota_p1": {"ok": True}}, "tp2": None, "skipped": [], "wall_s": 31.0,
+        "rotations": 0, "passed": False,
+    }
+    (d / "e2e_h200.json").write_text(json.dumps(orig))
+
+
+def test_reanalyze_rebuilds_the_result_from_a_run_dir(tmp_path):
+    run_dir, out = tmp_path / "e2e", tmp_path / "re.json"
+    write_run_dir(run_dir)
+    assert e2e.main(["--reanalyze", str(run_dir), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    orig = json.loads((run_dir / "e2e_h200.json").read_text())
+    assert {k: r[k] for k in ("command", "date", "gpu", "wall_s")} == {
+        k: orig[k] for k in ("command", "date", "gpu", "wall_s")}
+    assert r["reanalyzed"]["command"].endswith(f"--reanalyze {run_dir} --out {out}")
+    assert r["reanalyzed"]["windows"]["correctness"]["rota_p1"] == [
+        "2026-11-29 23:59:58", "2026-11-30 00:00:10"]
+    corr = r["correctness"]["rota_p1"]
+    assert corr["rotations"]["source"] == "stats" and corr["rotations"]["rotations_out"] == 8
+    assert corr["compare"]["n_equal"] == corr["compare"]["n_compared"] == 3
+    assert r["correctness"]["baseline"]["control_reversed"]["n_equal"] == 3  # kept
+    soak = r["soak"]["rota_p1"]
+    assert (soak["n"], soak["complete"], soak["client_aborted"], soak["errors"]) == (3, 1, 1, 1)
+    rot = soak["rotations_by_rank"]["0"]
+    assert (rot["source"], rot["rotations_out"], rot["carried_rotations"]) == ("idle", 4, 9)
+    assert (r["rotations"], r["rotated_requests"], r["outputs_equal"]) == (8, None, True)
+    assert r["leaked_device_pages"] == r["leaked_host_pages"] == 0 and r["passed"]
+    assert r["soak_aborted_while_rotated"] == 1 and r["control_outputs_equal"]
+    # a leak in the soak's idle check, and a mismatched output, fail it
+    log = run_dir / "server_rota_p1.log"
+    log.write_text(log.read_text().replace("host_free=122064 host_total", "host_free=122000 "
+                                                                            "host_total", 2)
+                   .replace("host_free=122000", "host_free=122064", 1))
+    recs = [json.loads(x) for x in (run_dir / "correctness_rota_p1.jsonl").read_text().split()]
+    recs[1]["output_ids"][2] += 1
+    (run_dir / "correctness_rota_p1.jsonl").write_text("".join(json.dumps(x) + "\n"
+                                                               for x in recs))
+    assert e2e.main(["--reanalyze", str(run_dir), "--out", str(out)]) == 1
+    r = json.loads(out.read_text())
+    assert r["leaked_host_pages"] == 4 and r["leaked_host_tokens"] == 64
+    assert not r["outputs_equal"] and r["outputs_compared"] == {"rota_p1": "2/3 of 3"}

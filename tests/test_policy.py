@@ -240,3 +240,21 @@ def test_slo_arithmetic_vectorizes():
     first = np.array([0.0, 1.0])
     assert list(slo.next_token_deadline(first, np.array([10, 0]), 0.1)) == [1.0, 1.0]
     assert slo.next_token_deadline(0.5, 3, 0.1) == pytest.approx(0.8)
+
+
+def test_prefill_budget_follows_the_least_slack_of_on_pace_streams():
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "tight", tokens=100, first_s=0.95, out=1)  # next token due 1.05: 30 ms slack at 1.0
+    running(p, "loose", tokens=100, first_s=0.0, out=30)  # due 3.0
+    running(p, "late", tokens=100, first_s=0.0, out=5)  # due 0.5: already behind, ignored
+    for i in range(3):
+        p.table.add(f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
+    plan = p.plan(1.0, cap(100_000), COSTS, 16384)
+    # (1.05 - 1.0 - 0.02 s step) / 2e-5 s per token = 1500 tokens: one 1000-token prompt fits
+    assert plan.prefill_token_budget == pytest.approx(1500, abs=1)
+    assert plan.admit == ["n0"]
+    # Too little slack left on an on-time stream for a worthwhile chunk: decode first.
+    assert p.plan(1.025, cap(100_000), COSTS, 16384).prefill_token_budget == 0  # 5 ms: 250 tokens
+    off = SloPolicy(RotaConfig(prefill_pacing=False))
+    running(off, "tight", tokens=100, first_s=0.95, out=1)
+    assert off.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None

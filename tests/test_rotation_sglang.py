@@ -235,3 +235,23 @@ def test_chunked_prefill_request_is_never_a_victim():
     cap = Capacity(parts.free_tokens(), 1024, rot.host.available_size(), rot.layout.bytes_per_token)
     plan = rot.policy.plan(rot.now_s, cap, rot.costs.costs(), 16384)
     assert plan.rotate_out == ["short"]
+
+
+def test_paced_prefill_limits_then_restores_the_scheduler():
+    parts, rot, batch = setup(16, True)
+    parts.chunked_prefill_size = 8192
+    queue = [parts.make_req("w", 10)]
+    parts.waiting_queue = list(queue)
+    rot.prefill_budget = 1000
+    with rot.paced_prefill(batch):
+        assert parts.max_prefill_tokens == 992 and parts.chunked_prefill_size == 992  # page-aligned
+        assert parts.waiting_queue == queue
+    rot.prefill_budget = 0  # no slack left: decode first, prefill waits
+    with rot.paced_prefill(batch):
+        assert parts.waiting_queue == []
+        parts.waiting_queue.append(late := parts.make_req("late", 10))  # arrives meanwhile
+    assert (parts.max_prefill_tokens, parts.chunked_prefill_size) == (16384, 8192)
+    assert parts.waiting_queue == queue + [late]
+    rot.prefill_budget = None
+    with rot.paced_prefill(batch):
+        assert parts.max_prefill_tokens == 16384

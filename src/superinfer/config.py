@@ -31,6 +31,10 @@ class RotaConfig:
     # LVF (reference rule): fixed proactive budget B in tokens.
     lvf_budget_tokens: int = 2400 * 16
     mover: str = "auto"
+    # Bound each step's prefill by the least slack of the decoding streams (decode first at 0).
+    prefill_pacing: bool = True
+    # Below this many tokens a prefill chunk is not worth its launch: decode first instead.
+    min_prefill_chunk: int = 256
 
     def __post_init__(self) -> None:
         _positive("--rota-ttft-slo", self.ttft_slo_s)
@@ -45,6 +49,8 @@ class RotaConfig:
             raise ConfigError(f"--rota-policy must be one of {POLICIES}, got {self.policy!r}")
         if self.mover not in MOVER_PATHS:
             raise ConfigError(f"--rota-mover must be one of {MOVER_PATHS}, got {self.mover!r}")
+        if self.min_prefill_chunk < 1:
+            raise ConfigError(f"min_prefill_chunk must be >= 1, got {self.min_prefill_chunk}")
         if self.lvf_budget_tokens < 0:
             raise ConfigError(f"lvf_budget_tokens must be >= 0, got {self.lvf_budget_tokens}")
 

@@ -36,6 +36,10 @@ class SloPolicy(Policy):
         t = self.table
         running = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
         free = cap.available_device_tokens - int(t.decode_reservation(running, cap.new_token_ratio).sum())
+        if cfg.prefill_pacing:
+            plan.prefill_token_budget = self._prefill_budget(now_s, costs)
+            if plan.prefill_token_budget is not None:
+                max_prefill_tokens = min(max_prefill_tokens, max(plan.prefill_token_budget, 1))
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         used, deficit, wait_s = self._admit(plan, now_s, free, cap, costs, max_prefill_tokens, reserve)
@@ -46,6 +50,22 @@ class SloPolicy(Policy):
             self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why)
         plan.check()
         return plan
+
+    def _prefill_budget(self, now_s: float, costs: Costs) -> int | None:
+        """Prefill tokens that fit in the least slack of the decoding streams still on pace. A
+        prefill batch delays every decode step behind it; past this many tokens an on-time
+        stream's next token would come after its deadline. 0 means: decode first. Streams
+        already behind pace do not hold prefill back (waiting would not save their token)."""
+        t = self.table
+        run = t.slots_in(Phase.RUNNING)
+        run = run[~np.isnan(t.first_token_s[run])]
+        deadline = slo.next_token_deadline(t.first_token_s[run], t.num_output_tokens[run], t.tbt_slo_s[run])
+        slack = slo.slack_s(deadline, now_s, costs)
+        on_pace = slack[slack >= 0]
+        if on_pace.size == 0:
+            return None
+        budget = int(float(on_pace.min()) / costs.prefill_s_per_token)
+        return budget if budget >= self.config.min_prefill_chunk else 0
 
     def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``depth`` candidate slots in admission order, and their EDF keys.

@@ -70,6 +70,9 @@ class StepPlan:
     rotate_in: list[str] = field(default_factory=list)  # ON_HOST ids, in order
     rotate_out: list[str] = field(default_factory=list)  # RUNNING ids
     reasons: dict[str, str] = field(default_factory=dict)  # id -> why (logs and tests)
+    # Prefill tokens this step may run without making a decoding stream miss its next token
+    # (None: no limit; 0: run a decode step first).
+    prefill_token_budget: int | None = None
 
     def is_empty(self) -> bool:
         return not (self.admit or self.rotate_in or self.rotate_out)

@@ -68,6 +68,9 @@ def extend_server_args(module: ModuleType) -> None:
             "rota_slack_margin": A[float, Arg(
                 help="rotasched: a victim's slack must cover its round trip this many times.",
                 type_parser=_positive_float("--rota-slack-margin")), NS(_NS)],
+            "rota_disable_prefill_pacing": A[bool, Arg(
+                help="rotasched: do not bound each step's prefill by the decoding streams' "
+                     "least slack (ablation)."), NS(_NS)],
         },
         "schedule_policy": base.schedule_policy,
         "rota_ttft_slo": _DEFAULTS.ttft_slo_s,
@@ -76,6 +79,7 @@ def extend_server_args(module: ModuleType) -> None:
         "rota_policy": _DEFAULTS.policy,
         "rota_mover": _DEFAULTS.mover,
         "rota_slack_margin": _DEFAULTS.slack_margin,
+        "rota_disable_prefill_pacing": not _DEFAULTS.prefill_pacing,
         "__module__": module.__name__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
@@ -107,4 +111,5 @@ def rota_config(server_args: Any) -> RotaConfig:
         policy=server_args.rota_policy,
         mover=server_args.rota_mover,
         slack_margin=server_args.rota_slack_margin,
+        prefill_pacing=not server_args.rota_disable_prefill_pacing,
     )

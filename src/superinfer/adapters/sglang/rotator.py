@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,6 +75,7 @@ class Rotator:
         self._iteration = 0
         self._next_report_s = 0.0
         self._idle_checked = False
+        self.prefill_budget: int | None = None  # from the last plan; see paced_prefill
         self.metrics = RotationMetrics(bool(scheduler.server_args.enable_metrics), scheduler.ps.tp_rank)
         self.initial_host_tokens = self.host.available_size()
         self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
@@ -87,6 +90,7 @@ class Rotator:
         """Before SGLang builds the next batch: finish transfers, plan, act."""
         self._iteration += 1
         running = self._collect(running)
+        self.prefill_budget = None
         if len(self.table):
             self._idle_checked = False
         if self._iteration % _RECONCILE_EVERY == 0:
@@ -104,6 +108,7 @@ class Rotator:
             new_token_ratio=s.new_token_ratio_tracker.current,
         )
         plan = self.policy.plan(self.now_s, cap, self.costs.costs(), s.max_prefill_tokens)
+        self.prefill_budget = plan.prefill_token_budget
         if plan.rotate_out:
             running = self.rotate_out(running, set(plan.rotate_out))
         for rid in plan.rotate_in:
@@ -222,6 +227,30 @@ class Rotator:
                                        self._forward_event())
         self.stats.rotations_in += 1
         self.stats.bytes_h2d += nbytes
+
+    @contextmanager
+    def paced_prefill(self, running: ScheduleBatch) -> Iterator[None]:
+        """While SGLang builds this step's batch, hold its prefill to the plan's budget: smaller
+        prefill and chunk limits, or no prefill at all (the waiting queue hidden) when a
+        decoding stream has no slack left, so the decode step runs first."""
+        s, budget = self.scheduler, self.prefill_budget
+        if budget is None:
+            yield
+            return
+        saved = (s.max_prefill_tokens, s.chunked_prefill_size, s.waiting_queue)
+        decode_first = budget == 0 and not running.is_empty()
+        if decode_first:
+            s.waiting_queue = []
+        limit = max(self.config.min_prefill_chunk, budget) // self.kv.page_size * self.kv.page_size
+        s.max_prefill_tokens = min(s.max_prefill_tokens, max(limit, self.kv.page_size))
+        if s.chunked_prefill_size:
+            s.chunked_prefill_size = min(s.chunked_prefill_size, s.max_prefill_tokens)
+        try:
+            yield
+        finally:
+            s.max_prefill_tokens, s.chunked_prefill_size = saved[0], saved[1]
+            if decode_first:
+                s.waiting_queue = saved[2] + s.waiting_queue
 
     def _reorder_waiting(self, front: list[str]) -> None:
         queue = self.scheduler.waiting_queue
