@@ -38,11 +38,11 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from replay import replay, write_jsonl
+from replay import read_jsonl, replay, write_jsonl
 from traces import RequestSpec, TraceRow, load_azure, make_specs, prompt_ids
 
 EVAL = Path(__file__).resolve().parent
@@ -68,6 +68,13 @@ FIELD_RE = re.compile(r"(\w+)=(-?\d+(?:\.\d+)?)")
 TP_RE = re.compile(r"\bTP(\d+)\b")
 METRIC_RE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)")
 LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
+LOG_TIME_RE = re.compile(rb"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")  # SGLang's log prefix
+PROGRESS_RE = re.compile(r"\[(\d\d:\d\d:\d\d) \+\s*-?\d+s\] (.*)")  # Progress's prefix
+ROTATION_NOTE = ("rotations_by_rank 'source': 'idle' when the phase has an idle-check line (all "
+                 "fields), 'stats' when it has none (the server went on to the next phase without "
+                 "logging one): rotations_out then comes from the cumulative 'rotasched stats' "
+                 "lines (every 5 s, so a lower bound) and per-request counts, aborts and pools are "
+                 "null; headline sums with any null are null.")
 Record = dict[str, Any]
 
 
@@ -435,30 +442,65 @@ def leak_summary(idle: dict[str, Any], page_size: int) -> dict[str, Any]:
 
 def phase_rotations(before: list[dict[str, Any]], during: list[dict[str, Any]],
                     page_size: int) -> dict[str, dict[str, Any]]:
-    """Per TP rank (str): the rotations of one phase from its idle-check lines (rotated_reqs and
-    the like are per busy period; rotations_out and aborted_while_rotated are cumulative, so the
-    last line before the phase is subtracted), and the pools at the phase's last idle check."""
+    """Per TP rank (str): the rotations of one phase, from the rotator's lines logged before it
+    (``before``) and in it (``during``).
+
+    rotations_out counts on both kinds of line (stats: ``out``, idle check: ``rotations_out``) and
+    is cumulative, so the last value logged before the phase is subtracted. With an idle check
+    in the phase (source "idle"), rotated_reqs and the like come from its idle checks (they count
+    per busy period, so they are summed; aborted_while_rotated is cumulative) and so do the pools.
+    A busy period that began before the phase also counts the requests rotated then:
+    carried_rotations says how many rotations that was (0 when the server went idle in between).
+    Without an idle check in the phase (the server never logged one: the next phase came first),
+    the rotations come from the phase's last stats line (source "stats"): rotations_out only,
+    and the per-request counts, aborts, pools and leaks are unknown (None). Stats lines come every
+    few seconds, so rotations after the last one count in the next phase."""
     out = {}
-    for rank in sorted({x["rank"] for x in during if x["kind"] == "idle"}):
-        idle = [x for x in during if x["kind"] == "idle" and x["rank"] == rank]
-        prev = [x for x in before if x["kind"] == "idle" and x["rank"] == rank]
-        stats = [x for x in before + during if x["kind"] == "stats" and x["rank"] == rank]
-        first = prev[-1] if prev else {"rotations_out": 0, "aborted_while_rotated": 0}
-        last = idle[-1]
-        out[str(rank)] = {
-            "rotations_out": last["rotations_out"] - first["rotations_out"],
-            "rotated_reqs": sum(x["rotated_reqs"] for x in idle),
-            "multi_rotated_reqs": sum(x["multi_rotated_reqs"] for x in idle),
-            "max_per_req": max(x["max_per_req"] for x in idle),
-            "aborted_while_rotated": last["aborted_while_rotated"] - first["aborted_while_rotated"],
-            "idle_checks": len(idle),
+    for rank in sorted({x["rank"] for x in during}):
+        mine = [x for x in during if x["rank"] == rank]
+        prev = [x for x in before if x["rank"] == rank]
+        idle = [x for x in mine if x["kind"] == "idle"]
+        prev_idle = [x for x in prev if x["kind"] == "idle"]
+        stats = [x for x in prev + mine if x["kind"] == "stats"]
+        start = _rotations_out(prev[-1]) if prev else 0
+        entry: dict[str, Any] = {
+            "source": "idle" if idle else "stats",
+            "rotations_out": _rotations_out(mine[-1] if not idle else idle[-1]) - start,
+            "rotated_reqs": None, "multi_rotated_reqs": None, "max_per_req": None,
+            "aborted_while_rotated": None, "carried_rotations": None, "idle_checks": len(idle),
             "cumulative_in": stats[-1]["in"] if stats else 0,
             "cumulative_fallbacks": stats[-1]["fallbacks"] if stats else 0,
-            "pools": {k: last[k] for k in ("device_free", "device_total", "host_free",
-                                           "host_total", "table")},
-            "leaks": leak_summary(last, page_size),
+            "pools": None, "leaks": None,
         }
+        if idle:
+            first = prev_idle[-1] if prev_idle else {"rotations_out": 0,
+                                                      "aborted_while_rotated": 0}
+            last = idle[-1]
+            entry.update(
+                rotated_reqs=sum(x["rotated_reqs"] for x in idle),
+                multi_rotated_reqs=sum(x["multi_rotated_reqs"] for x in idle),
+                max_per_req=max(x["max_per_req"] for x in idle),
+                aborted_while_rotated=(last["aborted_while_rotated"]
+                                       - first["aborted_while_rotated"]),
+                carried_rotations=start - first["rotations_out"],
+                pools={k: last[k] for k in ("device_free", "device_total", "host_free",
+                                            "host_total", "table")},
+                leaks=leak_summary(last, page_size))
+        out[str(rank)] = entry
     return out
+
+
+def _rotations_out(line: dict[str, Any]) -> int:
+    """The cumulative rotations-out counter of a stats or idle-check line."""
+    return line["out"] if line["kind"] == "stats" else line["rotations_out"]
+
+
+def idle_leaks(by_rank: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+    """Per TP rank, what the phase's last idle check says is held; None unless every rank
+    logged one in the phase."""
+    if not by_rank or any(v["leaks"] is None for v in by_rank.values()):
+        return None
+    return {r: v["leaks"] for r, v in by_rank.items()}
 
 
 def first_rank(by_rank: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -505,9 +547,13 @@ def _row(seq: list[tuple], i: int, keys: tuple[str, ...]) -> dict[str, Any] | No
 
 
 # --- output comparison ----------------------------------------------------------------------
+def n_ids(rec: Record) -> int:
+    """Tokens received: the output ids, or n_tokens of a compact record saved without them."""
+    return len(rec["output_ids"]) if "output_ids" in rec else rec["n_tokens"]
+
+
 def complete(rec: Record) -> bool:
-    return (rec["error"] is None and not rec["aborted"]
-            and len(rec["output_ids"]) == rec["output_len"])
+    return rec["error"] is None and not rec["aborted"] and n_ids(rec) == rec["output_len"]
 
 
 def retracted(rec: Record) -> bool:
@@ -549,7 +595,7 @@ def record_counts(records: list[Record]) -> dict[str, Any]:
             "client_aborted": sum(bool(r["aborted"]) for r in records),
             "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(5)),
             "retracted": sum(map(retracted, records)),
-            "tokens": sum(len(r["output_ids"]) for r in records)}
+            "tokens": sum(map(n_ids, records))}
 
 
 def _error_kind(error: str) -> str:
@@ -559,7 +605,7 @@ def _error_kind(error: str) -> str:
 def compact(rec: Record, keep_ids: bool) -> Record:
     """A record without token times (and without ids unless ``keep_ids``), for the raw files."""
     out = {k: rec[k] for k in ("idx", "prompt_len", "output_len", "error", "aborted", "meta")}
-    out["n_tokens"] = len(rec["output_ids"])
+    out["n_tokens"] = n_ids(rec)
     if keep_ids:
         out["output_ids"] = rec["output_ids"]
     return out
@@ -665,14 +711,12 @@ def correctness_entry(s: Server, outs: dict[str, dict[str, Any]]) -> dict[str, A
     if "control" in out:
         entry["control_reversed"] = compare_outputs(out["records"], out["control"])
     if s.plan.rotasched:
-        before = parse_rota_lines(s.read_log(0, out["offset"]))
-        during = parse_rota_lines(s.read_log(out["offset"], out["log_end"]))
-        by_rank = phase_rotations(before, during, s.plan.page_size)
+        by_rank = window_rotations(s, out)
         entry["rotations_by_rank"] = by_rank
         entry["rotations"] = first_rank(by_rank) or None
-        if entry["rotations"] and out["records"]:
+        rotated = (entry["rotations"] or {}).get("rotated_reqs")
+        if rotated is not None and out["records"]:
             # The comparison means little unless many requests went through a rotation.
-            rotated = entry["rotations"]["rotated_reqs"]
             entry["rotated_fraction"] = round(rotated / len(out["records"]), 3)
         entry["reference"] = s.plan.reference
         ref = outs.get(s.plan.reference)
@@ -680,13 +724,22 @@ def correctness_entry(s: Server, outs: dict[str, dict[str, Any]]) -> dict[str, A
     return entry
 
 
+def window_rotations(s: Server, out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """phase_rotations of the server's log bytes [out["offset"], out["log_end"])."""
+    before = parse_rota_lines(s.read_log(0, out["offset"]))
+    during = parse_rota_lines(s.read_log(out["offset"], out["log_end"]))
+    return phase_rotations(before, during, s.plan.page_size)
+
+
 def _brief(entry: dict[str, Any]) -> str:
     text = f"{entry['complete']}/{entry['n']} complete, {entry['errors']} errors"
     if entry.get("compare"):
         c = entry["compare"]
         text += f", equal {c['n_equal']}/{c['n_compared']}"
-    if entry.get("rotations"):
-        r = entry["rotations"]
+    r = entry.get("rotations")
+    if r and r.get("source") == "stats":
+        text += f", rotations {r['rotations_out']} (stats lines: no idle check, requests unknown)"
+    elif r:
         text += (f", rotations {r['rotations_out']} over {r['rotated_reqs']} requests "
                  f"({r['multi_rotated_reqs']} several times, max {r['max_per_req']})")
     if entry.get("control_reversed"):
@@ -717,15 +770,9 @@ def soak_phase(args: argparse.Namespace, targets: list[Server], rows: list[Trace
         out = outs[s.name]
         write_jsonl(args.out_dir / f"soak_{s.name}.jsonl",
                     [compact(r, keep_ids=False) for r in out["records"]])
-        before = parse_rota_lines(s.read_log(0, out["offset"]))
-        during = parse_rota_lines(s.read_log(out["offset"], out["log_end"]))
-        by_rank = phase_rotations(before, during, s.plan.page_size)
-        entry = {**record_counts(out["records"]), "idle_reached": out["idle"],
-                 "rotations_by_rank": by_rank,
-                 "leaks": {r: v["leaks"] for r, v in by_rank.items()} if out["idle"] else None}
-        result["soak"][s.name] = entry
+        entry = result["soak"][s.name] = soak_entry(s, out)
         leaks = entry["leaks"] or {}
-        rot = first_rank(by_rank)
+        rot = first_rank(entry["rotations_by_rank"])
         log(f"soak: {s.name}: {entry['complete']}/{len(specs)} complete, "
             f"{entry['client_aborted']} aborted by the client, {entry['errors']} cut or failed, "
             f"{rot.get('rotations_out', '?')} rotations, "
@@ -733,6 +780,12 @@ def soak_phase(args: argparse.Namespace, targets: list[Server], rows: list[Trace
             f"idle {'yes' if out['idle'] else 'NO'}, leaks "
             + (", ".join(f"TP{r} device {v['device_tokens']} tok host {v['host_tokens']} tok table "
                          f"{v['table']}" for r, v in leaks.items()) or "unknown"))
+
+
+def soak_entry(s: Server, out: dict[str, Any]) -> dict[str, Any]:
+    by_rank = window_rotations(s, out)
+    return {**record_counts(out["records"]), "idle_reached": out["idle"],
+            "rotations_by_rank": by_rank, "leaks": idle_leaks(by_rank) if out["idle"] else None}
 
 
 async def _soaks(args: argparse.Namespace, targets: list[Server], specs: list[RequestSpec],
@@ -795,13 +848,17 @@ def final_leaks(result: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
             out[name] = soak["leaks"] or None
         else:
             c = corr[name]
-            out[name] = ({r: v["leaks"] for r, v in c["rotations_by_rank"].items()} or None
-                         if c["idle_reached"] else None)
+            out[name] = idle_leaks(c["rotations_by_rank"]) if c["idle_reached"] else None
     return out
 
 
 def _worst(values: list[int]) -> int:
     return max(values, key=abs)
+
+
+def _total(values: list[int | None]) -> int | None:
+    """The sum, or None when any is unknown."""
+    return None if any(v is None for v in values) else sum(values)
 
 
 def overall(result: dict[str, Any]) -> dict[str, Any]:
@@ -822,11 +879,12 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
     metrics_ok = bool(result["metrics"]) and all(m["ok"] for m in result["metrics"].values())
     head: dict[str, Any] = {
         "rotations": sum(r.get("rotations_out", 0) for r in rot),
-        "rotated_requests": sum(r.get("rotated_reqs", 0) for r in rot),
-        "multi_rotated_requests": sum(r.get("multi_rotated_reqs", 0) for r in rot),
-        "soak_aborted_while_rotated": sum(
+        "rotated_requests": _total([r.get("rotated_reqs", 0) for r in rot]),
+        "multi_rotated_requests": _total([r.get("multi_rotated_reqs", 0) for r in rot]),
+        "rotations_source": {n: r.get("source") for n, r in zip(rota, rot)},
+        "soak_aborted_while_rotated": _total([
             first_rank(e.get("rotations_by_rank") or {}).get("aborted_while_rotated", 0)
-            for e in result["soak"].values()),
+            for e in result["soak"].values()]),
         "outputs_equal": equal,
         "outputs_compared": {n: f"{c['n_equal']}/{c['n_compared']} of {c['n']}" if c else None
                              for n, c in zip(rota, cmps)},
@@ -875,6 +933,7 @@ def new_result(args: argparse.Namespace, gpus: list[str], base_tokens: int,
             "reductions differ, so TP=1 output ids are no reference for TP=2.",
             f"baselines hold the whole burst ({base_tokens} tokens) so they never retract; "
             "'retracted' counts requests SGLang itself retracted (meta_info.num_retractions).",
+            ROTATION_NOTE,
         ],
         "servers": {p.name: {"gpus": list(p.gpus), "flags": list(p.flags), "state": "not started"}
                     for p in plans},
@@ -918,8 +977,9 @@ def summary_table(result: dict[str, Any]) -> str:
         rows.append((name, srv.get("state", "?"), "y" if srv.get("deterministic") else "n",
                      f"{c['complete']}/{c['n']}" if c else "-",
                      f"{cmp_['n_equal']}/{cmp_['n_compared']}" if cmp_ else "-",
-                     *(str(rot[k]) if rot else "-" for k in ("rotations_out", "rotated_reqs",
-                                                             "multi_rotated_reqs", "max_per_req")),
+                     *(("?" if rot[k] is None else str(rot[k])) if rot else "-"
+                       for k in ("rotations_out", "rotated_reqs", "multi_rotated_reqs",
+                                 "max_per_req")),
                      leak, str(chk["bad_slo"]["status"]) if chk else "-",
                      ("ok" if met["ok"] else "FAIL") if met else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -930,6 +990,137 @@ def summary_table(result: dict[str, Any]) -> str:
     lines.append(", ".join(f"{k}={result.get(k)}" for k in keys))
     lines += [f"skipped: {s}" for s in result["skipped"]]
     return "\n".join(lines)
+
+
+# --- re-analysis of a finished run ----------------------------------------------------------
+def log_time(line: bytes) -> datetime | None:
+    m = LOG_TIME_RE.match(line)
+    return datetime.strptime(m.group(1).decode(), "%Y-%m-%d %H:%M:%S") if m else None
+
+
+def first_log_time(path: Path) -> datetime | None:
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        return next((t for t in map(log_time, f) if t is not None), None)
+
+
+def window_offsets(data: bytes, start: datetime, end: datetime) -> tuple[int, int]:
+    """Byte offsets [offset, log_end) of a server log's lines stamped in [start, end] (whole
+    seconds; a line without a stamp goes with the one before it)."""
+    pos, when, first, last = 0, None, None, 0
+    for line in data.splitlines(keepends=True):
+        when = log_time(line) or when
+        if first is None and when is not None and when >= start:
+            first = pos
+        pos += len(line)
+        if when is not None and when <= end:
+            last = pos
+    first = pos if first is None else first
+    return first, max(first, last)
+
+
+def progress_events(text: str, anchor: datetime) -> list[tuple[datetime, str]]:
+    """progress.log's lines as (time, message). They carry the time of day only: the first goes
+    on the day that puts it nearest ``anchor``, each later one on its predecessor's day (the next
+    day when its time of day is earlier)."""
+    out: list[tuple[datetime, str]] = []
+    for line in text.splitlines():
+        m = PROGRESS_RE.match(line)
+        if m is None:
+            continue
+        clock = datetime.strptime(m.group(1), "%H:%M:%S").time()
+        if out:
+            when = datetime.combine(out[-1][0].date(), clock)
+            when += timedelta(days=1) if when < out[-1][0] else timedelta()
+        else:
+            when = min((datetime.combine(anchor.date() + timedelta(days=d), clock)
+                        for d in (-1, 0, 1)), key=lambda w: abs(w - anchor))
+        out.append((when, m.group(2)))
+    return out
+
+
+def phase_window(events: list[tuple[datetime, str]], phase: str,
+                 name: str) -> tuple[datetime, datetime] | None:
+    """A server's window in a phase: from the phase's first progress line to the line on that
+    server's result (logged once every server of the phase is done and idle, or given up)."""
+    start = next((t for t, msg in events if msg.startswith(f"{phase}: ")), None)
+    end = next((t for t, msg in events if msg.startswith(f"{phase}: {name}: ")), None)
+    return None if start is None or end is None else (start, end)
+
+
+def original_result(run_dir: Path) -> Path:
+    """The run's own result JSON in its --out-dir: e2e_h200.json, else the only one there."""
+    default = run_dir / "e2e_h200.json"
+    if default.exists():
+        return default
+    found = [p for p in sorted(run_dir.glob("*.json"))
+             if {"command", "correctness"} <= set(json.loads(p.read_text()))]
+    if len(found) != 1:
+        raise SystemExit(f"{run_dir}: no single result JSON (found {[p.name for p in found]})")
+    return found[0]
+
+
+def run_plans(orig: dict[str, Any]) -> list[ServerPlan]:
+    """The run's server plans, from its recorded command line, for the servers it recorded."""
+    argv = shlex.split(orig["command"])
+    script = next((i for i, a in enumerate(argv) if a.endswith(Path(__file__).name)), None)
+    if script is None:
+        raise SystemExit(f"not a command of {Path(__file__).name}: {orig['command']}")
+    args = parse_args(argv[script + 1:])
+    n_gpus = args.gpus if args.gpus is not None else len(orig.get("gpu") or [])
+    plans, _ = plan_servers(args, n_gpus, orig["settings"]["baseline_tokens"])
+    return [p for p in plans if p.name in orig["servers"]]
+
+
+def reanalyze(run_dir: Path, command: str) -> dict[str, Any]:
+    """The result JSON of a finished run, rebuilt from its --out-dir without starting a server:
+    each phase's rotations (server windows from progress.log, rotator lines from the server
+    logs), the output comparisons (correctness_*.jsonl), the soak counts and leaks (soak_*.jsonl
+    and the soak's idle check), TP=2 rank agreement and the headline fields. What the directory
+    does not hold comes from the run's own JSON: command, date, GPUs, settings, servers, whether
+    a server went idle, the reversed-order controls, the post-soak checks and the metrics."""
+    orig = json.loads(original_result(run_dir).read_text())
+    servers = []
+    for p in run_plans(orig):
+        srv = orig["servers"][p.name]
+        s = Server(p, srv.get("port", 0), run_dir, bool(srv.get("deterministic")),
+                   port=srv.get("port", 0), state=srv.get("state", "?"))
+        s.log_path = run_dir / Path(srv.get("log") or f"server_{p.name}.log").name
+        servers.append(s)
+    stamps = [t for t in (first_log_time(s.log_path) for s in servers) if t is not None]
+    anchor = min(stamps) if stamps else datetime.fromisoformat(orig["date"]).replace(tzinfo=None)
+    events = progress_events((run_dir / "progress.log").read_text(), anchor)
+    result = dict(orig, correctness=dict(orig["correctness"]), soak=dict(orig["soak"]))
+    windows: dict[str, dict[str, list[str]]] = {"correctness": {}, "soak": {}}
+    outs: dict[str, dict[str, dict[str, Any]]] = {"correctness": {}, "soak": {}}
+    for phase, out in outs.items():
+        for s in servers:
+            records = run_dir / f"{phase}_{s.name}.jsonl"
+            window = phase_window(events, phase, s.name)
+            old = orig[phase].get(s.name)
+            if old is None or window is None or not records.exists() or not s.log_path.exists():
+                continue
+            offset, log_end = window_offsets(s.log_path.read_bytes(), *window)
+            out[s.name] = {"offset": offset, "log_end": log_end, "records": read_jsonl(records),
+                           "idle": old["idle_reached"]}
+            windows[phase][s.name] = [t.isoformat(sep=" ") for t in window]
+    for s in servers:
+        if s.name in outs["correctness"]:
+            entry = correctness_entry(s, outs["correctness"])
+            if "control_reversed" in orig["correctness"][s.name]:  # its records were not saved
+                entry["control_reversed"] = orig["correctness"][s.name]["control_reversed"]
+            result["correctness"][s.name] = entry
+        if s.name in outs["soak"]:
+            result["soak"][s.name] = soak_entry(s, outs["soak"][s.name])
+        if s.name == "rota_tp2" and orig.get("tp2") is not None and s.log_path.exists():
+            result["tp2"] = ranks_agree(parse_rota_lines(s.read_log()))
+    if ROTATION_NOTE not in result.get("notes", []):
+        result["notes"] = [*result.get("notes", []), ROTATION_NOTE]
+    result["reanalyzed"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "command": command, "run_dir": str(run_dir), "windows": windows}
+    result.update(overall(result))
+    return result
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -997,6 +1188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(default: this python -m sglang.launch_server)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan and commands, start nothing")
+    ap.add_argument("--reanalyze", type=Path, default=None, metavar="DIR",
+                    help="rebuild the result JSON (to --out) from a finished run's --out-dir "
+                         "(server logs, progress.log, records, its JSON); starts nothing")
     args = ap.parse_args(argv)
     if not 1 <= args.min_output <= args.max_output:
         ap.error("need 1 <= --min-output <= --max-output")
@@ -1047,6 +1241,14 @@ def run(args: argparse.Namespace, servers: list[Server], rows: list[TraceRow],
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.reanalyze is not None:
+        command = shlex.join(["python3", *(sys.argv if argv is None
+                                           else ["eval/e2e_rotation.py", *argv])])
+        result = reanalyze(args.reanalyze, command)
+        save(result, [args.out])
+        print(summary_table(result), flush=True)
+        print(f"results: {args.out}")
+        return 0 if result["passed"] else 1
     rows = load_azure(args.trace)
     burst = burst_specs(rows, args)
     base_tokens = args.baseline_tokens or baseline_tokens(burst)

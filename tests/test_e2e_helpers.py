@@ -523,10 +523,11 @@ def test_reanalyze_rebuilds_the_result_from_a_run_dir(tmp_path):
     assert r["soak_aborted_while_rotated"] == 1 and r["control_outputs_equal"]
     # a leak in the soak's idle check, and a mismatched output, fail it
     log = run_dir / "server_rota_p1.log"
-    log.write_text(log.read_text().replace("host_free=122064 host_total", "host_free=122000 "
-                                                                            "host_total", 2)
-                   .replace("host_free=122000", "host_free=122064", 1))
-    recs = [json.loads(x) for x in (run_dir / "correctness_rota_p1.jsonl").read_text().split()]
+    text = log.read_text()
+    i = text.rindex("host_free=122064")  # the soak's idle check: 64 tokens still held
+    log.write_text(text[:i] + "host_free=122000" + text[i + len("host_free=122064"):])
+    recs = [json.loads(x) for x in (run_dir / "correctness_rota_p1.jsonl").read_text()
+            .splitlines()]
     recs[1]["output_ids"][2] += 1
     (run_dir / "correctness_rota_p1.jsonl").write_text("".join(json.dumps(x) + "\n"
                                                                for x in recs))
