@@ -26,6 +26,7 @@ from .table import CLIP_NEW_TOKENS
 from .types import Capacity, Costs, Phase, StepPlan
 
 _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
+_ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
 _LATE = 1e12  # added to the key of a request already past its TTFT deadline (late_last)
 
 
@@ -106,8 +107,9 @@ class SloPolicy(Policy):
         while start < len(order):
             for i, s in enumerate(order[start:].tolist(), start):
                 req_id = t.id_at(s)
-                if t.phase[s] == Phase.ON_HOST:
-                    need = int(t.num_tokens[s] + t.decode_reservation(np.array([s]), cap.new_token_ratio)[0])
+                if t.phase[s] == _ON_HOST:
+                    remaining = min(int(t.max_new_tokens[s] - t.num_output_tokens[s]), CLIP_NEW_TOKENS)
+                    need = int(t.num_tokens[s]) + int(max(remaining, 0) * cap.new_token_ratio)
                     urgent = key[i] <= urgent_before
                     room = free - used - (0 if urgent else reserve)
                     if need > room:
