@@ -74,9 +74,6 @@ class StepPlan:
     # (None: no limit; 0: run a decode step first).
     prefill_token_budget: int | None = None
 
-    def is_empty(self) -> bool:
-        return not (self.admit or self.rotate_in or self.rotate_out)
-
     def check(self) -> None:
         ids = self.admit + self.rotate_in + self.rotate_out
         if len(ids) != len(set(ids)):

@@ -29,6 +29,7 @@ from ...host_tier.pool import HostKVPool
 from ...policy import Capacity, CostModel, Phase, create_policy
 from .kv_ops import SglangKV
 from .metrics import RotationMetrics, RotationStats
+from .tracker import RequestTracker
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
@@ -57,6 +58,7 @@ class Rotator:
         self.kv = SglangKV(scheduler)
         self.policy = create_policy(config)
         self.table = self.policy.table
+        self.tracker = RequestTracker(self.table, config)
         self.costs = CostModel()
         self.stats = RotationStats()
         kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
@@ -263,54 +265,22 @@ class Rotator:
 
     # --- events from SGLang ---------------------------------------------------------------
     def on_enqueue(self, req: Req, is_retracted: bool) -> None:
-        rid = req.rid
-        if rid in self.table:
-            if self.table.phase_of(rid) is not Phase.WAITING:
-                self.table.set_phase(rid, Phase.WAITING, self.now_s)
-            self.table.set_counts(rid, 0, len(req.output_ids))
-            self.table.set_prompt_tokens(rid, len(req.origin_input_ids) + len(req.output_ids))
-            return
-        ttft, tbt = parse_slo_override(req.sampling_params.custom_params)
-        self.table.add(rid, self.now_s, len(req.origin_input_ids),
-                       ttft or self.config.ttft_slo_s, tbt or self.config.tbt_slo_s,
-                       req.sampling_params.max_new_tokens or (1 << 20))
-        self.costs.observe_arrival(self.now_s, len(req.origin_input_ids))
+        if self.tracker.on_enqueue(req, self.now_s):
+            self.costs.observe_arrival(self.now_s, len(req.origin_input_ids))
 
     def on_batch_result(self, batch: ScheduleBatch) -> None:
-        now = time.monotonic()
-        mode = batch.forward_mode
-        if mode.is_decode():
+        """After SGLang processed a batch's results: costs (this rank's; rank 0's count) and
+        the table."""
+        if batch.forward_mode.is_decode():
             launch = batch.launch_ts
             if launch is not None and self._last_decode_launch is not None:
                 self.costs.observe_decode(launch - self._last_decode_launch)
             self._last_decode_launch = launch
-            stepped = []
-            for req in batch.reqs:
-                if req.rid not in self.table:
-                    continue
-                if req.finished():
-                    if self.table.phase_of(req.rid) is Phase.RUNNING:
-                        self.table.remove(req.rid)
-                else:
-                    stepped.append(req.rid)
-            if stepped:
-                self.table.advance(stepped)
-        elif mode.is_extend():
+            self.tracker.on_decode(batch)
+        elif batch.forward_mode.is_extend():
             if batch.launch_ts is not None:
-                self.costs.observe_prefill(batch.extend_num_tokens or 0, now - batch.launch_ts)
-            chunked = self.scheduler.chunked_req
-            for req in batch.reqs:
-                rid = req.rid
-                if rid not in self.table or self.table.phase_of(rid) is Phase.RUNNING:
-                    continue
-                if req.finished():
-                    self.table.remove(rid)
-                elif req is chunked:
-                    if self.table.phase_of(rid) is Phase.WAITING:
-                        self.table.set_phase(rid, Phase.PREFILLING, self.now_s)
-                else:
-                    self.table.prefill_done(rid, req.kv_committed_len, self.now_s)
-                    self.table.set_counts(rid, req.kv_committed_len, len(req.output_ids))
+                self.costs.observe_prefill(batch.extend_num_tokens or 0, time.monotonic() - batch.launch_ts)
+            self.tracker.on_extend(batch, self.scheduler.chunked_req, self.now_s)
 
     def on_abort(self, rid_prefix: str, abort_all: bool) -> None:
         def hit(rid: str) -> bool:
@@ -323,10 +293,7 @@ class Rotator:
             if hit(p.req.rid) and not p.abort:
                 self.stats.aborted_while_rotated += 1
                 p.abort = True
-        waiting = {r.rid for r in self.scheduler.waiting_queue}
-        for rid in self.table.ids(self.table.slots_in(Phase.WAITING)):
-            if hit(rid) and rid not in waiting:
-                self.table.remove(rid)
+        self.tracker.forget_waiting(hit, {r.rid for r in self.scheduler.waiting_queue})
 
     def _drop(self, p: Parked) -> None:
         """An aborted request that is on the host only: free its copy, tell the client."""
@@ -337,16 +304,14 @@ class Rotator:
         self.scheduler.ipc_channels.send_to_tokenizer.send_output(AbortReq(rid=p.req.rid), p.req)
 
     def _reconcile(self, running: ScheduleBatch) -> None:
-        """Forget table entries SGLang finished through paths we do not hook (timeouts...)."""
         s = self.scheduler
         live = {r.rid for r in s.waiting_queue} | {r.rid for r in running.reqs}
         live |= set(self.out) | set(self.parked) | set(self.inbound)
-        for b in (s.last_batch, getattr(s, "chunked_req", None)):
-            if b is not None:
-                live |= {r.rid for r in getattr(b, "reqs", [b])}
-        for rid in self.table.all_ids():
-            if rid not in live:
-                self.table.remove(rid)
+        if s.last_batch is not None:
+            live |= {r.rid for r in s.last_batch.reqs}
+        if s.chunked_req is not None:
+            live.add(s.chunked_req.rid)
+        self.tracker.reconcile(live)
 
     # --- streams --------------------------------------------------------------------------
     def _forward_stream(self) -> object | None:
