@@ -21,7 +21,7 @@ def setup(page_size: int, radix: bool, n: int = 3, prompt: int = 40, host_gb: fl
     reqs = [parts.make_req(f"r{i}", prompt + 7 * i, max_new_tokens=64) for i in range(n)]
     for r in reqs:
         parts.waiting_queue.append(r)
-        rot.on_enqueue(r, False)
+        rot.on_enqueue(r)
     batch = parts.prefill(reqs)
     parts.waiting_queue.clear()
     rot.on_batch_result(batch)
@@ -128,7 +128,7 @@ def test_policy_driven_rotation_under_memory_pressure():
     reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
     for r in reqs:
         parts.waiting_queue.append(r)
-        rot.on_enqueue(r, False)
+        rot.on_enqueue(r)
     running = parts.prefill(reqs)
     parts.waiting_queue.clear()
     rot.on_batch_result(running)
@@ -138,7 +138,7 @@ def test_policy_driven_rotation_under_memory_pressure():
     rot.table.first_token_s[:] += 5.0  # far ahead of their 0.1 s pace: plenty of slack
     late = parts.make_req("new", 200, max_new_tokens=8)
     parts.waiting_queue.append(late)
-    rot.on_enqueue(late, False)
+    rot.on_enqueue(late)
     saw_rotation = False
     for _ in range(200):
         running = rot.step(running)
@@ -205,7 +205,7 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
         rot.on_idle()  # same idle period: no second line
         late = parts.make_req("again", 30)
         parts.waiting_queue.append(late)
-        rot.on_enqueue(late, False)
+        rot.on_enqueue(late)
         rot.step(parts.empty_batch())  # busy again: re-armed
         parts.waiting_queue.clear()
         rot.table.remove("again")
@@ -222,7 +222,7 @@ def test_chunked_prefill_request_is_never_a_victim():
     short, long_ = parts.make_req("short", 30), parts.make_req("long", 300)
     for r in (short, long_):
         parts.waiting_queue.append(r)
-        rot.on_enqueue(r, False)
+        rot.on_enqueue(r)
     batch = parts.prefill([short, long_], chunk=64)  # "long" is cut after its first chunk
     assert parts.chunked_req is long_
     rot.on_batch_result(batch)
@@ -231,7 +231,7 @@ def test_chunked_prefill_request_is_never_a_victim():
     rot.table.first_token_s[:] += 5.0  # everyone far ahead of pace: only phase protects "long"
     newcomer = parts.make_req("new", 900)
     parts.waiting_queue = [newcomer]
-    rot.on_enqueue(newcomer, False)
+    rot.on_enqueue(newcomer)
     cap = Capacity(parts.free_tokens(), 1024, rot.host.available_size(), rot.layout.bytes_per_token)
     plan = rot.policy.plan(rot.now_s, cap, rot.costs.costs(), 16384)
     assert plan.rotate_out == ["short"]
@@ -255,3 +255,21 @@ def test_paced_prefill_limits_then_restores_the_scheduler():
     rot.prefill_budget = None
     with rot.paced_prefill(batch):
         assert parts.max_prefill_tokens == 16384
+
+
+def test_sglang_retraction_puts_the_request_back_to_waiting():
+    """SGLang's own fallback (retract_decode, recompute later) keeps the table consistent."""
+    parts, rot, batch = setup(1, True)
+    retracted, _, aborted = batch.retract_decode(parts.server_args)
+    assert retracted and not aborted
+    for req in retracted:
+        parts.waiting_queue.append(req)
+        rot.on_enqueue(req)
+        view = rot.table.view(req.rid)
+        assert view.phase is Phase.WAITING
+        assert view.num_prompt_tokens == len(req.origin_input_ids) + len(req.output_ids)
+    parts.waiting_queue.clear()
+    for req in retracted:
+        rot.table.remove(req.rid)  # (they would be re-prefilled; not part of this test)
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)

@@ -67,9 +67,11 @@ def _add_request_to_queue(original: Callable, self: Any, req: Any, *args: Any, *
         self.output_streamer.stream_output([req], req.return_logprob)
         return None
     result = original(self, req, *args, **kwargs)
-    is_retracted = kwargs.get("is_retracted", args[0] if args else False)
-    if any(r is req for r in self.waiting_queue[-4:]) or req in self.waiting_queue:
-        rot.on_enqueue(req, bool(is_retracted))
+    queue = self.waiting_queue
+    # NOTE: SGLang may also turn a request away here (queue limits); only queued ones count.
+    # It appends, so the last element is the usual hit and the scan the rare case.
+    if (queue and queue[-1] is req) or any(r is req for r in queue):
+        rot.on_enqueue(req)
     return result
 
 

@@ -264,7 +264,8 @@ class Rotator:
         self.scheduler.waiting_queue = head + [r for r in queue if id(r) not in chosen]
 
     # --- events from SGLang ---------------------------------------------------------------
-    def on_enqueue(self, req: Req, is_retracted: bool) -> None:
+    def on_enqueue(self, req: Req) -> None:
+        """A request entered SGLang's waiting queue (new, or retracted by SGLang)."""
         if self.tracker.on_enqueue(req, self.now_s):
             self.costs.observe_arrival(self.now_s, len(req.origin_input_ids))
 
