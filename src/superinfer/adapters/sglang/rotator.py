@@ -62,6 +62,10 @@ class Rotator:
         self.costs = CostModel()
         self.stats = RotationStats()
         kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+        if not (hasattr(kv_pool, "k_buffer") and hasattr(kv_pool, "v_buffer")):
+            raise RuntimeError(f"--schedule-policy rotasched needs an MHA KV pool (k_buffer/v_buffer); "
+                               f"this model uses {type(kv_pool).__name__} (MLA/hybrid pools are not "
+                               f"supported yet)")
         k0 = kv_pool.k_buffer[0]
         self.layout = KVLayout(len(kv_pool.k_buffer), k0.shape[1], k0.shape[2], k0.element_size())
         num_tokens = int(config.host_kv_gb * 1e9 / self.layout.bytes_per_token) // 16 * 16
