@@ -8,8 +8,8 @@ Slots are token indices: a *device slot* indexes SGLang's per-layer ``k_buffer[l
 Ordering rules every mover keeps:
 - ``submit_d2h`` copies nothing before ``ready`` (an event recorded on the forward stream after
   the last forward that wrote those slots) has fired, nor before the work already queued on the
-  caller's current stream (which computed the index tensors); the caller frees the device slots only after
-  ``poll`` reports the job done.
+  caller's current stream (which computed the index tensors); the caller frees the device
+  slots only after ``poll`` reports the job done.
 - ``submit_h2d`` jobs become visible to compute only through ``fence_compute(stream)``, which
   makes that stream wait on the copies on the device; the host never synchronizes.
 - Jobs of one direction finish in submission order; the two directions run concurrently.
