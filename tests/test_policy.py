@@ -258,3 +258,37 @@ def test_prefill_budget_follows_the_least_slack_of_on_pace_streams():
     off = SloPolicy(RotaConfig(prefill_pacing=False))
     running(off, "tight", tokens=100, first_s=0.95, out=1)
     assert off.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
+
+
+def test_prefill_budget_counts_from_the_batches_in_flight():
+    """Overlap scheduling: the next batch starts when the one in flight ends, and only tokens
+    not launched yet can be delayed by it."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05
+    # No batch in flight: (1.05 - 1.0 - 0.02) / 2e-5.
+    assert p.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget == pytest.approx(1500, abs=1)
+    # Its token #1 is in a decode batch that ends at 1.02: the next batch risks token #2 (1.15).
+    p.table.decode_launched(["s"])
+    plan = p.plan(1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.02)
+    assert plan.prefill_token_budget == pytest.approx((1.15 - 1.02 - 0.02) / 2e-5, abs=1)
+    p.table.advance(["s"])  # the result came back
+    assert p.table.tokens_in_flight[p.table._slot_of["s"]] == 0
+
+
+def test_prefill_in_flight_paces_its_stream_from_the_expected_first_token():
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    t = p.table
+    t.add("a", 0.9, 3000, 1.0, 0.1, 100)
+    t.add("b", 0.95, 8000, 1.0, 0.1, 100)
+    t.prefill_launched("a", 1.0, first_token_s=1.06)  # last chunk; result not back yet
+    assert t.phase_of("a") is Phase.PREFILLING
+    plan = p.plan(1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.06)
+    # a's second token is due 1.16: after the batch in flight, (1.16 - 1.06 - 0.02) / 2e-5.
+    assert plan.prefill_token_budget == pytest.approx(4000, abs=1)
+    assert plan.admit == ["b"]  # a is not admitted twice; b is the head (a chunk of it fits)
+    t.prefill_done("a", 3000, 1.07)  # the real first token replaces the estimate
+    assert t.first_token_s[t._slot_of["a"]] == pytest.approx(1.07)
+    assert t.num_output_tokens[t._slot_of["a"]] == 1 and t.tokens_in_flight[t._slot_of["a"]] == 0
+    # A non-final chunk gives no first token and no pace.
+    t.prefill_launched("b", 1.07, first_token_s=None)
+    assert np.isnan(t.first_token_s[t._slot_of["b"]])

@@ -3,6 +3,7 @@ FutureMap and ScheduleBatch (see sglang_parts.py). Only the model forward is sto
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -255,6 +256,39 @@ def test_paced_prefill_limits_then_restores_the_scheduler():
     rot.prefill_budget = None
     with rot.paced_prefill(batch):
         assert parts.max_prefill_tokens == 16384
+
+
+def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
+    """The overlap scheduler's order: batch N+1 is chosen before N's result is processed."""
+    parts, rot, batch = setup(1, True)
+    t = rot.table
+    new = parts.make_req("new", 50)
+    parts.waiting_queue = [new]
+    rot.on_enqueue(new)
+    batch = rot.step(batch)
+    prefill = parts.prefill([new], running=batch)
+    parts.waiting_queue.clear()
+    rot.on_launch(prefill)
+    slot = t._slot_of["new"]
+    assert t.phase_of("new") is Phase.PREFILLING and t.tokens_in_flight[slot] == 1
+    expected_first = t.first_token_s[slot]
+    assert expected_first == pytest.approx(rot.now_s + 50 * rot.costs.costs().prefill_s_per_token)
+    # Next iteration: the prefill is merged and decodes with the others, its result not back.
+    batch.merge_batch(prefill)
+    rot.step(batch)
+    parts.decode_step(batch)
+    rot.on_launch(batch)
+    assert t.tokens_in_flight[slot] == 2 and t.tokens_in_flight[t._slot_of["r0"]] == 1
+    assert list(t.next_token_index(np.array([slot]))) == [2]
+    rot.on_batch_result(prefill)  # first token arrived: real time, one fewer in flight
+    assert t.phase_of("new") is Phase.RUNNING and t.tokens_in_flight[slot] == 1
+    assert t.first_token_s[slot] >= expected_first - 1.0
+    rot.on_batch_result(batch)
+    # (this harness appends output ids at launch, SGLang at result time: counts are SGLang's)
+    assert t.num_output_tokens[slot] >= 2 and t.tokens_in_flight[slot] == 0
+    assert t.tokens_in_flight[t._slot_of["r0"]] == 0
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)
 
 
 def test_sglang_retraction_puts_the_request_back_to_waiting():

@@ -16,6 +16,8 @@ class Policy(abc.ABC):
         self.table = RequestTable()
 
     @abc.abstractmethod
-    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int) -> StepPlan:
+    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
+             gpu_free_at_s: float | None = None) -> StepPlan:
         """Decide this iteration's admissions and rotations. Reads the table, never writes it:
-        the adapter reports what it actually did through the table's events."""
+        the adapter reports what it actually did through the table's events.
+        ``gpu_free_at_s``: when the batches already launched are expected to be done."""

@@ -18,13 +18,15 @@ from .types import Capacity, Costs, Phase, StepPlan
 
 
 class LvfPolicy(Policy):
-    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int) -> StepPlan:
+    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
+             gpu_free_at_s: float | None = None) -> StepPlan:
         plan = StepPlan()
         t = self.table
         host_total = cap.free_host_tokens + int(t.num_tokens[t.slots_in(Phase.ON_HOST, Phase.ROTATING_OUT)].sum())
         host_used_frac = 1.0 - cap.free_host_tokens / host_total if host_total else 1.0
         running = t.slots_in(Phase.RUNNING)
-        free = cap.available_device_tokens - int(t.decode_reservation(running, cap.new_token_ratio).sum())
+        resident = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
+        free = cap.available_device_tokens - int(t.decode_reservation(resident, cap.new_token_ratio).sum())
         self._fifo(plan, free, host_used_frac > 0.90, max_prefill_tokens)
         waiting = t.slots_in(Phase.WAITING)
         demand = running.size + int(t.num_prompt_tokens[waiting].sum())

@@ -31,14 +31,15 @@ _LATE = 1e12  # added to the key of a request already past its TTFT deadline (la
 
 
 class SloPolicy(Policy):
-    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int) -> StepPlan:
+    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
+             gpu_free_at_s: float | None = None) -> StepPlan:
         plan = StepPlan()
         cfg = self.config
         t = self.table
         running = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
         free = cap.available_device_tokens - int(t.decode_reservation(running, cap.new_token_ratio).sum())
         if cfg.prefill_pacing:
-            plan.prefill_token_budget = self._prefill_budget(now_s, costs)
+            plan.prefill_token_budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), costs)
             if plan.prefill_token_budget is not None:
                 max_prefill_tokens = min(max_prefill_tokens, max(plan.prefill_token_budget, 1))
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
@@ -52,16 +53,20 @@ class SloPolicy(Policy):
         plan.check()
         return plan
 
-    def _prefill_budget(self, now_s: float, costs: Costs) -> int | None:
+    def _prefill_budget(self, start_s: float, costs: Costs) -> int | None:
         """Prefill tokens that fit in the least slack of the decoding streams still on pace. A
         prefill batch delays every decode step behind it; past this many tokens an on-time
         stream's next token would come after its deadline. 0 means: decode first. Streams
-        already behind pace do not hold prefill back (waiting would not save their token)."""
+        already behind pace do not hold prefill back (waiting would not save their token).
+
+        The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
+        it can only delay tokens not launched yet, so a stream whose prefill is in flight
+        counts from its expected first token: its second token is the one at risk."""
         t = self.table
-        run = t.slots_in(Phase.RUNNING)
+        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
         run = run[~np.isnan(t.first_token_s[run])]
-        deadline = slo.next_token_deadline(t.first_token_s[run], t.num_output_tokens[run], t.tbt_slo_s[run])
-        slack = slo.slack_s(deadline, now_s, costs)
+        deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
+        slack = slo.slack_s(deadline, start_s, costs)
         on_pace = slack[slack >= 0]
         if on_pace.size == 0:
             return None
@@ -78,7 +83,7 @@ class SloPolicy(Policy):
         cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
         on_host = t.phase[cand] == Phase.ON_HOST
         host_deadline = slo.next_token_deadline(
-            t.first_token_s[cand], t.num_output_tokens[cand], t.tbt_slo_s[cand])
+            t.first_token_s[cand], t.next_token_index(cand), t.tbt_slo_s[cand])
         new_deadline = slo.ttft_deadline(t.arrival_s[cand], t.ttft_slo_s[cand])
         key = np.where(
             on_host,
@@ -150,7 +155,7 @@ class SloPolicy(Policy):
         if run.size == 0:
             return
         tokens = t.num_tokens[run]
-        deadline = slo.next_token_deadline(t.first_token_s[run], t.num_output_tokens[run], t.tbt_slo_s[run])
+        deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
         slack = slo.slack_s(deadline, now_s, costs)
         need_slack = self.config.slack_margin * slo.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s)
         ok = slack >= need_slack

@@ -22,7 +22,8 @@ _ALLOWED = {  # phase transitions; anything else is a bug in the caller
 }
 CLIP_NEW_TOKENS = 4096  # mirrors SGLang's SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION default
 _FLOAT_COLS = ("arrival_s", "ttft_slo_s", "tbt_slo_s", "first_token_s", "resident_since_s", "rotated_at_s")
-_INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "max_new_tokens", "seq")
+_INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "max_new_tokens", "seq",
+             "tokens_in_flight")
 
 
 class RequestTable:
@@ -53,6 +54,7 @@ class RequestTable:
         self.num_prompt_tokens[slot] = num_prompt_tokens
         self.num_tokens[slot] = 0
         self.num_output_tokens[slot] = 0
+        self.tokens_in_flight[slot] = 0
         self.max_new_tokens[slot] = max_new_tokens
         self.first_token_s[slot] = np.nan
         self.resident_since_s[slot] = np.nan
@@ -77,12 +79,31 @@ class RequestTable:
         elif new is Phase.ROTATING_OUT:
             self.rotated_at_s[slot] = now_s
 
-    def prefill_done(self, req_id: str, num_tokens: int, now_s: float) -> None:
-        """The prefill produced the first output token: the TBT pace starts now."""
+    def prefill_launched(self, req_id: str, now_s: float, first_token_s: float | None) -> None:
+        """A batch holding this request's prefill was launched. ``first_token_s``: when its
+        first token is expected, if this is the prompt's last chunk. Until the result comes
+        back, that estimate paces the stream, so the very next batch already respects it."""
         slot = self._slot_of[req_id]
-        if np.isnan(self.first_token_s[slot]):
+        if self.phase[slot] == Phase.WAITING:
+            self.set_phase(req_id, Phase.PREFILLING, now_s)
+        if first_token_s is not None:
+            self.tokens_in_flight[slot] += 1
+            if self.num_output_tokens[slot] == 0:
+                self.first_token_s[slot] = first_token_s
+
+    def decode_launched(self, req_ids: list[str]) -> None:
+        """A decode batch holding these requests was launched: one token each is on its way."""
+        slot_of = self._slot_of
+        self.tokens_in_flight[np.array([slot_of[r] for r in req_ids], dtype=np.int64)] += 1
+
+    def prefill_done(self, req_id: str, num_tokens: int, now_s: float) -> None:
+        """The prefill produced the first output token: the TBT pace starts now (replacing the
+        launch-time estimate)."""
+        slot = self._slot_of[req_id]
+        if np.isnan(self.first_token_s[slot]) or self.num_output_tokens[slot] == 0:
             self.first_token_s[slot] = now_s
             self.num_output_tokens[slot] = 1
+        self.tokens_in_flight[slot] = max(int(self.tokens_in_flight[slot]) - 1, 0)
         self.num_tokens[slot] = num_tokens
         if self.phase[slot] != Phase.RUNNING:
             self.set_phase(req_id, Phase.RUNNING, now_s)
@@ -97,12 +118,21 @@ class RequestTable:
         slots = np.array([slot_of[r] for r in req_ids], dtype=np.int64)
         self.num_output_tokens[slots] += 1
         self.num_tokens[slots] += 1
+        self.tokens_in_flight[slots] = np.maximum(self.tokens_in_flight[slots] - 1, 0)
 
     def set_counts(self, req_id: str, num_tokens: int, num_output_tokens: int) -> None:
         """Resynchronize with the scheduler's own counts (e.g. after a retraction)."""
         slot = self._slot_of[req_id]
         self.num_tokens[slot] = num_tokens
         self.num_output_tokens[slot] = num_output_tokens
+
+    def clear_in_flight(self, req_id: str) -> None:
+        """The scheduler took the request out of its batches (retraction): nothing is coming."""
+        self.tokens_in_flight[self._slot_of[req_id]] = 0
+
+    def next_token_index(self, slots: np.ndarray) -> np.ndarray:
+        """Index of the first output token not yet launched: the one a new batch can delay."""
+        return np.maximum(self.num_output_tokens[slots] + self.tokens_in_flight[slots], 1)
 
     # --- queries ------------------------------------------------------------------------------
     def __contains__(self, req_id: str) -> bool:

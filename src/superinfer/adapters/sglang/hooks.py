@@ -3,8 +3,9 @@
 Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
 - ``init_schedule_policy``: SGLang's own SchedulePolicy runs as ``fcfs`` (we order the queue),
   and a ``Rotator`` is attached to the scheduler.
-- ``get_next_batch_to_run``: one rotation step before SGLang builds the batch, and the batch
-  is built under the plan's prefill budget (``Rotator.paced_prefill``).
+- ``get_next_batch_to_run``: one rotation step before SGLang builds the batch, the batch is
+  built under the plan's prefill budget (``Rotator.paced_prefill``), and the table learns
+  what the chosen batch will produce (``Rotator.on_launch``).
 - ``_add_request_to_queue``: new (or retracted) requests enter the policy's table; a bad
   per-request SLO override is answered with HTTP 400 instead.
 - ``process_batch_result``: prefill/decode progress and finishes update the table.
@@ -50,7 +51,9 @@ def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *a
     running_batch = rot.step(running_batch)
     self.running_batch = running_batch
     with rot.paced_prefill(running_batch):
-        return original(self, running_batch, *args, **kwargs)
+        batch = original(self, running_batch, *args, **kwargs)
+    rot.on_launch(batch)
+    return batch
 
 
 def _add_request_to_queue(original: Callable, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:

@@ -28,12 +28,30 @@ class RequestTracker:
             if t.phase_of(rid) is not Phase.WAITING:
                 t.set_phase(rid, Phase.WAITING, now_s)
             t.set_counts(rid, 0, len(req.output_ids))
+            t.clear_in_flight(rid)
             t.set_prompt_tokens(rid, len(req.origin_input_ids) + len(req.output_ids))
             return False
         ttft, tbt = parse_slo_override(req.sampling_params.custom_params)
         t.add(rid, now_s, len(req.origin_input_ids), ttft or self.config.ttft_slo_s,
               tbt or self.config.tbt_slo_s, req.sampling_params.max_new_tokens or _NO_LIMIT)
         return True
+
+    def on_launch(self, batch: ScheduleBatch, chunked_req: Req | None, now_s: float,
+                  done_at_s: float) -> None:
+        """SGLang launched ``batch`` (it is done at about ``done_at_s``): its decode requests
+        have a token on the way; its prefills are under way, and those on their prompt's last
+        chunk will have their first token then."""
+        t = self.table
+        if batch.forward_mode.is_decode():
+            # PREFILLING here: the prefill's result is not back yet (overlap), but it is done.
+            launched = [r.rid for r in batch.reqs
+                        if r.rid in t and t.phase_of(r.rid) in (Phase.RUNNING, Phase.PREFILLING)]
+            if launched:
+                t.decode_launched(launched)
+        elif batch.forward_mode.is_extend():
+            for req in batch.reqs:
+                if req.rid in t and t.phase_of(req.rid) in (Phase.WAITING, Phase.PREFILLING):
+                    t.prefill_launched(req.rid, now_s, None if req is chunked_req else done_at_s)
 
     def on_decode(self, batch: ScheduleBatch) -> None:
         """Every unfinished request of the batch produced a token (rotating-out ones too: the
