@@ -1,0 +1,136 @@
+"""Run a whole SLO evaluation from a plan file: every (workload, system) pair of the plan, one GPU
+queue each, one global time budget, then one merged result per workload.
+
+A workload is a trace with its rates and KV cap (sweep_slo.py's flags); each queue runs its
+items one after another on its own GPU (CUDA_VISIBLE_DEVICES=i), so no two servers ever share
+a GPU, and every item is one sweep_slo.py invocation: one server, every rate of its workload.
+Results of a queue accumulate in ``<workload>.part<i>.json`` (sweep_slo --merge); at the end the
+parts of each workload are merged into ``slo_<gpu>_<workload>.json`` and a file ``DONE`` is
+written. Stdlib only: runs on the GPU machine.
+
+    python3 eval/sweep_plan.py --plan eval/plans/h200_slo.json --out-dir /tmp/sweep --budget 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from merge_slo import merge
+
+EVAL = Path(__file__).resolve().parent
+PORT_STRIDE = 500  # queue i's servers use ports from 30000 + i * PORT_STRIDE, 20 per item
+_print_lock = threading.Lock()
+
+
+def log(t0: float, msg: str) -> None:
+    with _print_lock:
+        print(f"[{time.monotonic() - t0:6.0f}s] {msg}", flush=True)
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    """The plan, checked: every queue item names a known workload and system."""
+    from sweep_slo import SYSTEMS
+
+    plan = json.loads(path.read_text())
+    for key in ("gpu", "workloads", "queues"):
+        if key not in plan:
+            raise SystemExit(f"{path}: missing key {key!r}")
+    for queue in plan["queues"]:
+        for item in queue:
+            workload, _, system = item.partition(":")
+            if workload not in plan["workloads"]:
+                raise SystemExit(f"{path}: {item!r}: unknown workload {workload!r}")
+            if system not in SYSTEMS:
+                raise SystemExit(f"{path}: {item!r}: unknown system {system!r} "
+                                 f"(one of {', '.join(SYSTEMS)})")
+    return plan
+
+
+def item_cmd(plan: dict[str, Any], item: str, queue: int, index: int, out_dir: Path,
+             budget_s: float) -> list[str]:
+    workload, _, system = item.partition(":")
+    wl = plan["workloads"][workload]
+    cmd = [sys.executable, str(EVAL / "sweep_slo.py"), "--trace", wl["trace"],
+           "--trace-name", workload, "--gpu", plan["gpu"], "--systems", system,
+           "--rates", *[str(r) for r in wl["rates"]], "--cap", str(wl["cap"]),
+           "--port", str(30000 + queue * PORT_STRIDE + 20 * index),
+           "--out", str(out_dir / f"{workload}.part{queue}.json"),
+           "--raw-dir", str(out_dir / "raw" / workload), "--merge",
+           "--budget", f"{budget_s:.0f}", *plan.get("common", []), *wl.get("flags", [])]
+    return cmd + ["--server-extra", *plan.get("server_extra", [])]
+
+
+def run_queue(plan: dict[str, Any], queue: int, items: list[str], out_dir: Path,
+              deadline: float, t0: float) -> None:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=_device(queue), PYTHONUNBUFFERED="1")
+    for index, item in enumerate(items):
+        left = deadline - time.monotonic()
+        log(t0, f"gpu{queue} {item}: start ({left:.0f}s of budget left)")
+        cmd = item_cmd(plan, item, queue, index, out_dir, left)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=EVAL.parent) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log(t0, f"gpu{queue} {item}: {line.rstrip()}")
+        log(t0, f"gpu{queue} {item}: exit {proc.returncode}")
+
+
+def _device(queue: int) -> str:
+    inherited = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return inherited[queue] if inherited else str(queue)
+
+
+def merge_workloads(plan: dict[str, Any], out_dir: Path, t0: float) -> list[Path]:
+    merged = []
+    for workload in plan["workloads"]:
+        parts = sorted(out_dir.glob(f"{workload}.part*.json"))
+        if not parts:
+            continue
+        result = merge([json.loads(p.read_text()) for p in parts])
+        result["plan"] = plan
+        path = out_dir / f"slo_{plan['gpu']}_{workload}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        merged.append(path)
+        log(t0, f"{workload}: {len(parts)} part(s), systems {sorted(result['systems'])} -> {path}")
+    return merged
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--plan", type=Path, required=True)
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--budget", type=float, required=True, help="wall seconds for everything")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = ap.parse_args()
+    plan = load_plan(args.plan)
+    t0 = time.monotonic()
+    deadline = t0 + args.budget
+    if args.dry_run:
+        for q, items in enumerate(plan["queues"]):
+            for i, item in enumerate(items):
+                cmd = item_cmd(plan, item, q, i, args.out_dir, args.budget)
+                print(f"# gpu{q} {item}\n" + " ".join(cmd))
+        return
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "DONE").unlink(missing_ok=True)
+    threads = [threading.Thread(target=run_queue, args=(plan, q, items, args.out_dir, deadline, t0))
+               for q, items in enumerate(plan["queues"])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    merge_workloads(plan, args.out_dir, t0)
+    (args.out_dir / "DONE").write_text(f"{time.monotonic() - t0:.0f}\n")
+    log(t0, "done")
+
+
+if __name__ == "__main__":
+    main()
