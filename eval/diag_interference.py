@@ -1,0 +1,791 @@
+"""Why does KV rotation slow a decode step by 31-38%? A diagnostic that separates the causes.
+
+``eval/bench_duplexkv.py`` found that any copy-engine rotation path (Triton staging mover at any
+grid, plain torch copies) costs its decode stand-in 31-38%. Three suspects:
+
+1. SM theft: gather/scatter kernels hold SMs, so each GEMM of the step needs an extra wave.
+2. The DMA itself: PCIe traffic to/from HBM slows the HBM-bound matmuls.
+3. Eager launches: the real SGLang decode is a CUDA graph; the stand-in ran eagerly.
+
+Every scenario times the stand-in step (CUDA events, median over windows of ``--steps`` steps)
+alone and while one interfering load runs continuously on other streams for the whole window,
+interleaving the two per trial. The load is enqueued ahead of the window and topped up from the
+host while the window runs; a window counts as covered when every load lane started before it,
+ended after it and never ran dry. The load's bandwidth inside the window comes from per-unit
+CUDA events. Loads (all on random scattered 16-token pages of a Llama-3.1-8B KV pool, never
+zero data):
+
+- ``dma_only`` / ``dma_d2h_only`` / ``dma_h2d_only``: big contiguous pinned<->device copies.
+- ``gather_only_gN``: the Triton gather into a device staging buffer, N programs, no DMA
+  (its GB/s counts payload once; HBM sees it twice, read + write).
+- ``staging_mover``: DuplexKVMover(path="staging") both ways at full rate (as bench_duplexkv).
+- ``memcpy_batch*``: per-page 32 KiB copies, one ``cudaMemcpyBatchAsync`` call per 256 MiB
+  unit (copy engines only, no kernels, no staging), via ctypes; checked bit for bit first.
+- ``staging_mover_capped_Ppct``: the mover gated to one bounded batch per decode step, sized
+  to keep it busy ~P% of a step: does a per-step byte budget bound the interference?
+
+Every scenario runs with the step replayed from a CUDA graph (``graph/...``); the baseline and
+the full-rate staging mover also run eagerly (``eager/...``). One failing scenario records its
+traceback and the rest go on; the JSON is rewritten after each scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import datetime
+import glob
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_duplexkv import PAGE, Bench, DecodeStandIn, log  # noqa: E402
+
+from superinfer.host_tier.interface import KVLayout  # noqa: E402
+
+MiB = 1 << 20
+LAYOUT = KVLayout(32, 8, 128, 2)  # Llama-3.1-8B on one rank: 128 KiB of KV per token
+MAX_UNITS_PER_LANE = 1500  # bounds one prefill (host time, launch-queue depth)
+Event = torch.cuda.Event
+
+
+# --------------------------------------------------------------------------- decode side
+
+
+class Decode:
+    """The stand-in decode step on its own stream, run eagerly or replayed from a CUDA graph."""
+
+    def __init__(self, model: DecodeStandIn, mode: str, stream: torch.cuda.Stream) -> None:
+        self.model, self.mode, self.stream = model, mode, stream
+        self.graph = _capture(model) if mode == "graph" else None
+        self.enqueue(2)  # first use on this stream (cuBLAS workspace, allocator blocks)
+        torch.cuda.synchronize()
+
+    def enqueue(self, steps: int) -> None:
+        with torch.cuda.stream(self.stream):
+            for _ in range(steps):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self.model.step()
+
+    def mark(self) -> Event:
+        """A timing event at the current end of the decode stream."""
+        event = Event(enable_timing=True)
+        event.record(self.stream)
+        return event
+
+    def window(self, steps: int) -> tuple[Event, Event]:
+        start = self.mark()
+        self.enqueue(steps)
+        return start, self.mark()
+
+
+def _capture(model: DecodeStandIn) -> torch.cuda.CUDAGraph:
+    """Warm up on a side stream (cuBLAS picks its kernels and workspace), then capture one step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.step()
+    torch.cuda.synchronize()
+    return graph
+
+
+def alone_step_ms(decode: Decode, steps: int) -> float:
+    torch.cuda.synchronize()
+    start, end = decode.window(steps)
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+# --------------------------------------------------------------------------- load side
+
+
+@dataclass
+class Lane:
+    """One stream of interfering work, submitted in units (e.g. one 256 MiB copy).
+
+    ``end_stream`` is where a unit's last operation runs: a timing event recorded there after
+    each submit marks the unit's completion on the GPU clock."""
+
+    name: str
+    submit: Callable[[], int]  # enqueue one unit; returns its payload bytes
+    end_stream: torch.cuda.Stream
+    unit_ms: float = 1.0  # calibrated: one unit's duration when the load runs alone
+    records: list[tuple[int, Event]] = field(default_factory=list)
+    begin: Event | None = None
+    _first_pending: int = 0
+
+    def reset(self) -> None:
+        self.records, self._first_pending = [], 0
+        self.begin = Event(enable_timing=True)
+        self.begin.record(self.end_stream)
+
+    def submit_unit(self) -> None:
+        num_bytes = self.submit()
+        event = Event(enable_timing=True)
+        event.record(self.end_stream)
+        self.records.append((num_bytes, event))
+
+    def pending(self) -> int:
+        """Units submitted but not finished (they finish in order, so scan from the oldest)."""
+        records = self.records
+        while self._first_pending < len(records) and records[self._first_pending][1].query():
+            self._first_pending += 1
+        return len(self.records) - self._first_pending
+
+    def gbps(self, t0: Event | None = None, t1: Event | None = None) -> float | None:
+        """Throughput over the unit completions inside [t0, t1] (all of them when no window):
+        bytes of the 2nd..last unit ending inside, over the time between first and last end."""
+        ref = t0 if t0 is not None else self.records[0][1]
+        limit = t0.elapsed_time(t1) if t0 is not None and t1 is not None else math.inf
+        ends = [(ref.elapsed_time(ev), b) for b, ev in self.records]
+        inside = [(t, b) for t, b in ends if 0.0 <= t <= limit]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        return sum(b for _, b in inside[1:]) / ((inside[-1][0] - inside[0][0]) * 1e-3) / 1e9
+
+
+class LoadRunner:
+    """Keeps a set of lanes busy: calibration alone, prefill before a window, top-up during it."""
+
+    def __init__(self, lanes: list[Lane], on_poll: Callable[[], object] | None = None) -> None:
+        self.lanes, self.on_poll = lanes, on_poll
+
+    def reset(self) -> None:
+        torch.cuda.synchronize()
+        self._poll()
+        for lane in self.lanes:
+            lane.reset()
+
+    def submit_round_robin(self, counts: list[int]) -> None:
+        """Interleave submissions so the lanes start together."""
+        for i in range(max(counts)):
+            for lane, n in zip(self.lanes, counts):
+                if i < n:
+                    lane.submit_unit()
+
+    def calibrate(self, target_ms: float = 60.0) -> dict:
+        """Warm up (compiles kernels), then run ~``target_ms`` of the load alone: its GB/s per
+        lane with all lanes at once, and each lane's unit duration for sizing the prefill."""
+        self.reset()
+        self.submit_round_robin([1] * len(self.lanes))
+        self.reset()
+        t0 = time.perf_counter()
+        self.submit_round_robin([1] * len(self.lanes))
+        torch.cuda.synchronize()
+        rough_ms = (time.perf_counter() - t0) * 1e3  # an upper bound: includes launch overhead
+        self.reset()
+        self.submit_round_robin([_clamp(math.ceil(target_ms / rough_ms) + 2, 3, MAX_UNITS_PER_LANE)
+                                 for _ in self.lanes])
+        torch.cuda.synchronize()
+        out = {}
+        for lane in self.lanes:
+            rate = lane.gbps()
+            unit_bytes = lane.records[-1][0]
+            lane.unit_ms = unit_bytes / (rate * 1e9) * 1e3 if rate else rough_ms
+            out[lane.name] = {"gbps": rate, "unit_mib": unit_bytes / MiB, "unit_ms": lane.unit_ms}
+        self._poll()
+        return out
+
+    def prefill(self, cover_ms: float) -> None:
+        counts = [math.ceil(cover_ms / lane.unit_ms) + 1 for lane in self.lanes]
+        self.submit_round_robin([_clamp(n, 2, MAX_UNITS_PER_LANE) for n in counts])
+
+    def top_up(self, depth_ms: float = 4.0) -> bool:
+        """Keep ~``depth_ms`` of work queued per lane; True if some lane had run dry."""
+        self._poll()
+        ran_dry = False
+        for lane in self.lanes:
+            pending = lane.pending()
+            ran_dry |= pending == 0
+            for _ in range(max(2, math.ceil(depth_ms / lane.unit_ms)) - pending):
+                lane.submit_unit()
+        return ran_dry
+
+    def coverage(self, start: Event, end: Event) -> bool:
+        """Every lane began before the window and its last unit ended after it (GPU clock)."""
+        return all(lane.begin.elapsed_time(start) >= 0
+                   and end.elapsed_time(lane.records[-1][1]) >= 0 for lane in self.lanes)
+
+    def _poll(self) -> None:
+        if self.on_poll is not None:
+            self.on_poll()
+
+
+def _clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, x))
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def baseline(decode: Decode, steps: int, trials: int) -> dict:
+    times = [alone_step_ms(decode, steps) for _ in range(trials)]
+    return {"alone_ms": statistics.median(times), "alone_ms_all": times}
+
+
+def loaded_window(decode: Decode, runner: LoadRunner, steps: int, cover_ms: float) -> dict:
+    """One window of ``steps`` decode steps with the load running on other streams throughout."""
+    runner.reset()
+    runner.prefill(cover_ms)
+    start, end = decode.window(steps)
+    ran_dry = False
+    while not end.query():
+        ran_dry |= runner.top_up()
+        time.sleep(2e-4)
+    torch.cuda.synchronize()
+    lanes = {lane.name: lane.gbps(start, end) for lane in runner.lanes}
+    total = None if None in lanes.values() else sum(lanes.values())
+    return {"step_ms": start.elapsed_time(end) / steps, "lane_gbps": lanes, "gbps": total,
+            "covered": runner.coverage(start, end) and not ran_dry, "ran_dry": ran_dry}
+
+
+def loaded_scenario(decode: Decode, runner: LoadRunner, steps: int, trials: int) -> dict:
+    """Alone and loaded windows interleaved ``trials`` times; medians and the slowdown."""
+    calib = runner.calibrate()
+    alone, loaded = [], []
+    for _ in range(trials):
+        alone.append(alone_step_ms(decode, steps))
+        loaded.append(loaded_window(decode, runner, steps, cover_ms=1.3 * steps * alone[-1]))
+    a = statistics.median(alone)
+    r = statistics.median(w["step_ms"] for w in loaded)
+    rates = [w["gbps"] for w in loaded if w["gbps"] is not None]
+    return {
+        "alone_ms": a, "loaded_ms": r, "slowdown": r / a - 1,
+        "gbps": statistics.median(rates) if rates else None,
+        "lane_gbps": {name: _median_or_none([w["lane_gbps"][name] for w in loaded])
+                      for name in loaded[0]["lane_gbps"]},
+        "load_alone": calib,
+        "load_alone_gbps": _sum_or_none([c["gbps"] for c in calib.values()]),
+        "windows_covered": sum(w["covered"] for w in loaded), "trials": trials,
+        "alone_ms_all": alone, "loaded_ms_all": [w["step_ms"] for w in loaded],
+    }
+
+
+def capped_scenario(decode: Decode, res: "Resources", fraction: float, steps: int,
+                    trials: int) -> dict:
+    """The staging mover gated to one batch per decode step (both ways), sized so that at its
+    alone rate it is busy ~``fraction`` of a step; each batch waits for its step to start."""
+    calib = LoadRunner(res.mover_lanes(), on_poll=res.mover.poll).calibrate()
+    per_dir = min(c["gbps"] for c in calib.values())
+    step_ms = alone_step_ms(decode, steps)
+    tokens = max(PAGE, int(fraction * step_ms * 1e-3 * per_dir * 1e9 / LAYOUT.bytes_per_token)
+                 // PAGE * PAGE)
+    alone, windows = [], []
+    for _ in range(trials):
+        alone.append(alone_step_ms(decode, steps))
+        windows.append(capped_window(decode, res, tokens, steps))
+    a = statistics.median(alone)
+    r = statistics.median(w["step_ms"] for w in windows)
+    return {
+        "alone_ms": a, "loaded_ms": r, "slowdown": r / a - 1,
+        "gbps": statistics.median(w["gbps"] for w in windows),
+        "tokens_per_step_each_way": tokens,
+        "mib_per_step_each_way": tokens * LAYOUT.bytes_per_token / MiB,
+        "target_busy_fraction": fraction,
+        "est_busy_fraction": tokens * LAYOUT.bytes_per_token / (per_dir * 1e9) / (a * 1e-3),
+        "transfers_lag_ms": statistics.median(w["lag_ms"] for w in windows),
+        "load_alone": calib, "trials": trials,
+        "alone_ms_all": alone, "loaded_ms_all": [w["step_ms"] for w in windows],
+    }
+
+
+def capped_window(decode: Decode, res: "Resources", tokens: int, steps: int) -> dict:
+    torch.cuda.synchronize()
+    res.mover.poll()
+    bench, mover = res.bench, res.mover
+    offsets = itertools.cycle(range(0, bench.out_slots.numel() - tokens + 1, tokens))
+    decode.enqueue(1)  # untimed lead: the GPU stays busy while the host submits the first batch
+    start = decode.mark()
+    for _ in range(steps):
+        ready = Event()
+        ready.record(decode.stream)  # this step's transfer runs alongside this step
+        a = next(offsets)
+        batch = slice(a, a + tokens)
+        with torch.cuda.stream(res.submit_stream):
+            mover.submit_d2h("cap", bench.out_slots[batch], bench.out_host[batch], ready)
+            mover.submit_h2d("cap", bench.in_host[batch], bench.in_slots[batch], ready)
+        decode.enqueue(1)
+    end = decode.mark()
+    ends = [_mark(s) for s in res.mover_end_streams()]
+    torch.cuda.synchronize()
+    window_ms = start.elapsed_time(end)
+    span_ms = max(start.elapsed_time(e) for e in ends)
+    return {"step_ms": window_ms / steps, "lag_ms": span_ms - window_ms,
+            "gbps": 2 * steps * tokens * LAYOUT.bytes_per_token / (span_ms * 1e-3) / 1e9}
+
+
+def _mark(stream: torch.cuda.Stream) -> Event:
+    event = Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _median_or_none(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _sum_or_none(xs: list[float | None]) -> float | None:
+    return None if None in xs else sum(xs)
+
+
+# --------------------------------------------------------------------------- cudaMemcpyBatchAsync
+
+
+class MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class MemcpyAttributes(ctypes.Structure):
+    """``struct cudaMemcpyAttributes`` (driver_types.h, CUDA 12.8+): 24 bytes."""
+
+    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", MemLocation),
+                ("dstLocHint", MemLocation), ("flags", ctypes.c_uint)]
+
+
+SRC_ACCESS_ORDER_STREAM = 1  # cudaMemcpySrcAccessOrderStream
+LOC_DEVICE, LOC_HOST = 1, 2  # cudaMemLocationTypeDevice / cudaMemLocationTypeHost (0 = invalid)
+FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1  # cudaMemcpyFlagPreferOverlapWithCompute (CUDA 13.0 header)
+
+
+class CudaRuntime:
+    """ctypes access to the CUDA runtime that torch itself loaded (same process state).
+
+    ``cudaMemcpyBatchAsync`` exists from CUDA 12.8; 12.8/12.9 take a ``size_t* failIdx``
+    before the stream, 13.0 dropped it."""
+
+    def __init__(self) -> None:
+        self.path = find_cudart()
+        self.lib = ctypes.CDLL(self.path)
+        self.lib.cudaGetErrorString.restype = ctypes.c_char_p
+        self.lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+        self.version = self._int_query("cudaRuntimeGetVersion")
+        self.driver_version = self._int_query("cudaDriverGetVersion")
+        if self.version < 12080:
+            raise RuntimeError(f"cudaMemcpyBatchAsync needs CUDA runtime >= 12.8, "
+                               f"have {self.version}")
+        self._batch = self.lib.cudaMemcpyBatchAsync  # AttributeError if the symbol is missing
+        self.has_fail_idx = self.version < 13000
+        self._batch.restype = ctypes.c_int
+        self._batch.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_size_t]
+                                + [ctypes.c_void_p] * (2 if self.has_fail_idx else 1))
+        self._attrs_idx = (ctypes.c_size_t * 1)(0)
+        self._fail_idx = ctypes.c_size_t(0)
+
+    def memcpy_batch(self, dsts: torch.Tensor, srcs: torch.Tensor, sizes: torch.Tensor,
+                     attrs: MemcpyAttributes, stream: torch.cuda.Stream) -> None:
+        """One call for all copies; the address arrays are int64 CPU tensors (read by the call)."""
+        args = [dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), dsts.numel(),
+                ctypes.addressof(attrs), ctypes.addressof(self._attrs_idx), 1]
+        if self.has_fail_idx:
+            args.append(ctypes.addressof(self._fail_idx))
+        err = self._batch(*args, stream.cuda_stream)
+        if err != 0:
+            where = f", failIdx {self._fail_idx.value}" if self.has_fail_idx else ""
+            raise RuntimeError(f"cudaMemcpyBatchAsync: error {err} "
+                               f"({self.lib.cudaGetErrorString(err).decode()}){where}")
+
+    def _int_query(self, name: str) -> int:
+        value = ctypes.c_int(0)
+        err = getattr(self.lib, name)(ctypes.byref(value))
+        if err != 0:
+            raise RuntimeError(f"{name}: error {err}")
+        return value.value
+
+
+def find_cudart() -> str:
+    """The libcudart already mapped into this process by torch, else the usual install places."""
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "libcudart.so" in line:
+                return line.split()[-1]
+    roots = [Path(torch.__file__).parent / "lib", *(Path(p) / "nvidia" for p in sys.path if p)]
+    patterns = [str(r / "**" / "libcudart.so*") for r in roots]
+    patterns.append("/usr/local/cuda/lib64/libcudart.so*")
+    for pattern in patterns:
+        hits = sorted(glob.glob(pattern, recursive=True), reverse=True)
+        if hits:
+            return hits[0]
+    found = ctypes.util.find_library("cudart")
+    if found:
+        return found
+    raise RuntimeError("libcudart not found (not in /proc/self/maps nor the usual places)")
+
+
+class PageBatchCopier:
+    """Per-page copies between the layer-first device KV and a page-major pinned host buffer
+    ``[pages, layers, 2, PAGE, heads*head_dim]``: each (page, layer, K/V) is one contiguous
+    32 KiB piece on both sides. One unit = ``pages_per_unit`` random pages = one batch call."""
+
+    def __init__(self, rt: CudaRuntime, bench: Bench, pages_per_unit: int, flags: int = 0) -> None:
+        self.rt, self.bench, self.flags = rt, bench, flags
+        lay = bench.layout
+        self.row = lay.num_heads * lay.head_dim
+        self.page_bytes = PAGE * self.row * lay.itemsize
+        self.ptrs = torch.tensor([b.data_ptr() for kv in zip(bench.k, bench.v) for b in kv],
+                                 dtype=torch.int64)  # k0, v0, k1, v1, ...: the host order too
+        shape = (pages_per_unit, lay.num_layers, 2, PAGE, self.row)
+        self.host_out = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
+        self.host_in = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
+        fill = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(0.5, 1.5)
+        self.host_in.copy_(fill)  # never zeros: a missed copy must show
+        self.out_pages = self._units(bench.out_slots, pages_per_unit)
+        self.in_pages = self._units(bench.in_slots, pages_per_unit)
+        count = pages_per_unit * 2 * lay.num_layers
+        self.sizes = torch.full((count,), self.page_bytes, dtype=torch.int64)
+        self.d2h = [(self._host_addrs(self.host_out), self._dev_addrs(p)) for p in self.out_pages]
+        self.h2d = [(self._dev_addrs(p), self._host_addrs(self.host_in)) for p in self.in_pages]
+        self.hints = "proper"
+        self.unit_bytes = count * self.page_bytes
+
+    def attrs(self, to_host: bool) -> MemcpyAttributes:
+        a = MemcpyAttributes()
+        a.srcAccessOrder, a.flags = SRC_ACCESS_ORDER_STREAM, self.flags
+        if self.hints == "proper":  # only read for managed memory; set anyway, zeroed on fallback
+            dev = MemLocation(LOC_DEVICE, torch.cuda.current_device())
+            host = MemLocation(LOC_HOST, 0)
+            a.srcLocHint, a.dstLocHint = (dev, host) if to_host else (host, dev)
+        return a
+
+    def copy(self, to_host: bool, unit: int, stream: torch.cuda.Stream) -> int:
+        dsts, srcs = (self.d2h if to_host else self.h2d)[unit]
+        self.rt.memcpy_batch(dsts, srcs, self.sizes, self.attrs(to_host), stream)
+        return self.unit_bytes
+
+    def verify(self, stream: torch.cuda.Stream) -> dict:
+        """Unit 0 each way, compared bit for bit with torch's view of the same pages; falls back
+        to zeroed location hints if the runtime rejects the proper ones."""
+        out = {}
+        try:
+            out["d2h_equal"] = self._verify_d2h(stream)
+        except RuntimeError as exc:
+            out["proper_hints_error"] = str(exc)
+            self.hints = "zeroed"
+            out["d2h_equal"] = self._verify_d2h(stream)
+        out["h2d_equal"] = self._verify_h2d(stream)
+        out["hints"] = self.hints
+        return out
+
+    def _verify_d2h(self, stream: torch.cuda.Stream) -> bool:
+        self.host_out.zero_()
+        torch.cuda.synchronize()
+        self.copy(True, 0, stream)
+        stream.synchronize()
+        return torch.equal(self.host_out.to("cuda"), self._device_pages(self.out_pages[0]))
+
+    def _verify_h2d(self, stream: torch.cuda.Stream) -> bool:
+        torch.cuda.synchronize()
+        self.copy(False, 0, stream)
+        stream.synchronize()
+        return torch.equal(self._device_pages(self.in_pages[0]), self.host_in.to("cuda"))
+
+    def _device_pages(self, pages: torch.Tensor) -> torch.Tensor:
+        idx = pages.to("cuda")
+        per_layer = [torch.stack([buf.view(-1, PAGE, self.row)[idx] for buf in kv])
+                     for kv in zip(self.bench.k, self.bench.v)]
+        return torch.stack(per_layer).permute(2, 0, 1, 3, 4)  # [pages, layers, 2, PAGE, row]
+
+    def _units(self, slots: torch.Tensor, per_unit: int) -> list[torch.Tensor]:
+        pages = (slots[::PAGE] // PAGE).cpu()
+        return [pages[i : i + per_unit] for i in range(0, pages.numel() - per_unit + 1, per_unit)]
+
+    def _dev_addrs(self, pages: torch.Tensor) -> torch.Tensor:
+        return (self.ptrs[None, :] + pages[:, None] * self.page_bytes).reshape(-1).contiguous()
+
+    def _host_addrs(self, host: torch.Tensor) -> torch.Tensor:
+        n = host.numel() * host.element_size() // self.page_bytes
+        return host.data_ptr() + torch.arange(n, dtype=torch.int64) * self.page_bytes
+
+
+# --------------------------------------------------------------------------- loads
+
+
+class Resources:
+    """The bench (device KV pool, host pool, random page sets) and lazily built loads: a
+    scenario that fails to build its load fails alone."""
+
+    def __init__(self, bench: Bench, unit_tokens: int, rt: CudaRuntime | None) -> None:
+        self.bench, self.unit_tokens, self._rt = bench, unit_tokens, rt
+        self.submit_stream = torch.cuda.Stream()  # idle: the mover's caller-stream wait is a no-op
+        self._mover = self._dma = self._staging = None
+        self.copiers: dict[int, PageBatchCopier] = {}
+
+    @property
+    def mover(self):
+        if self._mover is None:
+            from superinfer.host_tier.duplex import DuplexKVMover
+
+            self._mover = DuplexKVMover(self.bench.k, self.bench.v, self.bench.host, path="staging")
+        return self._mover
+
+    def mover_end_streams(self) -> list[torch.cuda.Stream]:
+        # NOTE: private attributes: a staging d2h job ends with its DMA, h2d with its scatter.
+        return [self.mover._d2h_dma_stream, self.mover._h2d_scatter_stream]
+
+    def mover_lanes(self) -> list[Lane]:
+        b, n, mover = self.bench, self.unit_tokens, self.mover
+        starts = range(0, b.out_slots.numel() - n + 1, n)
+        d2h_at, h2d_at = itertools.cycle(starts), itertools.cycle(starts)
+
+        def d2h() -> int:
+            a = next(d2h_at)
+            with torch.cuda.stream(self.submit_stream):
+                return mover.submit_d2h("d2h", b.out_slots[a : a + n], b.out_host[a : a + n], None)
+
+        def h2d() -> int:
+            a = next(h2d_at)
+            with torch.cuda.stream(self.submit_stream):
+                return mover.submit_h2d("h2d", b.in_host[a : a + n], b.in_slots[a : a + n])
+
+        d2h_end, h2d_end = self.mover_end_streams()
+        return [Lane("d2h", d2h, d2h_end), Lane("h2d", h2d, h2d_end)]
+
+    def dma_lanes(self, d2h: bool, h2d: bool, chunk_bytes: int = 256 * MiB) -> list[Lane]:
+        """Contiguous pinned<->device copies, one stream per direction."""
+        if self._dma is None:
+            n = chunk_bytes // 2
+            dev_src = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_(0.5, 1.5)
+            host_src = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+            host_src.copy_(dev_src)
+            host_dst = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+            self._dma = {"dev_src": dev_src, "host_dst": host_dst,
+                         "host_src": host_src, "dev_dst": torch.empty_like(dev_src),
+                         "streams": (torch.cuda.Stream(), torch.cuda.Stream())}
+        buf = self._dma
+        lanes = []
+        if d2h:
+            lanes.append(Lane("d2h", _copier(buf["host_dst"], buf["dev_src"], buf["streams"][0]),
+                              buf["streams"][0]))
+        if h2d:
+            lanes.append(Lane("h2d", _copier(buf["dev_dst"], buf["host_src"], buf["streams"][1]),
+                              buf["streams"][1]))
+        return lanes
+
+    def gather_lane(self, num_programs: int, priority: int = 0) -> list[Lane]:
+        """The staging path's Triton gather alone: random device pages into a device buffer."""
+        from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table
+
+        b, n = self.bench, self.unit_tokens
+        if self._staging is None:
+            staged = torch.empty((n, *b.host.buffer.shape[1:]), dtype=torch.bfloat16, device="cuda")
+            self._staging = (make_kv_table(b.k, b.v), staged)
+        table, staged = self._staging
+        stream = torch.cuda.Stream(priority=priority)
+        starts = itertools.cycle(range(0, b.out_slots.numel() - n + 1, n))
+
+        def gather() -> int:
+            a = next(starts)
+            with torch.cuda.stream(stream):
+                gather_kv(table, b.out_slots[a : a + n], staged, num_programs=num_programs)
+            return n * LAYOUT.bytes_per_token
+
+        return [Lane(f"gather_g{num_programs}", gather, stream)]
+
+    def runtime(self) -> CudaRuntime:
+        if self._rt is None:
+            self._rt = CudaRuntime()
+        return self._rt
+
+    def copier(self, flags: int) -> PageBatchCopier:
+        if flags not in self.copiers:
+            pages = self.unit_tokens // 2 // PAGE  # 256 MiB per batch call
+            copier = PageBatchCopier(self.runtime(), self.bench, pages, flags)
+            if 0 in self.copiers:  # the location hints the verified copier settled on
+                copier.hints = self.copiers[0].hints
+            self.copiers[flags] = copier
+        return self.copiers[flags]
+
+    def batch_lanes(self, d2h: bool, h2d: bool, flags: int = 0) -> list[Lane]:
+        copier = self.copier(flags)
+        lanes = []
+        for on, to_host, name, units in ((d2h, True, "d2h", copier.d2h),
+                                         (h2d, False, "h2d", copier.h2d)):
+            if on:
+                stream = torch.cuda.Stream()
+                idx = itertools.cycle(range(len(units)))
+                submit = lambda s=stream, t=to_host, i=idx: copier.copy(t, next(i), s)  # noqa: E731
+                lanes.append(Lane(name, submit, stream))
+        return lanes
+
+
+def _copier(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> Callable[[], int]:
+    def submit() -> int:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        return dst.numel() * dst.element_size()
+
+    return submit
+
+
+# --------------------------------------------------------------------------- main
+
+
+def scenario_plan(res: Resources, graph: Decode, eager: Decode,
+                  args: argparse.Namespace) -> list[tuple[str, Callable[[], dict]]]:
+    """Most telling first: the JSON is rewritten after each, so a late crash loses little.
+    The memcpy_batch ones come last (a wrong ctypes ABI could take the process down)."""
+    s, t = args.steps, args.trials
+
+    def loaded(decode: Decode, lanes: Callable[[], list[Lane]], poll=None) -> Callable[[], dict]:
+        return lambda: loaded_scenario(
+            decode, LoadRunner(lanes(), on_poll=poll() if poll else None), s, t)
+
+    mover_poll = lambda: res.mover.poll  # noqa: E731
+    plan = [
+        ("graph/baseline", lambda: baseline(graph, s, t)),
+        ("eager/baseline", lambda: baseline(eager, s, t)),
+        ("graph/staging_mover", loaded(graph, res.mover_lanes, mover_poll)),
+        ("eager/staging_mover", loaded(eager, res.mover_lanes, mover_poll)),
+        ("graph/dma_only", loaded(graph, lambda: res.dma_lanes(True, True))),
+        *((f"graph/gather_only_g{n}", loaded(graph, lambda n=n: res.gather_lane(n)))
+          for n in args.gather_grids),
+        ("graph/gather_only_g32_hiprio", loaded(graph, lambda: res.gather_lane(32, priority=-1))),
+        ("graph/dma_d2h_only", loaded(graph, lambda: res.dma_lanes(True, False))),
+        ("graph/dma_h2d_only", loaded(graph, lambda: res.dma_lanes(False, True))),
+        *((f"graph/staging_mover_capped_{round(f * 100)}pct",
+           lambda f=f: capped_scenario(graph, res, f, s, t)) for f in args.cap_fractions),
+        ("graph/memcpy_batch_verify", lambda: res.copier(0).verify(torch.cuda.Stream())),
+        ("graph/memcpy_batch", loaded(graph, lambda: res.batch_lanes(True, True))),
+        ("graph/memcpy_batch_d2h_only", loaded(graph, lambda: res.batch_lanes(True, False))),
+        ("graph/memcpy_batch_h2d_only", loaded(graph, lambda: res.batch_lanes(False, True))),
+        ("graph/memcpy_batch_prefer_overlap_flag", loaded(
+            graph, lambda: res.batch_lanes(True, True, flags=FLAG_PREFER_OVERLAP_WITH_COMPUTE))),
+    ]
+    return [(name, fn) for name, fn in plan if not args.only or any(o in name for o in args.only)]
+
+
+def run_scenario(name: str, fn: Callable[[], dict], verified: dict) -> dict:
+    """Never raises: a failure becomes {"error", "traceback"}. memcpy_batch timing runs only
+    after its bit-for-bit check passed."""
+    if "memcpy_batch" in name and not name.endswith("_verify"):
+        check = verified.get("graph/memcpy_batch_verify", {})
+        if not (check.get("d2h_equal") and check.get("h2d_equal")):
+            return {"error": f"skipped: memcpy_batch verification did not pass ({check})"}
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one broken scenario must not cost the others
+        torch.cuda.synchronize()
+        return {"error": repr(exc), "traceback": traceback.format_exc()}
+
+
+def describe(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"{name}: ERROR {r['error'][:300]}"
+    if "loaded_ms" in r:
+        gbps = f"{r['gbps']:6.1f}" if r.get("gbps") is not None else "   n/a"
+        alone = r.get("load_alone_gbps")
+        extra = f" (alone {alone:.1f})" if alone is not None else ""
+        cov = f", covered {r['windows_covered']}/{r['trials']}" if "windows_covered" in r else ""
+        return (f"{name}: alone {r['alone_ms']:.3f} ms, loaded {r['loaded_ms']:.3f} ms, "
+                f"slowdown {r['slowdown']:+.1%}, load {gbps} GB/s{extra}{cov}")
+    if "alone_ms" in r:
+        return f"{name}: alone {r['alone_ms']:.3f} ms"
+    return f"{name}: {r}"
+
+
+def write(out: Path, summary: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("eval/results/diag_interference_h200.json"))
+    ap.add_argument("--pool-tokens", type=int, default=100_000,
+                    help="device KV pool (128 KiB/token)")
+    ap.add_argument("--max-tokens", type=int, default=16_384,
+                    help="tokens in each random page set (out and in); host pool holds twice this")
+    ap.add_argument("--unit-tokens", type=int, default=4096, help="tokens per mover/gather submit")
+    ap.add_argument("--steps", type=int, default=20, help="decode steps per timed window")
+    ap.add_argument("--trials", type=int, default=5, help="alone+loaded window pairs per scenario")
+    ap.add_argument("--gather-grids", type=int, nargs="+", default=[8, 32, 132])
+    ap.add_argument("--cap-fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    ap.add_argument("--only", nargs="+", help="run only scenarios whose name contains one of these")
+    ap.add_argument("--budget-s", type=float, default=65.0,
+                    help="skip scenarios not started within this many seconds of main() "
+                         "(python + torch import and CUDA init come on top, ~5-10 s)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("diag_interference.py needs a CUDA GPU (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        sys.exit(2)
+    if args.pool_tokens % PAGE or args.max_tokens % args.unit_tokens or args.unit_tokens % 32:
+        ap.error("pool-tokens must be a multiple of 16, max-tokens of unit-tokens, "
+                 "unit-tokens of 32")
+
+    t_start = time.perf_counter()
+    gpu = torch.cuda.get_device_name()
+    summary = {"gpu": gpu, "torch": torch.__version__, "cuda_runtime": None, "cuda_driver": None,
+               "cudart_path": None, "torch_cuda": torch.version.cuda,
+               "num_sms": torch.cuda.get_device_properties(0).multi_processor_count,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "scenarios": {}}
+    log(f"{gpu}, {summary['num_sms']} SMs, torch {torch.__version__}")
+    rt = None
+    try:
+        rt = CudaRuntime()
+        abi = "9 args (failIdx)" if rt.has_fail_idx else "8 args (CUDA 13)"
+        summary.update(cuda_runtime=rt.version, cuda_driver=rt.driver_version, cudart_path=rt.path,
+                       memcpy_batch_abi=abi)
+    except Exception as exc:  # noqa: BLE001 - only the memcpy_batch scenarios need it
+        summary["cuda_runtime_error"] = repr(exc)
+    log(f"cuda runtime {summary['cuda_runtime']} ({summary['cudart_path']}), "
+        f"driver {summary['cuda_driver']}")
+
+    bench = Bench(LAYOUT, args.pool_tokens, args.max_tokens, "cuda")
+    res = Resources(bench, args.unit_tokens, rt)
+    model = DecodeStandIn(bench.device)
+    graph = Decode(model, "graph", torch.cuda.Stream())
+    eager = Decode(model, "eager", graph.stream)
+    log(f"setup done in {time.perf_counter() - t_start:.1f} s")
+
+    for name, fn in scenario_plan(res, graph, eager, args):
+        if time.perf_counter() - t_start > args.budget_s:
+            summary["scenarios"][name] = {"error": f"skipped: past the {args.budget_s:.0f} s"}
+            log(f"{name}: skipped (budget)")
+            continue
+        t0 = time.perf_counter()
+        result = run_scenario(name, fn, summary["scenarios"])
+        result["wall_s"] = round(time.perf_counter() - t0, 2)
+        summary["scenarios"][name] = result
+        log(describe(name, result))
+        write(args.out, summary)
+
+    done = summary["scenarios"]
+    summary["slowdowns"] = {n: r["slowdown"] for n, r in done.items() if "slowdown" in r}
+    g, e = (done.get(k, {}).get("alone_ms") for k in ("graph/baseline", "eager/baseline"))
+    summary["eager_over_graph_alone"] = e / g if g and e else None
+    summary["wall_s"] = round(time.perf_counter() - t_start, 1)
+    write(args.out, summary)
+    log(f"wrote {args.out} in {summary['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
