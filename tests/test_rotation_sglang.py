@@ -307,3 +307,26 @@ def test_sglang_retraction_puts_the_request_back_to_waiting():
         rot.table.remove(req.rid)  # (they would be re-prefilled; not part of this test)
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
+
+
+def test_batch_hook_reads_sglang_next_batch_plan():
+    """SGLang 0.5.17's get_next_batch_to_run returns a NextBatchPlan, not the batch."""
+    from sglang.srt.managers.schedule_batch import NextBatchPlan
+
+    from superinfer.adapters.sglang import hooks
+
+    parts, rot, batch = setup(1, True)
+    parts._superinfer_rotator = rot
+    new = parts.make_req("new", 50)
+    parts.waiting_queue = [new]
+    rot.on_enqueue(new)
+
+    def original(scheduler, running_batch, last_batch):
+        prefill = parts.prefill(list(scheduler.waiting_queue), running=running_batch)
+        scheduler.waiting_queue = []
+        return NextBatchPlan(batch_to_run=prefill, running_batch=running_batch)
+
+    plan = hooks._get_next_batch_to_run(original, parts, batch, None)
+    assert isinstance(plan, NextBatchPlan) and plan.batch_to_run.reqs == [new]
+    assert rot.table.phase_of("new") is Phase.PREFILLING
+    assert rot.table.tokens_in_flight[rot.table._slot_of["new"]] == 1

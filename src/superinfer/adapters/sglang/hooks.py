@@ -51,9 +51,9 @@ def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *a
     running_batch = rot.step(running_batch)
     self.running_batch = running_batch
     with rot.paced_prefill(running_batch):
-        batch = original(self, running_batch, *args, **kwargs)
-    rot.on_launch(batch)
-    return batch
+        plan = original(self, running_batch, *args, **kwargs)
+    rot.on_launch(plan.batch_to_run)  # SGLang 0.5.17 returns a NextBatchPlan
+    return plan
 
 
 def _add_request_to_queue(original: Callable, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
