@@ -78,6 +78,20 @@ def test_victims_most_slack_first_and_only_if_slack_covers_round_trip():
     assert strict.plan(1.0, cap(1000), COSTS, 16384).rotate_out == []
 
 
+def test_room_already_leaving_is_not_freed_twice():
+    """A victim's KV is released only when its copy is done, a step or more later; until then
+    the same deficit must not pick new victims every step."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "ahead", tokens=1000, first_s=0.0, out=30)
+    running(p, "way_ahead", tokens=1000, first_s=0.0, out=40)
+    p.table.add("new", 0.9, 1500, 1.0, 0.1, 10)
+    first = p.plan(1.0, cap(600), COSTS, 16384)
+    assert first.rotate_out == ["way_ahead"]
+    p.table.set_phase("way_ahead", Phase.ROTATING_OUT, 1.0)  # copy submitted, KV still held
+    again = p.plan(1.01, cap(600), COSTS, 16384)
+    assert again.rotate_out == [] and again.admit == ["new"]
+
+
 def test_rotation_respects_host_capacity_and_transfer_budget():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     for i in range(10):
@@ -268,10 +282,10 @@ def test_prefill_budget_counts_from_the_batches_in_flight():
     # No batch in flight: (1.05 - 1.0 - 0.02) / 2e-5.
     assert p.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget == pytest.approx(1500, abs=1)
     # Its token #1 is in a decode batch that ends at 1.02: the next batch risks token #2 (1.15).
-    p.table.decode_launched(["s"])
+    p.table.set_in_flight({"s": 1})
     plan = p.plan(1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.02)
     assert plan.prefill_token_budget == pytest.approx((1.15 - 1.02 - 0.02) / 2e-5, abs=1)
-    p.table.advance(["s"])  # the result came back
+    p.table.set_in_flight({})  # the result came back: counts are set afresh, never drift
     assert p.table.tokens_in_flight[p.table._slot_of["s"]] == 0
 
 
@@ -281,6 +295,7 @@ def test_prefill_in_flight_paces_its_stream_from_the_expected_first_token():
     t.add("a", 0.9, 3000, 1.0, 0.1, 100)
     t.add("b", 0.95, 8000, 1.0, 0.1, 100)
     t.prefill_launched("a", 1.0, first_token_s=1.06)  # last chunk; result not back yet
+    t.set_in_flight({"a": 1})
     assert t.phase_of("a") is Phase.PREFILLING
     plan = p.plan(1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.06)
     # a's second token is due 1.16: after the batch in flight, (1.16 - 1.06 - 0.02) / 2e-5.
@@ -288,7 +303,7 @@ def test_prefill_in_flight_paces_its_stream_from_the_expected_first_token():
     assert plan.admit == ["b"]  # a is not admitted twice; b is the head (a chunk of it fits)
     t.prefill_done("a", 3000, 1.07)  # the real first token replaces the estimate
     assert t.first_token_s[t._slot_of["a"]] == pytest.approx(1.07)
-    assert t.num_output_tokens[t._slot_of["a"]] == 1 and t.tokens_in_flight[t._slot_of["a"]] == 0
+    assert t.num_output_tokens[t._slot_of["a"]] == 1
     # A non-final chunk gives no first token and no pace.
     t.prefill_launched("b", 1.07, first_token_s=None)
     assert np.isnan(t.first_token_s[t._slot_of["b"]])

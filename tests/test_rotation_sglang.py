@@ -3,6 +3,8 @@ FutureMap and ScheduleBatch (see sglang_parts.py). Only the model forward is sto
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import pytest
 import torch
@@ -259,9 +261,11 @@ def test_paced_prefill_limits_then_restores_the_scheduler():
 
 
 def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
-    """The overlap scheduler's order: batch N+1 is chosen before N's result is processed."""
+    """The overlap scheduler's order: batch N+1 is planned before N's result is processed;
+    tokens in flight are counted from SGLang's own queue of unprocessed results."""
     parts, rot, batch = setup(1, True)
     t = rot.table
+    parts.result_queue = deque()
     new = parts.make_req("new", 50)
     parts.waiting_queue = [new]
     rot.on_enqueue(new)
@@ -269,24 +273,27 @@ def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
     prefill = parts.prefill([new], running=batch)
     parts.waiting_queue.clear()
     rot.on_launch(prefill)
+    parts.result_queue.append((prefill.copy(), None))
     slot = t._slot_of["new"]
-    assert t.phase_of("new") is Phase.PREFILLING and t.tokens_in_flight[slot] == 1
+    assert t.phase_of("new") is Phase.PREFILLING
     expected_first = t.first_token_s[slot]
     assert expected_first == pytest.approx(rot.now_s + 50 * rot.costs.costs().prefill_s_per_token)
-    # Next iteration: the prefill is merged and decodes with the others, its result not back.
+    # Next iteration: planned with the prefill in flight, then merged and decoded with the rest.
+    batch = rot.step(batch)
+    assert t.tokens_in_flight[slot] == 1 and t.tokens_in_flight[t._slot_of["r0"]] == 0
     batch.merge_batch(prefill)
-    rot.step(batch)
     parts.decode_step(batch)
     rot.on_launch(batch)
-    assert t.tokens_in_flight[slot] == 2 and t.tokens_in_flight[t._slot_of["r0"]] == 1
-    assert list(t.next_token_index(np.array([slot]))) == [2]
-    rot.on_batch_result(prefill)  # first token arrived: real time, one fewer in flight
-    assert t.phase_of("new") is Phase.RUNNING and t.tokens_in_flight[slot] == 1
+    parts.result_queue.append((batch.copy(), None))
+    rot.on_batch_result(parts.result_queue.popleft()[0])  # the prefill's result
+    assert t.phase_of("new") is Phase.RUNNING
     assert t.first_token_s[slot] >= expected_first - 1.0
-    rot.on_batch_result(batch)
-    # (this harness appends output ids at launch, SGLang at result time: counts are SGLang's)
-    assert t.num_output_tokens[slot] >= 2 and t.tokens_in_flight[slot] == 0
-    assert t.tokens_in_flight[t._slot_of["r0"]] == 0
+    batch = rot.step(batch)  # the decode step is in flight for everyone
+    assert list(t.tokens_in_flight[[t._slot_of[r] for r in ("new", "r0")]]) == [1, 1]
+    assert list(t.next_token_index(np.array([slot]))) == [t.num_output_tokens[slot] + 1]
+    rot.on_batch_result(parts.result_queue.popleft()[0])
+    rot.step(batch)
+    assert not t.tokens_in_flight.any()
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
 
@@ -329,4 +336,3 @@ def test_batch_hook_reads_sglang_next_batch_plan():
     plan = hooks._get_next_batch_to_run(original, parts, batch, None)
     assert isinstance(plan, NextBatchPlan) and plan.batch_to_run.reqs == [new]
     assert rot.table.phase_of("new") is Phase.PREFILLING
-    assert rot.table.tokens_in_flight[rot.table._slot_of["new"]] == 1

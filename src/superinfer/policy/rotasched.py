@@ -36,8 +36,13 @@ class SloPolicy(Policy):
         plan = StepPlan()
         cfg = self.config
         t = self.table
-        running = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
-        free = cap.available_device_tokens - int(t.decode_reservation(running, cap.new_token_ratio).sum())
+        resident = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
+        leaving = t.slots_in(Phase.ROTATING_OUT)
+        # KV on its way out is as good as free: counting it again as a deficit next step would
+        # pick new victims for room that is already coming (one step or more: the copy waits
+        # for the forward in flight).
+        free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
+                - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
         if cfg.prefill_pacing:
             plan.prefill_token_budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), costs)
             if plan.prefill_token_budget is not None:

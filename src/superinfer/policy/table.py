@@ -86,15 +86,17 @@ class RequestTable:
         slot = self._slot_of[req_id]
         if self.phase[slot] == Phase.WAITING:
             self.set_phase(req_id, Phase.PREFILLING, now_s)
-        if first_token_s is not None:
-            self.tokens_in_flight[slot] += 1
-            if self.num_output_tokens[slot] == 0:
-                self.first_token_s[slot] = first_token_s
+        if first_token_s is not None and self.num_output_tokens[slot] == 0:
+            self.first_token_s[slot] = first_token_s
 
-    def decode_launched(self, req_ids: list[str]) -> None:
-        """A decode batch holding these requests was launched: one token each is on its way."""
-        slot_of = self._slot_of
-        self.tokens_in_flight[np.array([slot_of[r] for r in req_ids], dtype=np.int64)] += 1
+    def set_in_flight(self, counts: dict[str, int]) -> None:
+        """Tokens launched but not reported yet, per request (the rest: none). Set afresh from
+        the scheduler's unprocessed batches every iteration, so no count can drift."""
+        self.tokens_in_flight[:] = 0
+        if counts:
+            slot_of = self._slot_of
+            slots = np.array([slot_of[r] for r in counts], dtype=np.int64)
+            self.tokens_in_flight[slots] = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
 
     def prefill_done(self, req_id: str, num_tokens: int, now_s: float) -> None:
         """The prefill produced the first output token: the TBT pace starts now (replacing the
@@ -103,7 +105,6 @@ class RequestTable:
         if np.isnan(self.first_token_s[slot]) or self.num_output_tokens[slot] == 0:
             self.first_token_s[slot] = now_s
             self.num_output_tokens[slot] = 1
-        self.tokens_in_flight[slot] = max(int(self.tokens_in_flight[slot]) - 1, 0)
         self.num_tokens[slot] = num_tokens
         if self.phase[slot] != Phase.RUNNING:
             self.set_phase(req_id, Phase.RUNNING, now_s)
@@ -118,17 +119,12 @@ class RequestTable:
         slots = np.array([slot_of[r] for r in req_ids], dtype=np.int64)
         self.num_output_tokens[slots] += 1
         self.num_tokens[slots] += 1
-        self.tokens_in_flight[slots] = np.maximum(self.tokens_in_flight[slots] - 1, 0)
 
     def set_counts(self, req_id: str, num_tokens: int, num_output_tokens: int) -> None:
         """Resynchronize with the scheduler's own counts (e.g. after a retraction)."""
         slot = self._slot_of[req_id]
         self.num_tokens[slot] = num_tokens
         self.num_output_tokens[slot] = num_output_tokens
-
-    def clear_in_flight(self, req_id: str) -> None:
-        """The scheduler took the request out of its batches (retraction): nothing is coming."""
-        self.tokens_in_flight[self._slot_of[req_id]] = 0
 
     def next_token_index(self, slots: np.ndarray) -> np.ndarray:
         """Index of the first output token not yet launched: the one a new batch can delay."""

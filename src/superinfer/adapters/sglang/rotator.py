@@ -86,7 +86,7 @@ class Rotator:
         self.initial_host_tokens = self.host.available_size()
         self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
         self._last_decode_launch: float | None = None
-        self._gpu_free_at_s = 0.0  # when the batches launched so far should be done
+        self._launched_done_at_s = 0.0  # when the last launched batch should be done
         tp = scheduler.server_args.tp_size
         self._tp_group = scheduler.tp_cpu_group if tp > 1 else None
         logger.info("rotasched: policy=%s host tier %.1f GB (%d tokens), mover %s",
@@ -114,8 +114,11 @@ class Rotator:
             bytes_per_token=self.layout.bytes_per_token,
             new_token_ratio=s.new_token_ratio_tracker.current,
         )
-        plan = self.policy.plan(self.now_s, cap, self.costs.costs(), s.max_prefill_tokens,
-                                self._gpu_free_at_s)
+        # Overlap scheduling: the last batch's result is processed after this plan.
+        unprocessed = [b for b, _ in getattr(s, "result_queue", ())]
+        self.tracker.in_flight(unprocessed, s.chunked_req)
+        gpu_free_at = self._launched_done_at_s if unprocessed else None
+        plan = self.policy.plan(self.now_s, cap, self.costs.costs(), s.max_prefill_tokens, gpu_free_at)
         self.prefill_budget = plan.prefill_token_budget
         if plan.rotate_out:
             running = self.rotate_out(running, set(plan.rotate_out))
@@ -277,8 +280,9 @@ class Rotator:
 
     def on_launch(self, batch: ScheduleBatch | None) -> None:
         """SGLang chose ``batch`` to run next. With the overlap scheduler its result comes back
-        only after the following batch is planned, so the table learns now what it will
-        produce and when. Estimated from the agreed clock and costs: identical on TP ranks."""
+        only after the following batch is planned, so the table learns now when it should be
+        done and which first tokens it brings. From the agreed clock and costs: identical on
+        TP ranks."""
         if batch is None or not batch.reqs:
             return
         costs = self.costs.costs()
@@ -286,8 +290,9 @@ class Rotator:
             duration = (batch.extend_num_tokens or 0) * costs.prefill_s_per_token
         else:
             duration = costs.decode_step_s
-        self._gpu_free_at_s = max(self.now_s, self._gpu_free_at_s) + duration
-        self.tracker.on_launch(batch, self.scheduler.chunked_req, self.now_s, self._gpu_free_at_s)
+        # NOTE: from this step's clock, not chained onto the last estimate: errors can't pile up.
+        self._launched_done_at_s = self.now_s + duration
+        self.tracker.on_launch(batch, self.scheduler.chunked_req, self.now_s, self._launched_done_at_s)
 
     def on_batch_result(self, batch: ScheduleBatch) -> None:
         """After SGLang processed a batch's results: costs (this rank's; rank 0's count) and

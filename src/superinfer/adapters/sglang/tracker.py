@@ -28,7 +28,6 @@ class RequestTracker:
             if t.phase_of(rid) is not Phase.WAITING:
                 t.set_phase(rid, Phase.WAITING, now_s)
             t.set_counts(rid, 0, len(req.output_ids))
-            t.clear_in_flight(rid)
             t.set_prompt_tokens(rid, len(req.origin_input_ids) + len(req.output_ids))
             return False
         ttft, tbt = parse_slo_override(req.sampling_params.custom_params)
@@ -38,20 +37,27 @@ class RequestTracker:
 
     def on_launch(self, batch: ScheduleBatch, chunked_req: Req | None, now_s: float,
                   done_at_s: float) -> None:
-        """SGLang launched ``batch`` (it is done at about ``done_at_s``): its decode requests
-        have a token on the way; its prefills are under way, and those on their prompt's last
-        chunk will have their first token then."""
+        """SGLang launched ``batch`` (done at about ``done_at_s``): its prefills are under
+        way, and those on their prompt's last chunk will have their first token then."""
+        if not batch.forward_mode.is_extend():
+            return
         t = self.table
-        if batch.forward_mode.is_decode():
-            # PREFILLING here: the prefill's result is not back yet (overlap), but it is done.
-            launched = [r.rid for r in batch.reqs
-                        if r.rid in t and t.phase_of(r.rid) in (Phase.RUNNING, Phase.PREFILLING)]
-            if launched:
-                t.decode_launched(launched)
-        elif batch.forward_mode.is_extend():
+        for req in batch.reqs:
+            if req.rid in t and t.phase_of(req.rid) in (Phase.WAITING, Phase.PREFILLING):
+                t.prefill_launched(req.rid, now_s, None if req is chunked_req else done_at_s)
+
+    def in_flight(self, batches: Iterable[ScheduleBatch], chunked_req: Req | None) -> None:
+        """Count the tokens on their way: one per request of every launched batch whose result
+        is not processed yet (a prefill's first token unless its prompt was cut)."""
+        t, counts = self.table, {}
+        for batch in batches:
+            decode = batch.forward_mode.is_decode()
+            if not (decode or batch.forward_mode.is_extend()):
+                continue
             for req in batch.reqs:
-                if req.rid in t and t.phase_of(req.rid) in (Phase.WAITING, Phase.PREFILLING):
-                    t.prefill_launched(req.rid, now_s, None if req is chunked_req else done_at_s)
+                if req.rid in t and (decode or req is not chunked_req):
+                    counts[req.rid] = counts.get(req.rid, 0) + 1
+        t.set_in_flight(counts)
 
     def on_decode(self, batch: ScheduleBatch) -> None:
         """Every unfinished request of the batch produced a token (rotating-out ones too: the
