@@ -336,3 +336,36 @@ def test_batch_hook_reads_sglang_next_batch_plan():
     plan = hooks._get_next_batch_to_run(original, parts, batch, None)
     assert isinstance(plan, NextBatchPlan) and plan.batch_to_run.reqs == [new]
     assert rot.table.phase_of("new") is Phase.PREFILLING
+
+
+def test_rotate_in_leaves_room_for_the_chunked_prompt_remainder():
+    """SGLang continues a chunked prefill even when memory is gone (and then fails to
+    allocate): the rest of that prompt is spoken for, rotate-ins must not take it."""
+    parts = SchedulerParts(size=1024, page_size=1, radix=True)
+    rot = Rotator(parts, RotaConfig(host_kv_gb=0.001, reserve_window_s=0.0))
+    rot.step(parts.empty_batch())
+    away = parts.make_req("away", 200)
+    parts.waiting_queue = [away]
+    rot.on_enqueue(away)
+    batch = parts.prefill([away])
+    parts.waiting_queue = []
+    rot.on_batch_result(batch)
+    parts.decode_step(batch)
+    rot.on_batch_result(batch)
+    batch = rot.rotate_out(batch, {"away"})
+    rot._collect(batch)  # copy done: device released, parked on the host
+    assert rot.table.phase_of("away") is Phase.ON_HOST
+    long_ = parts.make_req("long", 900)
+    parts.waiting_queue = [long_]
+    rot.on_enqueue(long_)
+    first_chunk = parts.prefill([long_], chunk=64)
+    parts.waiting_queue = []
+    rot.on_batch_result(first_chunk)
+    assert parts.chunked_req is long_ and rot._chunked_remainder() == 900 - 64
+    need = 201 + 1  # its KV plus a page
+    assert parts.free_tokens() >= need > parts.free_tokens() - 836  # fits on raw free memory...
+    rot.rotate_in("away")
+    assert rot.table.phase_of("away") is Phase.ON_HOST  # ...but not beside the chunk's rest
+    parts.chunked_req = None  # the prompt is done (or aborted): the room is free again
+    rot.rotate_in("away")
+    assert rot.table.phase_of("away") is Phase.ROTATING_IN

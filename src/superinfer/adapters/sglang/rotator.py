@@ -108,7 +108,8 @@ class Rotator:
             return running
         s = self.scheduler
         cap = Capacity(
-            available_device_tokens=self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size(),
+            available_device_tokens=(self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
+                                     - self._chunked_remainder()),
             total_device_tokens=s.max_total_num_tokens,
             free_host_tokens=self.host.available_size(),
             bytes_per_token=self.layout.bytes_per_token,
@@ -225,7 +226,7 @@ class Rotator:
         req = p.req
         kv_len = len(req.origin_input_ids) + len(req.output_ids) - 1
         assert kv_len == p.kv_len, f"{rid}: KV length moved while rotated out ({p.kv_len} -> {kv_len})"
-        if not self.kv.can_restore(kv_len):
+        if not self.kv.can_restore(kv_len + self._chunked_remainder()):
             return
         del self.parked[rid]
         prefix_len, new_slots = self.kv.restore(req, kv_len)
@@ -238,6 +239,16 @@ class Rotator:
                                        self._forward_event())
         self.stats.rotations_in += 1
         self.stats.bytes_h2d += nbytes
+
+    def _chunked_remainder(self) -> int:
+        """Prompt tokens the request in chunked prefill still has to allocate. SGLang counts
+        on them: a chunk continues even with no free memory left (it would raise 'Out of
+        memory' in alloc_for_extend), so rotate-ins and the plan must leave them free."""
+        req = self.scheduler.chunked_req
+        if req is None:
+            return 0
+        allocated = req.kv.kv_allocated_len if getattr(req, "kv", None) is not None else 0
+        return max(len(req.origin_input_ids) - allocated, 0)
 
     @contextmanager
     def paced_prefill(self, running: ScheduleBatch) -> Iterator[None]:
