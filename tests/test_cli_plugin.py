@@ -12,6 +12,8 @@ import pytest
 
 from sglang.srt.server_args import ServerArgs
 
+from superinfer.adapters.sglang.cli import rota_config
+
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """SGLang's own parser, as prepare_server_args builds it (minus the GPU-only post-init)."""
@@ -27,6 +29,8 @@ def test_server_args_carry_rotasched_fields():
     assert (ns.schedule_policy, ns.rota_ttft_slo, ns.rota_policy) == ("rotasched", 0.5, "lvf")
     assert ns.rota_tbt_slo == 0.1  # default
     assert ns.rota_disable_prefill_pacing is False
+    assert ns.rota_link_share == 0.4
+    assert rota_config(parse(["--model-path", "m", "--rota-link-share", "0.25"])).link_share == 0.25
     assert parse(["--model-path", "m", "--rota-disable-prefill-pacing"]).rota_disable_prefill_pacing
     fields = {f.name for f in __import__("dataclasses").fields(ServerArgs)}
     assert {"rota_ttft_slo", "rota_tbt_slo", "rota_host_kv_gb", "rota_policy"} <= fields
@@ -41,6 +45,7 @@ def test_scheduler_policy_spelling_is_accepted():
     (["--rota-ttft-slo", "abc"], "--rota-ttft-slo expects a number"),
     (["--rota-host-kv-gb", "0"], "--rota-host-kv-gb must be a positive"),
     (["--rota-policy", "fifo"], "invalid choice"),
+    (["--rota-link-share", "1.5"], "--rota-link-share must be in (0, 1]"),
     (["--schedule-policy", "rotasched2"], "invalid choice"),
 ])
 def test_bad_values_exit_2_with_a_message(flags, needle, capsys):

@@ -78,6 +78,17 @@ def test_victims_most_slack_first_and_only_if_slack_covers_round_trip():
     assert strict.plan(1.0, cap(1000), COSTS, 16384).rotate_out == []
 
 
+@pytest.mark.parametrize("share,victims", [(1.0, 7), (0.4, 2)])  # 1049-token victims
+def test_link_share_bounds_one_steps_rotation_bytes(share, victims):
+    """50 GB/s x 20 ms = 7.6k tokens per step at the full link; a share of it bounds the
+    bytes (and so the SM time the copies take from the model)."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0, link_share=share))
+    for i in range(10):
+        running(p, f"r{i}", tokens=1000, first_s=0.0, out=50)
+    p.table.add("new", 0.9, 8000, 1.0, 0.1, 10)  # 8 victims would make room; the budget decides
+    assert len(p.plan(1.0, cap(1000), COSTS, 65536).rotate_out) == victims
+
+
 def test_room_already_leaving_is_not_freed_twice():
     """A victim's KV is released only when its copy is done, a step or more later; until then
     the same deficit must not pick new victims every step."""

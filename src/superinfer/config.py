@@ -35,6 +35,10 @@ class RotaConfig:
     prefill_pacing: bool = True
     # Below this many tokens a prefill chunk is not worth its launch: decode first instead.
     min_prefill_chunk: int = 256
+    # Share of the measured PCIe rate a step's rotations may use, each way. The staging copy's
+    # gather kernels take SMs from the model: on an H200 a CUDA-graph decode step ran 11.6%
+    # slower at the full rate, 5.4% at half, 2.7% at a quarter (eval/diag_interference.py).
+    link_share: float = 0.4
 
     def __post_init__(self) -> None:
         _positive("--rota-ttft-slo", self.ttft_slo_s)
@@ -49,6 +53,8 @@ class RotaConfig:
             raise ConfigError(f"--rota-policy must be one of {POLICIES}, got {self.policy!r}")
         if self.mover not in MOVER_PATHS:
             raise ConfigError(f"--rota-mover must be one of {MOVER_PATHS}, got {self.mover!r}")
+        if not 0.0 < self.link_share <= 1.0:
+            raise ConfigError(f"--rota-link-share must be in (0, 1], got {self.link_share}")
         if self.min_prefill_chunk < 1:
             raise ConfigError(f"min_prefill_chunk must be >= 1, got {self.min_prefill_chunk}")
         if self.lvf_budget_tokens < 0:

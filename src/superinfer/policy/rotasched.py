@@ -9,7 +9,8 @@ Each iteration:
    eat the proactive reserve).
 3. If the head does not fit, rotate out decode requests with the most slack, only those whose
    slack covers their round trip by ``slack_margin``, until the head fits; otherwise keep the
-   adaptive free reserve the same way. Never more than one step's worth of device→host bytes.
+   adaptive free reserve the same way. Never more than ``link_share`` of one step's worth of
+   device→host bytes (rotation costs the model SM time; see RotaConfig.link_share).
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
 ``new_token_ratio`` × its remaining output; a new request needs its prompt plus its whole
@@ -110,7 +111,8 @@ class SloPolicy(Policy):
         t = self.table
         depth = _WALK_DEPTH
         order, key = self._rank(now_s, cap, costs, depth)
-        h2d_budget = int(costs.h2d_bytes_per_s * costs.decode_step_s / cap.bytes_per_token)
+        h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * costs.decode_step_s
+                         / cap.bytes_per_token)
         urgent_before = now_s + 2 * costs.decode_step_s
         used = prefill = h2d = 0
         start = 0
@@ -175,7 +177,8 @@ class SloPolicy(Policy):
         order = np.lexsort((t.seq[run], -slack))
         run, tokens = run[order], tokens[order]
         freed = np.cumsum(frees[order])
-        d2h_budget = max(int(costs.d2h_bytes_per_s * costs.decode_step_s / cap.bytes_per_token), 1)
+        d2h_budget = max(int(self.config.link_share * costs.d2h_bytes_per_s * costs.decode_step_s
+                             / cap.bytes_per_token), 1)
         moved = np.cumsum(tokens)
         fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= cap.free_host_tokens)
         take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))

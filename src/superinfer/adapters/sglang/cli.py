@@ -22,6 +22,17 @@ _NS = "schedule.rotasched"
 _DEFAULTS = RotaConfig()
 
 
+def _fraction(flag: str):
+    def parse(text: str) -> float:
+        value = _positive_float(flag)(text)
+        if value > 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be in (0, 1], got {text!r}")
+        return value
+
+    parse.__name__ = "fraction"
+    return parse
+
+
 def _positive_float(flag: str):
     def parse(text: str) -> float:
         try:
@@ -68,6 +79,10 @@ def extend_server_args(module: ModuleType) -> None:
             "rota_slack_margin": A[float, Arg(
                 help="rotasched: a victim's slack must cover its round trip this many times.",
                 type_parser=_positive_float("--rota-slack-margin")), NS(_NS)],
+            "rota_link_share": A[float, Arg(
+                help="rotasched: share of the host link's measured rate that one step's "
+                     "rotations may use, each way (bounds the model's slowdown).",
+                type_parser=_fraction("--rota-link-share")), NS(_NS)],
             "rota_disable_prefill_pacing": A[bool, Arg(
                 help="rotasched: do not bound each step's prefill by the decoding streams' "
                      "least slack (ablation)."), NS(_NS)],
@@ -79,6 +94,7 @@ def extend_server_args(module: ModuleType) -> None:
         "rota_policy": _DEFAULTS.policy,
         "rota_mover": _DEFAULTS.mover,
         "rota_slack_margin": _DEFAULTS.slack_margin,
+        "rota_link_share": _DEFAULTS.link_share,
         "rota_disable_prefill_pacing": not _DEFAULTS.prefill_pacing,
         "__module__": module.__name__,
         "__qualname__": base.__qualname__,
@@ -112,4 +128,5 @@ def rota_config(server_args: Any) -> RotaConfig:
         mover=server_args.rota_mover,
         slack_margin=server_args.rota_slack_margin,
         prefill_pacing=not server_args.rota_disable_prefill_pacing,
+        link_share=server_args.rota_link_share,
     )
