@@ -89,6 +89,20 @@ def test_link_share_bounds_one_steps_rotation_bytes(share, victims):
     assert len(p.plan(1.0, cap(1000), COSTS, 65536).rotate_out) == victims
 
 
+def test_rotated_request_makes_room_only_when_it_must_come_back():
+    """A rotated-out request far from its deadline waits for free room; pushing someone out
+    early only swaps it with a victim that swaps back later (thrash)."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "resident", tokens=1000, first_s=0.0, out=40)  # due 4.0: lots of slack
+    running(p, "away", tokens=1000, first_s=0.0, out=30)  # due 3.0
+    p.table.set_phase("away", Phase.ROTATING_OUT, 0.5)
+    p.table.set_phase("away", Phase.ON_HOST, 0.5)
+    early = p.plan(1.0, cap(500), COSTS, 16384)
+    assert early.rotate_in == [] and early.rotate_out == []
+    due = p.plan(2.96, cap(500), COSTS, 16384)  # its token is due in 40 ms: now it must return
+    assert due.rotate_out == ["resident"]
+
+
 def test_room_already_leaving_is_not_freed_twice():
     """A victim's KV is released only when its copy is done, a step or more later; until then
     the same deficit must not pick new victims every step."""

@@ -6,7 +6,7 @@ Each iteration:
    a late rotated-out request keeps its place so it is never starved).
 2. Walk that order while it fits in free device memory: new requests to the queue front,
    rotated ones back in (within the per-step host→device budget; a non-urgent one may not
-   eat the proactive reserve).
+   eat the proactive reserve, and waits for room instead of making it).
 3. If the head does not fit, rotate out decode requests with the most slack, only those whose
    slack covers their round trip by ``slack_margin``, until the head fits; otherwise keep the
    adaptive free reserve the same way. Never more than ``link_share`` of one step's worth of
@@ -125,7 +125,9 @@ class SloPolicy(Policy):
                     urgent = key[i] <= urgent_before
                     room = free - used - (0 if urgent else reserve)
                     if need > room:
-                        return used, need - room, costs.decode_step_s
+                        # Only a request that must come back now may push others out: making
+                        # room early just swaps it with a victim that will swap back (thrash).
+                        return (used, need - room, costs.decode_step_s) if urgent else (used, None, 0.0)
                     if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
                         return used, None, 0.0  # budget spent this step; order kept
                     plan.rotate_in.append(req_id)
