@@ -17,21 +17,37 @@ from superinfer.policy import Capacity, Phase
 CONFIGS = [(1, True), (1, False), (16, True), (16, False)]
 
 
-def setup(page_size: int, radix: bool, n: int = 3, prompt: int = 40, host_gb: float = 0.0004):
-    parts = SchedulerParts(size=1024, page_size=page_size, radix=radix)
-    rot = Rotator(parts, RotaConfig(host_kv_gb=host_gb))
-    rot.step(parts.empty_batch())  # starts the policy clock, as the first scheduler iteration does
-    reqs = [parts.make_req(f"r{i}", prompt + 7 * i, max_new_tokens=64) for i in range(n)]
+def fresh(size: int = 1024, page_size: int = 1, radix: bool = True, **config):
+    """Real SGLang parts and a Rotator on them, its clock started as the first iteration does."""
+    parts = SchedulerParts(size=size, page_size=page_size, radix=radix)
+    rot = Rotator(parts, RotaConfig(**config))
+    rot.step(parts.empty_batch())
+    return parts, rot
+
+
+def enqueue(parts, rot, *reqs) -> None:
+    """Requests arrive: into SGLang's waiting queue and the rotator's table (as the hook does)."""
     for r in reqs:
         parts.waiting_queue.append(r)
         rot.on_enqueue(r)
+
+
+def prefill_and_decode(parts, rot, reqs, steps: int):
+    """Prefill ``reqs`` as one batch, then ``steps`` decode steps, each result reported."""
+    enqueue(parts, rot, *reqs)
     batch = parts.prefill(reqs)
     parts.waiting_queue.clear()
     rot.on_batch_result(batch)
-    for _ in range(3):
+    for _ in range(steps):
         parts.decode_step(batch)
         rot.on_batch_result(batch)
-    return parts, rot, batch
+    return batch
+
+
+def setup(page_size: int, radix: bool, n: int = 3, prompt: int = 40, host_gb: float = 0.0004):
+    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=host_gb)
+    reqs = [parts.make_req(f"r{i}", prompt + 7 * i, max_new_tokens=64) for i in range(n)]
+    return parts, rot, prefill_and_decode(parts, rot, reqs, steps=3)
 
 
 def finish_all(parts, rot, batch):
@@ -125,23 +141,11 @@ def test_full_host_tier_falls_back_to_sglang():
 def test_policy_driven_rotation_under_memory_pressure():
     """No hand-picked victims: the policy rotates to admit a new request that does not fit,
     brings the victims back, and everything drains to the initial pool sizes."""
-    parts = SchedulerParts(size=512, page_size=1, radix=True)
-    rot = Rotator(parts, RotaConfig(host_kv_gb=0.001, reserve_window_s=0.0))
-    rot.step(parts.empty_batch())
+    parts, rot = fresh(size=512, host_kv_gb=0.001, reserve_window_s=0.0)
     reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
-    for r in reqs:
-        parts.waiting_queue.append(r)
-        rot.on_enqueue(r)
-    running = parts.prefill(reqs)
-    parts.waiting_queue.clear()
-    rot.on_batch_result(running)
-    for _ in range(2):
-        parts.decode_step(running)
-        rot.on_batch_result(running)
+    running = prefill_and_decode(parts, rot, reqs, steps=2)
     rot.table.first_token_s[:] += 5.0  # far ahead of their 0.1 s pace: plenty of slack
-    late = parts.make_req("new", 200, max_new_tokens=8)
-    parts.waiting_queue.append(late)
-    rot.on_enqueue(late)
+    enqueue(parts, rot, parts.make_req("new", 200, max_new_tokens=8))
     saw_rotation = False
     for _ in range(200):
         running = rot.step(running)
@@ -209,9 +213,7 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
     with caplog.at_level("INFO", logger="superinfer"):
         rot.on_idle()
         rot.on_idle()  # same idle period: no second line
-        late = parts.make_req("again", 30)
-        parts.waiting_queue.append(late)
-        rot.on_enqueue(late)
+        enqueue(parts, rot, parts.make_req("again", 30))
         rot.step(parts.empty_batch())  # busy again: re-armed
         parts.waiting_queue.clear()
         rot.table.remove("again")
@@ -222,22 +224,17 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
 
 
 def test_chunked_prefill_request_is_never_a_victim():
-    parts = SchedulerParts(size=1024, page_size=1, radix=True)
-    rot = Rotator(parts, RotaConfig(host_kv_gb=0.0004, reserve_window_s=0.0))
-    rot.step(parts.empty_batch())
+    parts, rot = fresh(host_kv_gb=0.0004, reserve_window_s=0.0)
     short, long_ = parts.make_req("short", 30), parts.make_req("long", 300)
-    for r in (short, long_):
-        parts.waiting_queue.append(r)
-        rot.on_enqueue(r)
+    enqueue(parts, rot, short, long_)
     batch = parts.prefill([short, long_], chunk=64)  # "long" is cut after its first chunk
     assert parts.chunked_req is long_
     rot.on_batch_result(batch)
     assert rot.table.phase_of("short") is Phase.RUNNING
     assert rot.table.phase_of("long") is Phase.PREFILLING
     rot.table.first_token_s[:] += 5.0  # everyone far ahead of pace: only phase protects "long"
-    newcomer = parts.make_req("new", 900)
-    parts.waiting_queue = [newcomer]
-    rot.on_enqueue(newcomer)
+    parts.waiting_queue = []
+    enqueue(parts, rot, parts.make_req("new", 900))
     cap = Capacity(parts.free_tokens(), 1024, rot.host.available_size(), rot.layout.bytes_per_token)
     plan = rot.policy.plan(rot.now_s, cap, rot.costs.costs(), 16384)
     assert plan.rotate_out == ["short"]
@@ -270,8 +267,8 @@ def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
     t = rot.table
     parts.result_queue = deque()
     new = parts.make_req("new", 50)
-    parts.waiting_queue = [new]
-    rot.on_enqueue(new)
+    parts.waiting_queue = []
+    enqueue(parts, rot, new)
     batch = rot.step(batch)
     prefill = parts.prefill([new], running=batch)
     parts.waiting_queue.clear()
@@ -328,8 +325,8 @@ def test_batch_hook_reads_sglang_next_batch_plan():
     parts, rot, batch = setup(1, True)
     parts._superinfer_rotator = rot
     new = parts.make_req("new", 50)
-    parts.waiting_queue = [new]
-    rot.on_enqueue(new)
+    parts.waiting_queue = []
+    enqueue(parts, rot, new)
 
     def original(scheduler, running_batch, last_batch):
         prefill = parts.prefill(list(scheduler.waiting_queue), running=running_batch)
@@ -344,23 +341,13 @@ def test_batch_hook_reads_sglang_next_batch_plan():
 def test_rotate_in_leaves_room_for_the_chunked_prompt_remainder():
     """SGLang continues a chunked prefill even when memory is gone (and then fails to
     allocate): the rest of that prompt is spoken for, rotate-ins must not take it."""
-    parts = SchedulerParts(size=1024, page_size=1, radix=True)
-    rot = Rotator(parts, RotaConfig(host_kv_gb=0.001, reserve_window_s=0.0))
-    rot.step(parts.empty_batch())
-    away = parts.make_req("away", 200)
-    parts.waiting_queue = [away]
-    rot.on_enqueue(away)
-    batch = parts.prefill([away])
-    parts.waiting_queue = []
-    rot.on_batch_result(batch)
-    parts.decode_step(batch)
-    rot.on_batch_result(batch)
+    parts, rot = fresh(host_kv_gb=0.001, reserve_window_s=0.0)
+    batch = prefill_and_decode(parts, rot, [parts.make_req("away", 200)], steps=1)
     batch = rot.rotate_out(batch, {"away"})
     rot._collect(batch)  # copy done: device released, parked on the host
     assert rot.table.phase_of("away") is Phase.ON_HOST
     long_ = parts.make_req("long", 900)
-    parts.waiting_queue = [long_]
-    rot.on_enqueue(long_)
+    enqueue(parts, rot, long_)
     first_chunk = parts.prefill([long_], chunk=64)
     parts.waiting_queue = []
     rot.on_batch_result(first_chunk)
