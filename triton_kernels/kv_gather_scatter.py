@@ -68,17 +68,7 @@ def gather_kv(
     ``page_size > 1`` promises that each aligned group of ``page_size`` batch positions holds
     consecutive slots (whole device pages in order); only the group's first slot is then read.
     """
-    words = _token_major_words(table, out)
-    _check_index(table, device_slots, out_rows, out)
-    num_tokens = device_slots.numel()
-    if num_tokens == 0:
-        return
-    grid, meta = _launch_config(table, num_tokens, num_programs)
-    _gather_kernel[grid](
-        table.ptrs, device_slots, words, out_rows if out_rows is not None else device_slots,
-        num_tokens, ROW_WORDS=table.row_words, NUM_ROWS=table.num_rows, PAGE=page_size,
-        OUT_INDEXED=out_rows is not None, **meta,
-    )
+    _launch(_gather_kernel, table, device_slots, out, out_rows, page_size, num_programs)
 
 
 def scatter_kv(
@@ -91,16 +81,22 @@ def scatter_kv(
     num_programs: int | None = None,
 ) -> None:
     """KV of ``device_slots[i]`` = ``src[src_rows[i]]``; the inverse of ``gather_kv``."""
-    words = _token_major_words(table, src)
-    _check_index(table, device_slots, src_rows, src)
+    _launch(_scatter_kernel, table, device_slots, src, src_rows, page_size, num_programs)
+
+
+def _launch(kernel, table: KVTable, device_slots: torch.Tensor, buf: torch.Tensor,
+            rows: torch.Tensor | None, page_size: int, num_programs: int | None) -> None:
+    """Checks and launch shared by both directions (the kernels differ only in copy direction)."""
+    words = _token_major_words(table, buf)
+    _check_index(table, device_slots, rows, buf)
     num_tokens = device_slots.numel()
     if num_tokens == 0:
         return
     grid, meta = _launch_config(table, num_tokens, num_programs)
-    _scatter_kernel[grid](
-        table.ptrs, device_slots, words, src_rows if src_rows is not None else device_slots,
+    kernel[grid](
+        table.ptrs, device_slots, words, rows if rows is not None else device_slots,
         num_tokens, ROW_WORDS=table.row_words, NUM_ROWS=table.num_rows, PAGE=page_size,
-        SRC_INDEXED=src_rows is not None, **meta,
+        ROWS_INDEXED=rows is not None, **meta,
     )
 
 
@@ -179,7 +175,7 @@ def _slots(slots_ptr, toks, tok_mask, PAGE: tl.constexpr):
 @triton.jit
 def _gather_kernel(table_ptr, slots_ptr, out_ptr, out_rows_ptr, num_tokens,
                    ROW_WORDS: tl.constexpr, NUM_ROWS: tl.constexpr, PAGE: tl.constexpr,
-                   OUT_INDEXED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+                   ROWS_INDEXED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     W_TILES: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     num_items = tl.cdiv(num_tokens, BLOCK_T) * NUM_ROWS * W_TILES
     for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
@@ -187,7 +183,7 @@ def _gather_kernel(table_ptr, slots_ptr, out_ptr, out_rows_ptr, num_tokens,
         slots = _slots(slots_ptr, toks, tok_mask, PAGE)
         base = tl.cast(tl.load(table_ptr + row), tl.pointer_type(out_ptr.dtype.element_ty))
         vals = tl.load(base + slots[:, None] * ROW_WORDS + cols[None, :], mask=mask)
-        if OUT_INDEXED:
+        if ROWS_INDEXED:
             out_tok = tl.load(out_rows_ptr + toks, mask=tok_mask, other=0).to(tl.int64)
         else:
             out_tok = toks.to(tl.int64)
@@ -198,12 +194,12 @@ def _gather_kernel(table_ptr, slots_ptr, out_ptr, out_rows_ptr, num_tokens,
 @triton.jit
 def _scatter_kernel(table_ptr, slots_ptr, src_ptr, src_rows_ptr, num_tokens,
                     ROW_WORDS: tl.constexpr, NUM_ROWS: tl.constexpr, PAGE: tl.constexpr,
-                    SRC_INDEXED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+                    ROWS_INDEXED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     W_TILES: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     num_items = tl.cdiv(num_tokens, BLOCK_T) * NUM_ROWS * W_TILES
     for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
         row, toks, tok_mask, cols, mask = _tile(item, num_tokens, ROW_WORDS, NUM_ROWS, BLOCK_T, BLOCK_W)
-        if SRC_INDEXED:
+        if ROWS_INDEXED:
             src_tok = tl.load(src_rows_ptr + toks, mask=tok_mask, other=0).to(tl.int64)
         else:
             src_tok = toks.to(tl.int64)
