@@ -103,6 +103,35 @@ def test_rotated_request_makes_room_only_when_it_must_come_back():
     assert due.rotate_out == ["resident"]
 
 
+def test_urgency_covers_the_victims_copy_and_three_steps():
+    """Making room takes the victims' copy (behind the forward in flight), our copy (behind the
+    next one) and our decode step: a request is urgent that long (plus a step) before its key."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "resident", tokens=1000, first_s=0.0, out=40)
+    running(p, "away", tokens=1000, first_s=0.0, out=30)  # due 3.0
+    p.table.set_phase("away", Phase.ROTATING_OUT, 0.5)
+    p.table.set_phase("away", Phase.ON_HOST, 0.5)
+    copy = slo.transfer_s(1000, BPT, 50e9)
+    lag = slo.make_room_lag_s(1000, BPT, COSTS)
+    assert lag == pytest.approx(4 * 0.02 + copy)
+    key = 3.0 - copy
+    assert p.plan(key - lag - 0.005, cap(500), COSTS, 16384).rotate_out == []
+    assert p.plan(key - lag + 0.005, cap(500), COSTS, 16384).rotate_out == ["resident"]
+
+
+def test_prefill_budget_leaves_a_rotated_out_stream_time_to_come_back():
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "away", tokens=1000, first_s=0.0, out=12)  # token #12 due 1.2
+    p.table.set_phase("away", Phase.ROTATING_OUT, 0.5)
+    p.table.set_phase("away", Phase.ON_HOST, 0.5)
+    p.table.add("new", 0.9, 20_000, 1.0, 0.1, 10)
+    plan = p.plan(1.0, cap(100_000), COSTS, 65536)
+    kv = p.table.view("away").num_tokens
+    back = slo.return_lag_s(kv, BPT, COSTS)  # one step + its copy
+    assert back == pytest.approx(0.02 + slo.transfer_s(kv, BPT, 50e9))
+    assert plan.prefill_token_budget == pytest.approx((1.2 - back - 1.0 - 0.02) / 2e-5, abs=1)
+
+
 def test_room_already_leaving_is_not_freed_twice():
     """A victim's KV is released only when its copy is done, a step or more later; until then
     the same deficit must not pick new victims every step."""

@@ -6,11 +6,14 @@ Each iteration:
    a late rotated-out request keeps its place so it is never starved).
 2. Walk that order while it fits in free device memory: new requests to the queue front,
    rotated ones back in (within the per-step host→device budget; a non-urgent one may not
-   eat the proactive reserve, and waits for room instead of making it).
+   eat the proactive reserve, and waits for room instead of making it until it is urgent:
+   within ``slo.make_room_lag_s`` of its key).
 3. If the head does not fit, rotate out decode requests with the most slack, only those whose
    slack covers their round trip by ``slack_margin``, until the head fits; otherwise keep the
    adaptive free reserve the same way. Never more than ``link_share`` of one step's worth of
    device→host bytes (rotation costs the model SM time; see RotaConfig.link_share).
+4. Bound this step's prefill tokens by the least slack of the streams on pace, resident or
+   waiting on the host (those need time to come back: ``slo.return_lag_s``).
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
 ``new_token_ratio`` × its remaining output; a new request needs its prompt plus its whole
@@ -45,7 +48,7 @@ class SloPolicy(Policy):
         free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
                 - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
         if cfg.prefill_pacing:
-            plan.prefill_token_budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), costs)
+            plan.prefill_token_budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), cap, costs)
             if plan.prefill_token_budget is not None:
                 max_prefill_tokens = min(max_prefill_tokens, max(plan.prefill_token_budget, 1))
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
@@ -59,7 +62,7 @@ class SloPolicy(Policy):
         plan.check()
         return plan
 
-    def _prefill_budget(self, start_s: float, costs: Costs) -> int | None:
+    def _prefill_budget(self, start_s: float, cap: Capacity, costs: Costs) -> int | None:
         """Prefill tokens that fit in the least slack of the decoding streams still on pace. A
         prefill batch delays every decode step behind it; past this many tokens an on-time
         stream's next token would come after its deadline. 0 means: decode first. Streams
@@ -69,9 +72,12 @@ class SloPolicy(Policy):
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
         counts from its expected first token: its second token is the one at risk."""
         t = self.table
-        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
+        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
         run = run[~np.isnan(t.first_token_s[run])]
         deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
+        # A rotated-out stream must also get back in before its token: the prefill delays that.
+        deadline = deadline - np.where(t.phase[run] == _ON_HOST, slo.return_lag_s(
+            t.num_tokens[run], cap.bytes_per_token, costs), 0.0)
         slack = slo.slack_s(deadline, start_s, costs)
         on_pace = slack[slack >= 0]
         if on_pace.size == 0:
@@ -113,7 +119,9 @@ class SloPolicy(Policy):
         order, key = self._rank(now_s, cap, costs, depth)
         h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * costs.decode_step_s
                          / cap.bytes_per_token)
-        urgent_before = now_s + 2 * costs.decode_step_s
+        # From the decision to its token, a rotated-out request that must make room waits for
+        # the victims' copy (fenced behind the forward in flight), its own copy, its decode step.
+        urgent_lag = slo.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
         used = prefill = h2d = 0
         start = 0
         while start < len(order):
@@ -122,7 +130,7 @@ class SloPolicy(Policy):
                 if t.phase[s] == _ON_HOST:
                     remaining = min(int(t.max_new_tokens[s] - t.num_output_tokens[s]), CLIP_NEW_TOKENS)
                     need = int(t.num_tokens[s]) + int(max(remaining, 0) * cap.new_token_ratio)
-                    urgent = key[i] <= urgent_before
+                    urgent = key[i] <= now_s + urgent_lag[i]
                     room = free - used - (0 if urgent else reserve)
                     if need > room:
                         # Only a request that must come back now may push others out: making
@@ -150,6 +158,7 @@ class SloPolicy(Policy):
                 break
             start, depth = len(order), 4 * depth  # everything ranked so far fit: look deeper
             order, key = self._rank(now_s, cap, costs, depth)
+            urgent_lag = slo.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
         return used, None, 0.0
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,

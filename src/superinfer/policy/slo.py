@@ -50,3 +50,20 @@ def reserve_tokens(costs: Costs, window_s: float, total_device_tokens: int, max_
     sized from the measured arrival rate and prompt length instead of a constant."""
     want = costs.arrival_rate_per_s * window_s * costs.mean_prompt_tokens
     return int(min(want, max_frac * total_device_tokens))
+
+
+def return_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
+    """From deciding to bring a rotated-out request back (room free) to the start of the batch
+    that decodes it: its copy waits for the forward in flight (one step), then runs; the
+    request rejoins at the next iteration."""
+    return costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.h2d_bytes_per_s)
+
+
+def make_room_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
+    """How long before ``key`` (next-token deadline minus the swap-in copy) a rotated-out
+    request that needs room must be decided on. Victims leave the batch now but their copy
+    waits for the forward in flight (one step) and then takes about as long as ours (same
+    size); their pages are free at the next iteration; our copy waits for that iteration's
+    forward (one step); we rejoin and decode (one step): three steps and the victims' copy,
+    plus one step of margin for a prefill batch in between."""
+    return 4 * costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.d2h_bytes_per_s)
