@@ -12,8 +12,10 @@ Each iteration:
    slack covers their round trip by ``slack_margin``, until the head fits; otherwise keep the
    adaptive free reserve the same way. Never more than ``link_share`` of one step's worth of
    device→host bytes (rotation costs the model SM time; see RotaConfig.link_share).
-4. Bound this step's prefill tokens by the least slack of the streams on pace, resident or
-   waiting on the host (those need time to come back: ``slo.return_lag_s``).
+   Rotations that admit new work (not an urgent return) stop where the resident streams
+   could no longer earn the slack the streams on the host spend (``slo.max_away``).
+4. Bound this step's prefill tokens by the least slack of the resident streams (none left,
+   or behind pace: decode first).
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
 ``new_token_ratio`` × its remaining output; a new request needs its prompt plus its whole
@@ -48,41 +50,39 @@ class SloPolicy(Policy):
         free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
                 - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
         if cfg.prefill_pacing:
-            plan.prefill_token_budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), cap, costs)
+            plan.prefill_token_budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), costs)
             if plan.prefill_token_budget is not None:
                 max_prefill_tokens = min(max_prefill_tokens, max(plan.prefill_token_budget, 1))
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
-        used, deficit, wait_s = self._admit(plan, now_s, free, cap, costs, max_prefill_tokens, reserve)
-        why = "make room for the EDF head"
+        used, deficit, wait_s, urgent = self._admit(plan, now_s, free, cap, costs, max_prefill_tokens, reserve)
+        why = "bring back an urgent stream" if urgent else "make room for the EDF head"
         if deficit is None:
             deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"
         if deficit > 0:
-            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why)
+            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, grows_away=not urgent)
         plan.check()
         return plan
 
-    def _prefill_budget(self, start_s: float, cap: Capacity, costs: Costs) -> int | None:
-        """Prefill tokens that fit in the least slack of the decoding streams still on pace. A
-        prefill batch delays every decode step behind it; past this many tokens an on-time
-        stream's next token would come after its deadline. 0 means: decode first. Streams
-        already behind pace do not hold prefill back (waiting would not save their token).
+    def _prefill_budget(self, start_s: float, costs: Costs) -> int | None:
+        """Prefill tokens that fit in the least slack of the decoding streams. A prefill batch
+        delays every decode step behind it; past this many tokens a stream's next token would
+        come after its deadline. 0 means: decode first. A stream already behind its pace
+        counts as no slack: only decode steps (each shorter than its TBT) let it catch up.
+        (Letting prefill run unbounded once every stream was behind stalled all of them for
+        up to a second at a time on the H200, and they never caught up.)
 
         The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
         counts from its expected first token: its second token is the one at risk."""
         t = self.table
-        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
+        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
         run = run[~np.isnan(t.first_token_s[run])]
-        deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
-        # A rotated-out stream must also get back in before its token: the prefill delays that.
-        deadline = deadline - np.where(t.phase[run] == _ON_HOST, slo.return_lag_s(
-            t.num_tokens[run], cap.bytes_per_token, costs), 0.0)
-        slack = slo.slack_s(deadline, start_s, costs)
-        on_pace = slack[slack >= 0]
-        if on_pace.size == 0:
+        if run.size == 0:
             return None
-        budget = int(float(on_pace.min()) / costs.prefill_s_per_token)
+        deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
+        least = max(float(slo.slack_s(deadline, start_s, costs).min()), 0.0)
+        budget = int(least / costs.prefill_s_per_token)
         return budget if budget >= self.config.min_prefill_chunk else 0
 
     def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,9 +111,10 @@ class SloPolicy(Policy):
         return cand[order], key[order]
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
-               max_prefill_tokens: int, reserve: int) -> tuple[int, int | None, float]:
+               max_prefill_tokens: int, reserve: int) -> tuple[int, int | None, float, bool]:
         """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
-        head or None, how long a victim would wait for that head)."""
+        head or None, how long a victim would wait for that head, whether the head is a
+        rotated-out stream that must come back now)."""
         t = self.table
         depth = _WALK_DEPTH
         order, key = self._rank(now_s, cap, costs, depth)
@@ -135,9 +136,11 @@ class SloPolicy(Policy):
                     if need > room:
                         # Only a request that must come back now may push others out: making
                         # room early just swaps it with a victim that will swap back (thrash).
-                        return (used, need - room, costs.decode_step_s) if urgent else (used, None, 0.0)
+                        if urgent:
+                            return used, need - room, costs.decode_step_s, True
+                        return used, None, 0.0, False
                     if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
-                        return used, None, 0.0  # budget spent this step; order kept
+                        return used, None, 0.0, False  # budget spent this step; order kept
                     plan.rotate_in.append(req_id)
                     plan.reasons[req_id] = "urgent rotate-in" if urgent else "rotate-in"
                     h2d += int(t.num_tokens[s])
@@ -147,9 +150,9 @@ class SloPolicy(Policy):
                     if need > free - used:
                         plan.admit.append(req_id)  # first in line, so nobody overtakes it
                         plan.reasons[req_id] = "EDF head, blocked"
-                        return used, need - (free - used), prompt * costs.prefill_s_per_token
+                        return used, need - (free - used), prompt * costs.prefill_s_per_token, False
                     if prefill + prompt > max_prefill_tokens and plan.admit:
-                        return used, None, 0.0
+                        return used, None, 0.0, False
                     plan.admit.append(req_id)
                     plan.reasons[req_id] = "admit"
                     prefill += prompt
@@ -159,12 +162,14 @@ class SloPolicy(Policy):
             start, depth = len(order), 4 * depth  # everything ranked so far fit: look deeper
             order, key = self._rank(now_s, cap, costs, depth)
             urgent_lag = slo.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
-        return used, None, 0.0
+        return used, None, 0.0, False
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
-                    wait_s: float, why: str) -> None:
+                    wait_s: float, why: str, grows_away: bool) -> None:
         """Pick victims with the most slack until ``deficit`` tokens are freed (or none at all if
-        the eligible victims cannot cover it: a partial rotation would only waste bandwidth)."""
+        the eligible victims cannot cover it: a partial rotation would only waste bandwidth).
+        ``grows_away``: the room is for new work, so the streams away from the device grow in
+        number and ``slo.max_away`` bounds them."""
         t = self.table
         run = t.slots_in(Phase.RUNNING)
         # Decoding, and not about to finish: a request that finishes in the step in flight
@@ -193,6 +198,20 @@ class SloPolicy(Policy):
         moved = np.cumsum(tokens)
         fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= cap.free_host_tokens)
         take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
+        if grows_away and take > self._away_room(costs):
+            return  # the streams on the host could not all be brought back on time
         for req_id in t.ids(run[:take]):
             plan.rotate_out.append(req_id)
             plan.reasons[req_id] = f"rotate out: {why}"
+
+    def _away_room(self, costs: Costs) -> int:
+        """How many more decoding streams may leave the device to make room for new work."""
+        t = self.table
+        resident = t.slots_in(Phase.RUNNING)
+        resident = resident[~np.isnan(t.first_token_s[resident])]
+        away = len(t.slots_in(Phase.ROTATING_OUT, Phase.ON_HOST, Phase.ROTATING_IN))
+        if resident.size == 0:
+            return 0
+        prefill_share = costs.arrival_rate_per_s * costs.mean_prompt_tokens * costs.prefill_s_per_token
+        gain = slo.slack_gain(float(t.tbt_slo_s[resident].min()), costs.decode_step_s, prefill_share)
+        return slo.max_extra_away(len(resident), away, gain / self.config.slack_margin)

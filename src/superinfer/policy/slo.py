@@ -52,13 +52,6 @@ def reserve_tokens(costs: Costs, window_s: float, total_device_tokens: int, max_
     return int(min(want, max_frac * total_device_tokens))
 
 
-def return_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
-    """From deciding to bring a rotated-out request back (room free) to the start of the batch
-    that decodes it: its copy waits for the forward in flight (one step), then runs; the
-    request rejoins at the next iteration."""
-    return costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.h2d_bytes_per_s)
-
-
 def make_room_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
     """How long before ``key`` (next-token deadline minus the swap-in copy) a rotated-out
     request that needs room must be decided on. Victims leave the batch now but their copy
@@ -67,3 +60,17 @@ def make_room_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
     forward (one step); we rejoin and decode (one step): three steps and the victims' copy,
     plus one step of margin for a prefill batch in between."""
     return 4 * costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.d2h_bytes_per_s)
+
+
+def slack_gain(tbt_slo_s: float, decode_step_s: float, prefill_share: float) -> float:
+    """Seconds of slack a resident stream earns per second: it gets a token every decode step
+    (in the GPU time prefill leaves) and owes one per TBT. A stream on the host spends one
+    second of slack per second, so the resident streams fund at most ``gain`` times their
+    number on the host: rotate more out for new work and some must come back late."""
+    return max((1.0 - min(prefill_share, 1.0)) * tbt_slo_s / decode_step_s - 1.0, 0.0)
+
+
+def max_extra_away(resident: int, away: int, gain: float) -> int:
+    """Largest k such that k more streams leaving (and one newcomer arriving) keeps
+    ``away + k <= (resident - k + 1) * gain``."""
+    return max(int(((resident + 1) * gain - away) // (1.0 + gain)), 0)
