@@ -17,7 +17,7 @@ from superinfer.policy.costs import DEFAULT_COSTS
 
 BPT = 131072  # Llama-3.1-8B KV bytes per token
 COSTS = dataclasses.replace(DEFAULT_COSTS, d2h_bytes_per_s=50e9, h2d_bytes_per_s=50e9,
-                            decode_step_s=0.02, prefill_s_per_token=2e-5)
+                            decode_step_s=0.02, prefill_s_per_token=2e-5, prefill_overhead_s=0.0)
 
 
 def cap(free: int, total: int = 100_000, host: int = 1_000_000, ratio: float = 0.0) -> Capacity:
@@ -254,6 +254,36 @@ def test_cost_model_first_sample_replaces_default_then_smooths():
     # window [0, 0.5): 5 + 4 arrivals -> 18 req/s (a burst counts, but never as infinite)
     assert cm.costs().arrival_rate_per_s == pytest.approx(18.0)
     assert cm.costs().mean_prompt_tokens == pytest.approx(100.0)
+
+
+def test_prefill_cost_is_fitted_as_overhead_plus_rate():
+    """Small chunks cost more per token: a rate alone would call 256-token chunks slow, and the
+    pacing built on it shrank chunks further (256-token chunks at ~10k tokens/s on the H200)."""
+    cm = CostModel(alpha=0.2)
+    cm.observe_prefill(2000, 0.015 + 2000 * 24e-6)  # one size: default overhead kept, rate fitted
+    assert cm.costs().prefill_overhead_s == pytest.approx(DEFAULT_COSTS.prefill_overhead_s)
+    assert cm.costs().prefill_s(2000) == pytest.approx(0.015 + 2000 * 24e-6)
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.choice([256, 512, 1024, 4096, 8192])
+        cm.observe_prefill(n, 0.015 + n * 24e-6)
+    c = cm.costs()
+    assert c.prefill_overhead_s == pytest.approx(0.015, rel=1e-3)
+    assert c.prefill_s_per_token == pytest.approx(24e-6, rel=1e-3)
+    assert c.prefill_tokens_within(0.015 + 0.024) == 1000
+    assert c.prefill_tokens_within(0.01) == 0
+
+
+def test_small_prefill_budget_waits_for_a_decode_step_instead():
+    """Below the chunk whose fixed cost is half its time, decode first: one step adds a TBT
+    minus a step to every stream's slack, so the next chunk can be worth its overhead."""
+    costs = dataclasses.replace(COSTS, prefill_overhead_s=0.015)  # worthwhile from 750 tokens
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05
+    p.table.add("new", 0.9, 5000, 1.0, 0.1, 10)
+    # (1.05 - 1.0 - 0.02 - 0.015) / 2e-5 = 750 tokens: just worth it
+    assert p.plan(1.0, cap(100_000), costs, 16384).prefill_token_budget == pytest.approx(750, abs=1)
+    assert p.plan(1.002, cap(100_000), costs, 16384).prefill_token_budget == 0
 
 
 def test_config_validation():

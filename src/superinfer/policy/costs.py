@@ -1,6 +1,8 @@
 """Online cost estimates from what the scheduler observes, with sane defaults at start.
 
 Exponentially weighted averages: cheap, bounded memory, and quick to follow load changes.
+Prefill time is fitted as overhead + tokens × rate (weighted least squares over the same
+window), since small chunks cost far more per token than large ones.
 Under tensor parallelism only rank 0's estimates are used (the adapter broadcasts them).
 """
 
@@ -17,6 +19,7 @@ DEFAULT_COSTS = Costs(
     h2d_bytes_per_s=25e9,
     arrival_rate_per_s=0.0,
     mean_prompt_tokens=0.0,
+    prefill_overhead_s=0.005,
 )
 
 
@@ -35,11 +38,41 @@ class _Ewma:
         self.seen = True
 
 
+@dataclass(slots=True)
+class _AffineFit:
+    """Exponentially weighted least squares of y = overhead + rate × x. Until the sizes seen
+    differ enough to separate the two, the default overhead is kept and the rate fitted."""
+
+    overhead: float
+    rate: float
+    alpha: float
+    _w: float = 0.0
+    _x: float = 0.0
+    _y: float = 0.0
+    _xx: float = 0.0
+    _xy: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        keep = 1.0 - self.alpha if self._w else 0.0  # the first sample replaces the defaults
+        self._w, self._x, self._y = keep * self._w + 1, keep * self._x + x, keep * self._y + y
+        self._xx, self._xy = keep * self._xx + x * x, keep * self._xy + x * y
+        mx, my = self._x / self._w, self._y / self._w
+        var = self._xx / self._w - mx * mx
+        if var > (0.1 * mx) ** 2:
+            rate = (self._xy / self._w - mx * my) / var
+            if rate > 0:
+                self.rate = rate
+                self.overhead = min(max(my - rate * mx, 0.0), my)
+                return
+        self.overhead = min(self.overhead, 0.5 * my)
+        self.rate = (my - self.overhead) / mx
+
+
 class CostModel:
     """Accumulates observations; ``costs()`` returns the current estimates."""
 
     def __init__(self, alpha: float = 0.2, defaults: Costs = DEFAULT_COSTS) -> None:
-        self._prefill = _Ewma(defaults.prefill_s_per_token, alpha)
+        self._prefill = _AffineFit(defaults.prefill_overhead_s, defaults.prefill_s_per_token, alpha)
         self._decode = _Ewma(defaults.decode_step_s, alpha)
         self._d2h = _Ewma(defaults.d2h_bytes_per_s, alpha)
         self._h2d = _Ewma(defaults.h2d_bytes_per_s, alpha)
@@ -50,7 +83,7 @@ class CostModel:
 
     def observe_prefill(self, num_tokens: int, elapsed_s: float) -> None:
         if num_tokens > 0 and elapsed_s > 0:
-            self._prefill.add(elapsed_s / num_tokens)
+            self._prefill.add(float(num_tokens), elapsed_s)
 
     def observe_decode(self, elapsed_s: float) -> None:
         if elapsed_s > 0:
@@ -75,10 +108,11 @@ class CostModel:
 
     def costs(self) -> Costs:
         return Costs(
-            prefill_s_per_token=self._prefill.value,
+            prefill_s_per_token=self._prefill.rate,
             decode_step_s=self._decode.value,
             d2h_bytes_per_s=self._d2h.value,
             h2d_bytes_per_s=self._h2d.value,
             arrival_rate_per_s=self._rate.value,
             mean_prompt_tokens=self._prompt.value,
+            prefill_overhead_s=self._prefill.overhead,
         )

@@ -82,8 +82,12 @@ class SloPolicy(Policy):
             return None
         deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
         least = max(float(slo.slack_s(deadline, start_s, costs).min()), 0.0)
-        budget = int(least / costs.prefill_s_per_token)
-        return budget if budget >= self.config.min_prefill_chunk else 0
+        budget = costs.prefill_tokens_within(least)
+        # Below the size where the fixed cost is half the forward, wait a decode step instead
+        # (it adds a TBT minus a step to every stream's slack): tiny chunks cost throughput.
+        worthwhile = max(self.config.min_prefill_chunk,
+                         int(costs.prefill_overhead_s / costs.prefill_s_per_token))
+        return budget if budget >= worthwhile else 0
 
     def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``depth`` candidate slots in admission order, and their EDF keys.
@@ -100,7 +104,7 @@ class SloPolicy(Policy):
         key = np.where(
             on_host,
             host_deadline - slo.transfer_s(t.num_tokens[cand], cap.bytes_per_token, costs.h2d_bytes_per_s),
-            new_deadline - t.num_prompt_tokens[cand] * costs.prefill_s_per_token,
+            new_deadline - costs.prefill_s(t.num_prompt_tokens[cand]),
         )
         if self.config.late_last:
             key = key + np.where((~on_host) & (new_deadline < now_s), _LATE, 0.0)
@@ -150,7 +154,7 @@ class SloPolicy(Policy):
                     if need > free - used:
                         plan.admit.append(req_id)  # first in line, so nobody overtakes it
                         plan.reasons[req_id] = "EDF head, blocked"
-                        return used, need - (free - used), prompt * costs.prefill_s_per_token, False
+                        return used, need - (free - used), costs.prefill_s(prompt), False
                     if prefill + prompt > max_prefill_tokens and plan.admit:
                         return used, None, 0.0, False
                     plan.admit.append(req_id)

@@ -24,11 +24,22 @@ class Costs:
     """Measured (or default) costs; see costs.CostModel."""
 
     prefill_s_per_token: float
-    decode_step_s: float
+    decode_step_s: float  # one decode batch alone (not counting prefills in between)
     d2h_bytes_per_s: float
     h2d_bytes_per_s: float
     arrival_rate_per_s: float
     mean_prompt_tokens: float
+    # A prefill forward costs this much on top of its tokens (launches, weights read once): a
+    # per-token rate alone, measured on small chunks, would read as slow and shrink them more.
+    prefill_overhead_s: float = 0.0
+
+    def prefill_s(self, num_tokens: float) -> float:
+        """Seconds to prefill ``num_tokens`` in one forward (a numpy array works too)."""
+        return self.prefill_overhead_s + num_tokens * self.prefill_s_per_token
+
+    def prefill_tokens_within(self, seconds: float) -> int:
+        """The largest prefill that finishes within ``seconds`` (0 if not even an empty one)."""
+        return max(int((seconds - self.prefill_overhead_s) / self.prefill_s_per_token), 0)
 
 
 @dataclass(frozen=True, slots=True)

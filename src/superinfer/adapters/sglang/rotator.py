@@ -298,7 +298,7 @@ class Rotator:
             return
         costs = self.costs.costs()
         if batch.forward_mode.is_extend():
-            duration = (batch.extend_num_tokens or 0) * costs.prefill_s_per_token
+            duration = costs.prefill_s(batch.extend_num_tokens or 0)
         else:
             duration = costs.decode_step_s
         # NOTE: from this step's clock, not chained onto the last estimate: errors can't pile up.
@@ -315,6 +315,7 @@ class Rotator:
             self._last_decode_launch = launch
             self.tracker.on_decode(batch)
         elif batch.forward_mode.is_extend():
+            self._last_decode_launch = None  # a decode step's cost must not include this one
             if batch.launch_ts is not None:
                 self.costs.observe_prefill(batch.extend_num_tokens or 0, time.monotonic() - batch.launch_ts)
             self.tracker.on_extend(batch, self.scheduler.chunked_req, self.now_s)
