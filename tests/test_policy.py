@@ -280,10 +280,22 @@ def test_small_prefill_budget_waits_for_a_decode_step_instead():
     costs = dataclasses.replace(COSTS, prefill_overhead_s=0.015)  # worthwhile from 750 tokens
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05
-    p.table.add("new", 0.9, 5000, 1.0, 0.1, 10)
+    p.table.add("new", 0.9, 700, 1.0, 0.1, 10)
     # (1.05 - 1.0 - 0.02 - 0.015) / 2e-5 = 750 tokens: just worth it
     assert p.plan(1.0, cap(100_000), costs, 16384).prefill_token_budget == pytest.approx(750, abs=1)
     assert p.plan(1.002, cap(100_000), costs, 16384).prefill_token_budget == 0
+
+
+def test_head_prompt_must_fit_the_budget_whole():
+    """SGLang runs a chunked prompt's chunks back to back with decode waiting, so a head that
+    does not fit the budget whole waits for a decode step instead of being cut to size."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "s", tokens=100, first_s=0.95, out=1)  # budget 1500 at now=1.0 (see above)
+    p.table.add("big", 0.9, 5000, 1.0, 0.1, 10)
+    plan = p.plan(1.0, cap(100_000), COSTS, 16384)
+    assert plan.admit == ["big"] and plan.prefill_token_budget == 0
+    # A prompt longer than SGLang's batch limit only needs its first batch to fit.
+    assert p.plan(1.0, cap(100_000), COSTS, 1024).prefill_token_budget == pytest.approx(1500, abs=1)
 
 
 def test_config_validation():
@@ -396,14 +408,14 @@ def test_prefill_in_flight_paces_its_stream_from_the_expected_first_token():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     t = p.table
     t.add("a", 0.9, 3000, 1.0, 0.1, 100)
-    t.add("b", 0.95, 8000, 1.0, 0.1, 100)
+    t.add("b", 0.95, 3500, 1.0, 0.1, 100)
     t.prefill_launched("a", 1.0, first_token_s=1.06)  # last chunk; result not back yet
     t.set_in_flight({"a": 1})
     assert t.phase_of("a") is Phase.PREFILLING
     plan = p.plan(1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.06)
     # a's second token is due 1.16: after the batch in flight, (1.16 - 1.06 - 0.02) / 2e-5.
     assert plan.prefill_token_budget == pytest.approx(4000, abs=1)
-    assert plan.admit == ["b"]  # a is not admitted twice; b is the head (a chunk of it fits)
+    assert plan.admit == ["b"]  # a is not admitted twice; b is the head and fits the budget
     t.prefill_done("a", 3000, 1.07)  # the real first token replaces the estimate
     assert t.first_token_s[t._slot_of["a"]] == pytest.approx(1.07)
     assert t.num_output_tokens[t._slot_of["a"]] == 1

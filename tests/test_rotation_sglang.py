@@ -247,7 +247,8 @@ def test_paced_prefill_limits_then_restores_the_scheduler():
     parts.waiting_queue = list(queue)
     rot.prefill_budget = 1000
     with rot.paced_prefill(batch):
-        assert parts.max_prefill_tokens == 992 and parts.chunked_prefill_size == 992  # page-aligned
+        assert parts.max_prefill_tokens == 992  # page-aligned
+        assert parts.chunked_prefill_size == 8192  # chunks run back to back: never shrunk
         assert parts.waiting_queue == queue
     rot.prefill_budget = 0  # no slack left: decode first, prefill waits
     with rot.paced_prefill(batch):

@@ -49,13 +49,20 @@ class SloPolicy(Policy):
         # for the forward in flight).
         free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
                 - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
-        if cfg.prefill_pacing:
-            plan.prefill_token_budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), costs)
-            if plan.prefill_token_budget is not None:
-                max_prefill_tokens = min(max_prefill_tokens, max(plan.prefill_token_budget, 1))
+        budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), costs) if cfg.prefill_pacing else None
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
-        used, deficit, wait_s, urgent = self._admit(plan, now_s, free, cap, costs, max_prefill_tokens, reserve)
+        used, deficit, wait_s, urgent = self._admit(
+            plan, now_s, free, cap, costs, max_prefill_tokens if budget is None else min(max_prefill_tokens, max(budget, 1)),
+            reserve)
+        if budget and plan.admit:
+            # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
+            # back to back, decode waiting: so the head's whole first batch must fit, or a
+            # decode step comes first (each adds a TBT minus a step to every stream's slack).
+            head = min(int(t.num_prompt_tokens[t._slot_of[plan.admit[0]]]), max_prefill_tokens)
+            if head > budget:
+                budget = 0
+        plan.prefill_token_budget = budget
         why = "bring back an urgent stream" if urgent else "make room for the EDF head"
         if deficit is None:
             deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"

@@ -1,0 +1,361 @@
+"""Replay a trace through the RotaSched policy (or SGLang's fcfs rule) on a simulated GPU.
+
+Why: device time is scarce, and the policy's failures on the H200 were feedback loops (victims
+picked again every step, prefill chunks shrinking to 256 tokens, prefill storms once every
+stream was behind) that a cheap replay can show before a GPU run. This is not SGLang: it
+mirrors the parts of its scheduler that decide who runs (PrefillAdder's memory rule, chunked
+prefill, decode retraction, new_token_ratio decay) and feeds the real policy and cost model
+the observations the adapter would. It runs one batch at a time (no overlap scheduling) and
+moves KV over a link with a fixed rate per direction. Figures are model estimates only.
+
+    python3 eval/sim_policy.py --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
+        --cap 60000 --rates 14 18 22 --num 300 --out eval/results/sim_conv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from metrics import summarize  # noqa: E402
+from traces import RequestSpec, load_azure, make_specs  # noqa: E402
+
+from superinfer.config import RotaConfig  # noqa: E402
+from superinfer.policy import Capacity, CostModel, Phase, create_policy  # noqa: E402
+from superinfer.policy.table import CLIP_NEW_TOKENS  # noqa: E402
+
+SYSTEMS = ("fcfs", "rotasched")
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """Costs of one Llama-3.1-8B-shaped forward on an H200 (../shared/gpu/README.md: prefill
+    ~42k tokens/s in 8k chunks, decode ~7.5k tokens/s at 64 requests; PCIe ~50 GB/s each way;
+    eval/results/diag_interference_h200.json: a decode step ~12% slower while KV moves)."""
+
+    prefill_overhead_s: float = 0.012
+    prefill_s_per_token: float = 24e-6
+    decode_base_s: float = 0.005
+    decode_s_per_req: float = 3e-5
+    decode_s_per_kv_token: float = 2.7e-8
+    link_bytes_per_s: float = 50e9
+    bytes_per_token: int = 131072
+    copy_slowdown: float = 0.12
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int = 8192
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill_overhead_s + tokens * self.prefill_s_per_token
+
+    def decode_s(self, batch: int, kv_tokens: int, copying: bool) -> float:
+        step = self.decode_base_s + batch * self.decode_s_per_req + kv_tokens * self.decode_s_per_kv_token
+        return step * (1 + self.copy_slowdown) if copying else step
+
+
+@dataclass
+class SimReq:
+    spec: RequestSpec
+    rid: str
+    prefilled: int = 0  # tokens of (prompt + recomputed output) with KV on the device
+    kv: int = 0  # device KV tokens held
+    token_times: list[float] = field(default_factory=list)
+    kv_moving: int = 0  # tokens of the copy in flight, and how long it takes from its submission
+    copy_s: float = 0.0
+
+    @property
+    def out(self) -> int:
+        return len(self.token_times)
+
+    def to_prefill(self) -> int:
+        """Tokens a prefill must still compute (a retracted request recomputes its output)."""
+        return self.spec.prompt_len + max(self.out - 1, 0) - self.prefilled
+
+
+class NewTokenRatio:
+    """SGLang's estimate of how much of its remaining output a running request will use:
+    starts cautious, decays every decode step, jumps back after a retraction."""
+
+    def __init__(self, init: float = 0.7, floor: float = 0.1, decay_steps: int = 600) -> None:
+        self.init, self.floor, self.step = init, floor, (init - floor) / decay_steps
+        self.value = init
+
+    def decode(self) -> None:
+        self.value = max(self.floor, self.value - self.step)
+
+    def retracted(self) -> None:
+        self.value = self.init
+
+
+class Simulator:
+    def __init__(self, specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel,
+                 ttft_slo: float, tbt_slo: float, host_tokens: int, horizon_s: float) -> None:
+        self.gpu, self.cap, self.horizon = gpu, cap, horizon_s
+        self.ttft_slo, self.tbt_slo = ttft_slo, tbt_slo
+        self.reqs = [SimReq(s, f"r{s.idx}") for s in specs]
+        self.pending = deque(sorted(self.reqs, key=lambda r: r.spec.arrival))
+        self.waiting: list[SimReq] = []
+        self.running: list[SimReq] = []
+        self.chunked: SimReq | None = None
+        self.copies: list[tuple[float, str, SimReq]] = []  # (done_s, "d2h"|"h2d", req)
+        self.link_free_s = {"d2h": 0.0, "h2d": 0.0}
+        self.parked: dict[str, SimReq] = {}
+        self.host_free = host_tokens
+        self.ratio = NewTokenRatio()
+        self.policy = None
+        if system != "fcfs":
+            cfg = RotaConfig(policy="lvf" if system == "rotasched-lvf" else "slo",
+                             ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo)
+            self.policy = create_policy(cfg)
+        self.costs = CostModel()
+        self.now = 0.0
+        self.last_was_decode = False
+        self.stats = {"rotations_out": 0, "retractions": 0, "prefill_batches": 0, "prefill_tokens": 0,
+                      "decode_steps": 0, "decode_first": 0}
+
+    # --- memory as SGLang's PrefillAdder counts it --------------------------------------------
+    def used(self) -> int:
+        return sum(r.kv for r in self.reqs)
+
+    def reservation(self) -> float:
+        return sum(min(r.spec.output_len - r.out, CLIP_NEW_TOKENS) * self.ratio.value for r in self.running)
+
+    # --- main loop ---------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        done = 0
+        while done < len(self.reqs) and self.now < self.horizon:
+            self._arrivals()
+            self._finish_copies()
+            budget = self._plan()
+            if not self._prefill(budget) and not self._decode():
+                nxt = [c[0] for c in self.copies] + ([self.pending[0].spec.arrival] if self.pending else [])
+                if not nxt:
+                    break
+                self.now = max(self.now, min(nxt))
+            done = sum(r.out >= r.spec.output_len for r in self.reqs)
+        return [{"send": r.spec.arrival, "token_times": r.token_times, "aborted": False,
+                 "error": None if r.out >= r.spec.output_len else "not finished in the horizon"}
+                for r in self.reqs]
+
+    def _arrivals(self) -> None:
+        while self.pending and self.pending[0].spec.arrival <= self.now:
+            r = self.pending.popleft()
+            self.waiting.append(r)
+            self.costs.observe_arrival(self.now, r.spec.prompt_len)
+            if self.policy:
+                self.policy.table.add(r.rid, r.spec.arrival, r.spec.prompt_len, self.ttft_slo,
+                                      self.tbt_slo, r.spec.output_len)
+
+    def _finish_copies(self) -> None:
+        for c in sorted(c for c in self.copies if c[0] <= self.now):
+            self.copies.remove(c)
+            done_s, way, r = c
+            t = self.policy.table
+            self.costs.observe_transfer(way, r.kv_moving * self.gpu.bytes_per_token, r.copy_s)
+            if way == "d2h":
+                r.kv = 0
+                t.set_phase(r.rid, Phase.ON_HOST, self.now)
+                self.parked[r.rid] = r
+            else:
+                self.host_free += r.kv
+                t.set_phase(r.rid, Phase.RUNNING, self.now)
+                self.running.append(r)
+
+    def _copy(self, way: str, r: SimReq, tokens: int) -> None:
+        secs = tokens * self.gpu.bytes_per_token / self.gpu.link_bytes_per_s
+        start = max(self.now, self.link_free_s[way])
+        self.link_free_s[way] = start + secs
+        r.kv_moving, r.copy_s = tokens, start + secs - self.now
+        self.copies.append((start + secs, way, r))
+
+    def _plan(self) -> int | None:
+        if not self.policy or len(self.policy.table) == 0:
+            return None
+        t = self.policy.table
+        chunk_left = self.chunked.to_prefill() if self.chunked else 0
+        cap = Capacity(available_device_tokens=self.cap - self.used() - chunk_left, total_device_tokens=self.cap,
+                       free_host_tokens=self.host_free, bytes_per_token=self.gpu.bytes_per_token,
+                       new_token_ratio=self.ratio.value)
+        plan = self.policy.plan(self.now, cap, self.costs.costs(), self.gpu.max_prefill_tokens, None)
+        for r in [r for r in self.running if r.rid in set(plan.rotate_out)]:
+            if r.out >= r.spec.output_len or r.kv > self.host_free:
+                continue
+            self.running.remove(r)
+            self.host_free -= r.kv
+            t.set_counts(r.rid, r.kv, r.out)
+            t.set_phase(r.rid, Phase.ROTATING_OUT, self.now)
+            self._copy("d2h", r, r.kv)
+            self.stats["rotations_out"] += 1
+        for rid in plan.rotate_in:
+            r = self.parked[rid]
+            need = r.spec.prompt_len + r.out - 1
+            if self.cap - self.used() - chunk_left < need:
+                continue
+            del self.parked[rid]
+            r.kv = need
+            t.set_phase(rid, Phase.ROTATING_IN, self.now)
+            self._copy("h2d", r, need)
+        if plan.admit:
+            front = [r for rid in plan.admit for r in self.waiting if r.rid == rid]
+            self.waiting = front + [r for r in self.waiting if r not in front]
+        return plan.prefill_token_budget
+
+    def _prefill(self, budget: int | None) -> bool:
+        """One prefill batch the way SGLang's PrefillAdder forms it: the chunked request first
+        (even without memory to spare), then the queue in order while memory and the token
+        limit allow; the first request may exceed the limit, up to the chunk size. A plan
+        budget lowers the limit (never the chunk size); 0 hides the queue (decode first)."""
+        g = self.gpu
+        limit, hide = g.max_prefill_tokens, False
+        if budget is not None:
+            hide = budget == 0 and bool(self.running)
+            if hide and not self.chunked:
+                self.stats["decode_first"] += 1
+                return False
+            limit = min(limit, max(budget, 256))
+        room = self.cap - self.used() - self.reservation()
+        batch: list[tuple[SimReq, int]] = []
+        rem_input, rem_chunk = limit, g.chunked_prefill_size
+        queue = ([self.chunked] if self.chunked else []) + ([] if hide else [r for r in self.waiting
+                                                                            if r is not self.chunked])
+        for r in queue:
+            need = r.to_prefill()
+            forced = r is self.chunked
+            reserve = min(r.spec.output_len, CLIP_NEW_TOKENS)
+            if not forced and need + reserve > room:
+                break
+            if batch and need >= rem_input:
+                break
+            take = min(need, rem_chunk)
+            batch.append((r, take))
+            rem_input, rem_chunk = rem_input - take, rem_chunk - take
+            room -= take + (0 if forced else reserve * self.ratio.value)
+            if take < need or rem_input <= 0 or rem_chunk <= 0:
+                break
+        tokens = sum(take for _, take in batch)
+        if not batch:
+            return False
+        dur = g.prefill_s(tokens)
+        self.now += dur
+        self.costs.observe_prefill(tokens, dur)
+        self.last_was_decode = False
+        self.stats["prefill_batches"] += 1
+        self.stats["prefill_tokens"] += tokens
+        self.chunked = None
+        for r, take in batch:
+            r.prefilled += take
+            r.kv += take
+            if r in self.waiting:
+                self.waiting.remove(r)
+            if r.to_prefill() > 0:
+                self.chunked = r
+                if self.policy and self.policy.table.phase_of(r.rid) is Phase.WAITING:
+                    self.policy.table.prefill_launched(r.rid, self.now, None)
+                continue
+            if not r.token_times:
+                r.token_times.append(self.now)
+            if self.policy:
+                self.policy.table.prefill_done(r.rid, r.kv, self.now)
+            self._after_token(r)
+        return True
+
+    def _decode(self) -> bool:
+        if not self.running:
+            return False
+        while self.running and self.cap - self.used() < len(self.running):
+            victim = max(self.running, key=lambda r: r.out)  # SGLang retracts the longest output
+            self.running.remove(victim)
+            victim.kv, victim.prefilled = 0, 0
+            self.waiting.insert(0, victim)
+            self.ratio.retracted()
+            self.stats["retractions"] += 1
+            if self.policy:
+                self.policy.table.set_phase(victim.rid, Phase.WAITING, self.now)
+                self.policy.table.set_prompt_tokens(victim.rid, victim.to_prefill())
+        if not self.running:
+            return False
+        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running), bool(self.copies))
+        self.now += dur
+        if self.last_was_decode:
+            self.costs.observe_decode(dur)
+        self.last_was_decode = True
+        self.ratio.decode()
+        self.stats["decode_steps"] += 1
+        batch = list(self.running)
+        if self.policy:
+            self.policy.table.advance([r.rid for r in batch])
+        for r in batch:
+            r.kv += 1
+            r.token_times.append(self.now)
+            self._after_token(r)
+        return True
+
+    def _after_token(self, r: SimReq) -> None:
+        if r.out >= r.spec.output_len:
+            if r in self.running:
+                self.running.remove(r)
+            r.kv = 0
+            if self.policy:
+                self.policy.table.remove(r.rid)
+        elif r not in self.running:
+            self.running.append(r)
+
+
+def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttft_slo: float,
+             tbt_slo: float, host_tokens: int, horizon_s: float) -> dict:
+    sim = Simulator(specs, system, cap, gpu, ttft_slo, tbt_slo, host_tokens, horizon_s)
+    records = sim.run()
+    return {"summary": summarize(records, ttft_slo, tbt_slo), "stats": sim.stats,
+            "sim_seconds": round(sim.now, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--cap", type=int, required=True, help="device KV tokens")
+    ap.add_argument("--rates", type=float, nargs="+", required=True)
+    ap.add_argument("--num", type=int, default=300)
+    ap.add_argument("--arrival", default="poisson", choices=("poisson", "gamma", "trace"))
+    ap.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: gap coefficient of variation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--ttft-slo", type=float, default=1.0)
+    ap.add_argument("--tbt-slo", type=float, default=0.1)
+    ap.add_argument("--host-tokens", type=int, default=122064, help="host tier size (16 GB at 128 KiB/token)")
+    ap.add_argument("--horizon", type=float, default=600.0, help="simulated seconds before giving up")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.cap <= 0 or any(r <= 0 for r in args.rates):
+        ap.error("--cap and --rates must be positive")
+    rows = load_azure(args.trace)
+    gpu = GpuModel()
+    result = {"trace": args.trace, "cap": args.cap, "rates": args.rates, "num": args.num,
+              "arrival": args.arrival, "cv": args.cv, "gpu_model": asdict(gpu), "systems": {},
+              "command": " ".join(sys.argv)}
+    for system in args.systems:
+        per = result["systems"].setdefault(system, {"ttft_attainment": [], "tbt_attainment": [],
+                                                    "throughput_tok_s": [], "stats": []})
+        for rate in args.rates:
+            specs = make_specs(rows, num=args.num, arrival=args.arrival, rate=rate, cv=args.cv, seed=args.seed)
+            res = simulate(specs, system, args.cap, gpu, args.ttft_slo, args.tbt_slo, args.host_tokens,
+                           args.horizon)
+            s = res["summary"]
+            per["ttft_attainment"].append(s["ttft_attainment"])
+            per["tbt_attainment"].append(s["tbt_attainment"])
+            per["throughput_tok_s"].append(s["throughput_tok_s"])
+            per["stats"].append(res["stats"])
+            print(f"{system:>14} @ {rate:g} req/s: TTFT {100 * s['ttft_attainment']:5.1f}%  "
+                  f"TBT {100 * s['tbt_attainment']:5.1f}%  {s['throughput_tok_s']:6.0f} tok/s  {res['stats']}",
+                  flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
