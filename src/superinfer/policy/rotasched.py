@@ -5,13 +5,14 @@ Each iteration:
    deadline minus swap-in time) in one EDF order; those already late go last (new ones only:
    a late rotated-out request keeps its place so it is never starved).
 2. Walk that order while it fits in free device memory: new requests to the queue front,
-   rotated ones back in (within the per-step host→device budget; a non-urgent one may not
-   eat the proactive reserve, and waits for room instead of making it until it is urgent:
-   within ``slo.make_room_lag_s`` of its key).
+   urgent rotated ones (within ``slo.make_room_lag_s`` of their key) back in, within the
+   host→device budget. Rotated ones not urgent yet wait for room left over once everything
+   ranked fits (never the proactive reserve); they never make room.
 3. If the head does not fit, rotate out decode requests with the most slack, only those whose
    slack covers their round trip by ``slack_margin``, until the head fits; otherwise keep the
-   adaptive free reserve the same way. Never more than ``link_share`` of one step's worth of
-   device→host bytes (rotation costs the model SM time; see RotaConfig.link_share).
+   adaptive free reserve the same way. Never more than ``link_share`` of the link's bytes
+   over the time since the last plan (rotation costs the model SM time; see
+   RotaConfig.link_share): a long prefill batch leaves room for more than a decode step.
    Rotations that admit new work (not an urgent return) stop where the resident streams
    could no longer earn the slack the streams on the host spend (``slo.max_away``).
 4. Bound this step's prefill tokens by the least slack of the resident streams (none left,
@@ -34,9 +35,19 @@ from .types import Capacity, Costs, Phase, StepPlan
 _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
 _ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
 _LATE = 1e12  # added to the key of a request already past its TTFT deadline (late_last)
+_LINK_WINDOW_MAX_S = 0.1  # unused link time carried over between plans at most (burst bound)
 
 
 class SloPolicy(Policy):
+    _last_plan_s: float | None = None
+
+    def _link_window_s(self, now_s: float, costs: Costs) -> float:
+        """Seconds of link time this plan may spend a share of: since the last plan, at least
+        a decode step, at most _LINK_WINDOW_MAX_S."""
+        last, self._last_plan_s = self._last_plan_s, now_s
+        since = costs.decode_step_s if last is None else now_s - last
+        return min(max(since, costs.decode_step_s), max(_LINK_WINDOW_MAX_S, costs.decode_step_s))
+
     def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
              gpu_free_at_s: float | None = None) -> StepPlan:
         plan = StepPlan()
@@ -49,12 +60,13 @@ class SloPolicy(Policy):
         # for the forward in flight).
         free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
                 - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
-        budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), costs) if cfg.prefill_pacing else None
+        budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), cap.bytes_per_token, costs) if cfg.prefill_pacing else None
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
+        window = self._link_window_s(now_s, costs)
         used, deficit, wait_s, urgent = self._admit(
             plan, now_s, free, cap, costs, max_prefill_tokens if budget is None else min(max_prefill_tokens, max(budget, 1)),
-            reserve)
+            reserve, window)
         if budget and plan.admit:
             # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
             # back to back, decode waiting: so the head's whole first batch must fit, or a
@@ -67,11 +79,11 @@ class SloPolicy(Policy):
         if deficit is None:
             deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"
         if deficit > 0:
-            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, grows_away=not urgent)
+            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window, grows_away=not urgent)
         plan.check()
         return plan
 
-    def _prefill_budget(self, start_s: float, costs: Costs) -> int | None:
+    def _prefill_budget(self, start_s: float, bpt: int, costs: Costs) -> int | None:
         """Prefill tokens that fit in the least slack of the decoding streams. A prefill batch
         delays every decode step behind it; past this many tokens a stream's next token would
         come after its deadline. 0 means: decode first. A stream already behind its pace
@@ -83,12 +95,18 @@ class SloPolicy(Policy):
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
         counts from its expected first token: its second token is the one at risk."""
         t = self.table
-        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
+        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
         run = run[~np.isnan(t.first_token_s[run])]
         if run.size == 0:
             return None
         deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
-        least = max(float(slo.slack_s(deadline, start_s, costs).min()), 0.0)
+        slack = slo.slack_s(deadline, start_s, costs)
+        away = t.phase[run] == _ON_HOST
+        # A stream on the host needs its copy and a step to be back: the prefill delays that.
+        # One already late is not waited for (more decode steps would not bring it back).
+        slack[away] -= costs.decode_step_s + slo.transfer_s(t.num_tokens[run[away]], bpt, costs.h2d_bytes_per_s)
+        slack = slack[~away | (slack >= 0)]
+        least = max(float(slack.min()), 0.0) if slack.size else 0.0
         budget = costs.prefill_tokens_within(least)
         # Below the size where the fixed cost is half the forward, wait a decode step instead
         # (it adds a TBT minus a step to every stream's slack): tiny chunks cost throughput.
@@ -122,38 +140,39 @@ class SloPolicy(Policy):
         return cand[order], key[order]
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
-               max_prefill_tokens: int, reserve: int) -> tuple[int, int | None, float, bool]:
+               max_prefill_tokens: int, reserve: int, window_s: float) -> tuple[int, int | None, float, bool]:
         """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
         head or None, how long a victim would wait for that head, whether the head is a
-        rotated-out stream that must come back now)."""
+        rotated-out stream that must come back now).
+
+        New requests and urgent returns go in EDF order. A rotated-out stream that is not
+        urgent yet yields to both and only takes room left once everything ranked fits:
+        taking it earlier blocks a newcomer, whose room then comes from a rotation, and the
+        two swap again and again (seen in eval/sim_policy.py on the code trace)."""
         t = self.table
         depth = _WALK_DEPTH
         order, key = self._rank(now_s, cap, costs, depth)
-        h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * costs.decode_step_s
-                         / cap.bytes_per_token)
-        # From the decision to its token, a rotated-out request that must make room waits for
-        # the victims' copy (fenced behind the forward in flight), its own copy, its decode step.
-        urgent_lag = slo.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
+        h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * window_s / cap.bytes_per_token)
         used = prefill = h2d = 0
         start = 0
+        deferred: list[int] = []
         while start < len(order):
+            # From the decision to its token, a rotated-out request that must make room waits for
+            # the victims' copy (behind the forward in flight), its own copy, its decode step.
+            urgent_lag = slo.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
             for i, s in enumerate(order[start:].tolist(), start):
                 req_id = t.id_at(s)
                 if t.phase[s] == _ON_HOST:
-                    remaining = min(int(t.max_new_tokens[s] - t.num_output_tokens[s]), CLIP_NEW_TOKENS)
-                    need = int(t.num_tokens[s]) + int(max(remaining, 0) * cap.new_token_ratio)
-                    urgent = key[i] <= now_s + urgent_lag[i]
-                    room = free - used - (0 if urgent else reserve)
-                    if need > room:
-                        # Only a request that must come back now may push others out: making
-                        # room early just swaps it with a victim that will swap back (thrash).
-                        if urgent:
-                            return used, need - room, costs.decode_step_s, True
-                        return used, None, 0.0, False
+                    if key[i] > now_s + urgent_lag[i]:
+                        deferred.append(s)
+                        continue
+                    need = self._return_need(s, cap)
+                    if need > free - used:
+                        return used, need - (free - used), costs.decode_step_s, True
                     if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
                         return used, None, 0.0, False  # budget spent this step; order kept
                     plan.rotate_in.append(req_id)
-                    plan.reasons[req_id] = "urgent rotate-in" if urgent else "rotate-in"
+                    plan.reasons[req_id] = "urgent rotate-in"
                     h2d += int(t.num_tokens[s])
                 else:
                     prompt = int(t.num_prompt_tokens[s])
@@ -172,11 +191,25 @@ class SloPolicy(Policy):
                 break
             start, depth = len(order), 4 * depth  # everything ranked so far fit: look deeper
             order, key = self._rank(now_s, cap, costs, depth)
-            urgent_lag = slo.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
+        for s in deferred:  # room to spare: bring streams back early, never past the reserve
+            need = self._return_need(s, cap)
+            if need > free - used - reserve or (h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in):
+                break
+            req_id = t.id_at(s)
+            plan.rotate_in.append(req_id)
+            plan.reasons[req_id] = "rotate-in"
+            h2d += int(t.num_tokens[s])
+            used += need
         return used, None, 0.0, False
 
+    def _return_need(self, slot: int, cap: Capacity) -> int:
+        """Device tokens a rotated-out stream takes back: its KV and SGLang's reservation."""
+        t = self.table
+        remaining = min(int(t.max_new_tokens[slot] - t.num_output_tokens[slot]), CLIP_NEW_TOKENS)
+        return int(t.num_tokens[slot]) + int(max(remaining, 0) * cap.new_token_ratio)
+
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
-                    wait_s: float, why: str, grows_away: bool) -> None:
+                    wait_s: float, why: str, window_s: float, grows_away: bool) -> None:
         """Pick victims with the most slack until ``deficit`` tokens are freed (or none at all if
         the eligible victims cannot cover it: a partial rotation would only waste bandwidth).
         ``grows_away``: the room is for new work, so the streams away from the device grow in
@@ -204,8 +237,7 @@ class SloPolicy(Policy):
         order = np.lexsort((t.seq[run], -slack))
         run, tokens = run[order], tokens[order]
         freed = np.cumsum(frees[order])
-        d2h_budget = max(int(self.config.link_share * costs.d2h_bytes_per_s * costs.decode_step_s
-                             / cap.bytes_per_token), 1)
+        d2h_budget = max(int(self.config.link_share * costs.d2h_bytes_per_s * window_s / cap.bytes_per_token), 1)
         moved = np.cumsum(tokens)
         fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= cap.free_host_tokens)
         take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
