@@ -102,10 +102,13 @@ class SloPolicy(Policy):
         deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
         slack = slo.slack_s(deadline, start_s, costs)
         away = t.phase[run] == _ON_HOST
-        # A stream on the host needs its copy and a step to be back: the prefill delays that.
-        # One already late is not waited for (more decode steps would not bring it back).
-        slack[away] -= costs.decode_step_s + slo.transfer_s(t.num_tokens[run[away]], bpt, costs.h2d_bytes_per_s)
-        slack = slack[~away | (slack >= 0)]
+        late = away & (deadline < start_s)  # not waited for: decode steps would not bring it back
+        # A stream on the host may need room made and its copy to be back: a prefill now
+        # delays both (past its urgency point, it counts as no slack).
+        tokens = t.num_tokens[run[away]]
+        slack[away] -= (slo.make_room_lag_s(tokens, bpt, costs) - costs.decode_step_s
+                        + slo.transfer_s(tokens, bpt, costs.h2d_bytes_per_s))
+        slack = slack[~late]
         least = max(float(slack.min()), 0.0) if slack.size else 0.0
         budget = costs.prefill_tokens_within(least)
         # Below the size where the fixed cost is half the forward, wait a decode step instead
@@ -224,7 +227,10 @@ class SloPolicy(Policy):
         tokens = t.num_tokens[run]
         deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
         slack = slo.slack_s(deadline, now_s, costs)
-        need_slack = self.config.slack_margin * slo.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s)
+        # Enough for the round trip (with margin) and, since its return may need room made in
+        # turn, the lead time of an urgent return.
+        need_slack = (self.config.slack_margin * slo.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s)
+                      + slo.make_room_lag_s(tokens, cap.bytes_per_token, costs))
         ok = slack >= need_slack
         run, tokens, slack = run[ok], tokens[ok], slack[ok]
         frees = tokens + t.decode_reservation(run, cap.new_token_ratio)
