@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -310,7 +311,10 @@ def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttf
              tbt_slo: float, host_tokens: int, horizon_s: float) -> dict:
     sim = Simulator(specs, system, cap, gpu, ttft_slo, tbt_slo, host_tokens, horizon_s)
     records = sim.run()
-    return {"summary": summarize(records, ttft_slo, tbt_slo), "stats": sim.stats,
+    # What is still held once every request is done: anything but zeros is a leak.
+    held = {"device_tokens": sim.used(), "host_tokens": host_tokens - sim.host_free,
+            "table_entries": len(sim.policy.table) if sim.policy else 0}
+    return {"summary": summarize(records, ttft_slo, tbt_slo), "stats": {**sim.stats, "held_at_end": held},
             "sim_seconds": round(sim.now, 2)}
 
 
@@ -334,23 +338,27 @@ def main() -> None:
         ap.error("--cap and --rates must be positive")
     rows = load_azure(args.trace)
     gpu = GpuModel()
-    result = {"trace": args.trace, "cap": args.cap, "rates": args.rates, "num": args.num,
-              "arrival": args.arrival, "cv": args.cv, "gpu_model": asdict(gpu), "systems": {},
-              "command": " ".join(sys.argv)}
+    # Same keys as sweep_slo.py's results, so plot_slo.py draws it too.
+    result = {"trace": f"{Path(args.trace).stem} (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
+              "cap_tokens": args.cap, "rates": args.rates, "num_requests": [args.num] * len(args.rates),
+              "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo,
+              "gpu_model": asdict(gpu), "systems": {}, "command": " ".join(sys.argv),
+              "note": "eval/sim_policy.py: the real policy on a modelled GPU; estimates, not measurements"}
+    keys = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s", "ttft_p50", "ttft_p99")
+    t0 = time.monotonic()
     for system in args.systems:
-        per = result["systems"].setdefault(system, {"ttft_attainment": [], "tbt_attainment": [],
-                                                    "throughput_tok_s": [], "stats": []})
+        per = result["systems"].setdefault(system, {**{k: [] for k in keys}, "stats": []})
         for rate in args.rates:
             specs = make_specs(rows, num=args.num, arrival=args.arrival, rate=rate, cv=args.cv, seed=args.seed)
             res = simulate(specs, system, args.cap, gpu, args.ttft_slo, args.tbt_slo, args.host_tokens,
                            args.horizon)
             s = res["summary"]
-            per["ttft_attainment"].append(s["ttft_attainment"])
-            per["tbt_attainment"].append(s["tbt_attainment"])
-            per["throughput_tok_s"].append(s["throughput_tok_s"])
+            for k in keys:
+                per[k].append(s[k])
             per["stats"].append(res["stats"])
             print(f"{system:>14} @ {rate:g} req/s: TTFT {100 * s['ttft_attainment']:5.1f}%  "
-                  f"TBT {100 * s['tbt_attainment']:5.1f}%  {s['throughput_tok_s']:6.0f} tok/s  {res['stats']}",
+                  f"TBT {100 * s['tbt_attainment']:5.1f}%  {s['throughput_tok_s']:6.0f} tok/s  "
+                  f"[{time.monotonic() - t0:.0f}s] {res['stats']}",
                   flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

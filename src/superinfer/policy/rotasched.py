@@ -75,11 +75,16 @@ class SloPolicy(Policy):
             if head > budget:
                 budget = 0
         plan.prefill_token_budget = budget
+        blocked_new = deficit is not None and not urgent
         why = "bring back an urgent stream" if urgent else "make room for the EDF head"
         if deficit is None:
             deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"
         if deficit > 0:
             self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window, grows_away=not urgent)
+        if blocked_new and not plan.rotate_out:
+            # The new head waits (no room can be made for it now), but a rotated-out stream due
+            # now must not wait behind it: it can still swap with a resident that has slack.
+            self._urgent_returns(plan, now_s, free - used, cap, costs, window)
         plan.check()
         return plan
 
@@ -205,6 +210,38 @@ class SloPolicy(Policy):
             used += need
         return used, None, 0.0, False
 
+    def _urgent_returns(self, plan: StepPlan, now_s: float, room: int, cap: Capacity, costs: Costs,
+                        window_s: float) -> None:
+        """Bring back the rotated-out streams that are due now, in deadline order, making room
+        for the first that does not fit (the EDF walk stopped at a new request it could not
+        place, before reaching them)."""
+        t = self.table
+        away = t.slots_in(Phase.ON_HOST)
+        if away.size == 0:
+            return
+        tokens = t.num_tokens[away]
+        key = (slo.next_token_deadline(t.first_token_s[away], t.next_token_index(away), t.tbt_slo_s[away])
+               - slo.transfer_s(tokens, cap.bytes_per_token, costs.h2d_bytes_per_s))
+        due = key <= now_s + slo.make_room_lag_s(tokens, cap.bytes_per_token, costs)
+        away, key = away[due], key[due]
+        h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * window_s / cap.bytes_per_token)
+        h2d = sum(int(t.num_tokens[t._slot_of[r]]) for r in plan.rotate_in)
+        for s in away[np.lexsort((t.seq[away], key))].tolist():
+            if t.id_at(s) in plan.reasons:  # already coming back (the walk reached it)
+                continue
+            need = self._return_need(s, cap)
+            if need > room:
+                self._rotate_out(plan, need - room, now_s, cap, costs, costs.decode_step_s,
+                                 "bring back an urgent stream", window_s, grows_away=False)
+                return
+            if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
+                return
+            req_id = t.id_at(s)
+            plan.rotate_in.append(req_id)
+            plan.reasons[req_id] = "urgent rotate-in"
+            h2d += int(t.num_tokens[s])
+            room -= need
+
     def _return_need(self, slot: int, cap: Capacity) -> int:
         """Device tokens a rotated-out stream takes back: its KV and SGLang's reservation."""
         t = self.table
@@ -245,7 +282,13 @@ class SloPolicy(Policy):
         freed = np.cumsum(frees[order])
         d2h_budget = max(int(self.config.link_share * costs.d2h_bytes_per_s * window_s / cap.bytes_per_token), 1)
         moved = np.cumsum(tokens)
-        fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= cap.free_host_tokens)
+        host_room = cap.free_host_tokens
+        if grows_away:
+            # Keep room on the host for one more stream: a return that must make room swaps
+            # with a resident, whose copy lands before the returning one's host pages are free.
+            # (With the host tier full, streams due came back up to 0.9 s late in the model.)
+            host_room -= int(t.num_tokens[t.slots_in(Phase.RUNNING)].max())
+        fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= host_room)
         take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
         if grows_away and take > self._away_room(costs):
             return  # the streams on the host could not all be brought back on time
