@@ -330,19 +330,20 @@ def main() -> None:
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--tbt-slo", type=float, default=0.1)
-    ap.add_argument("--host-tokens", type=int, default=122064, help="host tier size (16 GB at 128 KiB/token)")
+    ap.add_argument("--host-kv-gb", type=float, default=64.0, help="host tier size, like --rota-host-kv-gb")
     ap.add_argument("--horizon", type=float, default=600.0, help="simulated seconds before giving up")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    if args.cap <= 0 or any(r <= 0 for r in args.rates):
-        ap.error("--cap and --rates must be positive")
+    if args.cap <= 0 or any(r <= 0 for r in args.rates) or args.host_kv_gb <= 0:
+        ap.error("--cap, --rates and --host-kv-gb must be positive")
     rows = load_azure(args.trace)
     gpu = GpuModel()
+    host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
     # Same keys as sweep_slo.py's results, so plot_slo.py draws it too.
     result = {"trace": f"{Path(args.trace).stem} (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
               "cap_tokens": args.cap, "rates": args.rates, "num_requests": [args.num] * len(args.rates),
               "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo,
-              "gpu_model": asdict(gpu), "systems": {}, "command": " ".join(sys.argv),
+              "gpu_model": asdict(gpu), "host_kv_gb": args.host_kv_gb, "systems": {}, "command": " ".join(sys.argv),
               "note": "eval/sim_policy.py: the real policy on a modelled GPU; estimates, not measurements"}
     keys = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s", "ttft_p50", "ttft_p99")
     t0 = time.monotonic()
@@ -350,8 +351,7 @@ def main() -> None:
         per = result["systems"].setdefault(system, {**{k: [] for k in keys}, "stats": []})
         for rate in args.rates:
             specs = make_specs(rows, num=args.num, arrival=args.arrival, rate=rate, cv=args.cv, seed=args.seed)
-            res = simulate(specs, system, args.cap, gpu, args.ttft_slo, args.tbt_slo, args.host_tokens,
-                           args.horizon)
+            res = simulate(specs, system, args.cap, gpu, args.ttft_slo, args.tbt_slo, host_tokens, args.horizon)
             s = res["summary"]
             for k in keys:
                 per[k].append(s[k])

@@ -33,11 +33,13 @@ class RotaConfig:
     mover: str = "auto"
     # Bound each step's prefill by the least slack of the decoding streams (decode first at 0).
     prefill_pacing: bool = True
-    # Below this many tokens a prefill chunk is not worth its launch: decode first instead.
+    # Smallest paced prefill worth a forward (the fitted overhead can raise it): below it,
+    # decode first instead.
     min_prefill_chunk: int = 256
-    # Share of the measured PCIe rate a step's rotations may use, each way. The staging copy's
-    # gather kernels take SMs from the model: on an H200 a CUDA-graph decode step ran 11.6%
-    # slower at the full rate, 5.4% at half, 2.7% at a quarter (eval/diag_interference.py).
+    # Share of the measured PCIe rate rotations may use, each way, over the time since the
+    # last plan. The staging copy's gather kernels take SMs from the model: on an H200 a
+    # CUDA-graph decode step ran 11.6% slower at the full rate, 5.4% at half, 2.7% at a
+    # quarter (eval/diag_interference.py).
     link_share: float = 0.4
 
     def __post_init__(self) -> None:

@@ -14,9 +14,12 @@ Each iteration:
    over the time since the last plan (rotation costs the model SM time; see
    RotaConfig.link_share): a long prefill batch leaves room for more than a decode step.
    Rotations that admit new work (not an urgent return) stop where the resident streams
-   could no longer earn the slack the streams on the host spend (``slo.max_away``).
-4. Bound this step's prefill tokens by the least slack of the resident streams (none left,
-   or behind pace: decode first).
+   could no longer earn the slack the streams on the host spend (``slo.slack_gain``,
+   ``slo.max_extra_away``), and keep one stream's KV free on the host for swaps. If no room
+   can be made for a new head, urgent returns behind it still swap in.
+4. Bound this step's prefill tokens by the least slack of the resident streams and of the
+   rotated-out ones up to their urgency point (none left, or a stream behind pace: decode
+   first); the head's whole first batch must fit, since SGLang runs chunks back to back.
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
 ``new_token_ratio`` × its remaining output; a new request needs its prompt plus its whole
@@ -60,18 +63,20 @@ class SloPolicy(Policy):
         # for the forward in flight).
         free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
                 - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
-        budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), cap.bytes_per_token, costs) if cfg.prefill_pacing else None
+        budget = None
+        if cfg.prefill_pacing:
+            budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), cap.bytes_per_token, costs)
         reserve = slo.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         window = self._link_window_s(now_s, costs)
-        used, deficit, wait_s, urgent = self._admit(
-            plan, now_s, free, cap, costs, max_prefill_tokens if budget is None else min(max_prefill_tokens, max(budget, 1)),
-            reserve, window)
+        batch_limit = max_prefill_tokens if budget is None else min(max_prefill_tokens, max(budget, 1))
+        used, deficit, wait_s, urgent = self._admit(plan, now_s, free, cap, costs, batch_limit, reserve,
+                                                    window)
         if budget and plan.admit:
             # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
             # back to back, decode waiting: so the head's whole first batch must fit, or a
             # decode step comes first (each adds a TBT minus a step to every stream's slack).
-            head = min(int(t.num_prompt_tokens[t._slot_of[plan.admit[0]]]), max_prefill_tokens)
+            head = min(int(t.num_prompt_tokens[t.slot(plan.admit[0])]), max_prefill_tokens)
             if head > budget:
                 budget = 0
         plan.prefill_token_budget = budget
@@ -225,7 +230,7 @@ class SloPolicy(Policy):
         due = key <= now_s + slo.make_room_lag_s(tokens, cap.bytes_per_token, costs)
         away, key = away[due], key[due]
         h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * window_s / cap.bytes_per_token)
-        h2d = sum(int(t.num_tokens[t._slot_of[r]]) for r in plan.rotate_in)
+        h2d = sum(int(t.num_tokens[t.slot(r)]) for r in plan.rotate_in)
         for s in away[np.lexsort((t.seq[away], key))].tolist():
             if t.id_at(s) in plan.reasons:  # already coming back (the walk reached it)
                 continue

@@ -152,6 +152,9 @@ class RequestTable:
             mask |= self.phase == int(p)
         return np.flatnonzero(mask)
 
+    def slot(self, req_id: str) -> int:
+        return self._slot_of[req_id]
+
     def id_at(self, slot: int) -> str:
         return self._ids[slot]  # type: ignore[return-value]
 
