@@ -143,6 +143,17 @@ def test_away_streams_are_bounded_by_the_slack_the_resident_ones_earn():
     assert plan_with_away(9) == []  # 9 on the host already use what 4 resident streams earn
 
 
+def test_streams_on_the_host_already_late_do_not_hold_prefill_back():
+    """Decode steps cannot bring a late rotated-out stream back; with nothing else decoding,
+    prefill is not paced at all."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "away", tokens=1000, first_s=0.0, out=5)  # token #5 was due at 0.5
+    p.table.set_phase("away", Phase.ROTATING_OUT, 0.2)
+    p.table.set_phase("away", Phase.ON_HOST, 0.2)
+    p.table.add("new", 0.9, 1000, 1.0, 0.1, 10)
+    assert p.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
+
+
 def test_a_stream_behind_pace_means_decode_first():
     """Only decode steps let a late stream catch up; once every stream was behind, unbounded
     prefill stalled them all for up to a second on the H200."""

@@ -119,7 +119,9 @@ class SloPolicy(Policy):
         slack[away] -= (slo.make_room_lag_s(tokens, bpt, costs) - costs.decode_step_s
                         + slo.transfer_s(tokens, bpt, costs.h2d_bytes_per_s))
         slack = slack[~late]
-        least = max(float(slack.min()), 0.0) if slack.size else 0.0
+        if slack.size == 0:
+            return None
+        least = max(float(slack.min()), 0.0)
         budget = costs.prefill_tokens_within(least)
         # Below the size where the fixed cost is half the forward, wait a decode step instead
         # (it adds a TBT minus a step to every stream's slack): tiny chunks cost throughput.
