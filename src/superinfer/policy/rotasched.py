@@ -138,14 +138,9 @@ class SloPolicy(Policy):
         t = self.table
         cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
         on_host = t.phase[cand] == Phase.ON_HOST
-        host_deadline = slo.next_token_deadline(
-            t.first_token_s[cand], t.next_token_index(cand), t.tbt_slo_s[cand])
         new_deadline = slo.ttft_deadline(t.arrival_s[cand], t.ttft_slo_s[cand])
-        key = np.where(
-            on_host,
-            host_deadline - slo.transfer_s(t.num_tokens[cand], cap.bytes_per_token, costs.h2d_bytes_per_s),
-            new_deadline - costs.prefill_s(t.num_prompt_tokens[cand]),
-        )
+        key = np.where(on_host, self._return_key(cand, cap, costs),
+                       new_deadline - costs.prefill_s(t.num_prompt_tokens[cand]))
         if self.config.late_last:
             key = key + np.where((~on_host) & (new_deadline < now_s), _LATE, 0.0)
         if depth < len(cand):
@@ -186,9 +181,7 @@ class SloPolicy(Policy):
                         return used, need - (free - used), costs.decode_step_s, True
                     if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
                         return used, None, 0.0, False  # budget spent this step; order kept
-                    plan.rotate_in.append(req_id)
-                    plan.reasons[req_id] = "urgent rotate-in"
-                    h2d += int(t.num_tokens[s])
+                    h2d += self._take_return(plan, s, "urgent rotate-in")
                 else:
                     prompt = int(t.num_prompt_tokens[s])
                     need = prompt + int(min(t.max_new_tokens[s], CLIP_NEW_TOKENS))
@@ -210,10 +203,7 @@ class SloPolicy(Policy):
             need = self._return_need(s, cap)
             if need > free - used - reserve or (h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in):
                 break
-            req_id = t.id_at(s)
-            plan.rotate_in.append(req_id)
-            plan.reasons[req_id] = "rotate-in"
-            h2d += int(t.num_tokens[s])
+            h2d += self._take_return(plan, s, "rotate-in")
             used += need
         return used, None, 0.0, False
 
@@ -226,10 +216,8 @@ class SloPolicy(Policy):
         away = t.slots_in(Phase.ON_HOST)
         if away.size == 0:
             return
-        tokens = t.num_tokens[away]
-        key = (slo.next_token_deadline(t.first_token_s[away], t.next_token_index(away), t.tbt_slo_s[away])
-               - slo.transfer_s(tokens, cap.bytes_per_token, costs.h2d_bytes_per_s))
-        due = key <= now_s + slo.make_room_lag_s(tokens, cap.bytes_per_token, costs)
+        key = self._return_key(away, cap, costs)
+        due = key <= now_s + slo.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token, costs)
         away, key = away[due], key[due]
         h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * window_s / cap.bytes_per_token)
         h2d = sum(int(t.num_tokens[t.slot(r)]) for r in plan.rotate_in)
@@ -243,11 +231,21 @@ class SloPolicy(Policy):
                 return
             if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
                 return
-            req_id = t.id_at(s)
-            plan.rotate_in.append(req_id)
-            plan.reasons[req_id] = "urgent rotate-in"
-            h2d += int(t.num_tokens[s])
+            h2d += self._take_return(plan, s, "urgent rotate-in")
             room -= need
+
+    def _return_key(self, slots: np.ndarray, cap: Capacity, costs: Costs) -> np.ndarray:
+        """EDF key of rotated-out streams: the next token's deadline minus the copy back."""
+        t = self.table
+        deadline = slo.next_token_deadline(t.first_token_s[slots], t.next_token_index(slots), t.tbt_slo_s[slots])
+        return deadline - slo.transfer_s(t.num_tokens[slots], cap.bytes_per_token, costs.h2d_bytes_per_s)
+
+    def _take_return(self, plan: StepPlan, slot: int, why: str) -> int:
+        """Plan a rotated-out stream's return; returns the tokens it moves host→device."""
+        req_id = self.table.id_at(slot)
+        plan.rotate_in.append(req_id)
+        plan.reasons[req_id] = why
+        return int(self.table.num_tokens[slot])
 
     def _return_need(self, slot: int, cap: Capacity) -> int:
         """Device tokens a rotated-out stream takes back: its KV and SGLang's reservation."""
@@ -260,7 +258,7 @@ class SloPolicy(Policy):
         """Pick victims with the most slack until ``deficit`` tokens are freed (or none at all if
         the eligible victims cannot cover it: a partial rotation would only waste bandwidth).
         ``grows_away``: the room is for new work, so the streams away from the device grow in
-        number and ``slo.max_away`` bounds them."""
+        number: ``_away_room`` bounds them, and one stream's KV stays free on the host."""
         t = self.table
         run = t.slots_in(Phase.RUNNING)
         # Decoding, and not about to finish: a request that finishes in the step in flight
