@@ -315,7 +315,14 @@ def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttf
     held = {"device_tokens": sim.used(), "host_tokens": host_tokens - sim.host_free,
             "table_entries": len(sim.policy.table) if sim.policy else 0}
     return {"summary": summarize(records, ttft_slo, tbt_slo), "stats": {**sim.stats, "held_at_end": held},
-            "sim_seconds": round(sim.now, 2)}
+            "sim_seconds": round(sim.now, 2), "records": records}
+
+
+def _write_raw(raw_dir: Path, system: str, rate: float, records: list[dict]) -> dict:
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    path = raw_dir / f"{system}_rate{rate:g}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"path": str(path), "n": len(records)}
 
 
 def main() -> None:
@@ -333,6 +340,8 @@ def main() -> None:
     ap.add_argument("--host-kv-gb", type=float, default=64.0, help="host tier size, like --rota-host-kv-gb")
     ap.add_argument("--horizon", type=float, default=600.0, help="simulated seconds before giving up")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--raw-dir", type=Path, help="also write per-request records (JSON lines) here, "
+                    "for plot_slo.py's TTFT CDF")
     args = ap.parse_args()
     if args.cap <= 0 or any(r <= 0 for r in args.rates) or args.host_kv_gb <= 0:
         ap.error("--cap, --rates and --host-kv-gb must be positive")
@@ -340,7 +349,7 @@ def main() -> None:
     gpu = GpuModel()
     host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
     # Same keys as sweep_slo.py's results, so plot_slo.py draws it too.
-    result = {"trace": f"{Path(args.trace).stem} (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
+    result = {"trace": Path(args.trace).stem.replace("AzureLLMInferenceTrace_", "azure_") + " (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
               "cap_tokens": args.cap, "rates": args.rates, "num_requests": [args.num] * len(args.rates),
               "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo,
               "gpu_model": asdict(gpu), "host_kv_gb": args.host_kv_gb, "systems": {}, "command": " ".join(sys.argv),
@@ -348,7 +357,7 @@ def main() -> None:
     keys = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s", "ttft_p50", "ttft_p99")
     t0 = time.monotonic()
     for system in args.systems:
-        per = result["systems"].setdefault(system, {**{k: [] for k in keys}, "stats": []})
+        per = result["systems"].setdefault(system, {**{k: [] for k in keys}, "stats": [], "raw": []})
         for rate in args.rates:
             specs = make_specs(rows, num=args.num, arrival=args.arrival, rate=rate, cv=args.cv, seed=args.seed)
             res = simulate(specs, system, args.cap, gpu, args.ttft_slo, args.tbt_slo, host_tokens, args.horizon)
@@ -356,6 +365,7 @@ def main() -> None:
             for k in keys:
                 per[k].append(s[k])
             per["stats"].append(res["stats"])
+            per["raw"].append(_write_raw(args.raw_dir, system, rate, res["records"]) if args.raw_dir else None)
             print(f"{system:>14} @ {rate:g} req/s: TTFT {100 * s['ttft_attainment']:5.1f}%  "
                   f"TBT {100 * s['tbt_attainment']:5.1f}%  {s['throughput_tok_s']:6.0f} tok/s  "
                   f"[{time.monotonic() - t0:.0f}s] {res['stats']}",

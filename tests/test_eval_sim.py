@@ -51,8 +51,11 @@ def test_cli_rejects_bad_arguments(tmp_path):
 def test_cli_writes_a_result_plot_slo_can_draw(tmp_path):
     out = tmp_path / "sim.json"
     run = subprocess.run([sys.executable, str(EVAL / "sim_policy.py"), "--trace", str(CONV), "--cap", "10000",
-                          "--rates", "16", "--num", "40", "--out", str(out)], capture_output=True, text=True)
+                          "--rates", "16", "--num", "40", "--out", str(out), "--raw-dir", str(tmp_path / "raw")],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert len((tmp_path / "raw" / "rotasched_rate16.jsonl").read_text().splitlines()) == 40
     plot = subprocess.run([sys.executable, str(EVAL / "plot_slo.py"), str(out)], capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr
-    assert (tmp_path / "sim_attainment.png").stat().st_size > 10_000
+    for name in ("attainment", "throughput", "ttft_cdf"):
+        assert (tmp_path / f"sim_{name}.png").stat().st_size > 10_000
