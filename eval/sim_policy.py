@@ -235,7 +235,7 @@ class Simulator:
             take = min(need, rem_chunk)
             batch.append((r, take))
             rem_input, rem_chunk = rem_input - take, rem_chunk - take
-            room -= take + (0 if forced else reserve * self.ratio.value)
+            room -= take + (0 if forced else reserve)  # SGLang books a new request's whole output
             if take < need or rem_input <= 0 or rem_chunk <= 0:
                 break
         tokens = sum(take for _, take in batch)
