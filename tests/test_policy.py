@@ -103,9 +103,10 @@ def test_rotated_request_makes_room_only_when_it_must_come_back():
     assert due.rotate_out == ["resident"]
 
 
-def test_urgency_covers_the_victims_copy_and_three_steps():
+def test_urgency_covers_the_overlap_pipeline_of_a_swap():
     """Making room takes the victims' copy (behind the forward in flight), our copy (behind the
-    next one) and our decode step: a request is urgent that long (plus a step) before its key."""
+    one in flight after it) and our decode step; with SGLang planning one batch ahead that is
+    six steps: a request is urgent that long before its key."""
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "resident", tokens=1000, first_s=0.0, out=40)
     running(p, "away", tokens=1000, first_s=0.0, out=30)  # due 3.0
@@ -113,7 +114,7 @@ def test_urgency_covers_the_victims_copy_and_three_steps():
     p.table.set_phase("away", Phase.ON_HOST, 0.5)
     copy = slo.transfer_s(1000, BPT, 50e9)
     lag = slo.make_room_lag_s(1000, BPT, COSTS)
-    assert lag == pytest.approx(4 * 0.02 + copy)
+    assert lag == pytest.approx(6 * 0.02 + copy)
     key = 3.0 - copy
     assert p.plan(key - lag - 0.005, cap(500), COSTS, 16384).rotate_out == []
     assert p.plan(key - lag + 0.005, cap(500), COSTS, 16384).rotate_out == ["resident"]

@@ -54,12 +54,12 @@ def reserve_tokens(costs: Costs, window_s: float, total_device_tokens: int, max_
 
 def make_room_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
     """How long before ``key`` (next-token deadline minus the swap-in copy) a rotated-out
-    request that needs room must be decided on. Victims leave the batch now but their copy
-    waits for the forward in flight (one step) and then takes about as long as ours (same
-    size); their pages are free at the next iteration; our copy waits for that iteration's
-    forward (one step); we rejoin and decode (one step): three steps and the victims' copy,
-    plus one step of margin for a prefill batch in between."""
-    return 4 * costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.d2h_bytes_per_s)
+    request that needs room must be decided on. SGLang's overlap scheduler plans batch N while
+    N-1 runs, so counting batches from the decision (at plan N): N-1 is the victims' last
+    writer, their copy runs during N and their pages are seen free at plan N+2; our copy waits
+    for N+1 (in flight then) and runs during N+2; we are seen back at plan N+4, and N+4
+    decodes the token. Six steps, the victims' copy, and ours (already in the key)."""
+    return 6 * costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.d2h_bytes_per_s)
 
 
 def slack_gain(tbt_slo_s: float, decode_step_s: float, prefill_share: float) -> float:
