@@ -20,6 +20,8 @@ Token k = 0 is the first output token.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -91,3 +93,15 @@ def summarize(records: list[Record], ttft_slo: float, tbt_slo: float) -> dict[st
         "duration_s": duration,
         "throughput_tok_s": tokens / duration if duration > 0 else None,
     }
+
+
+def write_jsonl(path: str | Path, records: list[Record]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

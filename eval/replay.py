@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from metrics import Record, summarize
+from metrics import Record, read_jsonl, summarize, write_jsonl  # noqa: F401 (re-exported)
 from traces import ARRIVALS, RequestSpec, load_azure, make_specs, prompt_ids
 
 META_KEYS = ("finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
@@ -199,18 +199,6 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
         if r["send"] is None:
             r["error"] = "not sent: replay time limit"
     return records
-
-
-def write_jsonl(path: str | Path, records: list[Record]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[Record]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from metrics import summarize  # noqa: E402
+from metrics import summarize, write_jsonl  # noqa: E402
 from traces import RequestSpec, load_azure, make_specs  # noqa: E402
 
 from superinfer.config import RotaConfig  # noqa: E402
@@ -319,9 +319,8 @@ def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttf
 
 
 def _write_raw(raw_dir: Path, system: str, rate: float, records: list[dict]) -> dict:
-    raw_dir.mkdir(parents=True, exist_ok=True)
     path = raw_dir / f"{system}_rate{rate:g}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return {"path": str(path), "n": len(records)}
 
 

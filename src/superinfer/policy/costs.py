@@ -3,7 +3,7 @@
 Exponentially weighted averages: cheap, bounded memory, and quick to follow load changes.
 Prefill time is fitted as overhead + tokens × rate (weighted least squares over the same
 window), since small chunks cost far more per token than large ones.
-Under tensor parallelism only rank 0's estimates are used (the adapter broadcasts them).
+Under tensor parallelism only rank 0's estimates are used (the adapter shares them).
 """
 
 from __future__ import annotations

@@ -261,6 +261,9 @@ class SloPolicy(Policy):
         number: ``_away_room`` bounds them, and one stream's KV stays free on the host."""
         t = self.table
         run = t.slots_in(Phase.RUNNING)
+        if run.size == 0:
+            return
+        largest = int(t.num_tokens[run].max())
         # Decoding, and not about to finish: a request that finishes in the step in flight
         # is released by SGLang itself.
         run = run[~np.isnan(t.first_token_s[run]) & (t.max_new_tokens[run] - t.num_output_tokens[run] > 2)]
@@ -292,7 +295,7 @@ class SloPolicy(Policy):
             # Keep room on the host for one more stream: a return that must make room swaps
             # with a resident, whose copy lands before the returning one's host pages are free.
             # (With the host tier full, streams due came back up to 0.9 s late in the model.)
-            host_room -= int(t.num_tokens[t.slots_in(Phase.RUNNING)].max())
+            host_room -= largest
         fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= host_room)
         take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
         if grows_away and take > self._away_room(costs):

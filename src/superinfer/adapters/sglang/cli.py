@@ -80,8 +80,8 @@ def extend_server_args(module: ModuleType) -> None:
                 help="rotasched: a victim's slack must cover its round trip this many times.",
                 type_parser=_positive_float("--rota-slack-margin")), NS(_NS)],
             "rota_link_share": A[float, Arg(
-                help="rotasched: share of the host link's measured rate that one step's "
-                     "rotations may use, each way (bounds the model's slowdown).",
+                help="rotasched: share of the host link's measured rate that rotations may "
+                     "use, each way (bounds the model's slowdown).",
                 type_parser=_fraction("--rota-link-share")), NS(_NS)],
             "rota_disable_prefill_pacing": A[bool, Arg(
                 help="rotasched: do not bound each step's prefill by the decoding streams' "
