@@ -21,6 +21,10 @@ zero data):
 - ``staging_mover``: DuplexKVMover(path="staging") both ways at full rate (as bench_duplexkv).
 - ``memcpy_batch*``: per-page 32 KiB copies, one ``cudaMemcpyBatchAsync`` call per 256 MiB
   unit (copy engines only, no kernels, no staging), via ctypes; checked bit for bit first.
+- ``run2d_N*``: kernel-free too, for runs of N consecutive device slots (what SGLang's
+  allocator hands a prompt when the pool is not fragmented): one ``cudaMemcpy2DAsync`` per
+  (run, layer, K/V) straight between the layer-first device pool and the token-major host pool
+  (2 KiB rows at the host's token pitch); checked bit for bit first.
 - ``staging_mover_capped_Ppct``: the mover gated to one bounded batch per decode step, sized
   to keep it busy ~P% of a step: does a per-step byte budget bound the interference?
 
@@ -40,6 +44,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -366,6 +371,7 @@ class MemcpyAttributes(ctypes.Structure):
 SRC_ACCESS_ORDER_STREAM = 1  # cudaMemcpySrcAccessOrderStream
 LOC_DEVICE, LOC_HOST = 1, 2  # cudaMemLocationTypeDevice / cudaMemLocationTypeHost (0 = invalid)
 FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1  # cudaMemcpyFlagPreferOverlapWithCompute (CUDA 13.0 header)
+MEMCPY_DEFAULT = 4  # cudaMemcpyDefault
 
 
 class CudaRuntime:
@@ -390,6 +396,10 @@ class CudaRuntime:
         self._batch.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p,
                                 ctypes.c_void_p, ctypes.c_size_t]
                                 + [ctypes.c_void_p] * (2 if self.has_fail_idx else 1))
+        self._2d = self.lib.cudaMemcpy2DAsync
+        self._2d.restype = ctypes.c_int
+        self._2d.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                             ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         self._attrs_idx = (ctypes.c_size_t * 1)(0)
         self._fail_idx = ctypes.c_size_t(0)
 
@@ -405,6 +415,13 @@ class CudaRuntime:
             where = f", failIdx {self._fail_idx.value}" if self.has_fail_idx else ""
             raise RuntimeError(f"cudaMemcpyBatchAsync: error {err} "
                                f"({self.lib.cudaGetErrorString(err).decode()}){where}")
+
+    def memcpy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
+                 stream: torch.cuda.Stream) -> None:
+        """``cudaMemcpy2DAsync`` with ``cudaMemcpyDefault`` (unified addressing picks the way)."""
+        err = self._2d(dst, dpitch, src, spitch, width, height, MEMCPY_DEFAULT, stream.cuda_stream)
+        if err != 0:
+            raise RuntimeError(f"cudaMemcpy2DAsync: error {err} ({self.lib.cudaGetErrorString(err).decode()})")
 
     def _int_query(self, name: str) -> int:
         value = ctypes.c_int(0)
@@ -523,6 +540,72 @@ class PageBatchCopier:
 # --------------------------------------------------------------------------- loads
 
 
+class RunCopier2D:
+    """Kernel-free rotation of runs of ``run_tokens`` consecutive device slots between the
+    layer-first device KV and the token-major host pool (``HostKVPool``'s layout): one
+    ``cudaMemcpy2DAsync`` per (run, layer, K/V), ``run_tokens`` rows of one token's head rows
+    (2 KiB here) with the host pitch of a whole token. Copy engines only, no SMs; the question
+    is how well they do strided 2 KiB rows, and how many calls the CPU can issue."""
+
+    def __init__(self, rt: CudaRuntime, bench: Bench, unit_tokens: int, run_tokens: int) -> None:
+        self.rt, self.bench, self.run = rt, bench, run_tokens
+        lay = bench.layout
+        self.row = lay.num_heads * lay.head_dim * lay.itemsize
+        self.pitch = lay.bytes_per_token
+        pool = bench.k[0].shape[0] - PAGE
+        starts = torch.randperm(pool // run_tokens)[: 2 * (bench.host.size // 2 // run_tokens)] * run_tokens
+        half = starts.numel() // 2
+        self.out_starts, self.in_starts = starts[:half].tolist(), starts[half:].tolist()
+        self.runs_per_unit = unit_tokens // run_tokens
+        self.unit_bytes = unit_tokens * lay.bytes_per_token
+        self.host_half = bench.host.size // 2  # d2h writes rows [0, half), h2d reads [half, size)
+        self._next = {True: 0, False: 0}
+
+    def _ptrs(self, to_host: bool, run: int, layer: int, kv: int) -> tuple[int, int]:
+        starts = self.out_starts if to_host else self.in_starts
+        dev = (self.bench.k if kv == 0 else self.bench.v)[layer]
+        dev_ptr = dev.data_ptr() + starts[run] * self.row
+        host_row = (0 if to_host else self.host_half) + run * self.run
+        host_ptr = self.bench.host.buffer[host_row, layer, kv].data_ptr()
+        return dev_ptr, host_ptr
+
+    def copy(self, to_host: bool, stream: torch.cuda.Stream) -> int:
+        """One unit: the next ``runs_per_unit`` runs, every layer, K and V."""
+        total = len(self.out_starts if to_host else self.in_starts)
+        first = self._next[to_host]
+        self._next[to_host] = (first + self.runs_per_unit) % (total - self.runs_per_unit + 1)
+        for run in range(first, first + self.runs_per_unit):
+            for layer in range(self.bench.layout.num_layers):
+                for kv in (0, 1):
+                    dev, host = self._ptrs(to_host, run, layer, kv)
+                    if to_host:
+                        self.rt.memcpy2d(host, self.pitch, dev, self.row, self.row, self.run, stream)
+                    else:
+                        self.rt.memcpy2d(dev, self.row, host, self.pitch, self.row, self.run, stream)
+        return self.unit_bytes
+
+    def verify(self, stream: torch.cuda.Stream) -> dict:
+        """One unit each way, then sampled runs compared bit for bit."""
+        self._next = {True: 0, False: 0}
+        self.copy(True, stream)
+        self.copy(False, stream)
+        stream.synchronize()
+        self._next = {True: 0, False: 0}
+        ok = {"d2h_equal": True, "h2d_equal": True}
+        host = self.bench.host.buffer
+        for run in (0, self.runs_per_unit - 1):
+            for layer in (0, self.bench.layout.num_layers - 1):
+                for kv, bufs in ((0, self.bench.k), (1, self.bench.v)):
+                    a, b = self.out_starts[run], self.in_starts[run]
+                    h = run * self.run
+                    ok["d2h_equal"] &= torch.equal(bufs[layer][a : a + self.run].flatten(1).cpu(),
+                                                   host[h : h + self.run, layer, kv])
+                    hb = self.host_half + h
+                    ok["h2d_equal"] &= torch.equal(bufs[layer][b : b + self.run].flatten(1).cpu(),
+                                                   host[hb : hb + self.run, layer, kv])
+        return {k: bool(v) for k, v in ok.items()}
+
+
 class Resources:
     """The bench (device KV pool, host pool, random page sets) and lazily built loads: a
     scenario that fails to build its load fails alone."""
@@ -532,6 +615,7 @@ class Resources:
         self.submit_stream = torch.cuda.Stream()  # idle: the mover's caller-stream wait is a no-op
         self._mover = self._dma = self._staging = None
         self.copiers: dict[int, PageBatchCopier] = {}
+        self.copiers2d: dict[int, RunCopier2D] = {}
 
     @property
     def mover(self):
@@ -618,6 +702,21 @@ class Resources:
             self.copiers[flags] = copier
         return self.copiers[flags]
 
+    def run2d(self, run_tokens: int) -> RunCopier2D:
+        if run_tokens not in self.copiers2d:
+            self.copiers2d[run_tokens] = RunCopier2D(self.runtime(), self.bench, self.unit_tokens,
+                                                     run_tokens)
+        return self.copiers2d[run_tokens]
+
+    def run2d_lanes(self, run_tokens: int, d2h: bool, h2d: bool) -> list[Lane]:
+        copier = self.run2d(run_tokens)
+        lanes = []
+        for on, to_host, name in ((d2h, True, "d2h"), (h2d, False, "h2d")):
+            if on:
+                stream = torch.cuda.Stream()
+                lanes.append(Lane(name, lambda s=stream, t=to_host: copier.copy(t, s), stream))
+        return lanes
+
     def batch_lanes(self, d2h: bool, h2d: bool, flags: int = 0) -> list[Lane]:
         copier = self.copier(flags)
         lanes = []
@@ -673,15 +772,22 @@ def scenario_plan(res: Resources, graph: Decode, eager: Decode,
         ("graph/memcpy_batch_h2d_only", loaded(graph, lambda: res.batch_lanes(False, True))),
         ("graph/memcpy_batch_prefer_overlap_flag", loaded(
             graph, lambda: res.batch_lanes(True, True, flags=FLAG_PREFER_OVERLAP_WITH_COMPUTE))),
+        *(item for n in args.run2d_tokens for item in (
+            (f"graph/run2d_{n}_verify", lambda n=n: res.run2d(n).verify(torch.cuda.Stream())),
+            (f"graph/run2d_{n}", loaded(graph, lambda n=n: res.run2d_lanes(n, True, True))),
+            (f"graph/run2d_{n}_d2h_only", loaded(graph, lambda n=n: res.run2d_lanes(n, True, False))),
+            (f"graph/run2d_{n}_h2d_only", loaded(graph, lambda n=n: res.run2d_lanes(n, False, True))),
+        )),
     ]
     return [(name, fn) for name, fn in plan if not args.only or any(o in name for o in args.only)]
 
 
 def run_scenario(name: str, fn: Callable[[], dict], verified: dict) -> dict:
-    """Never raises: a failure becomes {"error", "traceback"}. memcpy_batch timing runs only
-    after its bit-for-bit check passed."""
-    if "memcpy_batch" in name and not name.endswith("_verify"):
-        check = verified.get("graph/memcpy_batch_verify", {})
+    """Never raises: a failure becomes {"error", "traceback"}. memcpy_batch and run2d timing
+    runs only after its family's bit-for-bit check passed."""
+    family = re.match(r"graph/(memcpy_batch|run2d_\d+)", name)
+    if family and not name.endswith("_verify"):
+        check = verified.get(f"graph/{family.group(1)}_verify", {})
         if not (check.get("d2h_equal") and check.get("h2d_equal")):
             return {"error": f"skipped: memcpy_batch verification did not pass ({check})"}
     try:
@@ -725,6 +831,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5, help="alone+loaded window pairs per scenario")
     ap.add_argument("--gather-grids", type=int, nargs="+", default=[8, 32, 132])
     ap.add_argument("--cap-fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    ap.add_argument("--run2d-tokens", type=int, nargs="*", default=[16, 256, 4096],
+                    help="run lengths (consecutive device slots) for the cudaMemcpy2DAsync scenarios")
     ap.add_argument("--only", nargs="+", help="run only scenarios whose name contains one of these")
     ap.add_argument("--budget-s", type=float, default=65.0,
                     help="skip scenarios not started within this many seconds of main() "

@@ -103,6 +103,7 @@ class Simulator:
         self.waiting: list[SimReq] = []
         self.running: list[SimReq] = []
         self.chunked: SimReq | None = None
+        self.admitted: set[str] = set()  # the last plan's admissions (the queue SGLang is shown)
         self.copies: list[tuple[float, str, SimReq]] = []  # (done_s, "d2h"|"h2d", req)
         self.link_free_s = {"d2h": 0.0, "h2d": 0.0}
         self.parked: dict[str, SimReq] = {}
@@ -175,6 +176,7 @@ class Simulator:
         self.copies.append((start + secs, way, r))
 
     def _plan(self) -> int | None:
+        self.admitted = set()
         if not self.policy or len(self.policy.table) == 0:
             return None
         t = self.policy.table
@@ -182,7 +184,9 @@ class Simulator:
         cap = Capacity(available_device_tokens=self.cap - self.used() - chunk_left, total_device_tokens=self.cap,
                        free_host_tokens=self.host_free, bytes_per_token=self.gpu.bytes_per_token,
                        new_token_ratio=self.ratio.value)
-        plan = self.policy.plan(self.now, cap, self.costs.costs(), self.gpu.max_prefill_tokens, None)
+        limit = min(self.gpu.max_prefill_tokens, self.gpu.chunked_prefill_size)  # as the adapter passes it
+        plan = self.policy.plan(self.now, cap, self.costs.costs(), limit, None)
+        self.admitted = set(plan.admit)
         for r in [r for r in self.running if r.rid in set(plan.rotate_out)]:
             if r.out >= r.spec.output_len or r.kv > self.host_free:
                 continue
@@ -207,10 +211,12 @@ class Simulator:
         return plan.prefill_token_budget
 
     def _prefill(self, budget: int | None) -> bool:
-        """One prefill batch the way SGLang's PrefillAdder forms it: the chunked request first
-        (even without memory to spare), then the queue in order while memory and the token
-        limit allow; the first request may exceed the limit, up to the chunk size. A plan
-        budget lowers the limit (never the chunk size); 0 hides the queue (decode first)."""
+        """One prefill batch the way SGLang's PrefillAdder forms it with chunked prefill on: the
+        chunked request first (even without memory to spare), then the queue in order while
+        memory allows and any of the token limit remains; the request that meets the chunk size
+        is cut there and its rest runs next batch. Under RotaSched the adapter shows SGLang only
+        the plan's admissions, under a limit no larger than the budget; 0 hides the queue
+        (decode first)."""
         g = self.gpu
         limit, hide = g.max_prefill_tokens, False
         if budget is not None:
@@ -222,15 +228,14 @@ class Simulator:
         room = self.cap - self.used() - self.reservation()
         batch: list[tuple[SimReq, int]] = []
         rem_input, rem_chunk = limit, g.chunked_prefill_size
-        queue = ([self.chunked] if self.chunked else []) + ([] if hide else [r for r in self.waiting
-                                                                            if r is not self.chunked])
+        shown = [] if hide else [r for r in self.waiting if r is not self.chunked
+                                 and (not self.admitted or r.rid in self.admitted)]
+        queue = ([self.chunked] if self.chunked else []) + shown
         for r in queue:
             need = r.to_prefill()
             forced = r is self.chunked
             reserve = min(r.spec.output_len, CLIP_NEW_TOKENS)
             if not forced and need + reserve > room:
-                break
-            if batch and need >= rem_input:
                 break
             take = min(need, rem_chunk)
             batch.append((r, take))

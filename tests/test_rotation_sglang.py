@@ -261,6 +261,38 @@ def test_paced_prefill_limits_then_restores_the_scheduler():
         assert parts.max_prefill_tokens == 16384
 
 
+def test_paced_prefill_shows_sglang_only_the_admitted_requests():
+    """SGLang's PrefillAdder takes requests while any of its limit remains and cuts the last
+    at the chunk size: only the plan's admissions may be visible, in order; the rest come
+    back behind them, and a retracted request SGLang appends meanwhile stays last."""
+    parts, rot, batch = setup(16, True)
+    a, b, c, d = (parts.make_req(r, 10) for r in "abcd")
+    parts.waiting_queue = [a, b, c, d]
+    rot.prefill_budget, rot.admitted = 1000, ["c", "a"]
+    with rot.paced_prefill(batch):
+        assert parts.waiting_queue == [a, c]  # SGLang's order kept; b and d hidden
+        parts.waiting_queue = [c]  # SGLang took a
+        parts.waiting_queue.append(late := parts.make_req("late", 10))
+    assert parts.waiting_queue == [c, b, d, late]
+    rot.prefill_budget, rot.admitted = None, ["d"]  # no pacing: the admissions still bound it
+    parts.waiting_queue = [b, d]
+    with rot.paced_prefill(batch):
+        assert parts.waiting_queue == [d]
+        assert parts.max_prefill_tokens == 16384
+    assert parts.waiting_queue == [d, b]
+
+
+def test_plan_sees_one_chunk_as_the_batch_limit():
+    """With chunked prefill on, the policy must not admit more than one chunk's worth, or
+    SGLang cuts the last admission and runs its rest in the next batch, budget or not."""
+    parts, rot, batch = setup(16, True)
+    assert rot._batch_token_limit() == 16384
+    parts.chunked_prefill_size = 8192
+    assert rot._batch_token_limit() == 8192
+    parts.chunked_prefill_size = -1  # disabled
+    assert rot._batch_token_limit() == 16384
+
+
 def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
     """The overlap scheduler's order: batch N+1 is planned before N's result is processed;
     tokens in flight are counted from SGLang's own queue of unprocessed results."""

@@ -82,6 +82,7 @@ class Rotator:
         self._next_report_s = 0.0
         self._idle_checked = False
         self.prefill_budget: int | None = None  # from the last plan; see paced_prefill
+        self.admitted: list[str] = []  # the last plan's admissions, in order; see paced_prefill
         self.metrics = RotationMetrics(bool(scheduler.server_args.enable_metrics), scheduler.ps.tp_rank)
         self.initial_host_tokens = self.host.available_size()
         self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
@@ -97,7 +98,7 @@ class Rotator:
         """Before SGLang builds the next batch: finish transfers, plan, act."""
         self._iteration += 1
         running = self._collect(running)
-        self.prefill_budget = None
+        self.prefill_budget, self.admitted = None, []
         if len(self.table):
             self._idle_checked = False
         if self._iteration % _RECONCILE_EVERY == 0:
@@ -119,8 +120,8 @@ class Rotator:
         unprocessed = [b for b, _ in getattr(s, "result_queue", ())]
         self.tracker.in_flight(unprocessed, s.chunked_req)
         gpu_free_at = self._launched_done_at_s if unprocessed else None
-        plan = self.policy.plan(self.now_s, cap, self.costs.costs(), s.max_prefill_tokens, gpu_free_at)
-        self.prefill_budget = plan.prefill_token_budget
+        plan = self.policy.plan(self.now_s, cap, self.costs.costs(), self._batch_token_limit(), gpu_free_at)
+        self.prefill_budget, self.admitted = plan.prefill_token_budget, list(plan.admit)
         if plan.rotate_out:
             running = self.rotate_out(running, set(plan.rotate_out))
         for rid in plan.rotate_in:
@@ -252,28 +253,43 @@ class Rotator:
 
     @contextmanager
     def paced_prefill(self, running: ScheduleBatch) -> Iterator[None]:
-        """While SGLang builds this step's batch, hold its prefill to the plan's budget: a
-        smaller prefill limit, or no prefill at all (the waiting queue hidden) when a decoding
-        stream has no slack left, so the decode step runs first. The chunk size is left alone:
-        SGLang runs a chunked prompt's chunks back to back, so small chunks only stretch the
-        stall (256-token chunks at ~10k tokens/s on the H200); the policy makes sure the head's
-        first batch fits the budget instead."""
+        """While SGLang builds this step's batch, hold its prefill to the plan: only the
+        requests the plan admitted are in the waiting queue, under a prefill limit no larger
+        than the budget; none at all (decode first) when a decoding stream has no slack left.
+
+        Why hide the rest: with chunked prefill on, SGLang's PrefillAdder adds requests while
+        any of its token limit remains and cuts the last one at the chunk size, and the cut
+        request's next chunk runs in the next batch whatever the limit then. A 3,000-token
+        budget became an 8,192-token batch plus a forced follow-up on the H200 (code trace),
+        stalling every stream that had just got its first token. The chunk size is left
+        alone: small chunks only stretch the stall (256-token chunks ran at ~10k tokens/s)."""
         s, budget = self.scheduler, self.prefill_budget
-        if budget is None:
-            yield
-            return
-        saved = (s.max_prefill_tokens, s.waiting_queue)
-        decode_first = budget == 0 and not running.is_empty()
-        if decode_first:
+        saved_limit, queue = s.max_prefill_tokens, s.waiting_queue
+        if budget == 0 and not running.is_empty():
             s.waiting_queue = []
-        limit = max(self.config.min_prefill_chunk, budget) // self.kv.page_size * self.kv.page_size
-        s.max_prefill_tokens = min(s.max_prefill_tokens, max(limit, self.kv.page_size))
+        elif self.admitted:
+            chosen = set(self.admitted)
+            s.waiting_queue = [r for r in queue if r.rid in chosen]
+        shown = {id(r) for r in s.waiting_queue}
+        if budget is not None:
+            limit = max(self.config.min_prefill_chunk, budget) // self.kv.page_size * self.kv.page_size
+            s.max_prefill_tokens = min(s.max_prefill_tokens, max(limit, self.kv.page_size))
         try:
             yield
         finally:
-            s.max_prefill_tokens = saved[0]
-            if decode_first:
-                s.waiting_queue = saved[1] + s.waiting_queue
+            s.max_prefill_tokens = saved_limit
+            if len(shown) < len(queue):  # hidden ones back behind what was shown and not taken
+                after = s.waiting_queue
+                s.waiting_queue = ([r for r in after if id(r) in shown]
+                                   + [r for r in queue if id(r) not in shown]
+                                   + [r for r in after if id(r) not in shown])
+
+    def _batch_token_limit(self) -> int:
+        """The most prompt tokens one prefill batch takes without cutting a request: SGLang's
+        prefill limit, and its chunk size when chunked prefill is on."""
+        s = self.scheduler
+        chunk = getattr(s, "chunked_prefill_size", None)
+        return min(s.max_prefill_tokens, chunk) if chunk and chunk > 0 else s.max_prefill_tokens
 
     def _reorder_waiting(self, front: list[str]) -> None:
         queue = self.scheduler.waiting_queue
