@@ -105,3 +105,32 @@ def write_jsonl(path: str | Path, records: list[Record]) -> None:
 def read_jsonl(path: str | Path) -> list[Record]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def slo_goal(result: dict[str, Any], ours: str = "rotasched",
+             baselines: tuple[str, ...] = ("fcfs", "lpm", "hicache")) -> dict[str, Any] | None:
+    """The evaluation's headline check: at the lowest rate where the best baseline's TTFT
+    attainment is below 50%, ours against that baseline: TTFT points gained (goal >= 50), TBT
+    points (goal >= -2) and throughput change (goal >= -5%). Baselines are SGLang's own
+    policies: rotasched-lvf (the reference rule) wins TTFT only by missing TBT for most streams.
+    None if no rate of the sweep has every baseline below 50% or a value is missing."""
+    systems = result["systems"]
+    present = [b for b in baselines if b in systems]
+    if ours not in systems or not present:
+        return None
+    for i, rate in enumerate(result["rates"]):
+        ttfts = {b: systems[b]["ttft_attainment"][i] for b in present}
+        if any(v is None for v in ttfts.values()) or max(ttfts.values()) >= 0.5:
+            continue
+        best = max(present, key=lambda b: ttfts[b])
+        mine, theirs = systems[ours], systems[best]
+        values = [s[k][i] for s in (mine, theirs) for k in ("ttft_attainment", "tbt_attainment", "throughput_tok_s")]
+        if any(v is None for v in values):
+            return None
+        ttft_gain = 100 * (mine["ttft_attainment"][i] - theirs["ttft_attainment"][i])
+        tbt_diff = 100 * (mine["tbt_attainment"][i] - theirs["tbt_attainment"][i])
+        tput = mine["throughput_tok_s"][i] / theirs["throughput_tok_s"][i] - 1
+        return {"rate": rate, "best_baseline": best, "ttft_points": ttft_gain, "tbt_points": tbt_diff,
+                "throughput_change": tput,
+                "met": ttft_gain >= 50 and tbt_diff >= -2 and tput >= -0.05}
+    return None

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 
-from metrics import gaps, meets_tbt, meets_ttft, summarize, ttft  # noqa: E402
+from metrics import gaps, meets_tbt, meets_ttft, slo_goal, summarize, ttft  # noqa: E402
 
 
 def rec(send: float | None, times: list[float], error: str | None = None,
@@ -82,3 +82,27 @@ def test_percentiles_skip_requests_without_a_first_token():
 def test_empty_input_has_no_fractions():
     s = summarize([], 1.0, 0.1)
     assert s["n"] == 0 and s["ttft_attainment"] is None and s["throughput_tok_s"] is None
+
+
+def _result(rates, **systems):
+    keys = ("ttft_attainment", "tbt_attainment", "throughput_tok_s")
+    return {"rates": rates, "systems": {n: dict(zip(keys, v)) for n, v in systems.items()}}
+
+
+def test_slo_goal_is_judged_at_the_first_rate_where_every_baseline_is_below_half():
+    res = _result([10, 14, 18],
+                  fcfs=([1.0, 0.45, 0.3], [0.99, 0.97, 0.96], [100, 120, 130]),
+                  lpm=([1.0, 0.55, 0.4], [0.99, 0.98, 0.96], [100, 121, 131]),
+                  rotasched=([1.0, 1.0, 0.95], [1.0, 0.99, 0.95], [100, 119, 125]))
+    g = slo_goal(res)
+    assert g["rate"] == 18 and g["best_baseline"] == "lpm"  # at 14 lpm is still above 50%
+    assert abs(g["ttft_points"] - 55.0) < 1e-9 and abs(g["tbt_points"] + 1.0) < 1e-9
+    assert abs(g["throughput_change"] - (125 / 131 - 1)) < 1e-12 and g["met"]
+    res["systems"]["rotasched"]["throughput_tok_s"][2] = 120  # -8.4%: missed
+    assert not slo_goal(res)["met"]
+
+
+def test_slo_goal_is_none_when_no_rate_puts_every_baseline_below_half():
+    res = _result([10], fcfs=([0.4], [1.0], [1]), lpm=([0.6], [1.0], [1]), rotasched=([1.0], [1.0], [1]))
+    assert slo_goal(res) is None
+    assert slo_goal(_result([10], fcfs=([0.4], [1.0], [1]))) is None  # ours missing
