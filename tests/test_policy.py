@@ -218,6 +218,8 @@ def test_decode_reservation_counts_like_sglang():
     # ratio 0.7 reserves 700 tokens for "r": 510 no longer fits in 300 -> blocked head
     blocked = p.plan(1.0, cap(1000, ratio=0.7), COSTS, 16384)
     assert blocked.reasons["new"] == "EDF head, blocked"
+    assert blocked.head_blocked and not blocked.rotate_out  # "r" has no slack to lend
+    assert not p.plan(1.0, cap(1000, ratio=0.0), COSTS, 16384).head_blocked
 
 
 def test_lvf_fifo_and_longest_resident_victims():

@@ -86,7 +86,8 @@ class SloPolicy(Policy):
             deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"
         if deficit > 0:
             self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window, grows_away=not urgent)
-        if blocked_new and not plan.rotate_out:
+        plan.head_blocked = blocked_new and not plan.rotate_out
+        if plan.head_blocked:
             # The new head waits (no room can be made for it now), but a rotated-out stream due
             # now must not wait behind it: it can still swap with a resident that has slack.
             self._urgent_returns(plan, now_s, free - used, cap, costs, window)

@@ -84,6 +84,9 @@ class StepPlan:
     # Prefill tokens this step may run without making a decoding stream miss its next token
     # (None: no limit; 0: run a decode step first).
     prefill_token_budget: int | None = None
+    # The EDF head is a new request that does not fit and no rotation makes room for it this
+    # step: nothing behind it is admitted (counted in the server's stats line).
+    head_blocked: bool = False
 
     def check(self) -> None:
         ids = self.admit + self.rotate_in + self.rotate_out

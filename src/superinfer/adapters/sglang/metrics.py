@@ -17,6 +17,8 @@ class RotationStats:
     bytes_h2d: int = 0
     fallbacks: int = 0  # rotate-outs skipped because the host tier had no room
     aborted_while_rotated: int = 0
+    plans_decode_first: int = 0  # plans whose prefill budget was 0: a decode step first
+    plans_head_blocked: int = 0  # plans where the new EDF head waited for room
 
 
 class RotationMetrics:

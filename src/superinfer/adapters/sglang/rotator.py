@@ -122,6 +122,8 @@ class Rotator:
         gpu_free_at = self._launched_done_at_s if unprocessed else None
         plan = self.policy.plan(self.now_s, cap, self.costs.costs(), self._batch_token_limit(), gpu_free_at)
         self.prefill_budget, self.admitted = plan.prefill_token_budget, list(plan.admit)
+        self.stats.plans_decode_first += plan.prefill_token_budget == 0
+        self.stats.plans_head_blocked += plan.head_blocked
         if plan.rotate_out:
             running = self.rotate_out(running, set(plan.rotate_out))
         for rid in plan.rotate_in:
@@ -390,8 +392,10 @@ class Rotator:
         self.metrics.publish(st, used, len(self.out) + len(self.parked) + len(self.inbound))
         if st.rotations_out:
             logger.info("rotasched stats: out=%d in=%d d2h=%.2fGB h2d=%.2fGB fallbacks=%d away=%d "
-                        "host_used=%d", st.rotations_out, st.rotations_in, st.bytes_d2h / 1e9,
-                        st.bytes_h2d / 1e9, st.fallbacks, len(self.out) + len(self.parked) + len(self.inbound), used)
+                        "host_used=%d decode_first=%d head_blocked=%d", st.rotations_out, st.rotations_in,
+                        st.bytes_d2h / 1e9, st.bytes_h2d / 1e9, st.fallbacks,
+                        len(self.out) + len(self.parked) + len(self.inbound), used,
+                        st.plans_decode_first, st.plans_head_blocked)
 
     def on_idle(self) -> None:
         """Fully idle: every pool must be back at its initial free size. Checked and logged once
