@@ -56,7 +56,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_duplexkv import PAGE, Bench, DecodeStandIn, log  # noqa: E402
+from bench_duplexkv import PAGE, Bench, DecodeStandIn, capture_step, log  # noqa: E402
 
 from superinfer.host_tier.interface import KVLayout  # noqa: E402
 
@@ -74,7 +74,7 @@ class Decode:
 
     def __init__(self, model: DecodeStandIn, mode: str, stream: torch.cuda.Stream) -> None:
         self.model, self.mode, self.stream = model, mode, stream
-        self.graph = _capture(model) if mode == "graph" else None
+        self.graph = capture_step(model) if mode == "graph" else None
         self.enqueue(2)  # first use on this stream (cuBLAS workspace, allocator blocks)
         torch.cuda.synchronize()
 
@@ -96,22 +96,6 @@ class Decode:
         start = self.mark()
         self.enqueue(steps)
         return start, self.mark()
-
-
-def _capture(model: DecodeStandIn) -> torch.cuda.CUDAGraph:
-    """Warm up on a side stream (cuBLAS picks its kernels and workspace), then capture one step."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model.step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model.step()
-    torch.cuda.synchronize()
-    return graph
 
 
 def alone_step_ms(decode: Decode, steps: int) -> float:
