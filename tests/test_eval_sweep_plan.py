@@ -63,3 +63,28 @@ def test_parts_of_a_workload_merge_into_one_result(tmp_path):
     merged = json.loads(path.read_text())
     assert path.name == "slo_h200_conv.json"
     assert set(merged["systems"]) == {"fcfs", "rotasched"} and merged["plan"] == PLAN
+
+
+def _part(systems: dict, date: str, cap: int = 600) -> dict:
+    cmds = [f"sweep_slo.py --systems {s} --rates 1 2" for s in systems]
+    return {"rates": [1, 2], "num_requests": [10, 10], "cap_tokens": cap, "command": cmds[-1],
+            "merged_commands": cmds, "date": date, "skipped": [{"system": "lpm", "rate": 2}],
+            "systems": {s: {"ttft_attainment": v} for s, v in systems.items()}}
+
+
+def test_picked_systems_keep_the_run_they_came_from():
+    from merge_slo import pick
+
+    run1 = _part({"fcfs": [1.0, 0.4], "rotasched": [0.9, 0.3]}, "day1")
+    run2 = _part({"rotasched": [1.0, 1.0], "lpm": [1.0, None]}, "day2")
+    res = pick([("rotasched", run2, "bbb"), ("fcfs", run1, "aaa"), ("lpm", run2, "bbb")])
+    assert list(res["systems"]) == ["rotasched", "fcfs", "lpm"]
+    rot = res["systems"]["rotasched"]
+    assert rot["ttft_attainment"] == [1.0, 1.0]  # run 2's, not run 1's
+    assert (rot["commit"], rot["date"], rot["command"]) == ("bbb", "day2", "sweep_slo.py --systems rotasched --rates 1 2")
+    assert res["systems"]["fcfs"]["commit"] == "aaa"
+    assert res["skipped"] == [{"system": "lpm", "rate": 2}]  # only the picked system's skips
+    with pytest.raises(SystemExit, match="not in that part"):
+        pick([("hicache", run1, "aaa")])
+    with pytest.raises(SystemExit, match="cap_tokens"):
+        pick([("fcfs", run1, "aaa"), ("lpm", _part({"lpm": [1, 1]}, "day3", cap=900), "ccc")])
