@@ -1,0 +1,106 @@
+"""How contiguous is a running request's KV in SGLang's device pool? A kernel-free mover (one
+DMA per run of consecutive slots and layer, eval/results/diag_run2d_h200.json) is only fast
+if the runs are long, so this replays a trace through SGLang 0.5.17's own page-size-1
+allocator (``TokenToKVPoolAllocator``, CPU, ``need_sort=False`` as in normal serving) the way
+its scheduler calls it: one ``alloc`` per prompt, one ``alloc`` of batch-size slots per decode
+step, a finished request's slots freed in token order. No radix cache (with one, finished
+requests' slots return on eviction instead, in LRU order) and no model: only the allocation
+pattern. Samples every running request every ``--sample-every`` steps.
+
+    python3 eval/slot_runs.py --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
+        --cap 60000 --num 600 --out eval/results/slot_runs_azure_conv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from traces import load_azure  # noqa: E402
+
+RUN_BUCKETS = (1, 16, 256, 2048)  # report the share of tokens in runs of at least this length
+
+
+def run_lengths(slots: torch.Tensor) -> torch.Tensor:
+    """Lengths of the maximal runs of consecutive slot numbers, in order."""
+    if slots.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    starts = torch.ones(slots.numel(), dtype=torch.bool)
+    starts[1:] = slots[1:] - slots[:-1] != 1
+    idx = torch.nonzero(starts).reshape(-1)
+    return torch.diff(idx, append=torch.tensor([slots.numel()]))
+
+
+def replay(rows: list[tuple[int, int]], cap: int, max_running: int, sample_every: int) -> dict:
+    """Admit in order while the prompt plus the whole output fits (no retraction needed),
+    decode everyone each step, finish at the output length."""
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+    alloc = TokenToKVPoolAllocator(size=cap, dtype=torch.int64, device="cpu", kvcache=None,
+                                   need_sort=False)
+    waiting = list(rows)
+    running: list[dict] = []
+    reserved = 0
+    tokens_in = {b: 0 for b in RUN_BUCKETS}
+    runs_per_req: list[int] = []
+    step = 0
+    while waiting or running:
+        while waiting and len(running) < max_running:
+            prompt, out = waiting[0]
+            if reserved + prompt + out > cap:
+                break
+            waiting.pop(0)
+            running.append({"slots": [alloc.alloc(prompt)], "left": out})
+            reserved += prompt + out
+        new = alloc.alloc(len(running))  # one slot per running request, in batch order
+        for r, s in zip(running, new.split(1)):
+            r["slots"].append(s)
+            r["left"] -= 1
+        step += 1
+        if step % sample_every == 0:
+            for r in running:
+                lengths = run_lengths(torch.cat(r["slots"]))
+                runs_per_req.append(int(lengths.numel()))
+                for b in RUN_BUCKETS:
+                    tokens_in[b] += int(lengths[lengths >= b].sum())
+        done = [r for r in running if r["left"] <= 0]
+        for r in done:
+            slots = torch.cat(r["slots"])
+            alloc.free(slots)
+            reserved -= slots.numel()
+        running = [r for r in running if r["left"] > 0]
+    total = tokens_in[1]
+    runs = torch.tensor(runs_per_req, dtype=torch.float64)
+    return {"steps": step, "samples": len(runs_per_req),
+            "token_share_in_runs_at_least": {str(b): tokens_in[b] / total for b in RUN_BUCKETS},
+            "runs_per_request_p50": float(runs.median()), "runs_per_request_mean": float(runs.mean()),
+            "mean_tokens_per_run": total / float(runs.sum())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", type=Path, required=True)
+    ap.add_argument("--cap", type=int, default=60000, help="device KV pool, tokens")
+    ap.add_argument("--num", type=int, default=600, help="first N requests of the trace")
+    ap.add_argument("--max-running", type=int, default=256)
+    ap.add_argument("--sample-every", type=int, default=50)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    rows = [(r.prompt_len, r.output_len) for r in load_azure(args.trace)[: args.num]]
+    rows = [(p, o) for p, o in rows if p + o <= args.cap]
+    result = {"trace": args.trace.name, "cap": args.cap, "num": len(rows),
+              "max_running": args.max_running, "note": __doc__.split("\n\n")[0],
+              **replay(rows, args.cap, args.max_running, args.sample_every)}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
