@@ -20,7 +20,8 @@ zero data):
   (its GB/s counts payload once; HBM sees it twice, read + write).
 - ``staging_mover``: DuplexKVMover(path="staging") both ways at full rate (as bench_duplexkv).
 - ``memcpy_batch*``: per-page 32 KiB copies, one ``cudaMemcpyBatchAsync`` call per 256 MiB
-  unit (copy engines only, no kernels, no staging), via ctypes; checked bit for bit first.
+  unit (copy engines only, no kernels, no staging), via ctypes; checked bit for bit first;
+  ``_xNstreams``: N streams per direction, in case one copy engine is what limits them.
 - ``run2d_N*``: kernel-free too, for runs of N consecutive device slots (what SGLang's
   allocator hands a prompt when the pool is not fragmented): one ``cudaMemcpy2DAsync`` per
   (run, layer, K/V) straight between the layer-first device pool and the token-major host pool
@@ -701,16 +702,18 @@ class Resources:
                 lanes.append(Lane(name, lambda s=stream, t=to_host: copier.copy(t, s), stream))
         return lanes
 
-    def batch_lanes(self, d2h: bool, h2d: bool, flags: int = 0) -> list[Lane]:
+    def batch_lanes(self, d2h: bool, h2d: bool, flags: int = 0, streams: int = 1) -> list[Lane]:
+        """One lane per stream and direction. With several streams a direction's batch calls
+        may land on several copy engines: are 32 KiB copies engine-bound or PCIe-bound?"""
         copier = self.copier(flags)
         lanes = []
         for on, to_host, name, units in ((d2h, True, "d2h", copier.d2h),
                                          (h2d, False, "h2d", copier.h2d)):
-            if on:
+            for k in range(streams if on else 0):
                 stream = torch.cuda.Stream()
-                idx = itertools.cycle(range(len(units)))
+                idx = itertools.cycle(range(k % len(units), len(units)))
                 submit = lambda s=stream, t=to_host, i=idx: copier.copy(t, next(i), s)  # noqa: E731
-                lanes.append(Lane(name, submit, stream))
+                lanes.append(Lane(f"{name}{k}" if streams > 1 else name, submit, stream))
         return lanes
 
 
@@ -754,6 +757,8 @@ def scenario_plan(res: Resources, graph: Decode, eager: Decode,
         ("graph/memcpy_batch", loaded(graph, lambda: res.batch_lanes(True, True))),
         ("graph/memcpy_batch_d2h_only", loaded(graph, lambda: res.batch_lanes(True, False))),
         ("graph/memcpy_batch_h2d_only", loaded(graph, lambda: res.batch_lanes(False, True))),
+        *((f"graph/memcpy_batch_x{n}streams", loaded(graph, lambda n=n: res.batch_lanes(True, True, streams=n)))
+          for n in (2, 4)),
         ("graph/memcpy_batch_prefer_overlap_flag", loaded(
             graph, lambda: res.batch_lanes(True, True, flags=FLAG_PREFER_OVERLAP_WITH_COMPUTE))),
         *(item for n in args.run2d_tokens for item in (
