@@ -267,7 +267,8 @@ def test_paced_prefill_shows_sglang_only_the_admitted_requests():
     back behind them, and a retracted request SGLang appends meanwhile stays last."""
     parts, rot, batch = setup(16, True)
     a, b, c, d = (parts.make_req(r, 10) for r in "abcd")
-    parts.waiting_queue = [a, b, c, d]
+    parts.waiting_queue = []
+    enqueue(parts, rot, a, b, c, d)
     rot.prefill_budget, rot.admitted = 1000, ["c", "a"]
     with rot.paced_prefill(batch):
         assert parts.waiting_queue == [a, c]  # SGLang's order kept; b and d hidden
@@ -280,6 +281,10 @@ def test_paced_prefill_shows_sglang_only_the_admitted_requests():
         assert parts.waiting_queue == [d]
         assert parts.max_prefill_tokens == 16384
     assert parts.waiting_queue == [d, b]
+    stray = parts.make_req("stray", 10)  # queued behind every hook's back: never hidden
+    parts.waiting_queue = [b, stray, d]
+    with rot.paced_prefill(batch):
+        assert parts.waiting_queue == [stray, d]
 
 
 def test_plan_sees_one_chunk_as_the_batch_limit():

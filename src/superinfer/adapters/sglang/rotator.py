@@ -270,8 +270,10 @@ class Rotator:
         if budget == 0 and not running.is_empty():
             s.waiting_queue = []
         elif self.admitted:
-            chosen = set(self.admitted)
-            s.waiting_queue = [r for r in queue if r.rid in chosen]
+            # A request the table does not know (queued by a path no hook sees) stays visible:
+            # the plan can never admit it, so hiding it would starve it.
+            chosen, table = set(self.admitted), self.table
+            s.waiting_queue = [r for r in queue if r.rid in chosen or r.rid not in table]
         shown = {id(r) for r in s.waiting_queue}
         if budget is not None:
             limit = max(self.config.min_prefill_chunk, budget) // self.kv.page_size * self.kv.page_size
