@@ -24,17 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from traces import load_azure  # noqa: E402
 
+from superinfer.host_tier.jobs import contiguous_runs  # noqa: E402
+
 RUN_BUCKETS = (1, 16, 256, 2048)  # report the share of tokens in runs of at least this length
 
 
 def run_lengths(slots: torch.Tensor) -> torch.Tensor:
-    """Lengths of the maximal runs of consecutive slot numbers, in order."""
-    if slots.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    starts = torch.ones(slots.numel(), dtype=torch.bool)
-    starts[1:] = slots[1:] - slots[:-1] != 1
-    idx = torch.nonzero(starts).reshape(-1)
-    return torch.diff(idx, append=torch.tensor([slots.numel()]))
+    """Lengths of the maximal runs of consecutive slot numbers, in order (the host tier's own
+    run splitter, with no DMA boundary inside the pool)."""
+    runs = contiguous_runs(slots, boundary=1 << 62)
+    return torch.tensor([length for _, _, length in runs], dtype=torch.int64)
 
 
 def replay(rows: list[tuple[int, int]], cap: int, max_running: int, sample_every: int) -> dict:

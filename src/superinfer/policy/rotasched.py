@@ -51,6 +51,10 @@ class SloPolicy(Policy):
         since = costs.decode_step_s if last is None else now_s - last
         return min(max(since, costs.decode_step_s), max(_LINK_WINDOW_MAX_S, costs.decode_step_s))
 
+    def _link_tokens(self, bytes_per_s: float, window_s: float, cap: Capacity) -> int:
+        """KV tokens one direction may move in this plan: ``link_share`` of the window."""
+        return int(self.config.link_share * bytes_per_s * window_s / cap.bytes_per_token)
+
     def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
              gpu_free_at_s: float | None = None) -> StepPlan:
         plan = StepPlan()
@@ -163,7 +167,7 @@ class SloPolicy(Policy):
         t = self.table
         depth = _WALK_DEPTH
         order, key = self._rank(now_s, cap, costs, depth)
-        h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * window_s / cap.bytes_per_token)
+        h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
         used = prefill = h2d = 0
         start = 0
         deferred: list[int] = []
@@ -220,7 +224,7 @@ class SloPolicy(Policy):
         key = self._return_key(away, cap, costs)
         due = key <= now_s + slo.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token, costs)
         away, key = away[due], key[due]
-        h2d_budget = int(self.config.link_share * costs.h2d_bytes_per_s * window_s / cap.bytes_per_token)
+        h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
         h2d = sum(int(t.num_tokens[t.slot(r)]) for r in plan.rotate_in)
         for s in away[np.lexsort((t.seq[away], key))].tolist():
             if t.id_at(s) in plan.reasons:  # already coming back (the walk reached it)
@@ -289,7 +293,7 @@ class SloPolicy(Policy):
         order = np.lexsort((t.seq[run], -slack))
         run, tokens = run[order], tokens[order]
         freed = np.cumsum(frees[order])
-        d2h_budget = max(int(self.config.link_share * costs.d2h_bytes_per_s * window_s / cap.bytes_per_token), 1)
+        d2h_budget = max(self._link_tokens(costs.d2h_bytes_per_s, window_s, cap), 1)
         moved = np.cumsum(tokens)
         host_room = cap.free_host_tokens
         if grows_away:

@@ -274,7 +274,8 @@ class Rotator:
             # the plan can never admit it, so hiding it would starve it.
             chosen, table = set(self.admitted), self.table
             s.waiting_queue = [r for r in queue if r.rid in chosen or r.rid not in table]
-        shown = {id(r) for r in s.waiting_queue}
+        # Identities, not the list: SGLang appends to the visible list while it builds.
+        shown = {id(r) for r in s.waiting_queue} if len(s.waiting_queue) < len(queue) else None
         if budget is not None:
             limit = max(self.config.min_prefill_chunk, budget) // self.kv.page_size * self.kv.page_size
             s.max_prefill_tokens = min(s.max_prefill_tokens, max(limit, self.kv.page_size))
@@ -282,7 +283,7 @@ class Rotator:
             yield
         finally:
             s.max_prefill_tokens = saved_limit
-            if len(shown) < len(queue):  # hidden ones back behind what was shown and not taken
+            if shown is not None:  # hidden ones back behind what was shown and not taken
                 after = s.waiting_queue
                 s.waiting_queue = ([r for r in after if id(r) in shown]
                                    + [r for r in queue if id(r) not in shown]
@@ -292,7 +293,7 @@ class Rotator:
         """The most prompt tokens one prefill batch takes without cutting a request: SGLang's
         prefill limit, and its chunk size when chunked prefill is on."""
         s = self.scheduler
-        chunk = getattr(s, "chunked_prefill_size", None)
+        chunk = s.chunked_prefill_size
         return min(s.max_prefill_tokens, chunk) if chunk and chunk > 0 else s.max_prefill_tokens
 
     def _reorder_waiting(self, front: list[str]) -> None:
