@@ -1,4 +1,4 @@
-"""Why does KV rotation slow a decode step by 31-38%? A diagnostic that separates the causes.
+"""Why does KV rotation slow a decode step? A diagnostic that separates the causes.
 
 ``eval/bench_duplexkv.py`` found that any copy-engine rotation path (Triton staging mover at any
 grid, plain torch copies) costs its decode stand-in 31-38%. Three suspects:
@@ -28,6 +28,15 @@ zero data):
   (2 KiB rows at the host's token pitch); checked bit for bit first.
 - ``staging_mover_capped_Ppct``: the mover gated to one bounded batch per decode step, sized
   to keep it busy ~P% of a step: does a per-step byte budget bound the interference?
+- ``memcpy_batch_pageP``: the batch copies on ``P``-token pages (64/128 KiB pieces);
+  ``memcpy_batch_order_any``: source access order "any"; ``memcpy_batch_d2h_dma_h2d`` (and the
+  reverse): one direction in 32 KiB pieces, the other as big contiguous copies.
+- ``pages2d*``: one ``cudaMemcpy2DAsync`` per (page, K/V) covering every layer (32 KiB rows at
+  the layer pitch of a pool allocated as one tensor).
+- ``staging_cN[_l2]``: the staging mover with N-token chunks, its ring small enough for L2;
+  ``_l2`` marks it persisting in L2 (host-bound: Python issues every chunk).
+- ``pipe_cN[_l2]``: the same staging pipeline captured once in a CUDA graph per direction, so
+  small chunks are not bound by the host: does keeping the staged bytes in L2 cut the cost?
 
 Every scenario runs with the step replayed from a CUDA graph (``graph/...``); the baseline and
 the full-rate staging mover also run eagerly (``eager/...``). One failing scenario records its
@@ -38,9 +47,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import datetime
-import glob
 import itertools
 import json
 import math
@@ -59,6 +66,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_duplexkv import PAGE, Bench, DecodeStandIn, capture_step, log  # noqa: E402
 
+from superinfer.host_tier.cudart import CudaRuntime as BaseRuntime  # noqa: E402
+from superinfer.host_tier.cudart import (  # noqa: E402
+    LOC_DEVICE, LOC_HOST, SRC_ACCESS_ORDER_STREAM, MemcpyAttributes, MemLocation)
 from superinfer.host_tier.interface import KVLayout  # noqa: E402
 
 MiB = 1 << 20
@@ -339,67 +349,41 @@ def _sum_or_none(xs: list[float | None]) -> float | None:
     return None if None in xs else sum(xs)
 
 
-# --------------------------------------------------------------------------- cudaMemcpyBatchAsync
+# --------------------------------------------------------------------------- CUDA runtime extras
 
 
-class MemLocation(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+class AccessPolicyWindow(ctypes.Structure):
+    """``struct cudaAccessPolicyWindow``."""
+
+    _fields_ = [("base_ptr", ctypes.c_void_p), ("num_bytes", ctypes.c_size_t),
+                ("hitRatio", ctypes.c_float), ("hitProp", ctypes.c_int), ("missProp", ctypes.c_int)]
 
 
-class MemcpyAttributes(ctypes.Structure):
-    """``struct cudaMemcpyAttributes`` (driver_types.h, CUDA 12.8+): 24 bytes."""
+class StreamAttrValue(ctypes.Union):
+    """``cudaStreamAttrValue`` (= ``cudaLaunchAttributeValue``, 64 bytes of padding)."""
 
-    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", MemLocation),
-                ("dstLocHint", MemLocation), ("flags", ctypes.c_uint)]
+    _fields_ = [("window", AccessPolicyWindow), ("pad", ctypes.c_char * 64)]
 
 
-SRC_ACCESS_ORDER_STREAM = 1  # cudaMemcpySrcAccessOrderStream
-LOC_DEVICE, LOC_HOST = 1, 2  # cudaMemLocationTypeDevice / cudaMemLocationTypeHost (0 = invalid)
+ATTR_L2_SIZE, ATTR_MAX_PERSISTING_L2, ATTR_MAX_WINDOW = 38, 108, 109  # cudaDeviceAttr
+LIMIT_PERSISTING_L2 = 6  # cudaLimitPersistingL2CacheSize
+STREAM_ATTR_ACCESS_POLICY_WINDOW = 1  # cudaStreamAttributeAccessPolicyWindow
+ACCESS_NORMAL, ACCESS_PERSISTING = 0, 2  # cudaAccessProperty
+SRC_ACCESS_ORDER_ANY = 3  # cudaMemcpySrcAccessOrderAny
 FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1  # cudaMemcpyFlagPreferOverlapWithCompute (CUDA 13.0 header)
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault
 
 
-class CudaRuntime:
-    """ctypes access to the CUDA runtime that torch itself loaded (same process state).
-
-    ``cudaMemcpyBatchAsync`` exists from CUDA 12.8; 12.8/12.9 take a ``size_t* failIdx``
-    before the stream, 13.0 dropped it."""
+class CudaRuntime(BaseRuntime):
+    """The package's runtime binding plus what only the diagnostics use: 2D copies, device
+    attributes and persisting-L2 windows."""
 
     def __init__(self) -> None:
-        self.path = find_cudart()
-        self.lib = ctypes.CDLL(self.path)
-        self.lib.cudaGetErrorString.restype = ctypes.c_char_p
-        self.lib.cudaGetErrorString.argtypes = [ctypes.c_int]
-        self.version = self._int_query("cudaRuntimeGetVersion")
-        self.driver_version = self._int_query("cudaDriverGetVersion")
-        if self.version < 12080:
-            raise RuntimeError(f"cudaMemcpyBatchAsync needs CUDA runtime >= 12.8, "
-                               f"have {self.version}")
-        self._batch = self.lib.cudaMemcpyBatchAsync  # AttributeError if the symbol is missing
-        self.has_fail_idx = self.version < 13000
-        self._batch.restype = ctypes.c_int
-        self._batch.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p,
-                                ctypes.c_void_p, ctypes.c_size_t]
-                                + [ctypes.c_void_p] * (2 if self.has_fail_idx else 1))
+        super().__init__()
         self._2d = self.lib.cudaMemcpy2DAsync
         self._2d.restype = ctypes.c_int
         self._2d.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                              ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        self._attrs_idx = (ctypes.c_size_t * 1)(0)
-        self._fail_idx = ctypes.c_size_t(0)
-
-    def memcpy_batch(self, dsts: torch.Tensor, srcs: torch.Tensor, sizes: torch.Tensor,
-                     attrs: MemcpyAttributes, stream: torch.cuda.Stream) -> None:
-        """One call for all copies; the address arrays are int64 CPU tensors (read by the call)."""
-        args = [dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), dsts.numel(),
-                ctypes.addressof(attrs), ctypes.addressof(self._attrs_idx), 1]
-        if self.has_fail_idx:
-            args.append(ctypes.addressof(self._fail_idx))
-        err = self._batch(*args, stream.cuda_stream)
-        if err != 0:
-            where = f", failIdx {self._fail_idx.value}" if self.has_fail_idx else ""
-            raise RuntimeError(f"cudaMemcpyBatchAsync: error {err} "
-                               f"({self.lib.cudaGetErrorString(err).decode()}){where}")
 
     def memcpy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
                  stream: torch.cuda.Stream) -> None:
@@ -408,33 +392,34 @@ class CudaRuntime:
         if err != 0:
             raise RuntimeError(f"cudaMemcpy2DAsync: error {err} ({self.lib.cudaGetErrorString(err).decode()})")
 
-    def _int_query(self, name: str) -> int:
+    def device_attr(self, attr: int) -> int:
         value = ctypes.c_int(0)
-        err = getattr(self.lib, name)(ctypes.byref(value))
+        err = self.lib.cudaDeviceGetAttribute(ctypes.byref(value), attr, torch.cuda.current_device())
         if err != 0:
-            raise RuntimeError(f"{name}: error {err}")
+            raise RuntimeError(f"cudaDeviceGetAttribute({attr}): error {err}")
         return value.value
 
-
-def find_cudart() -> str:
-    """The libcudart already mapped into this process by torch, else the usual install places."""
-    torch.cuda.init()
-    torch.zeros(1, device="cuda")
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "libcudart.so" in line:
-                return line.split()[-1]
-    roots = [Path(torch.__file__).parent / "lib", *(Path(p) / "nvidia" for p in sys.path if p)]
-    patterns = [str(r / "**" / "libcudart.so*") for r in roots]
-    patterns.append("/usr/local/cuda/lib64/libcudart.so*")
-    for pattern in patterns:
-        hits = sorted(glob.glob(pattern, recursive=True), reverse=True)
-        if hits:
-            return hits[0]
-    found = ctypes.util.find_library("cudart")
-    if found:
-        return found
-    raise RuntimeError("libcudart not found (not in /proc/self/maps nor the usual places)")
+    def l2_persist(self, streams: list[torch.cuda.Stream], base: int, num_bytes: int) -> dict:
+        """Set aside persisting L2 for ``[base, base+num_bytes)`` and give every kernel launched
+        into ``streams`` an access-policy window over it (hit: persisting, miss: normal)."""
+        max_persist = self.device_attr(ATTR_MAX_PERSISTING_L2)
+        max_window = self.device_attr(ATTR_MAX_WINDOW)
+        limit = min(max_persist, num_bytes)
+        err = self.lib.cudaDeviceSetLimit(LIMIT_PERSISTING_L2, ctypes.c_size_t(limit))
+        if err != 0:
+            raise RuntimeError(f"cudaDeviceSetLimit(persisting L2): error {err}")
+        window = min(num_bytes, max_window)
+        value = StreamAttrValue()
+        value.window = AccessPolicyWindow(base, window, min(1.0, limit / window),
+                                          ACCESS_PERSISTING, ACCESS_NORMAL)
+        for stream in streams:
+            err = self.lib.cudaStreamSetAttribute(ctypes.c_void_p(stream.cuda_stream),
+                                                  STREAM_ATTR_ACCESS_POLICY_WINDOW, ctypes.byref(value))
+            if err != 0:
+                raise RuntimeError(f"cudaStreamSetAttribute(access policy window): error {err}")
+        return {"l2_bytes": self.device_attr(ATTR_L2_SIZE), "max_persisting_l2": max_persist,
+                "max_window": max_window, "persist_limit": limit, "window_bytes": window,
+                "hit_ratio": value.window.hitRatio}
 
 
 class PageBatchCopier:
@@ -442,20 +427,28 @@ class PageBatchCopier:
     ``[pages, layers, 2, PAGE, heads*head_dim]``: each (page, layer, K/V) is one contiguous
     32 KiB piece on both sides. One unit = ``pages_per_unit`` random pages = one batch call."""
 
-    def __init__(self, rt: CudaRuntime, bench: Bench, pages_per_unit: int, flags: int = 0) -> None:
-        self.rt, self.bench, self.flags = rt, bench, flags
+    def __init__(self, rt: CudaRuntime, bench: Bench, pages_per_unit: int, flags: int = 0,
+                 page_tokens: int = PAGE, order: int = 1) -> None:
+        self.rt, self.bench, self.flags, self.order = rt, bench, flags, order
         lay = bench.layout
+        self.page_tokens = page_tokens
         self.row = lay.num_heads * lay.head_dim
-        self.page_bytes = PAGE * self.row * lay.itemsize
+        self.page_bytes = page_tokens * self.row * lay.itemsize
         self.ptrs = torch.tensor([b.data_ptr() for kv in zip(bench.k, bench.v) for b in kv],
                                  dtype=torch.int64)  # k0, v0, k1, v1, ...: the host order too
-        shape = (pages_per_unit, lay.num_layers, 2, PAGE, self.row)
+        shape = (pages_per_unit, lay.num_layers, 2, page_tokens, self.row)
         self.host_out = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
         self.host_in = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
         fill = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(0.5, 1.5)
         self.host_in.copy_(fill)  # never zeros: a missed copy must show
-        self.out_pages = self._units(bench.out_slots, pages_per_unit)
-        self.in_pages = self._units(bench.in_slots, pages_per_unit)
+        if page_tokens == PAGE:
+            out_pages, in_pages = ((s[::PAGE] // PAGE).cpu() for s in (bench.out_slots, bench.in_slots))
+        else:  # bigger pages (64 KiB+ pieces): their own random disjoint sets
+            pages = torch.randperm((bench.k[0].shape[0] - PAGE) // page_tokens)
+            n = bench.out_slots.numel() // page_tokens
+            out_pages, in_pages = pages[:n], pages[n : 2 * n]
+        self.out_pages = self._units(out_pages, pages_per_unit)
+        self.in_pages = self._units(in_pages, pages_per_unit)
         count = pages_per_unit * 2 * lay.num_layers
         self.sizes = torch.full((count,), self.page_bytes, dtype=torch.int64)
         self.d2h = [(self._host_addrs(self.host_out), self._dev_addrs(p)) for p in self.out_pages]
@@ -465,7 +458,7 @@ class PageBatchCopier:
 
     def attrs(self, to_host: bool) -> MemcpyAttributes:
         a = MemcpyAttributes()
-        a.srcAccessOrder, a.flags = SRC_ACCESS_ORDER_STREAM, self.flags
+        a.srcAccessOrder, a.flags = self.order, self.flags
         if self.hints == "proper":  # only read for managed memory; set anyway, zeroed on fallback
             dev = MemLocation(LOC_DEVICE, torch.cuda.current_device())
             host = MemLocation(LOC_HOST, 0)
@@ -474,7 +467,7 @@ class PageBatchCopier:
 
     def copy(self, to_host: bool, unit: int, stream: torch.cuda.Stream) -> int:
         dsts, srcs = (self.d2h if to_host else self.h2d)[unit]
-        self.rt.memcpy_batch(dsts, srcs, self.sizes, self.attrs(to_host), stream)
+        self.rt.memcpy_batch_with(dsts, srcs, self.sizes, self.attrs(to_host), stream)
         return self.unit_bytes
 
     def verify(self, stream: torch.cuda.Stream) -> dict:
@@ -506,12 +499,13 @@ class PageBatchCopier:
 
     def _device_pages(self, pages: torch.Tensor) -> torch.Tensor:
         idx = pages.to("cuda")
-        per_layer = [torch.stack([buf.view(-1, PAGE, self.row)[idx] for buf in kv])
+        per_layer = [torch.stack([buf[: buf.shape[0] // self.page_tokens * self.page_tokens]
+                                  .view(-1, self.page_tokens, self.row)[idx] for buf in kv])
                      for kv in zip(self.bench.k, self.bench.v)]
         return torch.stack(per_layer).permute(2, 0, 1, 3, 4)  # [pages, layers, 2, PAGE, row]
 
-    def _units(self, slots: torch.Tensor, per_unit: int) -> list[torch.Tensor]:
-        pages = (slots[::PAGE] // PAGE).cpu()
+    @staticmethod
+    def _units(pages: torch.Tensor, per_unit: int) -> list[torch.Tensor]:
         return [pages[i : i + per_unit] for i in range(0, pages.numel() - per_unit + 1, per_unit)]
 
     def _dev_addrs(self, pages: torch.Tensor) -> torch.Tensor:
@@ -591,6 +585,147 @@ class RunCopier2D:
         return {k: bool(v) for k, v in ok.items()}
 
 
+class PageLayers2D:
+    """Kernel-free, per page: one ``cudaMemcpy2DAsync`` per (page, K/V) moves that page's
+    32 KiB piece of every layer at once (rows of 32 KiB, one row per layer), which needs the
+    layer buffers at a constant pitch: its own pool ``[2, layers, tokens, row]`` here. The
+    host side is page-major ``[pages, layers, 2, PAGE, row]``. Question: do 32 KiB rows in
+    2D copies (regular copy engines) reach full duplex, where 32 KiB batch copies cap at ~65?"""
+
+    def __init__(self, rt: CudaRuntime, bench: Bench, unit_tokens: int) -> None:
+        self.rt, lay = rt, bench.layout
+        self.row = lay.num_heads * lay.head_dim
+        self.piece = PAGE * self.row * lay.itemsize
+        tokens = bench.k[0].shape[0] // PAGE * PAGE
+        self.pool = torch.empty((2, lay.num_layers, tokens, self.row), dtype=torch.bfloat16,
+                                device="cuda").uniform_(0.5, 1.5)
+        self.layer_pitch = tokens * self.row * lay.itemsize
+        self.L = lay.num_layers
+        per_unit = unit_tokens // 2 // PAGE
+        shape = (per_unit, lay.num_layers, 2, PAGE, self.row)
+        self.host_out = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
+        self.host_in = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
+        self.host_in.copy_(torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(0.5, 1.5))
+        pages = torch.randperm(tokens // PAGE)
+        units = (pages.numel() // 2) // per_unit
+        self.units = {True: [pages[i * per_unit : (i + 1) * per_unit].tolist() for i in range(units)],
+                      False: [pages[(units + i) * per_unit : (units + i + 1) * per_unit].tolist()
+                              for i in range(units)]}
+        self.unit_bytes = per_unit * 2 * lay.num_layers * self.piece
+        self._next = {True: 0, False: 0}
+
+    def copy(self, to_host: bool, stream: torch.cuda.Stream, unit: int | None = None) -> int:
+        if unit is None:
+            unit = self._next[to_host]
+            self._next[to_host] = (unit + 1) % len(self.units[to_host])
+        base = self.pool.data_ptr()
+        host = (self.host_out if to_host else self.host_in).data_ptr()
+        page_bytes = self.L * 2 * self.piece
+        for j, page in enumerate(self.units[to_host][unit]):
+            for kv in (0, 1):
+                dev = base + kv * self.L * self.layer_pitch + page * self.piece
+                hst = host + j * page_bytes + kv * self.piece
+                if to_host:
+                    self.rt.memcpy2d(hst, 2 * self.piece, dev, self.layer_pitch, self.piece, self.L, stream)
+                else:
+                    self.rt.memcpy2d(dev, self.layer_pitch, hst, 2 * self.piece, self.piece, self.L, stream)
+        return self.unit_bytes
+
+    def verify(self, stream: torch.cuda.Stream) -> dict:
+        self.host_out.zero_()
+        torch.cuda.synchronize()
+        self.copy(True, stream, 0)
+        self.copy(False, stream, 0)
+        stream.synchronize()
+        ok = {}
+        for to_host, host in ((True, self.host_out), (False, self.host_in)):
+            idx = torch.tensor(self.units[to_host][0], device="cuda")
+            view = self.pool.view(2, self.L, -1, PAGE, self.row)[:, :, idx]  # [2, L, pages, PAGE, row]
+            ok["d2h_equal" if to_host else "h2d_equal"] = torch.equal(
+                view.permute(2, 1, 0, 3, 4).contiguous(), host.to("cuda"))
+        return ok
+
+    def lanes(self, d2h: bool, h2d: bool) -> list[Lane]:
+        return copy_lanes(self.copy, d2h, h2d)
+
+
+class GraphPipeline:
+    """The staging path for one ``unit_tokens`` unit of one direction, chunk by chunk, captured
+    once into a CUDA graph (the page sets are fixed), so no host work limits small chunks.
+    Two staging buffers per direction, all four in one ``ring`` tensor; with ``l2`` the
+    kernels mark the ring persisting in L2. Chunk i's kernel waits for the DMA of chunk i-2
+    (buffer reuse) and the DMA of chunk i for kernel i (d2h; the reverse for h2d)."""
+
+    def __init__(self, res: "Resources", chunk: int, l2: bool, programs: int = 32) -> None:
+        from superinfer.host_tier.jobs import contiguous_runs
+        from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
+
+        b, n = res.bench, res.unit_tokens
+        host = b.host
+        self.ring = torch.empty((4 * chunk, *host.buffer.shape[1:]), dtype=host.buffer.dtype,
+                                device="cuda")
+        bufs = list(self.ring.split(chunk))
+        table = make_kv_table(b.k, b.v)
+        self.info = {"chunk_tokens": chunk, "ring_mib": self.ring.numel() * 2 / MiB, "l2": l2}
+        self.kernel_streams = {True: torch.cuda.Stream(), False: torch.cuda.Stream()}
+        self.dma_streams = {True: torch.cuda.Stream(), False: torch.cuda.Stream()}
+        if l2:
+            self.info.update(res.runtime().l2_persist(list(self.kernel_streams.values()),
+                                                      self.ring.data_ptr(),
+                                                      self.ring.numel() * self.ring.element_size()))
+        elif res.runtime().lib.cudaDeviceSetLimit(LIMIT_PERSISTING_L2, ctypes.c_size_t(0)) != 0:
+            raise RuntimeError("cudaDeviceSetLimit(persisting L2, 0) failed")
+        gather_kv(table, b.out_slots[:chunk], bufs[0], num_programs=programs)  # compile outside
+        scatter_kv(table, b.in_slots[:chunk], bufs[2], num_programs=programs)  # the capture
+        self.graphs = {}
+        for to_host, dev, hst, ring in ((True, b.out_slots, b.out_host, bufs[:2]),
+                                        (False, b.in_slots, b.in_host, bufs[2:])):
+            dev, hst = dev[:n], hst[:n]
+            ks, ds = self.kernel_streams[to_host], self.dma_streams[to_host]
+            first, second = (ks, ds) if to_host else (ds, ks)
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=first):
+                second.wait_stream(first)
+                free: list[Event | None] = [None, None]
+                for i, start in enumerate(range(0, n, chunk)):
+                    staged = ring[i % 2]
+                    if free[i % 2] is not None:
+                        first.wait_event(free[i % 2])
+                    runs = contiguous_runs(hst[start : start + chunk], host.dma_chunk_tokens)
+                    if to_host:
+                        with torch.cuda.stream(ks):
+                            gather_kv(table, dev[start : start + chunk], staged, num_programs=programs)
+                        ds.wait_stream(ks)
+                        with torch.cuda.stream(ds):
+                            for off, h0, length in runs:
+                                host.buffer[h0 : h0 + length].copy_(staged[off : off + length],
+                                                                    non_blocking=True)
+                    else:
+                        with torch.cuda.stream(ds):
+                            for off, h0, length in runs:
+                                staged[off : off + length].copy_(host.buffer[h0 : h0 + length],
+                                                                 non_blocking=True)
+                        ks.wait_stream(ds)
+                        with torch.cuda.stream(ks):
+                            scatter_kv(table, dev[start : start + chunk], staged, num_programs=programs)
+                    free[i % 2] = second.record_event()
+                first.wait_stream(second)
+            self.graphs[to_host] = graph
+        torch.cuda.synchronize()
+        self.unit_bytes = n * LAYOUT.bytes_per_token
+        self.lane_streams = {True: torch.cuda.Stream(), False: torch.cuda.Stream()}
+
+    def lanes(self) -> list[Lane]:
+        def submit(to_host: bool) -> int:
+            with torch.cuda.stream(self.lane_streams[to_host]):
+                self.graphs[to_host].replay()
+            return self.unit_bytes
+
+        return [Lane("d2h", lambda: submit(True), self.lane_streams[True]),
+                Lane("h2d", lambda: submit(False), self.lane_streams[False])]
+
+
 class Resources:
     """The bench (device KV pool, host pool, random page sets) and lazily built loads: a
     scenario that fails to build its load fails alone."""
@@ -599,8 +734,22 @@ class Resources:
         self.bench, self.unit_tokens, self._rt = bench, unit_tokens, rt
         self.submit_stream = torch.cuda.Stream()  # idle: the mover's caller-stream wait is a no-op
         self._mover = self._dma = self._staging = None
-        self.copiers: dict[int, PageBatchCopier] = {}
+        self.copiers: dict[tuple[int, int, int], PageBatchCopier] = {}
         self.copiers2d: dict[int, RunCopier2D] = {}
+        self.small_movers: dict[tuple[int, bool], tuple] = {}
+        self.pipelines: dict[tuple[int, bool], GraphPipeline] = {}
+        self._pages2d: PageLayers2D | None = None
+
+    def pages2d(self) -> PageLayers2D:
+        if self._pages2d is None:
+            self._pages2d = PageLayers2D(self.runtime(), self.bench, self.unit_tokens)
+        return self._pages2d
+
+    def pipeline(self, chunk: int, l2: bool) -> GraphPipeline:
+        if (chunk, l2) not in self.pipelines:
+            self.pipelines[(chunk, l2)] = GraphPipeline(self, chunk, l2)
+            log(f"graph pipeline: {self.pipelines[(chunk, l2)].info}")
+        return self.pipelines[(chunk, l2)]
 
     @property
     def mover(self):
@@ -610,12 +759,37 @@ class Resources:
             self._mover = DuplexKVMover(self.bench.k, self.bench.v, self.bench.host, path="staging")
         return self._mover
 
-    def mover_end_streams(self) -> list[torch.cuda.Stream]:
-        # NOTE: private attributes: a staging d2h job ends with its DMA, h2d with its scatter.
-        return [self.mover._d2h_dma_stream, self.mover._h2d_scatter_stream]
+    def small_chunk_mover(self, chunk_tokens: int, l2: bool):
+        """A staging mover whose four staging buffers (2 per direction) are one tensor small
+        enough for L2; with ``l2`` its kernels mark that tensor persisting in L2. Question: does
+        the DMA then read (and write) the staged bytes in L2 instead of HBM, cutting the
+        staging path's HBM traffic from 3x the payload towards 1x?"""
+        key = (chunk_tokens, l2)
+        if key not in self.small_movers:
+            from superinfer.host_tier.duplex import DuplexKVMover
 
-    def mover_lanes(self) -> list[Lane]:
-        b, n, mover = self.bench, self.unit_tokens, self.mover
+            b = self.bench
+            mover = DuplexKVMover(b.k, b.v, b.host, path="staging", max_chunk_tokens=chunk_tokens)
+            ring = torch.empty((4 * chunk_tokens, *b.host.buffer.shape[1:]),
+                               dtype=b.host.buffer.dtype, device="cuda")
+            bufs = list(ring.split(chunk_tokens))
+            # NOTE: private attributes, diagnostic only.
+            mover._d2h_staging._bufs, mover._h2d_staging._bufs = bufs[:2], bufs[2:]
+            info = {"ring_mib": ring.numel() * ring.element_size() / MiB}
+            if l2:
+                info.update(self.runtime().l2_persist([mover._d2h_stream, mover._h2d_scatter_stream],
+                                                      ring.data_ptr(), ring.numel() * ring.element_size()))
+            log(f"small-chunk mover {key}: {info}")
+            self.small_movers[key] = (mover, ring, info)
+        return self.small_movers[key][0]
+
+    def mover_end_streams(self, mover=None) -> list[torch.cuda.Stream]:
+        # NOTE: private attributes: a staging d2h job ends with its DMA, h2d with its scatter.
+        mover = mover or self.mover
+        return [mover._d2h_dma_stream, mover._h2d_scatter_stream]
+
+    def mover_lanes(self, mover=None) -> list[Lane]:
+        b, n, mover = self.bench, self.unit_tokens, mover or self.mover
         starts = range(0, b.out_slots.numel() - n + 1, n)
         d2h_at, h2d_at = itertools.cycle(starts), itertools.cycle(starts)
 
@@ -629,7 +803,7 @@ class Resources:
             with torch.cuda.stream(self.submit_stream):
                 return mover.submit_h2d("h2d", b.in_host[a : a + n], b.in_slots[a : a + n])
 
-        d2h_end, h2d_end = self.mover_end_streams()
+        d2h_end, h2d_end = self.mover_end_streams(mover)
         return [Lane("d2h", d2h, d2h_end), Lane("h2d", h2d, h2d_end)]
 
     def dma_lanes(self, d2h: bool, h2d: bool, chunk_bytes: int = 256 * MiB) -> list[Lane]:
@@ -678,14 +852,17 @@ class Resources:
             self._rt = CudaRuntime()
         return self._rt
 
-    def copier(self, flags: int) -> PageBatchCopier:
-        if flags not in self.copiers:
-            pages = self.unit_tokens // 2 // PAGE  # 256 MiB per batch call
-            copier = PageBatchCopier(self.runtime(), self.bench, pages, flags)
-            if 0 in self.copiers:  # the location hints the verified copier settled on
-                copier.hints = self.copiers[0].hints
-            self.copiers[flags] = copier
-        return self.copiers[flags]
+    def copier(self, flags: int, page_tokens: int = PAGE, order: int = SRC_ACCESS_ORDER_STREAM
+               ) -> PageBatchCopier:
+        key = (flags, page_tokens, order)
+        if key not in self.copiers:
+            pages = self.unit_tokens // 2 // page_tokens  # 256 MiB per batch call
+            copier = PageBatchCopier(self.runtime(), self.bench, pages, flags, page_tokens, order)
+            first = self.copiers.get((0, PAGE, SRC_ACCESS_ORDER_STREAM))
+            if first is not None:  # the location hints the verified copier settled on
+                copier.hints = first.hints
+            self.copiers[key] = copier
+        return self.copiers[key]
 
     def run2d(self, run_tokens: int) -> RunCopier2D:
         if run_tokens not in self.copiers2d:
@@ -694,18 +871,13 @@ class Resources:
         return self.copiers2d[run_tokens]
 
     def run2d_lanes(self, run_tokens: int, d2h: bool, h2d: bool) -> list[Lane]:
-        copier = self.run2d(run_tokens)
-        lanes = []
-        for on, to_host, name in ((d2h, True, "d2h"), (h2d, False, "h2d")):
-            if on:
-                stream = torch.cuda.Stream()
-                lanes.append(Lane(name, lambda s=stream, t=to_host: copier.copy(t, s), stream))
-        return lanes
+        return copy_lanes(self.run2d(run_tokens).copy, d2h, h2d)
 
-    def batch_lanes(self, d2h: bool, h2d: bool, flags: int = 0, streams: int = 1) -> list[Lane]:
+    def batch_lanes(self, d2h: bool, h2d: bool, flags: int = 0, streams: int = 1,
+                    page_tokens: int = PAGE, order: int = SRC_ACCESS_ORDER_STREAM) -> list[Lane]:
         """One lane per stream and direction. With several streams a direction's batch calls
         may land on several copy engines: are 32 KiB copies engine-bound or PCIe-bound?"""
-        copier = self.copier(flags)
+        copier = self.copier(flags, page_tokens, order)
         lanes = []
         for on, to_host, name, units in ((d2h, True, "d2h", copier.d2h),
                                          (h2d, False, "h2d", copier.h2d)):
@@ -715,6 +887,16 @@ class Resources:
                 submit = lambda s=stream, t=to_host, i=idx: copier.copy(t, next(i), s)  # noqa: E731
                 lanes.append(Lane(f"{name}{k}" if streams > 1 else name, submit, stream))
         return lanes
+
+
+def copy_lanes(copy: Callable[[bool, torch.cuda.Stream], int], d2h: bool, h2d: bool) -> list[Lane]:
+    """One lane per direction asked for, each on its own stream, submitting ``copy(to_host, stream)``."""
+    lanes = []
+    for on, to_host, name in ((d2h, True, "d2h"), (h2d, False, "h2d")):
+        if on:
+            stream = torch.cuda.Stream()
+            lanes.append(Lane(name, lambda s=stream, t=to_host: copy(t, s), stream))
+    return lanes
 
 
 def _copier(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> Callable[[], int]:
@@ -753,12 +935,31 @@ def scenario_plan(res: Resources, graph: Decode, eager: Decode,
         ("graph/dma_h2d_only", loaded(graph, lambda: res.dma_lanes(False, True))),
         *((f"graph/staging_mover_capped_{round(f * 100)}pct",
            lambda f=f: capped_scenario(graph, res, f, s, t)) for f in args.cap_fractions),
+        *(item for n in args.small_chunks for l2 in (False, True) for item in (
+            (f"graph/staging_c{n}{'_l2' if l2 else ''}", lambda n=n, l2=l2: loaded_scenario(
+                graph, LoadRunner(res.mover_lanes(res.small_chunk_mover(n, l2)),
+                                  on_poll=res.small_chunk_mover(n, l2).poll), s, t)),)),
+        *(item for n in args.pipe_chunks for l2 in ((False, True) if n <= 64 else (False,)) for item in (
+            (f"graph/pipe_c{n}{'_l2' if l2 else ''}",
+             loaded(graph, lambda n=n, l2=l2: res.pipeline(n, l2).lanes())),)),
+        ("graph/pages2d_verify", lambda: res.pages2d().verify(torch.cuda.Stream())),
+        ("graph/pages2d", loaded(graph, lambda: res.pages2d().lanes(True, True))),
+        ("graph/pages2d_d2h_only", loaded(graph, lambda: res.pages2d().lanes(True, False))),
+        ("graph/pages2d_h2d_only", loaded(graph, lambda: res.pages2d().lanes(False, True))),
         ("graph/memcpy_batch_verify", lambda: res.copier(0).verify(torch.cuda.Stream())),
         ("graph/memcpy_batch", loaded(graph, lambda: res.batch_lanes(True, True))),
         ("graph/memcpy_batch_d2h_only", loaded(graph, lambda: res.batch_lanes(True, False))),
         ("graph/memcpy_batch_h2d_only", loaded(graph, lambda: res.batch_lanes(False, True))),
         *((f"graph/memcpy_batch_x{n}streams", loaded(graph, lambda n=n: res.batch_lanes(True, True, streams=n)))
-          for n in (2, 4)),
+          for n in (2, 4, 8)),
+        ("graph/memcpy_batch_order_any", loaded(
+            graph, lambda: res.batch_lanes(True, True, order=SRC_ACCESS_ORDER_ANY))),
+        *((f"graph/memcpy_batch_page{p}", loaded(graph, lambda p=p: res.batch_lanes(True, True, page_tokens=p)))
+          for p in (32, 64)),
+        ("graph/memcpy_batch_d2h_dma_h2d", loaded(
+            graph, lambda: res.batch_lanes(True, False) + res.dma_lanes(False, True))),
+        ("graph/memcpy_batch_h2d_dma_d2h", loaded(
+            graph, lambda: res.dma_lanes(True, False) + res.batch_lanes(False, True))),
         ("graph/memcpy_batch_prefer_overlap_flag", loaded(
             graph, lambda: res.batch_lanes(True, True, flags=FLAG_PREFER_OVERLAP_WITH_COMPUTE))),
         *(item for n in args.run2d_tokens for item in (
@@ -774,7 +975,7 @@ def scenario_plan(res: Resources, graph: Decode, eager: Decode,
 def run_scenario(name: str, fn: Callable[[], dict], verified: dict) -> dict:
     """Never raises: a failure becomes {"error", "traceback"}. memcpy_batch and run2d timing
     runs only after its family's bit-for-bit check passed."""
-    family = re.match(r"graph/(memcpy_batch|run2d_\d+)", name)
+    family = re.match(r"graph/(memcpy_batch|run2d_\d+|pages2d)", name)
     if family and not name.endswith("_verify"):
         check = verified.get(f"graph/{family.group(1)}_verify", {})
         if not (check.get("d2h_equal") and check.get("h2d_equal")):
@@ -822,6 +1023,10 @@ def main() -> None:
     ap.add_argument("--cap-fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     ap.add_argument("--run2d-tokens", type=int, nargs="*", default=[16, 256, 4096],
                     help="run lengths (consecutive device slots) for the cudaMemcpy2DAsync scenarios")
+    ap.add_argument("--small-chunks", type=int, nargs="*", default=[32, 64],
+                    help="staging chunk sizes (tokens) for the L2-resident staging scenarios")
+    ap.add_argument("--pipe-chunks", type=int, nargs="*", default=[32, 64, 2048],
+                    help="chunk sizes (tokens) for the graph-captured staging pipelines")
     ap.add_argument("--only", nargs="+", help="run only scenarios whose name contains one of these")
     ap.add_argument("--budget-s", type=float, default=65.0,
                     help="skip scenarios not started within this many seconds of main() "

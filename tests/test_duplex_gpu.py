@@ -142,3 +142,88 @@ def test_rejects_unknown_path_and_unpinned_host() -> None:
     unpinned = HostKVPool(layout, 64, PAGE, torch.bfloat16, pin_memory=False)
     with pytest.raises(ValueError):
         DuplexKVMover(list(kv[:, 0]), list(kv[:, 1]), unpinned)
+
+
+# --- DirectKVMover: page pieces by cudaMemcpyBatchAsync, page-major host pool -----------------
+
+
+def make_direct(page: int = PAGE, dtype=torch.bfloat16):
+    from superinfer.host_tier.direct import DirectKVMover
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    kv = (torch.rand((LAYERS, 2, SLOTS + page, HEADS, HEAD_DIM), generator=gen, device="cuda") + 0.5).to(dtype)
+    layout = KVLayout(LAYERS, HEADS, HEAD_DIM, kv.element_size())
+    host = HostKVPool(layout, 4096, page, dtype, pin_memory=True, page_major=True)
+    host.buffer.view(torch.uint8).fill_(0xA5)
+    torch.cuda.synchronize()
+    return kv, host, DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host)
+
+
+def token_rows(host: HostKVPool, host_slots: torch.Tensor) -> torch.Tensor:
+    """A page-major host pool read as token rows [n, layers, 2, heads*dim]."""
+    b = host.buffer
+    return b.permute(0, 3, 1, 2, 4).reshape(host.size, *b.shape[1:3], b.shape[-1])[host_slots]
+
+
+def wait_done(mover, direction: str, job: str, timeout_s: float = 10.0) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if job in getattr(mover.poll(), f"done_{direction}"):
+            return
+        time.sleep(1e-3)
+    raise AssertionError(f"{direction} job {job} not done within {timeout_s} s")
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("slots_on", ["cuda", "cpu"])
+def test_direct_round_trip_both_directions_at_once(page: int, slots_on: str) -> None:
+    kv, host, mover = make_direct(page)
+    pages = torch.randperm(SLOTS // page)
+    n_out, n_in = 20 * page - 3, 11 * page + 5  # partial last pages, copied whole
+    out_slots = (pages[:20, None] * page + torch.arange(page)).reshape(-1)[:n_out]
+    in_slots = (pages[20:32, None] * page + torch.arange(page)).reshape(-1)[:n_in]
+    out_host, in_host = host.alloc(n_out), host.alloc(n_in)
+    in_pages = torch.unique(in_host // page)
+    host.buffer[in_pages] = (torch.rand(len(in_pages), *host.buffer.shape[1:]) + 2).to(kv.dtype)
+    expected_in = token_rows(host, in_host).clone()
+    expected_out = rows(kv, out_slots.cuda()).cpu()
+    mover.submit_d2h("out", out_slots.to(slots_on), out_host, None)
+    mover.submit_h2d("in", in_host, in_slots.to(slots_on))
+    wait_done(mover, "d2h", "out")
+    wait_done(mover, "h2d", "in")
+    mover.fence_compute(torch.cuda.current_stream())
+    assert torch.equal(token_rows(host, out_host), expected_out)
+    assert torch.equal(rows(kv, in_slots.cuda()).cpu(), expected_in)
+
+
+def test_direct_d2h_waits_for_ready_and_poll_does_not_block() -> None:
+    kv, host, mover = make_direct()
+    slots = page_slots(500)
+    host_slots = host.alloc(500)
+    compute = torch.cuda.Stream()
+    compute.wait_event(delayed_event())
+    with torch.cuda.stream(compute):
+        kv[:, :, slots] += 1.0  # the late "last forward" writing these slots
+        ready = compute.record_event()
+    mover.submit_d2h("out", slots, host_slots, ready)  # slots on the device: deferred
+    assert mover.poll().done_d2h == []
+    wait_done(mover, "d2h", "out")
+    torch.cuda.synchronize()
+    assert torch.equal(token_rows(host, host_slots), rows(kv, slots).cpu())
+
+
+def test_direct_jobs_finish_in_order_when_deferred_and_immediate_mix() -> None:
+    kv, host, mover = make_direct()
+    jobs = []
+    for i in range(6):
+        slots = page_slots(64 + 16 * i)
+        host_slots = host.alloc(len(slots))
+        jobs.append((f"job{i}", host_slots, rows(kv, slots).cpu()))
+        ready = delayed_event() if i == 0 else None
+        mover.submit_d2h(f"job{i}", slots if i % 2 == 0 else slots.cpu(), host_slots, ready)
+    mover.synchronize()
+    assert mover.poll().done_d2h == [j[0] for j in jobs]
+    for _, host_slots, expected in jobs:
+        assert torch.equal(token_rows(host, host_slots), expected)

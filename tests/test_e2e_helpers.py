@@ -79,7 +79,7 @@ def test_parser_reads_the_rotators_own_format():
 
 def test_rotator_start_line_gives_the_ranks():
     fmt = rotator_formats()[e2e.ROTATOR_MARK]
-    line = fmt % ("slo", 16.0, 122064, "DuplexKVMover")
+    line = fmt % ("slo", 16.0, 122064, 16, "DuplexKVMover", "staging")
     text = f"[t TP0] {line}\n[t TP1] {line}\n[t] unrelated"
     assert e2e.rotator_ranks(text) == [0, 1]
     assert e2e.rotator_ranks(f"[2026-11-29 12:00:00] {line}") == [0]
@@ -462,7 +462,7 @@ def write_run_dir(d: Path) -> None:
         "[00:00:20 +  30s] soak: rota_p1: 1/3 complete, 1 aborted by the client",
         "[00:00:21 +  31s] checks: rota_p1: normal 200/200, bad SLO -> HTTP 400",
     ]) + "\n")
-    start = rotator_formats()[e2e.ROTATOR_MARK] % ("slo", 16.0, 122064, "DuplexKVMover")
+    start = rotator_formats()[e2e.ROTATOR_MARK] % ("slo", 16.0, 122064, 16, "DuplexKVMover", "staging")
     (d / "server_rota_p1.log").write_text("\n".join([
         f"[2026-11-29 23:59:40] {start}",
         idle_line("[2026-11-29 23:59:40]"),  # warm-up

@@ -15,6 +15,9 @@ from superinfer.config import RotaConfig
 from superinfer.policy import Capacity, Phase
 
 CONFIGS = [(1, True), (1, False), (16, True), (16, False)]
+# The direct mover (page-major host pool, page copies; memmove on the CPU) on the same parts.
+MOVER_CONFIGS = [(p, r, "auto") for p, r in CONFIGS] + [(16, True, "direct"), (16, False, "direct"),
+                                                         (1, True, "direct")]
 
 
 def fresh(size: int = 1024, page_size: int = 1, radix: bool = True, **config):
@@ -44,8 +47,9 @@ def prefill_and_decode(parts, rot, reqs, steps: int):
     return batch
 
 
-def setup(page_size: int, radix: bool, n: int = 3, prompt: int = 40, host_gb: float = 0.0004):
-    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=host_gb)
+def setup(page_size: int, radix: bool, n: int = 3, prompt: int = 40, host_gb: float = 0.0004,
+          mover: str = "auto"):
+    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=host_gb, mover=mover)
     reqs = [parts.make_req(f"r{i}", prompt + 7 * i, max_new_tokens=64) for i in range(n)]
     return parts, rot, prefill_and_decode(parts, rot, reqs, steps=3)
 
@@ -64,9 +68,12 @@ def assert_pools_initial(parts, rot):
     rot.check()
 
 
-@pytest.mark.parametrize("page_size,radix", CONFIGS)
-def test_round_trip_restores_every_kv_byte(page_size, radix):
-    parts, rot, batch = setup(page_size, radix)
+@pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
+def test_round_trip_restores_every_kv_byte(page_size, radix, mover):
+    parts, rot, batch = setup(page_size, radix, mover=mover)
+    assert type(rot.mover).__name__ == ("DirectKVMover" if mover == "direct" else "TorchMover")
+    assert rot.host.page_major == (mover == "direct")
+    assert rot.host.page_size == (page_size if mover == "direct" else 16)
     before = {r.rid: parts.kv_of(r) for r in batch.reqs}
     batch = rot.rotate_out(batch, {"r1"})
     assert [r.rid for r in batch.reqs] == ["r0", "r2"]
@@ -88,9 +95,9 @@ def test_round_trip_restores_every_kv_byte(page_size, radix):
     assert_pools_initial(parts, rot)
 
 
-@pytest.mark.parametrize("page_size,radix", CONFIGS)
-def test_abort_while_parked_frees_host_and_device(page_size, radix):
-    parts, rot, batch = setup(page_size, radix)
+@pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
+def test_abort_while_parked_frees_host_and_device(page_size, radix, mover):
+    parts, rot, batch = setup(page_size, radix, mover=mover)
     rot.config = rot.config  # the default policy would bring r0 back: park it by hand
     batch = rot.rotate_out(batch, {"r0"})
     rot._collect(batch)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("slo", "lvf")
-MOVER_PATHS = ("auto", "torch", "staging", "zerocopy")
+MOVER_PATHS = ("auto", "torch", "staging", "zerocopy", "direct")
 
 
 class ConfigError(ValueError):

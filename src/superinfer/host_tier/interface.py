@@ -11,7 +11,9 @@ Ordering rules every mover keeps:
   caller's current stream (which computed the index tensors); the caller frees the device
   slots only after ``poll`` reports the job done.
 - ``submit_h2d`` jobs become visible to compute only through ``fence_compute(stream)``, which
-  makes that stream wait on the copies on the device; the host never synchronizes.
+  makes that stream wait on the copies on the device; the host never synchronizes. A mover may
+  hold a job back until its slot numbers reach the host (``DirectKVMover``); the fence covers
+  every job issued so far, so fence a job once ``poll`` has reported it done.
 - Jobs of one direction finish in submission order; the two directions run concurrently.
 """
 
@@ -80,7 +82,8 @@ class KVMover(abc.ABC):
 
     @abc.abstractmethod
     def fence_compute(self, stream: object | None) -> None:
-        """Make ``stream`` wait, on the device, for every h2d job submitted so far."""
+        """Make ``stream`` wait, on the device, for every h2d job issued so far (every job
+        ``poll`` has reported done is issued)."""
 
     @abc.abstractmethod
     def synchronize(self) -> None:

@@ -20,9 +20,10 @@ class Job:
     num_bytes: int
     event: torch.cuda.Event | None  # None: the work finished before submit returned (CPU)
     keepalive: tuple[torch.Tensor, ...] = ()
+    issued: bool = True  # False while a mover holds the copy back (direct.py's deferred jobs)
 
     def is_done(self) -> bool:
-        return self.event is None or self.event.query()
+        return self.issued and (self.event is None or self.event.query())
 
 
 class JobQueue:
@@ -48,7 +49,12 @@ class JobQueue:
         return done_ids, num_bytes
 
     def last_event(self) -> torch.cuda.Event | None:
-        return self._jobs[-1].event if self._jobs else None
+        """The event of the newest issued job (a job not issued yet is never reported done,
+        so nobody can be waiting to read its KV)."""
+        for job in reversed(self._jobs):
+            if job.issued and job.event is not None:
+                return job.event
+        return None
 
 
 def contiguous_runs(host_slots: torch.Tensor, boundary: int) -> list[tuple[int, int, int]]:

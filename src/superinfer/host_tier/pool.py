@@ -1,9 +1,14 @@
-"""Host KV tier: one pinned, token-major buffer plus a page allocator with exact accounting.
+"""Host KV tier: one pinned buffer plus a page allocator with exact accounting.
 
-The buffer is ``[num_tokens, num_layers, 2, num_heads * head_dim]``: all of one token's KV
-(every layer, K then V) is one contiguous row, so a run of host slots is one contiguous byte
-range and a whole batch moves with few large DMAs (the device side is layer-first; the gather
-kernels bridge the two layouts).
+Two layouts of the same bytes, chosen by the mover that fills them:
+
+- token-major (default) ``[num_tokens, num_layers, 2, num_heads * head_dim]``: all of one
+  token's KV (every layer, K then V) is one contiguous row, so a run of host slots is one
+  contiguous byte range and a batch moves with few large DMAs (the device side is layer-first;
+  the gather kernels of the staging and zero-copy paths bridge the two layouts);
+- page-major ``[num_pages, num_layers, 2, page_size, num_heads * head_dim]``: one page of one
+  layer's K (or V) is contiguous, exactly like the same page in SGLang's layer-first device
+  buffers, so the direct path copies page pieces with the copy engines alone.
 
 Pages are the unit of ownership: ``alloc`` hands out whole pages (the tail of the last page is
 owned but unused) and ``free`` returns the pages that the given slots belong to.
@@ -35,6 +40,7 @@ class HostKVPool:
         dtype: torch.dtype,
         pin_memory: bool = True,
         numa_node: int | None = None,
+        page_major: bool = False,
     ) -> None:
         if page_size < 1 or num_tokens < page_size or num_tokens % page_size:
             raise ValueError(f"num_tokens={num_tokens} must be a positive multiple of page_size={page_size}")
@@ -45,12 +51,14 @@ class HostKVPool:
         self.size = num_tokens
         self.page_size = page_size
         self.num_pages = num_tokens // page_size
+        self.page_major = page_major
         # Whole pages per pinned registration; a DMA never spans two (see ``dma_chunk_tokens``).
         pages_per_chunk = max(1, _REGISTER_CHUNK_BYTES // (layout.bytes_per_token * page_size))
         self.dma_chunk_tokens = pages_per_chunk * page_size
-        self.buffer = torch.empty(
-            (num_tokens, layout.num_layers, 2, layout.num_heads * layout.head_dim), dtype=dtype
-        )
+        row = layout.num_heads * layout.head_dim
+        shape = ((self.num_pages, layout.num_layers, 2, page_size, row) if page_major
+                 else (num_tokens, layout.num_layers, 2, row))
+        self.buffer = torch.empty(shape, dtype=dtype)
         if numa_node is not None:
             _bind_to_numa_node(self.buffer, numa_node)
         self.pinned = False
@@ -110,7 +118,7 @@ class HostKVPool:
         num_free = int(self._page_free.sum())
         assert num_free == self._num_free_pages, (num_free, self._num_free_pages)
         assert 0 <= num_free <= self.num_pages, (num_free, self.num_pages)
-        assert self.buffer.shape[0] == self.num_pages * self.page_size
+        assert self.buffer.numel() * self.buffer.element_size() == self.size * self.bytes_per_token
 
     def _pick_pages(self, num_pages: int) -> torch.Tensor:
         free_ids = torch.nonzero(self._page_free).reshape(-1)

@@ -24,10 +24,16 @@ D2H_PRIORITY = 0
 class StreamMover(KVMover):
     """d2h on a low-priority stream, h2d on a high-priority one; on the CPU everything is synchronous."""
 
+    HOST_PAGE_MAJOR = False  # the host layout this mover reads and writes (see pool.py)
+
     def __init__(
         self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], host: HostKVPool
     ) -> None:
         check_device_buffers(k_buffers, v_buffers, host.layout, host.buffer.dtype)
+        if host.page_major != self.HOST_PAGE_MAJOR:
+            want = "page-major" if self.HOST_PAGE_MAJOR else "token-major"
+            raise ValueError(f"{type(self).__name__} needs a {want} HostKVPool "
+                             f"(page_major={self.HOST_PAGE_MAJOR})")
         self.k_buffers, self.v_buffers, self.host = k_buffers, v_buffers, host
         self.device = k_buffers[0].device
         self._on_cuda = self.device.type == "cuda"

@@ -74,7 +74,9 @@ def extend_server_args(module: ModuleType) -> None:
                 help="rotasched: 'slo' (deadline/slack based) or 'lvf' (the reference rule).",
                 choices=list(POLICIES)), NS(_NS)],
             "rota_mover": A[str, Arg(
-                help="rotasched: KV data path: auto, torch, staging (gather + DMA) or zerocopy.",
+                help="rotasched: KV data path: auto (direct for pages of >= 128 KiB per layer, else "
+                     "staging), torch, staging (gather + DMA), zerocopy or direct (page copies, "
+                     "no kernels).",
                 choices=list(MOVER_PATHS)), NS(_NS)],
             "rota_slack_margin": A[float, Arg(
                 help="rotasched: a victim's slack must cover its round trip this many times.",

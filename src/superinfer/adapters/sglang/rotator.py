@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("superinfer")
 _RECONCILE_EVERY = 512  # iterations between table/scheduler consistency sweeps
+_HOST_PAGE_TOKENS = 16  # host page size of the token-major paths (staging, zerocopy, torch)
 _REPORT_EVERY_S = 5.0  # seconds between stats log lines / metric updates
 
 
@@ -52,7 +53,7 @@ class Parked:
 
 
 class Rotator:
-    def __init__(self, scheduler: Scheduler, config: RotaConfig, mover: KVMover | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, config: RotaConfig) -> None:
         self.scheduler = scheduler
         self.config = config
         self.kv = SglangKV(scheduler)
@@ -68,9 +69,13 @@ class Rotator:
                                f"supported yet)")
         k0 = kv_pool.k_buffer[0]
         self.layout = KVLayout(len(kv_pool.k_buffer), k0.shape[1], k0.shape[2], k0.element_size())
-        num_tokens = int(config.host_kv_gb * 1e9 / self.layout.bytes_per_token) // 16 * 16
-        self.host = HostKVPool(self.layout, num_tokens, 16, k0.dtype, pin_memory=k0.is_cuda)
-        self.mover = mover or _make_mover(config.mover, kv_pool.k_buffer, kv_pool.v_buffer, self.host)
+        path = mover_path(config.mover, k0, self.kv.page_size)
+        # The direct path copies whole device pages into host pages of the same size.
+        page = self.kv.page_size if path == "direct" else _HOST_PAGE_TOKENS
+        num_tokens = int(config.host_kv_gb * 1e9 / self.layout.bytes_per_token) // page * page
+        self.host = HostKVPool(self.layout, num_tokens, page, k0.dtype, pin_memory=k0.is_cuda,
+                               page_major=path == "direct")
+        self.mover = _make_mover(path, kv_pool.k_buffer, kv_pool.v_buffer, self.host)
         self.out: dict[str, Parked] = {}  # ROTATING_OUT
         self.parked: dict[str, Parked] = {}  # ON_HOST
         self.inbound: dict[str, Parked] = {}  # ROTATING_IN
@@ -90,8 +95,8 @@ class Rotator:
         self._launched_done_at_s = 0.0  # when the last launched batch should be done
         tp = scheduler.server_args.tp_size
         self._tp_group = scheduler.tp_cpu_group if tp > 1 else None
-        logger.info("rotasched: policy=%s host tier %.1f GB (%d tokens), mover %s",
-                    config.policy, config.host_kv_gb, num_tokens, type(self.mover).__name__)
+        logger.info("rotasched: policy=%s host tier %.1f GB (%d tokens, %d-token pages), mover %s (%s)",
+                    config.policy, config.host_kv_gb, num_tokens, page, type(self.mover).__name__, path)
 
     # --- the per-iteration step -----------------------------------------------------------
     def step(self, running: ScheduleBatch) -> ScheduleBatch:
@@ -435,14 +440,32 @@ class Rotator:
             raise AssertionError(f"rotations hold {held} host slots but only {used} are in use")
 
 
+def mover_path(flag: str, k0: torch.Tensor, page_size: int) -> str:
+    """``--rota-mover`` resolved. Off CUDA: torch, or direct if asked (it runs there too, copying
+    with memmove). On CUDA, ``auto`` is direct when one page of one layer is at least
+    ``DIRECT_MIN_PIECE_BYTES`` (copy engines alone then reach full duplex), else staging."""
+    from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES
+
+    if not k0.is_cuda:
+        return "direct" if flag == "direct" else "torch"
+    if flag != "auto":
+        return flag
+    piece = page_size * k0[0].numel() * k0.element_size()
+    return "direct" if piece >= DIRECT_MIN_PIECE_BYTES else "staging"
+
+
 def _make_mover(path: str, k_buffers: list, v_buffers: list, host: HostKVPool) -> KVMover:
-    if path in ("torch",) or not k_buffers[0].is_cuda:
+    if path == "torch":
         from ...host_tier.torch_mover import TorchMover
 
         return TorchMover(k_buffers, v_buffers, host)
+    if path == "direct":
+        from ...host_tier.direct import DirectKVMover
+
+        return DirectKVMover(k_buffers, v_buffers, host)
     from ...host_tier.duplex import DuplexKVMover
 
-    return DuplexKVMover(k_buffers, v_buffers, host, path="staging" if path == "auto" else path)
+    return DuplexKVMover(k_buffers, v_buffers, host, path=path)
 
 
 def validate_request_slo(req: Req) -> str | None:

@@ -1,0 +1,191 @@
+"""DirectKVMover: the kernel-free path, for SGLang pools with big enough pages.
+
+One page of one layer's K (or V) is one contiguous piece in SGLang's layer-first device buffers
+and in a page-major ``HostKVPool``, so a job is a list of (source, destination, size) pieces
+that one ``cudaMemcpyBatchAsync`` hands to the copy engines: no gather kernel, no SM time, no
+staging memory. On the H200 this costs a decode step ~4% at ~98 GB/s both ways with 128 KiB
+pieces (64-token pages of Llama-3.1-8B), where the staging path costs ~12%; but copy engines
+need big pieces: with 32 KiB pieces (16-token pages) they reach only ~60 GB/s both ways
+(``eval/results/duplexkv_tradeoff_h200.png``). ``rotator.py`` picks this path from the piece size.
+
+Page rule: device and host pages hold the same ``page_size`` tokens (SGLang's ``--page-size``).
+A job's slots cover whole pages from their first token, in order; only the last page may be
+partial, and it is copied whole (its tail belongs to the same request and is unused).
+
+The copy needs the slot numbers on the host. SGLang keeps them on the device, and reading them
+there would block on the forward in flight. So a job with device-resident slots is deferred:
+its direction stream copies the slots to pinned memory (after ``ready``), and a later ``poll``
+issues the batch once they have arrived. Jobs of one direction are issued in submission order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from superinfer.host_tier.jobs import Job, JobQueue, check_slots
+from superinfer.host_tier.pool import HostKVPool
+from superinfer.host_tier.stream_mover import CopyResult, StreamMover
+
+# Pieces of at least this size reached the goal on the H200 (98.5 GB/s both ways at +3.8%
+# decode with 128 KiB; 80.6 GB/s with 64 KiB, 59.5 with 32 KiB): below it, staging is default.
+DIRECT_MIN_PIECE_BYTES = 128 << 10
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """A job waiting for its slots; ``arrived`` None: they are on the host already."""
+
+    job: Job
+    slots: torch.Tensor  # device slots, on the host once ``arrived`` has fired
+    arrived: torch.cuda.Event | None
+    host_pages: torch.Tensor
+
+
+class DirectKVMover(StreamMover):
+    """Page pieces copied by the copy engines alone; needs a page-major host pool."""
+
+    HOST_PAGE_MAJOR = True
+
+    def __init__(
+        self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], host: HostKVPool
+    ) -> None:
+        super().__init__(k_buffers, v_buffers, host)
+        self.page_size = host.page_size
+        row_bytes = k_buffers[0][0].numel() * k_buffers[0].element_size()
+        self.piece_bytes = self.page_size * row_bytes
+        self.device_pages = k_buffers[0].shape[0] // self.page_size
+        # k0, v0, k1, v1, ...: the order of (layer, K/V) inside a page-major host page too.
+        self._layer_ptrs = torch.tensor([b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv],
+                                        dtype=torch.int64)
+        self._deferred: dict[bool, deque[_Deferred]] = {True: deque(), False: deque()}
+        if self._on_cuda:
+            if not host.pinned:
+                raise ValueError("DirectKVMover on CUDA needs a pinned HostKVPool")
+            from superinfer.host_tier.cudart import runtime
+
+            self._runtime = runtime()  # raises a clear RuntimeError before CUDA 12.8
+            self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    # --- KVMover ---------------------------------------------------------------------------
+    def submit_d2h(
+        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
+    ) -> int:
+        return self._submit(True, job_id, device_slots, host_slots, ready)
+
+    def submit_h2d(
+        self,
+        job_id: str,
+        host_slots: torch.Tensor,
+        device_slots: torch.Tensor,
+        ready: object | None = None,
+    ) -> int:
+        return self._submit(False, job_id, device_slots, host_slots, ready)
+
+    def poll(self):
+        self._issue_arrived(True)
+        self._issue_arrived(False)
+        return super().poll()
+
+    def synchronize(self) -> None:
+        for to_host in (True, False):
+            for d in self._deferred[to_host]:
+                if d.arrived is not None:
+                    d.arrived.synchronize()
+            self._issue_arrived(to_host)
+        super().synchronize()
+
+    # --- internals -------------------------------------------------------------------------
+    def _submit(self, to_host: bool, job_id: str, device_slots: torch.Tensor,
+                host_slots: torch.Tensor, ready: object | None) -> int:
+        check_slots(device_slots, host_slots)
+        queue: JobQueue = self._d2h_jobs if to_host else self._h2d_jobs
+        if host_slots.numel() == 0:
+            queue.push(Job(job_id, 0, None))
+            return 0
+        host_pages = pages_of(host_slots, self.page_size, "host")
+        if int(host_pages.max()) >= self.host.num_pages:
+            raise ValueError(f"host page {int(host_pages.max())} out of range [0, {self.host.num_pages})")
+        job = Job(job_id, host_slots.numel() * self.host.bytes_per_token, None, issued=False)
+        if not self._on_cuda:
+            self._issue(to_host, job, device_slots.to(torch.int64), host_pages)
+            queue.push(job)
+            return job.num_bytes
+        stream = self._d2h_stream if to_host else self._h2d_stream
+        caller = torch.cuda.current_stream(self.device)
+        arrived, slots = None, device_slots
+        with torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            stream.wait_stream(caller)
+            if device_slots.is_cuda:
+                slots = torch.empty(device_slots.shape, dtype=device_slots.dtype, pin_memory=True)
+                slots.copy_(device_slots, non_blocking=True)
+                arrived = stream.record_event()
+                job.keepalive = (device_slots,)
+        self._deferred[to_host].append(_Deferred(job, slots, arrived, host_pages))
+        queue.push(job)
+        self._issue_arrived(to_host)
+        return job.num_bytes
+
+    def _issue_arrived(self, to_host: bool) -> None:
+        """Issue the oldest deferred jobs whose slots are on the host, in order."""
+        pending = self._deferred[to_host]
+        while pending and (pending[0].arrived is None or pending[0].arrived.query()):
+            d = pending.popleft()
+            self._issue(to_host, d.job, d.slots.to(torch.int64), d.host_pages)
+
+    def _issue(self, to_host: bool, job: Job, slots: torch.Tensor, host_pages: torch.Tensor) -> None:
+        dev_pages = pages_of(slots, self.page_size, "device")
+        if int(dev_pages.max()) >= self.device_pages:
+            raise ValueError(f"device page {int(dev_pages.max())} out of range [0, {self.device_pages})")
+        if dev_pages.numel() != host_pages.numel():
+            raise ValueError(f"{dev_pages.numel()} device pages but {host_pages.numel()} host pages")
+        dev, host = piece_addresses(self._layer_ptrs, dev_pages, self.host.buffer.data_ptr(),
+                                    host_pages, self.piece_bytes)
+        dsts, srcs = (host, dev) if to_host else (dev, host)
+        sizes = torch.full_like(dsts, self.piece_bytes)
+        if self._on_cuda:
+            stream = self._d2h_stream if to_host else self._h2d_stream
+            self._runtime.memcpy_batch(dsts, srcs, sizes, to_host, stream, self._device_index)
+            job.event = stream.record_event()
+        else:
+            for dst, src in zip(dsts.tolist(), srcs.tolist(), strict=True):
+                ctypes.memmove(dst, src, self.piece_bytes)
+        job.issued = True
+
+    def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
+        raise AssertionError("DirectKVMover issues its own copies (_submit)")
+
+    _copy_h2d = _copy_d2h
+
+
+def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:
+    """The pages that ``slots`` (CPU) fill in order from their first token; ValueError unless
+    every page starts at its first slot and runs on consecutively (the last may stop early)."""
+    slots = slots.reshape(-1).to(torch.int64)
+    first = slots[::page_size]
+    pos = torch.arange(slots.numel())
+    expected = first.repeat_interleave(page_size)[: slots.numel()] + pos % page_size
+    broken = slots.ne(expected) | ((pos % page_size == 0) & (slots % page_size != 0))
+    if bool(broken.any()):
+        bad = int(torch.nonzero(broken)[0])
+        raise ValueError(f"{side} slots must fill whole {page_size}-token pages in order "
+                         f"(slot {int(slots[bad])} at position {bad} breaks it)")
+    return first // page_size
+
+
+def piece_addresses(layer_ptrs: torch.Tensor, device_pages: torch.Tensor, host_base: int,
+                    host_pages: torch.Tensor, piece_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start addresses of every (page, layer, K/V) piece on both sides, page by page.
+
+    ``layer_ptrs`` are the device buffers in (layer, K/V) order; a page-major host page holds
+    the same pieces back to back in that order."""
+    per_page = layer_ptrs.numel()
+    dev = layer_ptrs[None, :] + device_pages[:, None] * piece_bytes
+    host = (host_base + host_pages[:, None] * (per_page * piece_bytes)
+            + torch.arange(per_page, dtype=torch.int64)[None, :] * piece_bytes)
+    return dev.reshape(-1).contiguous(), host.reshape(-1).contiguous()

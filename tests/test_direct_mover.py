@@ -1,0 +1,119 @@
+"""DirectKVMover on the CPU: its page-piece plan runs through memmove, so the addressing (the
+part that would silently corrupt KV on the GPU) is checked byte for byte here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from superinfer.host_tier.direct import DirectKVMover, pages_of, piece_addresses
+from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.pool import HostKVPool
+from superinfer.host_tier.torch_mover import TorchMover
+
+NUM_LAYERS, NUM_HEADS, HEAD_DIM = 3, 2, 5
+
+
+def make(dtype: torch.dtype, page_size: int, device_pages: int = 12, host_pages: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (NUM_LAYERS, 2, device_pages * page_size + page_size, NUM_HEADS, HEAD_DIM)  # SGLang: size + page
+    if dtype == torch.uint8:
+        kv = torch.randint(1, 256, shape, generator=gen, dtype=torch.uint8)
+    else:
+        kv = (torch.rand(shape, generator=gen) + 0.5).to(dtype)
+    layout = KVLayout(NUM_LAYERS, NUM_HEADS, HEAD_DIM, kv.element_size())
+    host = HostKVPool(layout, host_pages * page_size, page_size, dtype, pin_memory=False, page_major=True)
+    host.buffer.view(torch.uint8).fill_(0xA5)  # poison: an unwritten piece shows
+    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host)
+    return kv, host, mover, gen
+
+
+def slots_of(pages: list[int], page_size: int, num_tokens: int) -> torch.Tensor:
+    return (torch.tensor(pages)[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:num_tokens]
+
+
+def host_page_view(host: HostKVPool, kv: torch.Tensor, device_page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: a device page in the page-major host layout [layers, 2, page, heads*dim]."""
+    p = host.page_size
+    ref = kv[:, :, device_page * p : (device_page + 1) * p].reshape(NUM_LAYERS, 2, p, -1)
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.uint8])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_d2h_then_h2d_moves_exact_pages(dtype: torch.dtype, page_size: int) -> None:
+    kv, host, mover, gen = make(dtype, page_size)
+    out_pages = torch.randperm(12, generator=gen)[:5].tolist()
+    num_tokens = 5 * page_size - (page_size // 2)  # last page partial when page_size > 1
+    host_slots = host.alloc(num_tokens)
+    nbytes = mover.submit_d2h("out", slots_of(out_pages, page_size, num_tokens), host_slots, None)
+    assert nbytes == num_tokens * host.bytes_per_token
+    assert mover.poll().done_d2h == ["out"]
+    used = host_slots[::page_size] // page_size
+    for hp, dp in zip(used.tolist(), out_pages):
+        assert torch.equal(host.buffer[hp], host_page_view(host, kv, dp))
+    untouched = torch.ones(host.num_pages, dtype=torch.bool)
+    untouched[used] = False
+    assert (host.buffer[untouched].view(torch.uint8) == 0xA5).all()
+
+    before = kv.clone()
+    in_pages = [p for p in range(12) if p not in out_pages][:5]
+    mover.submit_h2d("in", host_slots, slots_of(in_pages, page_size, num_tokens))
+    assert mover.poll().done_h2d == ["in"]
+    for dp_out, dp_in in zip(out_pages, in_pages):
+        a, b = dp_out * page_size, dp_in * page_size
+        assert torch.equal(kv[:, :, b : b + page_size], before[:, :, a : a + page_size])
+    others = [p for p in range(13) if p not in in_pages]
+    for p in others:
+        s = slice(p * page_size, (p + 1) * page_size)
+        assert torch.equal(kv[:, :, s], before[:, :, s])
+
+
+def test_pages_of_accepts_whole_pages_and_a_partial_last_one() -> None:
+    assert pages_of(slots_of([7, 2, 5], 4, 10), 4, "device").tolist() == [7, 2, 5]
+    assert pages_of(torch.tensor([3, 9, 1]), 1, "device").tolist() == [3, 9, 1]
+
+
+@pytest.mark.parametrize("slots,where", [
+    ([4, 5, 6, 8], 3),          # a gap inside a page
+    ([5, 6, 7, 8], 0),          # a page that does not start at its first slot
+    ([8, 9, 10, 11, 1], 4),     # the next page starts off its boundary
+])
+def test_pages_of_rejects_slots_that_are_not_page_runs(slots, where) -> None:
+    with pytest.raises(ValueError, match=f"position {where}"):
+        pages_of(torch.tensor(slots), 4, "device")
+
+
+def test_piece_addresses_follow_both_layouts() -> None:
+    ptrs = torch.tensor([1000, 2000, 3000, 4000])  # k0, v0, k1, v1
+    dev, host = piece_addresses(ptrs, torch.tensor([3, 0]), 10_000, torch.tensor([1, 2]), 64)
+    assert dev.tolist() == [1000 + 192, 2000 + 192, 3000 + 192, 4000 + 192, 1000, 2000, 3000, 4000]
+    assert host.tolist() == [10_256, 10_320, 10_384, 10_448, 10_512, 10_576, 10_640, 10_704]
+
+
+def test_jobs_report_in_order_and_empty_jobs_are_done() -> None:
+    kv, host, mover, _ = make(torch.bfloat16, 4)
+    a, b = host.alloc(8), host.alloc(4)
+    mover.submit_d2h("a", slots_of([1, 2], 4, 8), a, None)
+    mover.submit_d2h("empty", torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), None)
+    mover.submit_d2h("b", slots_of([5], 4, 4), b, None)
+    report = mover.poll()
+    assert report.done_d2h == ["a", "empty", "b"] and report.bytes_d2h == 12 * host.bytes_per_token
+
+
+def test_out_of_range_pages_and_mismatched_layouts_are_refused() -> None:
+    kv, host, mover, _ = make(torch.bfloat16, 4)
+    with pytest.raises(ValueError, match="device page 20"):
+        mover.submit_d2h("x", slots_of([20], 4, 4), host.alloc(4), None)
+    token_major = HostKVPool(host.layout, 32, 4, torch.bfloat16, pin_memory=False)
+    with pytest.raises(ValueError, match="page-major"):
+        DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), token_major)
+    with pytest.raises(ValueError, match="token-major"):
+        TorchMover(list(kv[:, 0]), list(kv[:, 1]), host)
+
+
+def test_page_major_pool_has_the_same_bytes_per_page() -> None:
+    kv, host, _, _ = make(torch.bfloat16, 16)
+    assert host.buffer.shape == (8, NUM_LAYERS, 2, 16, NUM_HEADS * HEAD_DIM)
+    assert host.buffer[0].numel() * host.buffer.element_size() == 16 * host.bytes_per_token
+    host.check_integrity()
