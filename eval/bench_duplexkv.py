@@ -111,7 +111,7 @@ class DirectSet(Bench):
     device would be held back until a poll, see direct.py, and the decode window would run
     without the load)."""
 
-    def __init__(self, bench: Bench, page: int, max_tokens: int) -> None:  # noqa: D107 - no super()
+    def __init__(self, bench: Bench, page: int, max_tokens: int, pin_with: str) -> None:  # noqa: D107
         self.layout, self.device, self.page = bench.layout, bench.device, page
         self.k, self.v = bench.k, bench.v
         pages = torch.randperm((bench.k[0].shape[0] - PAGE) // page)
@@ -120,7 +120,7 @@ class DirectSet(Bench):
         expand = lambda p: (p[:, None] * page + torch.arange(page)).reshape(-1)  # noqa: E731
         self.out_slots, self.in_slots = expand(pages[:n]), expand(pages[n : 2 * n])
         self.host = HostKVPool(self.layout, 2 * max_tokens, page, torch.bfloat16,
-                               pin_memory=self.device.type == "cuda", page_major=True)
+                               pin_memory=self.device.type == "cuda", page_major=True, pin_with=pin_with)
         self.out_host, self.in_host = self.host.alloc(max_tokens), self.host.alloc(max_tokens)
         for first in range(0, max_tokens, 4096):  # h2d sources: random, never zeros
             ids = torch.unique(self.in_host[first : first + 4096] // page)
@@ -224,7 +224,11 @@ def capture_step(model: DecodeStandIn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def step_ms(model: DecodeStandIn, steps: int, graph: torch.cuda.CUDAGraph | None = None) -> float:
+def step_ms(model: DecodeStandIn, steps: int, graph: torch.cuda.CUDAGraph | None = None,
+            poll=None) -> float:
+    """Mean decode-step time over ``steps`` steps. ``poll`` (a mover's) is called every ~0.2 ms
+    until the last step is done, as a scheduler polls every iteration: the direct path issues a
+    big job a slice at a time from its polls."""
     if not torch.cuda.is_available():
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -235,13 +239,17 @@ def step_ms(model: DecodeStandIn, steps: int, graph: torch.cuda.CUDAGraph | None
     for _ in range(steps):
         graph.replay() if graph is not None else model.step()
     end.record()
+    while poll is not None and not end.query():
+        poll()
+        time.sleep(2e-4)
     end.synchronize()
     return start.elapsed_time(end) / steps
 
 
 def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, trials: int,
                     steps: int, graph: torch.cuda.CUDAGraph | None) -> dict:
-    """Decode-step time alone vs. while ``n`` tokens rotate each way (full rate, both at once)."""
+    """Decode-step time alone vs. while ``n`` tokens rotate each way (full rate, both at once).
+    A trial counts as covered when no job finished before the decode window did."""
     step_ms(model, 3, graph)
     base, rotating, covered = [], [], 0
     for _ in range(trials):
@@ -249,9 +257,15 @@ def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, 
         base.append(step_ms(model, steps, graph))
         bench.d2h(mover, n)
         bench.h2d(mover, n)
-        rotating.append(step_ms(model, steps, graph))
-        report = mover.poll()
-        covered += not report.done_d2h and not report.done_h2d
+        done: list[str] = []
+
+        def poll() -> None:
+            report = mover.poll()
+            done.extend(report.done_d2h + report.done_h2d)
+
+        rotating.append(step_ms(model, steps, graph, poll))
+        poll()
+        covered += not done
         mover.synchronize()
         mover.poll()
     b, r = statistics.median(base), statistics.median(rotating)
@@ -263,11 +277,16 @@ def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, 
 
 def parse_config(spec: str) -> dict:
     """``path[:max_chunk_tokens[:num_programs]]``, e.g. ``staging:2048:16``; 0 = mover default;
-    ``direct:P`` is the direct path on ``P``-token pages."""
+    ``direct:P[:register|alloc[:Q]]`` is the direct path on ``P``-token pages, its host pool
+    pinned by cudaHostRegister (default) or cudaHostAlloc, at most ``Q`` pieces queued."""
+    if spec.startswith("direct"):
+        given = spec.split(":")[1:]
+        page, pin, queue = given + ["0", "register", "0"][len(given):]
+        page = int(page) or PAGE
+        name = f"direct/page{page}" + (f"/{pin}" if pin != "register" else "") + (f"/q{queue}" if int(queue) else "")
+        return {"name": name, "path": "direct", "page": page, "pin_with": pin,
+                "max_queued_pieces": int(queue) or None}
     path, chunk, grid = (spec.split(":") + ["0", "0"])[:3]
-    if path == "direct":
-        page = int(chunk) or PAGE
-        return {"name": f"direct/page{page}", "path": path, "page": page}
     name = path if path == "torch" else f"{path}/chunk{chunk}/grid{grid}"
     return {"name": name, "path": path, "max_chunk_tokens": int(chunk) or None,
             "num_programs": int(grid) or None, "page": PAGE}
@@ -277,9 +296,9 @@ def make_mover(bench: Bench, cfg: dict) -> KVMover:
     if cfg["path"] == "torch":
         return TorchMover(bench.k, bench.v, bench.host)
     if cfg["path"] == "direct":
-        from superinfer.host_tier.direct import DirectKVMover
+        from superinfer.host_tier.direct import MAX_QUEUED_PIECES, DirectKVMover
 
-        return DirectKVMover(bench.k, bench.v, bench.host)
+        return DirectKVMover(bench.k, bench.v, bench.host, cfg["max_queued_pieces"] or MAX_QUEUED_PIECES)
     from superinfer.host_tier.duplex import DuplexKVMover
 
     return DuplexKVMover(bench.k, bench.v, bench.host, path=cfg["path"],
@@ -360,7 +379,8 @@ def main() -> None:
         log(f"{cfg['name']}")
         name, pages[cfg["name"]] = cfg["name"], cfg["page"]
         try:  # NOTE: one broken configuration must not cost the others their (scarce) GPU run
-            target = DirectSet(bench, cfg["page"], max(args.sizes)) if cfg["path"] == "direct" else bench
+            target = (DirectSet(bench, cfg["page"], max(args.sizes), cfg["pin_with"])
+                      if cfg["path"] == "direct" else bench)
             mover = make_mover(target, cfg)
             results[name] = measure_mover(target, mover, args.sizes, args.reps)
             verified[name] = target.verify(max(args.sizes))

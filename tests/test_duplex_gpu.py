@@ -147,13 +147,13 @@ def test_rejects_unknown_path_and_unpinned_host() -> None:
 # --- DirectKVMover: page pieces by cudaMemcpyBatchAsync, page-major host pool -----------------
 
 
-def make_direct(page: int = PAGE, dtype=torch.bfloat16):
+def make_direct(page: int = PAGE, dtype=torch.bfloat16, pin_with: str = "register"):
     from superinfer.host_tier.direct import DirectKVMover
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     kv = (torch.rand((LAYERS, 2, SLOTS + page, HEADS, HEAD_DIM), generator=gen, device="cuda") + 0.5).to(dtype)
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, kv.element_size())
-    host = HostKVPool(layout, 4096, page, dtype, pin_memory=True, page_major=True)
+    host = HostKVPool(layout, 4096, page, dtype, pin_memory=True, page_major=True, pin_with=pin_with)
     host.buffer.view(torch.uint8).fill_(0xA5)
     torch.cuda.synchronize()
     return kv, host, DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host)
@@ -165,21 +165,26 @@ def token_rows(host: HostKVPool, host_slots: torch.Tensor) -> torch.Tensor:
     return b.permute(0, 3, 1, 2, 4).reshape(host.size, *b.shape[1:3], b.shape[-1])[host_slots]
 
 
-def wait_done(mover, direction: str, job: str, timeout_s: float = 10.0) -> None:
+def wait_done(mover, d2h: tuple[str, ...] = (), h2d: tuple[str, ...] = (), timeout_s: float = 10.0) -> None:
+    """Poll until every named job has been reported (a report covers both directions)."""
     import time
 
+    left_d2h, left_h2d = set(d2h), set(h2d)
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout_s:
-        if job in getattr(mover.poll(), f"done_{direction}"):
-            return
+    while left_d2h or left_h2d:
+        if time.perf_counter() - t0 > timeout_s:
+            raise AssertionError(f"not done within {timeout_s} s: d2h {left_d2h}, h2d {left_h2d}")
+        report = mover.poll()
+        left_d2h -= set(report.done_d2h)
+        left_h2d -= set(report.done_h2d)
         time.sleep(1e-3)
-    raise AssertionError(f"{direction} job {job} not done within {timeout_s} s")
 
 
-@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("page,pin_with", [(16, "register"), (64, "register"), (64, "alloc")])
 @pytest.mark.parametrize("slots_on", ["cuda", "cpu"])
-def test_direct_round_trip_both_directions_at_once(page: int, slots_on: str) -> None:
-    kv, host, mover = make_direct(page)
+def test_direct_round_trip_both_directions_at_once(page: int, pin_with: str, slots_on: str) -> None:
+    kv, host, mover = make_direct(page, pin_with=pin_with)
+    assert host.buffer.is_pinned()
     pages = torch.randperm(SLOTS // page)
     n_out, n_in = 20 * page - 3, 11 * page + 5  # partial last pages, copied whole
     out_slots = (pages[:20, None] * page + torch.arange(page)).reshape(-1)[:n_out]
@@ -191,8 +196,7 @@ def test_direct_round_trip_both_directions_at_once(page: int, slots_on: str) -> 
     expected_out = rows(kv, out_slots.cuda()).cpu()
     mover.submit_d2h("out", out_slots.to(slots_on), out_host, None)
     mover.submit_h2d("in", in_host, in_slots.to(slots_on))
-    wait_done(mover, "d2h", "out")
-    wait_done(mover, "h2d", "in")
+    wait_done(mover, d2h=("out",), h2d=("in",))
     mover.fence_compute(torch.cuda.current_stream())
     assert torch.equal(token_rows(host, out_host), expected_out)
     assert torch.equal(rows(kv, in_slots.cuda()).cpu(), expected_in)
@@ -209,7 +213,7 @@ def test_direct_d2h_waits_for_ready_and_poll_does_not_block() -> None:
         ready = compute.record_event()
     mover.submit_d2h("out", slots, host_slots, ready)  # slots on the device: deferred
     assert mover.poll().done_d2h == []
-    wait_done(mover, "d2h", "out")
+    wait_done(mover, d2h=("out",))
     torch.cuda.synchronize()
     assert torch.equal(token_rows(host, host_slots), rows(kv, slots).cpu())
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from superinfer.host_tier.interface import TransferReport
 from superinfer.host_tier.jobs import Job, JobQueue, check_slots
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import CopyResult, StreamMover
@@ -33,6 +34,21 @@ from superinfer.host_tier.stream_mover import CopyResult, StreamMover
 # Pieces of at least this size reached the goal on the H200 (98.5 GB/s both ways at +3.8%
 # decode with 128 KiB; 80.6 GB/s with 64 KiB, 59.5 with 32 KiB): below it, staging is default.
 DIRECT_MIN_PIECE_BYTES = 128 << 10
+# One batch call costs the host ~0.4 us per piece, but a call that queues ~65k pieces blocks
+# until most of them are copied (eval/results/diag_direct_submit_h200.json): one direction's
+# huge call would then hold up the other's. So jobs go out in slices, and only so many pieces
+# are queued per direction; ``poll`` (every scheduler iteration) issues the rest.
+SLICE_PIECES = 4096
+MAX_QUEUED_PIECES = 16384
+
+
+@dataclass(slots=True)
+class _Slice:
+    """One batch call's worth of a job; ``job`` is set on the job's last slice."""
+
+    dsts: torch.Tensor
+    srcs: torch.Tensor
+    job: Job | None
 
 
 @dataclass(slots=True)
@@ -51,9 +67,14 @@ class DirectKVMover(StreamMover):
     HOST_PAGE_MAJOR = True
 
     def __init__(
-        self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], host: HostKVPool
+        self,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor],
+        host: HostKVPool,
+        max_queued_pieces: int = MAX_QUEUED_PIECES,
     ) -> None:
         super().__init__(k_buffers, v_buffers, host)
+        self.max_queued_pieces = max_queued_pieces
         self.page_size = host.page_size
         row_bytes = k_buffers[0][0].numel() * k_buffers[0].element_size()
         self.piece_bytes = self.page_size * row_bytes
@@ -62,6 +83,8 @@ class DirectKVMover(StreamMover):
         self._layer_ptrs = torch.tensor([b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv],
                                         dtype=torch.int64)
         self._deferred: dict[bool, deque[_Deferred]] = {True: deque(), False: deque()}
+        self._slices: dict[bool, deque[_Slice]] = {True: deque(), False: deque()}  # not issued yet
+        self._queued: dict[bool, deque[tuple[torch.cuda.Event, int]]] = {True: deque(), False: deque()}
         if self._on_cuda:
             if not host.pinned:
                 raise ValueError("DirectKVMover on CUDA needs a pinned HostKVPool")
@@ -85,9 +108,10 @@ class DirectKVMover(StreamMover):
     ) -> int:
         return self._submit(False, job_id, device_slots, host_slots, ready)
 
-    def poll(self):
-        self._issue_arrived(True)
-        self._issue_arrived(False)
+    def poll(self) -> TransferReport:
+        for to_host in (True, False):
+            self._issue_arrived(to_host)
+            self._pump(to_host)
         return super().poll()
 
     def synchronize(self) -> None:
@@ -96,6 +120,11 @@ class DirectKVMover(StreamMover):
                 if d.arrived is not None:
                     d.arrived.synchronize()
             self._issue_arrived(to_host)
+        while self._slices[True] or self._slices[False]:
+            for to_host in (True, False):
+                if self._slices[to_host] and self._queued[to_host]:
+                    self._queued[to_host][0][0].synchronize()
+                self._pump(to_host)
         super().synchronize()
 
     # --- internals -------------------------------------------------------------------------
@@ -147,15 +176,33 @@ class DirectKVMover(StreamMover):
         dev, host = piece_addresses(self._layer_ptrs, dev_pages, self.host.buffer.data_ptr(),
                                     host_pages, self.piece_bytes)
         dsts, srcs = (host, dev) if to_host else (dev, host)
-        sizes = torch.full_like(dsts, self.piece_bytes)
-        if self._on_cuda:
-            stream = self._d2h_stream if to_host else self._h2d_stream
-            self._runtime.memcpy_batch(dsts, srcs, sizes, to_host, stream, self._device_index)
-            job.event = stream.record_event()
-        else:
+        if not self._on_cuda:
             for dst, src in zip(dsts.tolist(), srcs.tolist(), strict=True):
                 ctypes.memmove(dst, src, self.piece_bytes)
-        job.issued = True
+            job.issued = True
+            return
+        starts = range(0, dsts.numel(), SLICE_PIECES)
+        for start in starts:
+            last = start + SLICE_PIECES >= dsts.numel()
+            self._slices[to_host].append(_Slice(dsts[start : start + SLICE_PIECES],
+                                                srcs[start : start + SLICE_PIECES], job if last else None))
+        self._pump(to_host)
+
+    def _pump(self, to_host: bool) -> None:
+        """Issue waiting slices while at most ``max_queued_pieces`` are queued on the stream."""
+        queued, waiting = self._queued[to_host], self._slices[to_host]
+        while queued and queued[0][0].query():
+            queued.popleft()
+        while waiting and (not queued or sum(n for _, n in queued) + waiting[0].dsts.numel()
+                           <= self.max_queued_pieces):
+            piece = waiting.popleft()
+            stream = self._d2h_stream if to_host else self._h2d_stream
+            sizes = torch.full_like(piece.dsts, self.piece_bytes)
+            self._runtime.memcpy_batch(piece.dsts, piece.srcs, sizes, to_host, stream, self._device_index)
+            event = stream.record_event()
+            queued.append((event, piece.dsts.numel()))
+            if piece.job is not None:
+                piece.job.event, piece.job.issued = event, True
 
     def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
         raise AssertionError("DirectKVMover issues its own copies (_submit)")
