@@ -111,7 +111,7 @@ class DirectSet(Bench):
     device would be held back until a poll, see direct.py, and the decode window would run
     without the load)."""
 
-    def __init__(self, bench: Bench, page: int, max_tokens: int, pin_with: str) -> None:  # noqa: D107
+    def __init__(self, bench: Bench, page: int, max_tokens: int) -> None:  # noqa: D107 - no super()
         self.layout, self.device, self.page = bench.layout, bench.device, page
         self.k, self.v = bench.k, bench.v
         pages = torch.randperm((bench.k[0].shape[0] - PAGE) // page)
@@ -120,7 +120,7 @@ class DirectSet(Bench):
         expand = lambda p: (p[:, None] * page + torch.arange(page)).reshape(-1)  # noqa: E731
         self.out_slots, self.in_slots = expand(pages[:n]), expand(pages[n : 2 * n])
         self.host = HostKVPool(self.layout, 2 * max_tokens, page, torch.bfloat16,
-                               pin_memory=self.device.type == "cuda", page_major=True, pin_with=pin_with)
+                               pin_memory=self.device.type == "cuda", page_major=True)
         self.out_host, self.in_host = self.host.alloc(max_tokens), self.host.alloc(max_tokens)
         for first in range(0, max_tokens, 4096):  # h2d sources: random, never zeros
             ids = torch.unique(self.in_host[first : first + 4096] // page)
@@ -277,15 +277,13 @@ def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, 
 
 def parse_config(spec: str) -> dict:
     """``path[:max_chunk_tokens[:num_programs]]``, e.g. ``staging:2048:16``; 0 = mover default;
-    ``direct:P[:register|alloc[:Q]]`` is the direct path on ``P``-token pages, its host pool
-    pinned by cudaHostRegister (default) or cudaHostAlloc, at most ``Q`` pieces queued."""
+    ``direct:P[:Q]`` is the direct path on ``P``-token pages with at most ``Q`` pieces queued."""
     if spec.startswith("direct"):
         given = spec.split(":")[1:]
-        page, pin, queue = given + ["0", "register", "0"][len(given):]
+        page, queue = given + ["0", "0"][len(given):]
         page = int(page) or PAGE
-        name = f"direct/page{page}" + (f"/{pin}" if pin != "register" else "") + (f"/q{queue}" if int(queue) else "")
-        return {"name": name, "path": "direct", "page": page, "pin_with": pin,
-                "max_queued_pieces": int(queue) or None}
+        name = f"direct/page{page}" + (f"/q{queue}" if int(queue) else "")
+        return {"name": name, "path": "direct", "page": page, "max_queued_pieces": int(queue) or None}
     path, chunk, grid = (spec.split(":") + ["0", "0"])[:3]
     name = path if path == "torch" else f"{path}/chunk{chunk}/grid{grid}"
     return {"name": name, "path": path, "max_chunk_tokens": int(chunk) or None,
@@ -379,8 +377,7 @@ def main() -> None:
         log(f"{cfg['name']}")
         name, pages[cfg["name"]] = cfg["name"], cfg["page"]
         try:  # NOTE: one broken configuration must not cost the others their (scarce) GPU run
-            target = (DirectSet(bench, cfg["page"], max(args.sizes), cfg["pin_with"])
-                      if cfg["path"] == "direct" else bench)
+            target = DirectSet(bench, cfg["page"], max(args.sizes)) if cfg["path"] == "direct" else bench
             mover = make_mover(target, cfg)
             results[name] = measure_mover(target, mover, args.sizes, args.reps)
             verified[name] = target.verify(max(args.sizes))

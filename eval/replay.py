@@ -19,7 +19,6 @@ import random
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp

@@ -12,7 +12,6 @@ import ctypes.util
 import functools
 import glob
 import sys
-import weakref
 from pathlib import Path
 
 import torch
@@ -92,27 +91,6 @@ class CudaRuntime:
 @functools.cache
 def runtime() -> CudaRuntime:
     return CudaRuntime()
-
-
-def host_alloc(num_bytes: int) -> torch.Tensor:
-    """``num_bytes`` of pinned memory from one ``cudaHostAlloc`` (exact size, unlike torch's
-    power-of-two caching allocator), as a uint8 tensor; freed when the last view is collected.
-
-    The direct path's pool uses it: ``cudaMemcpyBatchAsync`` spent ~0.7 us per 128 KiB piece
-    on cudaHostRegister'ed memory against ~0.45 on cudaHostAlloc'ed memory (H200,
-    eval/results/diag_direct_submit_h200.json), and one thread issues both directions."""
-    lib = ctypes.CDLL(find_cudart())
-    ptr = ctypes.c_void_p()
-    err = lib.cudaHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(num_bytes), 0)
-    if err != 0:
-        lib.cudaGetErrorString.restype = ctypes.c_char_p
-        raise RuntimeError(f"cannot pin {num_bytes / 2**30:.1f} GiB of host memory for the KV host pool "
-                           f"(cudaHostAlloc: {lib.cudaGetErrorString(err).decode()}); make the host "
-                           "pool smaller or raise the locked-memory limit (ulimit -l)")
-    array = (ctypes.c_uint8 * num_bytes).from_address(ptr.value)
-    tensor = torch.frombuffer(array, dtype=torch.uint8)
-    weakref.finalize(array, lib.cudaFreeHost, ptr)  # the tensor keeps ``array`` alive
-    return tensor
 
 
 def find_cudart() -> str:

@@ -41,10 +41,7 @@ class HostKVPool:
         pin_memory: bool = True,
         numa_node: int | None = None,
         page_major: bool = False,
-        pin_with: str = "register",
     ) -> None:
-        if pin_with not in ("register", "alloc"):
-            raise ValueError(f"pin_with must be 'register' or 'alloc', got {pin_with!r}")
         if page_size < 1 or num_tokens < page_size or num_tokens % page_size:
             raise ValueError(f"num_tokens={num_tokens} must be a positive multiple of page_size={page_size}")
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -61,22 +58,13 @@ class HostKVPool:
         row = layout.num_heads * layout.head_dim
         shape = ((self.num_pages, layout.num_layers, 2, page_size, row) if page_major
                  else (num_tokens, layout.num_layers, 2, row))
-        if pin_memory and pin_with == "alloc":
-            if numa_node is not None:
-                raise ValueError("numa_node needs pin_with='register' (it binds pages before pinning)")
-            if not torch.cuda.is_available():
-                raise RuntimeError("HostKVPool(pin_memory=True) needs CUDA; pass pin_memory=False on the CPU")
-            from superinfer.host_tier.cudart import host_alloc
-
-            self.buffer = host_alloc(num_tokens * layout.bytes_per_token).view(dtype).view(shape)
-        else:
-            self.buffer = torch.empty(shape, dtype=dtype)
-            if numa_node is not None:
-                _bind_to_numa_node(self.buffer, numa_node)
-            if pin_memory:
-                chunk_bytes = self.dma_chunk_tokens * layout.bytes_per_token
-                _pin(self.buffer, chunk_bytes)
-                weakref.finalize(self, _unpin, self.buffer, chunk_bytes)
+        self.buffer = torch.empty(shape, dtype=dtype)
+        if numa_node is not None:
+            _bind_to_numa_node(self.buffer, numa_node)
+        if pin_memory:
+            chunk_bytes = self.dma_chunk_tokens * layout.bytes_per_token
+            _pin(self.buffer, chunk_bytes)
+            weakref.finalize(self, _unpin, self.buffer, chunk_bytes)
         self.pinned = pin_memory
         self._page_free = torch.ones(self.num_pages, dtype=torch.bool)
         self._num_free_pages = self.num_pages
