@@ -117,3 +117,30 @@ def test_page_major_pool_has_the_same_bytes_per_page() -> None:
     assert host.buffer.shape == (8, NUM_LAYERS, 2, 16, NUM_HEADS * HEAD_DIM)
     assert host.buffer[0].numel() * host.buffer.element_size() == 16 * host.bytes_per_token
     host.check_integrity()
+
+
+def test_a_job_goes_out_in_slices_and_is_done_with_its_last() -> None:
+    kv, host, _, gen = make(torch.bfloat16, 4)
+    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, max_queued_pieces=8, slice_pieces=7)
+    pages = torch.randperm(12, generator=gen)[:5].tolist()  # 30 pieces: 4 slices of 7, one of 2
+    host_slots = host.alloc(20)
+    mover.submit_d2h("out", slots_of(pages, 4, 20), host_slots, None)
+    assert mover.poll().done_d2h == ["out"]
+    for hp, dp in zip((host_slots[::4] // 4).tolist(), pages):
+        assert torch.equal(host.buffer[hp], host_page_view(host, kv, dp))
+
+
+def test_a_bad_job_is_refused_before_it_is_queued() -> None:
+    kv, host, mover, _ = make(torch.bfloat16, 4)
+    with pytest.raises(ValueError, match="whole 4-token pages"):
+        mover.submit_d2h("bad", torch.tensor([1, 2, 3, 4]), host.alloc(4), None)
+    good = host.alloc(4)
+    mover.submit_d2h("good", slots_of([3], 4, 4), good, None)
+    assert mover.poll().done_d2h == ["good"]  # nothing stuck ahead of it
+
+
+@pytest.mark.parametrize("bad", [dict(slice_pieces=0), dict(slice_pieces=9, max_queued_pieces=8)])
+def test_slice_and_queue_sizes_are_checked(bad) -> None:
+    kv, host, _, _ = make(torch.bfloat16, 4)
+    with pytest.raises(ValueError, match="slice_pieces"):
+        DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **bad)

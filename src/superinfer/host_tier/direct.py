@@ -72,9 +72,12 @@ class DirectKVMover(StreamMover):
         v_buffers: list[torch.Tensor],
         host: HostKVPool,
         max_queued_pieces: int = MAX_QUEUED_PIECES,
+        slice_pieces: int = SLICE_PIECES,
     ) -> None:
         super().__init__(k_buffers, v_buffers, host)
-        self.max_queued_pieces = max_queued_pieces
+        if not 0 < slice_pieces <= max_queued_pieces:
+            raise ValueError(f"need 0 < slice_pieces <= max_queued_pieces, got {slice_pieces}, {max_queued_pieces}")
+        self.max_queued_pieces, self.slice_pieces = max_queued_pieces, slice_pieces
         self.page_size = host.page_size
         row_bytes = k_buffers[0][0].numel() * k_buffers[0].element_size()
         self.piece_bytes = self.page_size * row_bytes
@@ -138,23 +141,22 @@ class DirectKVMover(StreamMover):
         host_pages = pages_of(host_slots, self.page_size, "host")
         if int(host_pages.max()) >= self.host.num_pages:
             raise ValueError(f"host page {int(host_pages.max())} out of range [0, {self.host.num_pages})")
+        if not device_slots.is_cuda:  # checked now: a bad job must not sit in the queue
+            self._device_pages(device_slots, host_pages)
         job = Job(job_id, host_slots.numel() * self.host.bytes_per_token, None, issued=False)
-        if not self._on_cuda:
-            self._issue(to_host, job, device_slots.to(torch.int64), host_pages)
-            queue.push(job)
-            return job.num_bytes
-        stream = self._d2h_stream if to_host else self._h2d_stream
-        caller = torch.cuda.current_stream(self.device)
         arrived, slots = None, device_slots
-        with torch.cuda.stream(stream):
-            if ready is not None:
-                stream.wait_event(ready)
-            stream.wait_stream(caller)
-            if device_slots.is_cuda:
-                slots = torch.empty(device_slots.shape, dtype=device_slots.dtype, pin_memory=True)
-                slots.copy_(device_slots, non_blocking=True)
-                arrived = stream.record_event()
-                job.keepalive = (device_slots,)
+        if self._on_cuda:
+            stream = self._d2h_stream if to_host else self._h2d_stream
+            caller = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(stream):
+                if ready is not None:
+                    stream.wait_event(ready)
+                stream.wait_stream(caller)
+                if device_slots.is_cuda:
+                    slots = torch.empty(device_slots.shape, dtype=device_slots.dtype, pin_memory=True)
+                    slots.copy_(device_slots, non_blocking=True)
+                    arrived = stream.record_event()
+                    job.keepalive = (device_slots,)
         self._deferred[to_host].append(_Deferred(job, slots, arrived, host_pages))
         queue.push(job)
         self._issue_arrived(to_host)
@@ -167,25 +169,24 @@ class DirectKVMover(StreamMover):
             d = pending.popleft()
             self._issue(to_host, d.job, d.slots.to(torch.int64), d.host_pages)
 
-    def _issue(self, to_host: bool, job: Job, slots: torch.Tensor, host_pages: torch.Tensor) -> None:
+    def _device_pages(self, slots: torch.Tensor, host_pages: torch.Tensor) -> torch.Tensor:
         dev_pages = pages_of(slots, self.page_size, "device")
         if int(dev_pages.max()) >= self.device_pages:
             raise ValueError(f"device page {int(dev_pages.max())} out of range [0, {self.device_pages})")
         if dev_pages.numel() != host_pages.numel():
             raise ValueError(f"{dev_pages.numel()} device pages but {host_pages.numel()} host pages")
+        return dev_pages
+
+    def _issue(self, to_host: bool, job: Job, slots: torch.Tensor, host_pages: torch.Tensor) -> None:
+        dev_pages = self._device_pages(slots, host_pages)
         dev, host = piece_addresses(self._layer_ptrs, dev_pages, self.host.buffer.data_ptr(),
                                     host_pages, self.piece_bytes)
         dsts, srcs = (host, dev) if to_host else (dev, host)
-        if not self._on_cuda:
-            for dst, src in zip(dsts.tolist(), srcs.tolist(), strict=True):
-                ctypes.memmove(dst, src, self.piece_bytes)
-            job.issued = True
-            return
-        starts = range(0, dsts.numel(), SLICE_PIECES)
-        for start in starts:
-            last = start + SLICE_PIECES >= dsts.numel()
-            self._slices[to_host].append(_Slice(dsts[start : start + SLICE_PIECES],
-                                                srcs[start : start + SLICE_PIECES], job if last else None))
+        step = self.slice_pieces
+        for start in range(0, dsts.numel(), step):
+            last = start + step >= dsts.numel()
+            self._slices[to_host].append(_Slice(dsts[start : start + step], srcs[start : start + step],
+                                                job if last else None))
         self._pump(to_host)
 
     def _pump(self, to_host: bool) -> None:
@@ -196,13 +197,23 @@ class DirectKVMover(StreamMover):
         while waiting and (not queued or sum(n for _, n in queued) + waiting[0].dsts.numel()
                            <= self.max_queued_pieces):
             piece = waiting.popleft()
-            stream = self._d2h_stream if to_host else self._h2d_stream
-            sizes = torch.full_like(piece.dsts, self.piece_bytes)
-            self._runtime.memcpy_batch(piece.dsts, piece.srcs, sizes, to_host, stream, self._device_index)
-            event = stream.record_event()
-            queued.append((event, piece.dsts.numel()))
+            event = self._copy_slice(to_host, piece)
+            if event is not None:
+                queued.append((event, piece.dsts.numel()))
             if piece.job is not None:
                 piece.job.event, piece.job.issued = event, True
+
+    def _copy_slice(self, to_host: bool, piece: _Slice) -> torch.cuda.Event | None:
+        """One batch call on the direction's stream, and its end event; on the CPU, memmove
+        now (no event: done)."""
+        if not self._on_cuda:
+            for dst, src in zip(piece.dsts.tolist(), piece.srcs.tolist(), strict=True):
+                ctypes.memmove(dst, src, self.piece_bytes)
+            return None
+        stream = self._d2h_stream if to_host else self._h2d_stream
+        sizes = torch.full_like(piece.dsts, self.piece_bytes)
+        self._runtime.memcpy_batch(piece.dsts, piece.srcs, sizes, to_host, stream, self._device_index)
+        return stream.record_event()
 
     def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
         raise AssertionError("DirectKVMover issues its own copies (_submit)")
