@@ -39,7 +39,7 @@ class RotaConfig:
     # Share of the measured PCIe rate rotations may use, each way, over the time since the
     # last plan. The staging copy's gather kernels take SMs from the model: on an H200 a
     # CUDA-graph decode step ran 11.6% slower at the full rate, 5.4% at half, 2.7% at a
-    # quarter (eval/diag_interference.py).
+    # quarter (eval/diag_interference.py); the direct path (big pages) ~3.7% at the full rate.
     link_share: float = 0.4
 
     def __post_init__(self) -> None:
