@@ -2,11 +2,12 @@
 
 One page of one layer's K (or V) is one contiguous piece in SGLang's layer-first device buffers
 and in a page-major ``HostKVPool``, so a job is a list of (source, destination, size) pieces
-that one ``cudaMemcpyBatchAsync`` hands to the copy engines: no gather kernel, no SM time, no
-staging memory. On the H200 this costs a decode step ~4% at ~98 GB/s both ways with 128 KiB
-pieces (64-token pages of Llama-3.1-8B), where the staging path costs ~12%; but copy engines
-need big pieces: with 32 KiB pieces (16-token pages) they reach only ~60 GB/s both ways
-(``eval/results/duplexkv_tradeoff_h200.png``). ``rotator.py`` picks this path from the piece size.
+that ``cudaMemcpyBatchAsync`` calls hand to the copy engines: no gather kernel, no SM time, no
+staging memory. On the H200 this costs a decode step ~4% at 86-98 GB/s both ways with 128 KiB
+pieces (64-token pages of Llama-3.1-8B; bench and diagnostic), where the staging path costs
+11-15%; but copy engines need big pieces: with 32 KiB pieces (16-token pages) they reach only
+~60 GB/s both ways (``eval/results/duplexkv_tradeoff_h200.png``). ``rotator.py`` picks this
+path from the piece size.
 
 Page rule: device and host pages hold the same ``page_size`` tokens (SGLang's ``--page-size``).
 A job's slots cover whole pages from their first token, in order; only the last page may be
