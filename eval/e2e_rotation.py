@@ -47,7 +47,7 @@ from traces import RequestSpec, TraceRow, load_azure, make_specs, prompt_ids
 
 EVAL = Path(__file__).resolve().parent
 DEFAULT_TRACE = Path(".gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv")
-HOST_PAGE_TOKENS = 16  # page size of the rotator's HostKVPool (adapters/sglang/rotator.py)
+HOST_PAGE_TOKENS = 16  # host page of the staging paths; the direct path's is the --page-size
 STOP_MARGIN_S = 45.0  # kept at the end of the budget to stop the servers and write results
 CHECKS_S = 40.0  # post-soak requests and /metrics on every rotasched server
 DRAIN_S = 30.0  # kept after a replay for the server to go idle (aborts of what was cut)
@@ -58,6 +58,7 @@ DETERMINISM_WORDS = ("determinis", "batch_invariant", "batch invariant")
 STATS_MARK = "rotasched stats:"
 IDLE_MARK = "rotasched idle check:"
 ROTATOR_MARK = "rotasched: policy="
+HOST_PAGE_RE = re.compile(r"(\d+)-token pages")
 STATS_KEYS = ("out", "in", "d2h", "h2d", "fallbacks", "away", "host_used")
 IDLE_KEYS = ("device_free", "device_total", "host_free", "host_total", "table", "rotations_out",
              "rotated_reqs", "multi_rotated_reqs", "max_per_req", "aborted_while_rotated")
@@ -125,6 +126,8 @@ class ServerPlan:
 
 SINGLE = ("baseline", "rota_p1", "rota_p16", "rota_p1_noradix")
 TP2 = ("baseline_tp2", "rota_tp2")
+# Not run by default: 64-token pages, where --rota-mover auto picks the direct path (Llama-3.1-8B).
+EXTRA = ("rota_p64",)
 
 
 def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
@@ -151,6 +154,8 @@ def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
                                             *rota), (0,), 16, True, "baseline"),
         "rota_p1_noradix": ServerPlan("rota_p1_noradix", (*p1, "--disable-radix-cache", *rota),
                                       (0,), 1, True, "baseline"),
+        "rota_p64": ServerPlan("rota_p64", ("--schedule-policy", "rotasched", "--page-size", "64",
+                                            *rota), (0,), 64, True, "baseline"),
         "baseline_tp2": ServerPlan("baseline_tp2", ("--tp-size", "2", *fcfs), (0, 1), 1, False),
         "rota_tp2": ServerPlan("rota_tp2", ("--tp-size", "2", *p1, *rota), (0, 1), 1, True,
                                "baseline_tp2"),
@@ -431,17 +436,28 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def leak_summary(idle: dict[str, Any], page_size: int) -> dict[str, Any]:
-    """What an idle check says is still held: device (pages of ``page_size``) and host tier."""
+def rotator_host_page(text: str) -> int:
+    """The host tier's page size from the Rotator's start line (16 in logs that predate it)."""
+    for line in text.splitlines():
+        if ROTATOR_MARK in line:
+            found = HOST_PAGE_RE.search(line)
+            return int(found.group(1)) if found else HOST_PAGE_TOKENS
+    return HOST_PAGE_TOKENS
+
+
+def leak_summary(idle: dict[str, Any], page_size: int, host_page: int = HOST_PAGE_TOKENS
+                 ) -> dict[str, Any]:
+    """What an idle check says is still held: device (pages of ``page_size``) and host tier
+    (pages of ``host_page``)."""
     dev = idle["device_total"] - idle["device_free"]
     host = idle["host_total"] - idle["host_free"]
     return {"device_tokens": dev, "host_tokens": host, "device_pages": _ceil_div(dev, page_size),
-            "host_pages": _ceil_div(host, HOST_PAGE_TOKENS), "table": idle["table"],
+            "host_pages": _ceil_div(host, host_page), "table": idle["table"],
             "clean": dev == 0 and host == 0 and idle["table"] == 0}
 
 
 def phase_rotations(before: list[dict[str, Any]], during: list[dict[str, Any]],
-                    page_size: int) -> dict[str, dict[str, Any]]:
+                    page_size: int, host_page: int = HOST_PAGE_TOKENS) -> dict[str, dict[str, Any]]:
     """Per TP rank (str): the rotations of one phase, from the rotator's lines logged before it
     (``before``) and in it (``during``).
 
@@ -485,7 +501,7 @@ def phase_rotations(before: list[dict[str, Any]], during: list[dict[str, Any]],
                 carried_rotations=start - first["rotations_out"],
                 pools={k: last[k] for k in ("device_free", "device_total", "host_free",
                                             "host_total", "table")},
-                leaks=leak_summary(last, page_size))
+                leaks=leak_summary(last, page_size, host_page))
         out[str(rank)] = entry
     return out
 
@@ -726,9 +742,9 @@ def correctness_entry(s: Server, outs: dict[str, dict[str, Any]]) -> dict[str, A
 
 def window_rotations(s: Server, out: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """phase_rotations of the server's log bytes [out["offset"], out["log_end"])."""
-    before = parse_rota_lines(s.read_log(0, out["offset"]))
+    head = s.read_log(0, out["offset"])
     during = parse_rota_lines(s.read_log(out["offset"], out["log_end"]))
-    return phase_rotations(before, during, s.plan.page_size)
+    return phase_rotations(parse_rota_lines(head), during, s.plan.page_size, rotator_host_page(head))
 
 
 def _brief(entry: dict[str, Any]) -> str:
@@ -926,7 +942,8 @@ def new_result(args: argparse.Namespace, gpus: list[str], base_tokens: int,
                      "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)},
         "notes": [
             "leaked_*_pages: device pages of the server's --page-size tokens, host-tier pages of "
-            f"{HOST_PAGE_TOKENS} tokens; leaked_*_tokens: the same in tokens. The worst (largest "
+            "the rotator's host page (its start line: 16 tokens, or --page-size on the direct "
+            "path); leaked_*_tokens: the same in tokens. The worst (largest "
             "magnitude) over every rotasched server's last idle check: after the soak if it was "
             "soaked, else after the burst (leak_source).",
             "rota_tp2 is compared with baseline_tp2: dummy weights are seeded per shard and TP "
@@ -1145,7 +1162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="server logs, raw records, progress log and a copy of --out")
     ap.add_argument("--budget", type=float, default=540.0, help="wall seconds for everything")
     ap.add_argument("--tp2", action="store_true", help="also baseline_tp2 and rota_tp2 (2 GPUs)")
-    ap.add_argument("--servers", nargs="+", choices=SINGLE + TP2, default=None,
+    ap.add_argument("--servers", nargs="+", choices=SINGLE + TP2 + EXTRA, default=None,
                     help="start only these (default: the four single-GPU ones, + TP=2 with --tp2)")
     ap.add_argument("--soak-servers", nargs="+", default=None,
                     help="rotasched servers to soak (default: every rotasched server up)")

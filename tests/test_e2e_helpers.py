@@ -77,6 +77,17 @@ def test_parser_reads_the_rotators_own_format():
     assert all(isinstance(idle[k], int) for k in e2e.IDLE_KEYS)
 
 
+def test_rotator_start_line_gives_the_host_page():
+    fmt = rotator_formats()[e2e.ROTATOR_MARK]
+    direct = fmt % ("slo", 16.0, 122048, 64, "DirectKVMover", "direct")
+    assert e2e.rotator_host_page(f"[t] warming up\n[t TP0] {direct}\n") == 64
+    old = "rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover DuplexKVMover"
+    assert e2e.rotator_host_page(f"[t] {old}") == 16  # logs from before the page size was logged
+    idle = {"device_total": 100, "device_free": 100, "host_total": 640, "host_free": 576, "table": 0}
+    assert e2e.leak_summary(idle, 64, host_page=64)["host_pages"] == 1
+    assert e2e.leak_summary(idle, 64)["host_pages"] == 4
+
+
 def test_rotator_start_line_gives_the_ranks():
     fmt = rotator_formats()[e2e.ROTATOR_MARK]
     line = fmt % ("slo", 16.0, 122064, 16, "DuplexKVMover", "staging")
@@ -264,6 +275,10 @@ def test_plans_default_tp2_and_gpu_placement():
     args = args_for("--servers", "baseline", "rota_p16", "--baseline-gpu", "1")
     plans, _ = e2e.plan_servers(args, 1, 9)
     assert [p.name for p in plans] == ["baseline", "rota_p16"] and plans[0].gpus == (1,)
+    plans, _ = e2e.plan_servers(args_for("--servers", "baseline", "rota_p64"), 1, 9)
+    p64 = plans[1]
+    assert p64.page_size == 64 and p64.reference == "baseline"
+    assert p64.flags[p64.flags.index("--page-size") + 1] == "64"
 
 
 def test_server_commands():
