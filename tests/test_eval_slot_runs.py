@@ -25,3 +25,11 @@ def test_lone_request_keeps_one_run_and_interleaved_decodes_fragment():
     # both decode in the same steps: each step's two slots go one to each request
     assert two["token_share_in_runs_at_least"]["16"] < 1.0
     assert two["runs_per_request_p50"] > 10
+
+
+def test_paged_allocator_runs_are_whole_pages():
+    alone = replay([(100, 40)], cap=1024, max_running=8, sample_every=1, page_size=16)
+    assert alone["runs_per_request_p50"] == 1  # prompt pages and decode pages consecutive
+    two = replay([(100, 80), (100, 80)], cap=1024, max_running=8, sample_every=1, page_size=16)
+    # their decode pages alternate: each request's KV breaks into runs of whole pages
+    assert two["runs_per_request_p50"] > 1
