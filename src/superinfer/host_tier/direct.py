@@ -30,7 +30,7 @@ import torch
 from superinfer.host_tier.interface import TransferReport
 from superinfer.host_tier.jobs import Job, JobQueue, check_slots
 from superinfer.host_tier.pool import HostKVPool
-from superinfer.host_tier.stream_mover import CopyResult, StreamMover
+from superinfer.host_tier.stream_mover import StreamMover
 
 # Pieces of at least this size reached the goal on the H200 (98.5 GB/s both ways at +3.8%
 # decode with 128 KiB; 80.6 GB/s with 64 KiB, 59.5 with 32 KiB): below it, staging is default.
@@ -215,11 +215,6 @@ class DirectKVMover(StreamMover):
         sizes = torch.full_like(piece.dsts, self.piece_bytes)
         self._runtime.memcpy_batch(piece.dsts, piece.srcs, sizes, to_host, stream, self._device_index)
         return stream.record_event()
-
-    def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
-        raise AssertionError("DirectKVMover issues its own copies (_submit)")
-
-    _copy_h2d = _copy_d2h
 
 
 def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from superinfer.host_tier.jobs import contiguous_runs
 from superinfer.host_tier.pool import HostKVPool
-from superinfer.host_tier.stream_mover import CopyResult, StreamMover, D2H_PRIORITY, H2D_PRIORITY
+from superinfer.host_tier.stream_mover import CopyMover, CopyResult, D2H_PRIORITY, H2D_PRIORITY
 from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
 
 # Defaults from two H200 runs of eval/bench_duplexkv.py (Llama-3.1-8B KV, 64k-token batches):
@@ -37,7 +37,7 @@ _DEFAULT_STAGING_PROGRAMS = 32
 PATHS = ("staging", "zerocopy")
 
 
-class DuplexKVMover(StreamMover):
+class DuplexKVMover(CopyMover):
     """Fast KVMover for CUDA device pools; see the module docstring for the two paths."""
 
     def __init__(

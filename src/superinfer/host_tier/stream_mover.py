@@ -1,7 +1,9 @@
 """Stream and event plumbing shared by every KVMover: one side stream per direction.
 
-Subclasses say how to copy one batch (``_copy_d2h`` / ``_copy_h2d``); this class decides on
-which stream it runs, what it waits for, and when it is reported done (style rule 9, V10).
+``StreamMover`` owns the streams, the per-direction job queues, polling and the compute fence.
+``CopyMover`` adds the submit path of the movers that copy a batch in one go: subclasses say
+how (``_copy_d2h`` / ``_copy_h2d``); it decides on which stream that runs, what it waits for,
+and when it is reported done (style rule 9, V10). ``DirectKVMover`` submits its own way.
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ class StreamMover(KVMover):
             self._h2d_stream = torch.cuda.Stream(self.device, priority=H2D_PRIORITY)
         self._d2h_jobs, self._h2d_jobs = JobQueue(), JobQueue()
 
+    def poll(self) -> TransferReport:
+        done_d2h, bytes_d2h = self._d2h_jobs.pop_done()
+        done_h2d, bytes_h2d = self._h2d_jobs.pop_done()
+        return TransferReport(done_d2h, done_h2d, bytes_d2h, bytes_h2d)
+
+    def fence_compute(self, stream: object | None) -> None:
+        last = self._h2d_jobs.last_event()
+        if last is not None:
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(last)
+
+    def synchronize(self) -> None:
+        if self._on_cuda:
+            self._d2h_stream.synchronize()
+            self._h2d_stream.synchronize()
+
+
+class CopyMover(StreamMover):
+    """A mover whose subclass copies one whole batch per submit, on the direction stream."""
+
     def submit_d2h(
         self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
     ) -> int:
@@ -63,21 +84,6 @@ class StreamMover(KVMover):
         job = self._launch(stream, ready, job_id, device_slots, host_slots, self._copy_h2d)
         self._h2d_jobs.push(job)
         return job.num_bytes
-
-    def poll(self) -> TransferReport:
-        done_d2h, bytes_d2h = self._d2h_jobs.pop_done()
-        done_h2d, bytes_h2d = self._h2d_jobs.pop_done()
-        return TransferReport(done_d2h, done_h2d, bytes_d2h, bytes_h2d)
-
-    def fence_compute(self, stream: object | None) -> None:
-        last = self._h2d_jobs.last_event()
-        if last is not None:
-            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(last)
-
-    def synchronize(self) -> None:
-        if self._on_cuda:
-            self._d2h_stream.synchronize()
-            self._h2d_stream.synchronize()
 
     def _launch(self, stream, ready, job_id, device_slots, host_slots, copy) -> Job:
         """Run ``copy`` on ``stream`` after ``ready`` (else after the caller's current stream)."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from superinfer.host_tier.jobs import contiguous_runs
-from superinfer.host_tier.stream_mover import CopyResult, StreamMover
+from superinfer.host_tier.stream_mover import CopyMover, CopyResult
 
 
-class TorchMover(StreamMover):
+class TorchMover(CopyMover):
     """Staging-path mover built from torch ops only (no Triton)."""
 
     def _staging(self, num_tokens: int) -> torch.Tensor:
