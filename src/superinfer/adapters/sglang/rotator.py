@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...config import ConfigError, RotaConfig, parse_slo_override
+from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES
 from ...host_tier.interface import KVLayout, KVMover
 from ...host_tier.pool import HostKVPool
 from ...policy import Capacity, CostModel, Phase, create_policy
@@ -76,6 +77,11 @@ class Rotator:
         self.host = HostKVPool(self.layout, num_tokens, page, k0.dtype, pin_memory=k0.is_cuda,
                                page_major=path == "direct")
         self.mover = _make_mover(path, kv_pool.k_buffer, kv_pool.v_buffer, self.host)
+        piece_kib = self.kv.page_size * k0[0].numel() * k0.element_size() / 1024
+        if path == "direct" and k0.is_cuda and piece_kib * 1024 < DIRECT_MIN_PIECE_BYTES:
+            logger.warning("rotasched: --rota-mover direct with %.0f KiB page pieces: copy engines move "
+                           "~60 GB/s both ways with 32 KiB pieces and less below; a larger --page-size "
+                           "or --rota-mover staging moves more", piece_kib)
         self.out: dict[str, Parked] = {}  # ROTATING_OUT
         self.parked: dict[str, Parked] = {}  # ON_HOST
         self.inbound: dict[str, Parked] = {}  # ROTATING_IN
@@ -444,14 +450,16 @@ def mover_path(flag: str, k0: torch.Tensor, page_size: int) -> str:
     """``--rota-mover`` resolved. Off CUDA: torch, or direct if asked (it runs there too, copying
     with memmove). On CUDA, ``auto`` is direct when one page of one layer is at least
     ``DIRECT_MIN_PIECE_BYTES`` (copy engines alone then reach full duplex), else staging."""
-    from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES
-
     if not k0.is_cuda:
         return "direct" if flag == "direct" else "torch"
     if flag != "auto":
         return flag
-    piece = page_size * k0[0].numel() * k0.element_size()
-    return "direct" if piece >= DIRECT_MIN_PIECE_BYTES else "staging"
+    return auto_path(page_size * k0[0].numel() * k0.element_size())
+
+
+def auto_path(piece_bytes: int) -> str:
+    """The CUDA data path for pages whose one-layer K (or V) piece is ``piece_bytes``."""
+    return "direct" if piece_bytes >= DIRECT_MIN_PIECE_BYTES else "staging"
 
 
 def _make_mover(path: str, k_buffers: list, v_buffers: list, host: HostKVPool) -> KVMover:
