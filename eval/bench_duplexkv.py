@@ -111,7 +111,7 @@ class DirectSet(Bench):
     device would be held back until a poll, see direct.py, and the decode window would run
     without the load)."""
 
-    def __init__(self, bench: Bench, page: int, max_tokens: int) -> None:  # noqa: D107 - no super()
+    def __init__(self, bench: Bench, page: int, max_tokens: int) -> None:  # shares bench.k/v: no super()
         self.layout, self.device, self.page = bench.layout, bench.device, page
         self.k, self.v = bench.k, bench.v
         pages = torch.randperm((bench.k[0].shape[0] - PAGE) // page)

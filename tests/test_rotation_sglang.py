@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sglang_parts import SchedulerParts
-from superinfer.adapters.sglang.rotator import Rotator, auto_path, mover_path
+from superinfer.adapters.sglang.rotator import Rotator, mover_path
 from superinfer.config import RotaConfig
 from superinfer.policy import Capacity, Phase
 
@@ -408,9 +408,9 @@ def test_rotate_in_leaves_room_for_the_chunked_prompt_remainder():
 
 def test_mover_path_auto_rule_and_cpu_fallback():
     llama_row = 8 * 128 * 2  # bytes of one token's K in one layer (Llama-3.1-8B, bf16)
-    assert auto_path(64 * llama_row) == "direct"  # 128 KiB pieces: copy engines reach full duplex
-    assert auto_path(16 * llama_row) == "staging"
-    k0 = torch.zeros(64, 8, 128, dtype=torch.bfloat16)
-    assert mover_path("auto", k0, 64) == "torch"  # no CUDA: plain torch copies
-    assert mover_path("staging", k0, 64) == "torch"
-    assert mover_path("direct", k0, 64) == "direct"  # runs on the CPU too (memmove)
+    assert mover_path("auto", True, 64 * llama_row) == "direct"  # 128 KiB: copy engines reach full duplex
+    assert mover_path("auto", True, 16 * llama_row) == "staging"
+    assert mover_path("zerocopy", True, 64 * llama_row) == "zerocopy"  # an explicit choice stands
+    assert mover_path("auto", False, 64 * llama_row) == "torch"  # no CUDA: plain torch copies
+    assert mover_path("staging", False, 64 * llama_row) == "torch"
+    assert mover_path("direct", False, 64 * llama_row) == "direct"  # runs on the CPU too (memmove)

@@ -54,12 +54,14 @@ class _Slice:
 
 @dataclass(slots=True)
 class _Deferred:
-    """A job waiting for its slots; ``arrived`` None: they are on the host already."""
+    """A job waiting for its slot numbers: ``dev_pages`` once known (slots given on the host),
+    else ``slots`` lands in pinned memory when ``arrived`` fires."""
 
     job: Job
-    slots: torch.Tensor  # device slots, on the host once ``arrived`` has fired
-    arrived: torch.cuda.Event | None
     host_pages: torch.Tensor
+    dev_pages: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    arrived: torch.cuda.Event | None = None
 
 
 class DirectKVMover(StreamMover):
@@ -142,10 +144,10 @@ class DirectKVMover(StreamMover):
         host_pages = pages_of(host_slots, self.page_size, "host")
         if int(host_pages.max()) >= self.host.num_pages:
             raise ValueError(f"host page {int(host_pages.max())} out of range [0, {self.host.num_pages})")
-        if not device_slots.is_cuda:  # checked now: a bad job must not sit in the queue
-            self._device_pages(device_slots, host_pages)
         job = Job(job_id, host_slots.numel() * self.host.bytes_per_token, None, issued=False)
-        arrived, slots = None, device_slots
+        deferred = _Deferred(job, host_pages)
+        if not device_slots.is_cuda:  # checked now: a bad job must not sit in the queue
+            deferred.dev_pages = self._device_pages(device_slots, host_pages)
         if self._on_cuda:
             stream = self._d2h_stream if to_host else self._h2d_stream
             caller = torch.cuda.current_stream(self.device)
@@ -154,11 +156,12 @@ class DirectKVMover(StreamMover):
                     stream.wait_event(ready)
                 stream.wait_stream(caller)
                 if device_slots.is_cuda:
-                    slots = torch.empty(device_slots.shape, dtype=device_slots.dtype, pin_memory=True)
-                    slots.copy_(device_slots, non_blocking=True)
-                    arrived = stream.record_event()
+                    deferred.slots = torch.empty(device_slots.shape, dtype=device_slots.dtype,
+                                                 pin_memory=True)
+                    deferred.slots.copy_(device_slots, non_blocking=True)
+                    deferred.arrived = stream.record_event()
                     job.keepalive = (device_slots,)
-        self._deferred[to_host].append(_Deferred(job, slots, arrived, host_pages))
+        self._deferred[to_host].append(deferred)
         queue.push(job)
         self._issue_arrived(to_host)
         return job.num_bytes
@@ -168,7 +171,8 @@ class DirectKVMover(StreamMover):
         pending = self._deferred[to_host]
         while pending and (pending[0].arrived is None or pending[0].arrived.query()):
             d = pending.popleft()
-            self._issue(to_host, d.job, d.slots.to(torch.int64), d.host_pages)
+            dev_pages = d.dev_pages if d.dev_pages is not None else self._device_pages(d.slots, d.host_pages)
+            self._issue(to_host, d.job, dev_pages, d.host_pages)
 
     def _device_pages(self, slots: torch.Tensor, host_pages: torch.Tensor) -> torch.Tensor:
         dev_pages = pages_of(slots, self.page_size, "device")
@@ -178,8 +182,7 @@ class DirectKVMover(StreamMover):
             raise ValueError(f"{dev_pages.numel()} device pages but {host_pages.numel()} host pages")
         return dev_pages
 
-    def _issue(self, to_host: bool, job: Job, slots: torch.Tensor, host_pages: torch.Tensor) -> None:
-        dev_pages = self._device_pages(slots, host_pages)
+    def _issue(self, to_host: bool, job: Job, dev_pages: torch.Tensor, host_pages: torch.Tensor) -> None:
         dev, host = piece_addresses(self._layer_ptrs, dev_pages, self.host.buffer.data_ptr(),
                                     host_pages, self.piece_bytes)
         dsts, srcs = (host, dev) if to_host else (dev, host)

@@ -70,18 +70,18 @@ class Rotator:
                                f"supported yet)")
         k0 = kv_pool.k_buffer[0]
         self.layout = KVLayout(len(kv_pool.k_buffer), k0.shape[1], k0.shape[2], k0.element_size())
-        path = mover_path(config.mover, k0, self.kv.page_size)
+        piece = self.kv.page_size * k0[0].numel() * k0.element_size()  # one page, one layer's K
+        path = mover_path(config.mover, k0.is_cuda, piece)
         # The direct path copies whole device pages into host pages of the same size.
         page = self.kv.page_size if path == "direct" else _HOST_PAGE_TOKENS
         num_tokens = int(config.host_kv_gb * 1e9 / self.layout.bytes_per_token) // page * page
         self.host = HostKVPool(self.layout, num_tokens, page, k0.dtype, pin_memory=k0.is_cuda,
                                page_major=path == "direct")
         self.mover = _make_mover(path, kv_pool.k_buffer, kv_pool.v_buffer, self.host)
-        piece_kib = self.kv.page_size * k0[0].numel() * k0.element_size() / 1024
-        if path == "direct" and k0.is_cuda and piece_kib * 1024 < DIRECT_MIN_PIECE_BYTES:
+        if path == "direct" and k0.is_cuda and piece < DIRECT_MIN_PIECE_BYTES:
             logger.warning("rotasched: --rota-mover direct with %.0f KiB page pieces: copy engines move "
                            "~60 GB/s both ways with 32 KiB pieces and less below; a larger --page-size "
-                           "or --rota-mover staging moves more", piece_kib)
+                           "or --rota-mover staging moves more", piece / 1024)
         self.out: dict[str, Parked] = {}  # ROTATING_OUT
         self.parked: dict[str, Parked] = {}  # ON_HOST
         self.inbound: dict[str, Parked] = {}  # ROTATING_IN
@@ -446,19 +446,15 @@ class Rotator:
             raise AssertionError(f"rotations hold {held} host slots but only {used} are in use")
 
 
-def mover_path(flag: str, k0: torch.Tensor, page_size: int) -> str:
+def mover_path(flag: str, on_cuda: bool, piece_bytes: int) -> str:
     """``--rota-mover`` resolved. Off CUDA: torch, or direct if asked (it runs there too, copying
-    with memmove). On CUDA, ``auto`` is direct when one page of one layer is at least
-    ``DIRECT_MIN_PIECE_BYTES`` (copy engines alone then reach full duplex), else staging."""
-    if not k0.is_cuda:
+    with memmove). On CUDA, ``auto`` is direct when one page of one layer (``piece_bytes``) is
+    at least ``DIRECT_MIN_PIECE_BYTES`` (copy engines alone then reach full duplex), else
+    staging."""
+    if not on_cuda:
         return "direct" if flag == "direct" else "torch"
     if flag != "auto":
         return flag
-    return auto_path(page_size * k0[0].numel() * k0.element_size())
-
-
-def auto_path(piece_bytes: int) -> str:
-    """The CUDA data path for pages whose one-layer K (or V) piece is ``piece_bytes``."""
     return "direct" if piece_bytes >= DIRECT_MIN_PIECE_BYTES else "staging"
 
 
