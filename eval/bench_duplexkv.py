@@ -107,9 +107,7 @@ class Bench:
 
 class DirectSet(Bench):
     """The direct path's own random ``page``-token page sets over the bench's device KV, and a
-    page-major host pool. Its slots stay on the CPU: the mover issues at once (slots on the
-    device would be held back until a poll, see direct.py, and the decode window would run
-    without the load)."""
+    page-major host pool. Its slots stay on the CPU, as the other movers' do."""
 
     def __init__(self, bench: Bench, page: int, max_tokens: int) -> None:  # shares bench.k/v: no super()
         self.layout, self.device, self.page = bench.layout, bench.device, page
@@ -131,31 +129,31 @@ class DirectSet(Bench):
         return self.host.buffer[host_slots // self.page, layer, j, host_slots % self.page]
 
 
-def gbps(fn, mover: KVMover, reps: int) -> float:
-    """Median GB/s of ``fn`` (which submits and returns bytes) over ``reps`` after one warm-up."""
-    rates = []
+def gbps(fn, mover: KVMover, reps: int) -> tuple[float, float]:
+    """Median GB/s of ``fn`` (which submits and returns bytes) over ``reps`` after one warm-up,
+    and the median time ``fn`` held the calling thread (in SGLang: the scheduler's), in ms."""
+    rates, held = [], []
     for _ in range(reps + 1):
         sync()
         t0 = time.perf_counter()
         num_bytes = fn()
+        held.append((time.perf_counter() - t0) * 1e3)
         mover.synchronize()
         sync()
         rates.append(num_bytes / (time.perf_counter() - t0) / 1e9)
         mover.poll()
-    return statistics.median(rates[1:])
+    return statistics.median(rates[1:]), statistics.median(held[1:])
 
 
 def measure_mover(bench: Bench, mover: KVMover, sizes: list[int], reps: int) -> list[dict]:
     rows = []
     for n in sizes:
-        row = {
-            "tokens": n,
-            "d2h_gbps": gbps(lambda: bench.d2h(mover, n), mover, reps),
-            "h2d_gbps": gbps(lambda: bench.h2d(mover, n), mover, reps),
-            "duplex_gbps": gbps(lambda: bench.d2h(mover, n) + bench.h2d(mover, n), mover, reps),
-        }
+        row = {"tokens": n}
+        for key, fn in (("d2h", lambda: bench.d2h(mover, n)), ("h2d", lambda: bench.h2d(mover, n)),
+                        ("duplex", lambda: bench.d2h(mover, n) + bench.h2d(mover, n))):
+            row[f"{key}_gbps"], row[f"{key}_submit_ms"] = gbps(fn, mover, reps)
         log(f"  {n:6d} tokens: d2h {row['d2h_gbps']:6.1f}  h2d {row['h2d_gbps']:6.1f}  "
-            f"duplex {row['duplex_gbps']:6.1f} GB/s")
+            f"duplex {row['duplex_gbps']:6.1f} GB/s; submit held the caller {row['duplex_submit_ms']:.2f} ms")
         rows.append(row)
     return rows
 
@@ -227,8 +225,7 @@ def capture_step(model: DecodeStandIn) -> torch.cuda.CUDAGraph:
 def step_ms(model: DecodeStandIn, steps: int, graph: torch.cuda.CUDAGraph | None = None,
             poll=None) -> float:
     """Mean decode-step time over ``steps`` steps. ``poll`` (a mover's) is called every ~0.2 ms
-    until the last step is done, as a scheduler polls every iteration: the direct path issues a
-    big job a slice at a time from its polls."""
+    until the last step is done, as a scheduler polls every iteration."""
     if not torch.cuda.is_available():
         t0 = time.perf_counter()
         for _ in range(steps):

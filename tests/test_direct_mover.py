@@ -14,7 +14,8 @@ from superinfer.host_tier.torch_mover import TorchMover
 NUM_LAYERS, NUM_HEADS, HEAD_DIM = 3, 2, 5
 
 
-def make(dtype: torch.dtype, page_size: int, device_pages: int = 12, host_pages: int = 8, seed: int = 0):
+def make(dtype: torch.dtype, page_size: int, device_pages: int = 12, host_pages: int = 8, seed: int = 0,
+         **mover_args):
     gen = torch.Generator().manual_seed(seed)
     shape = (NUM_LAYERS, 2, device_pages * page_size + page_size, NUM_HEADS, HEAD_DIM)  # SGLang: size + page
     if dtype == torch.uint8:
@@ -24,7 +25,7 @@ def make(dtype: torch.dtype, page_size: int, device_pages: int = 12, host_pages:
     layout = KVLayout(NUM_LAYERS, NUM_HEADS, HEAD_DIM, kv.element_size())
     host = HostKVPool(layout, host_pages * page_size, page_size, dtype, pin_memory=False, page_major=True)
     host.buffer.view(torch.uint8).fill_(0xA5)  # poison: an unwritten piece shows
-    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host)
+    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **mover_args)
     return kv, host, mover, gen
 
 
@@ -41,13 +42,15 @@ def host_page_view(host: HostKVPool, kv: torch.Tensor, device_page: int) -> tupl
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.uint8])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_d2h_then_h2d_moves_exact_pages(dtype: torch.dtype, page_size: int) -> None:
-    kv, host, mover, gen = make(dtype, page_size)
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "issuer_threads"])
+def test_d2h_then_h2d_moves_exact_pages(dtype: torch.dtype, page_size: int, threaded: bool) -> None:
+    kv, host, mover, gen = make(dtype, page_size, issue_thread=threaded)
     out_pages = torch.randperm(12, generator=gen)[:5].tolist()
     num_tokens = 5 * page_size - (page_size // 2)  # last page partial when page_size > 1
     host_slots = host.alloc(num_tokens)
     nbytes = mover.submit_d2h("out", slots_of(out_pages, page_size, num_tokens), host_slots, None)
     assert nbytes == num_tokens * host.bytes_per_token
+    mover.synchronize()
     assert mover.poll().done_d2h == ["out"]
     used = host_slots[::page_size] // page_size
     for hp, dp in zip(used.tolist(), out_pages):
@@ -59,6 +62,7 @@ def test_d2h_then_h2d_moves_exact_pages(dtype: torch.dtype, page_size: int) -> N
     before = kv.clone()
     in_pages = [p for p in range(12) if p not in out_pages][:5]
     mover.submit_h2d("in", host_slots, slots_of(in_pages, page_size, num_tokens))
+    mover.synchronize()
     assert mover.poll().done_h2d == ["in"]
     for dp_out, dp_in in zip(out_pages, in_pages):
         a, b = dp_out * page_size, dp_in * page_size
@@ -91,12 +95,14 @@ def test_piece_addresses_follow_both_layouts() -> None:
     assert host.tolist() == [10_256, 10_320, 10_384, 10_448, 10_512, 10_576, 10_640, 10_704]
 
 
-def test_jobs_report_in_order_and_empty_jobs_are_done() -> None:
-    kv, host, mover, _ = make(torch.bfloat16, 4)
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "issuer_threads"])
+def test_jobs_report_in_order_and_empty_jobs_are_done(threaded: bool) -> None:
+    kv, host, mover, _ = make(torch.bfloat16, 4, issue_thread=threaded)
     a, b = host.alloc(8), host.alloc(4)
     mover.submit_d2h("a", slots_of([1, 2], 4, 8), a, None)
     mover.submit_d2h("empty", torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), None)
     mover.submit_d2h("b", slots_of([5], 4, 4), b, None)
+    mover.synchronize()
     report = mover.poll()
     assert report.done_d2h == ["a", "empty", "b"] and report.bytes_d2h == 12 * host.bytes_per_token
 
@@ -119,12 +125,15 @@ def test_page_major_pool_has_the_same_bytes_per_page() -> None:
     host.check_integrity()
 
 
-def test_a_job_goes_out_in_slices_and_is_done_with_its_last() -> None:
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "issuer_threads"])
+def test_a_job_goes_out_in_slices_and_is_done_with_its_last(threaded: bool) -> None:
     kv, host, _, gen = make(torch.bfloat16, 4)
-    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, max_queued_pieces=8, slice_pieces=7)
+    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, max_queued_pieces=8, slice_pieces=7,
+                          issue_thread=threaded)
     pages = torch.randperm(12, generator=gen)[:5].tolist()  # 30 pieces: 4 slices of 7, one of 2
     host_slots = host.alloc(20)
     mover.submit_d2h("out", slots_of(pages, 4, 20), host_slots, None)
+    mover.synchronize()
     assert mover.poll().done_d2h == ["out"]
     for hp, dp in zip((host_slots[::4] // 4).tolist(), pages):
         assert torch.equal(host.buffer[hp], host_page_view(host, kv, dp))
@@ -144,3 +153,20 @@ def test_slice_and_queue_sizes_are_checked(bad) -> None:
     kv, host, _, _ = make(torch.bfloat16, 4)
     with pytest.raises(ValueError, match="slice_pieces"):
         DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **bad)
+
+
+def test_a_failed_copy_in_an_issuer_thread_surfaces_and_stops_the_mover(monkeypatch) -> None:
+    kv, host, mover, _ = make(torch.bfloat16, 4, issue_thread=True)
+
+    def broken(*args):  # stands in for a CUDA error from the batch call
+        raise OSError("copy engine on fire")
+
+    monkeypatch.setattr(mover, "_copy_slice", broken)
+    mover.submit_d2h("lost", slots_of([1], 4, 4), host.alloc(4), None)
+    with pytest.raises(RuntimeError, match="device->host copy failed") as info:
+        mover.synchronize()
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(RuntimeError, match="unusable"):
+        mover.poll()
+    with pytest.raises(RuntimeError, match="unusable"):
+        mover.submit_h2d("next", host.alloc(4), slots_of([2], 4, 4))

@@ -13,15 +13,24 @@ Page rule: device and host pages hold the same ``page_size`` tokens (SGLang's ``
 A job's slots cover whole pages from their first token, in order; only the last page may be
 partial, and it is copied whole (its tail belongs to the same request and is unused).
 
+Who issues: on CUDA each direction has an issuer thread. A batch call costs the host ~0.4 us
+per piece (0.3 s per second of full-rate rotation with 128 KiB pieces) and blocks once the copy
+engine's queue is full (``eval/results/diag_direct_submit_h200.json``); in the scheduler's
+thread that time would delay every decode launch, and one direction's blocked call would starve
+the other. ctypes releases the GIL for the call, so the scheduler keeps running.
+
 The copy needs the slot numbers on the host. SGLang keeps them on the device, and reading them
-there would block on the forward in flight. So a job with device-resident slots is deferred:
-its direction stream copies the slots to pinned memory (after ``ready``), and a later ``poll``
-issues the batch once they have arrived. Jobs of one direction are issued in submission order.
+there would block on the forward in flight. So the direction stream copies them to pinned
+memory (after ``ready``) and the issuer waits for that copy, not the scheduler. Jobs of one
+direction are issued in submission order. On the CPU (tests) the same plan runs through
+``memmove`` in the caller's thread, or in the issuer thread with ``issue_thread=True``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,27 +44,16 @@ from superinfer.host_tier.stream_mover import StreamMover
 # Pieces of at least this size reached the goal on the H200 (98.5 GB/s both ways at +3.8%
 # decode with 128 KiB; 80.6 GB/s with 64 KiB, 59.5 with 32 KiB): below it, staging is default.
 DIRECT_MIN_PIECE_BYTES = 128 << 10
-# One batch call costs the host ~0.4 us per piece, but a call that queues ~65k pieces blocks
-# until most of them are copied (eval/results/diag_direct_submit_h200.json): one direction's
-# huge call would then hold up the other's. So jobs go out in slices, and only so many pieces
-# are queued per direction; ``poll`` (every scheduler iteration) issues the rest.
+# A call that queues ~65k pieces blocks until most of them are copied, so jobs go out in
+# slices, and only so many pieces are queued on a direction's stream at once.
 SLICE_PIECES = 4096
 MAX_QUEUED_PIECES = 16384
 
 
 @dataclass(slots=True)
-class _Slice:
-    """One batch call's worth of a job; ``job`` is set on the job's last slice."""
-
-    dsts: torch.Tensor
-    srcs: torch.Tensor
-    job: Job | None
-
-
-@dataclass(slots=True)
-class _Deferred:
-    """A job waiting for its slot numbers: ``dev_pages`` once known (slots given on the host),
-    else ``slots`` lands in pinned memory when ``arrived`` fires."""
+class _Pending:
+    """A submitted job on its way to the copy engines: ``dev_pages`` when its slots were given
+    on the host, else ``slots`` lands in pinned memory when ``arrived`` fires."""
 
     job: Job
     host_pages: torch.Tensor
@@ -76,7 +74,9 @@ class DirectKVMover(StreamMover):
         host: HostKVPool,
         max_queued_pieces: int = MAX_QUEUED_PIECES,
         slice_pieces: int = SLICE_PIECES,
+        issue_thread: bool = False,
     ) -> None:
+        """``issue_thread``: on the CPU too, issue from a thread per direction as on CUDA (tests)."""
         super().__init__(k_buffers, v_buffers, host)
         if not 0 < slice_pieces <= max_queued_pieces:
             raise ValueError(f"need 0 < slice_pieces <= max_queued_pieces, got {slice_pieces}, {max_queued_pieces}")
@@ -88,9 +88,6 @@ class DirectKVMover(StreamMover):
         # k0, v0, k1, v1, ...: the order of (layer, K/V) inside a page-major host page too.
         self._layer_ptrs = torch.tensor([b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv],
                                         dtype=torch.int64)
-        self._deferred: dict[bool, deque[_Deferred]] = {True: deque(), False: deque()}
-        self._slices: dict[bool, deque[_Slice]] = {True: deque(), False: deque()}  # not issued yet
-        self._queued: dict[bool, deque[tuple[torch.cuda.Event, int]]] = {True: deque(), False: deque()}
         if self._on_cuda:
             if not host.pinned:
                 raise ValueError("DirectKVMover on CUDA needs a pinned HostKVPool")
@@ -98,6 +95,8 @@ class DirectKVMover(StreamMover):
 
             self._runtime = runtime()  # raises a clear RuntimeError before CUDA 12.8
             self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        threaded = self._on_cuda or issue_thread
+        self._issuers = {to_host: _Issuer(self, to_host) for to_host in (True, False)} if threaded else None
 
     # --- KVMover ---------------------------------------------------------------------------
     def submit_d2h(
@@ -115,64 +114,60 @@ class DirectKVMover(StreamMover):
         return self._submit(False, job_id, device_slots, host_slots, ready)
 
     def poll(self) -> TransferReport:
-        for to_host in (True, False):
-            self._issue_arrived(to_host)
-            self._pump(to_host)
+        self._raise_failure()
         return super().poll()
 
     def synchronize(self) -> None:
-        for to_host in (True, False):
-            for d in self._deferred[to_host]:
-                if d.arrived is not None:
-                    d.arrived.synchronize()
-            self._issue_arrived(to_host)
-        while self._slices[True] or self._slices[False]:
-            for to_host in (True, False):
-                if self._slices[to_host] and self._queued[to_host]:
-                    self._queued[to_host][0][0].synchronize()
-                self._pump(to_host)
+        if self._issuers is not None:
+            for issuer in self._issuers.values():
+                issuer.join()
+        self._raise_failure()
         super().synchronize()
 
     # --- internals -------------------------------------------------------------------------
     def _submit(self, to_host: bool, job_id: str, device_slots: torch.Tensor,
                 host_slots: torch.Tensor, ready: object | None) -> int:
+        self._raise_failure()
         check_slots(device_slots, host_slots)
-        queue: JobQueue = self._d2h_jobs if to_host else self._h2d_jobs
+        jobs: JobQueue = self._d2h_jobs if to_host else self._h2d_jobs
         if host_slots.numel() == 0:
-            queue.push(Job(job_id, 0, None))
+            jobs.push(Job(job_id, 0, None))
             return 0
         host_pages = pages_of(host_slots, self.page_size, "host")
         if int(host_pages.max()) >= self.host.num_pages:
             raise ValueError(f"host page {int(host_pages.max())} out of range [0, {self.host.num_pages})")
         job = Job(job_id, host_slots.numel() * self.host.bytes_per_token, None, issued=False)
-        deferred = _Deferred(job, host_pages)
-        if not device_slots.is_cuda:  # checked now: a bad job must not sit in the queue
-            deferred.dev_pages = self._device_pages(device_slots, host_pages)
+        pending = _Pending(job, host_pages)
+        if not device_slots.is_cuda:  # checked now: a bad job must not reach the queue
+            pending.dev_pages = self._device_pages(device_slots, host_pages)
         if self._on_cuda:
-            stream = self._d2h_stream if to_host else self._h2d_stream
+            stream = self._stream(to_host)
             caller = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(stream):
                 if ready is not None:
                     stream.wait_event(ready)
                 stream.wait_stream(caller)
                 if device_slots.is_cuda:
-                    deferred.slots = torch.empty(device_slots.shape, dtype=device_slots.dtype,
-                                                 pin_memory=True)
-                    deferred.slots.copy_(device_slots, non_blocking=True)
-                    deferred.arrived = stream.record_event()
+                    pending.slots = torch.empty(device_slots.shape, dtype=device_slots.dtype,
+                                                pin_memory=True)
+                    pending.slots.copy_(device_slots, non_blocking=True)
+                    pending.arrived = stream.record_event()
                     job.keepalive = (device_slots,)
-        self._deferred[to_host].append(deferred)
-        queue.push(job)
-        self._issue_arrived(to_host)
+        jobs.push(job)
+        if self._issuers is not None:
+            self._issuers[to_host].put(pending)
+        else:
+            self._issue(to_host, pending, None)
         return job.num_bytes
 
-    def _issue_arrived(self, to_host: bool) -> None:
-        """Issue the oldest deferred jobs whose slots are on the host, in order."""
-        pending = self._deferred[to_host]
-        while pending and (pending[0].arrived is None or pending[0].arrived.query()):
-            d = pending.popleft()
-            dev_pages = d.dev_pages if d.dev_pages is not None else self._device_pages(d.slots, d.host_pages)
-            self._issue(to_host, d.job, dev_pages, d.host_pages)
+    def _stream(self, to_host: bool) -> torch.cuda.Stream:
+        return self._d2h_stream if to_host else self._h2d_stream
+
+    def _raise_failure(self) -> None:
+        for issuer in (self._issuers or {}).values():
+            if issuer.failure is not None:
+                raise RuntimeError(f"DirectKVMover: a {issuer.name} copy failed; the mover is "
+                                   f"unusable") from issuer.failure
 
     def _device_pages(self, slots: torch.Tensor, host_pages: torch.Tensor) -> torch.Tensor:
         dev_pages = pages_of(slots, self.page_size, "device")
@@ -182,42 +177,85 @@ class DirectKVMover(StreamMover):
             raise ValueError(f"{dev_pages.numel()} device pages but {host_pages.numel()} host pages")
         return dev_pages
 
-    def _issue(self, to_host: bool, job: Job, dev_pages: torch.Tensor, host_pages: torch.Tensor) -> None:
+    def _issue(self, to_host: bool, pending: _Pending, issuer: _Issuer | None) -> None:
+        """Copy ``pending``'s pieces slice by slice (``issuer``: in its thread, with room
+        limits); the job's event is its last slice's."""
+        if pending.arrived is not None:
+            pending.arrived.synchronize()  # releases the GIL
+        dev_pages = pending.dev_pages
+        if dev_pages is None:
+            dev_pages = self._device_pages(pending.slots, pending.host_pages)
         dev, host = piece_addresses(self._layer_ptrs, dev_pages, self.host.buffer.data_ptr(),
-                                    host_pages, self.piece_bytes)
+                                    pending.host_pages, self.piece_bytes)
         dsts, srcs = (host, dev) if to_host else (dev, host)
-        step = self.slice_pieces
-        for start in range(0, dsts.numel(), step):
-            last = start + step >= dsts.numel()
-            self._slices[to_host].append(_Slice(dsts[start : start + step], srcs[start : start + step],
-                                                job if last else None))
-        self._pump(to_host)
+        event = None
+        for start in range(0, dsts.numel(), self.slice_pieces):
+            piece = slice(start, start + self.slice_pieces)
+            count = dsts[piece].numel()
+            if issuer is not None:
+                issuer.make_room(count)
+            event = self._copy_slice(to_host, dsts[piece], srcs[piece])
+            if issuer is not None:
+                issuer.issued(event, count)
+        pending.job.event = event
+        pending.job.issued = True  # after the event: the scheduler thread reads them in this order
 
-    def _pump(self, to_host: bool) -> None:
-        """Issue waiting slices while at most ``max_queued_pieces`` are queued on the stream."""
-        queued, waiting = self._queued[to_host], self._slices[to_host]
-        while queued and queued[0][0].query():
-            queued.popleft()
-        while waiting and (not queued or sum(n for _, n in queued) + waiting[0].dsts.numel()
-                           <= self.max_queued_pieces):
-            piece = waiting.popleft()
-            event = self._copy_slice(to_host, piece)
-            if event is not None:
-                queued.append((event, piece.dsts.numel()))
-            if piece.job is not None:
-                piece.job.event, piece.job.issued = event, True
-
-    def _copy_slice(self, to_host: bool, piece: _Slice) -> torch.cuda.Event | None:
+    def _copy_slice(self, to_host: bool, dsts: torch.Tensor, srcs: torch.Tensor) -> torch.cuda.Event | None:
         """One batch call on the direction's stream, and its end event; on the CPU, memmove
         now (no event: done)."""
         if not self._on_cuda:
-            for dst, src in zip(piece.dsts.tolist(), piece.srcs.tolist(), strict=True):
+            for dst, src in zip(dsts.tolist(), srcs.tolist(), strict=True):
                 ctypes.memmove(dst, src, self.piece_bytes)
             return None
-        stream = self._d2h_stream if to_host else self._h2d_stream
-        sizes = torch.full_like(piece.dsts, self.piece_bytes)
-        self._runtime.memcpy_batch(piece.dsts, piece.srcs, sizes, to_host, stream, self._device_index)
+        stream = self._stream(to_host)
+        sizes = torch.full_like(dsts, self.piece_bytes)
+        self._runtime.memcpy_batch(dsts, srcs, sizes, to_host, stream, self._device_index)
         return stream.record_event()
+
+
+class _Issuer:
+    """One direction's jobs in a thread of their own, in order: wait for the slot numbers, then
+    issue the pieces slice by slice, each once the stream has room (``max_queued_pieces``)."""
+
+    def __init__(self, mover: DirectKVMover, to_host: bool) -> None:
+        self.mover, self.to_host = mover, to_host
+        self.name = "device->host" if to_host else "host->device"
+        self.failure: BaseException | None = None
+        self._inbox: queue.Queue[_Pending] = queue.Queue()
+        self._queued: deque[tuple[torch.cuda.Event, int]] = deque()  # issued, maybe not done
+        self._thread = threading.Thread(target=self._run, name=f"superinfer-{self.name}", daemon=True)
+        self._thread.start()
+
+    def put(self, pending: _Pending) -> None:
+        self._inbox.put(pending)
+
+    def join(self) -> None:
+        """Block until every job put so far is issued (not necessarily copied)."""
+        self._inbox.join()
+
+    def make_room(self, pieces: int) -> None:
+        queued = self._queued
+        while queued and (queued[0][0].query()
+                          or sum(n for _, n in queued) + pieces > self.mover.max_queued_pieces):
+            queued[0][0].synchronize()  # releases the GIL
+            queued.popleft()
+
+    def issued(self, event: torch.cuda.Event | None, pieces: int) -> None:
+        if event is not None:
+            self._queued.append((event, pieces))
+
+    def _run(self) -> None:
+        if self.mover._on_cuda:
+            torch.cuda.set_device(self.mover.device)
+        while True:
+            pending = self._inbox.get()
+            try:
+                if self.failure is None:
+                    self.mover._issue(self.to_host, pending, self)
+            except BaseException as exc:  # noqa: BLE001 - raised by the mover's next call
+                self.failure = exc
+            finally:
+                self._inbox.task_done()
 
 
 def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:
