@@ -23,6 +23,7 @@ STYLE = {
     "hicache": ("tab:green", "^"),
     "rotasched-lvf": ("tab:purple", "v"),
     "rotasched": ("tab:red", "D"),
+    "rotasched-keep": ("tab:brown", "P"),
 }
 
 

@@ -31,7 +31,8 @@ from superinfer.config import RotaConfig  # noqa: E402
 from superinfer.policy import Capacity, CostModel, Phase, create_policy  # noqa: E402
 from superinfer.policy.table import CLIP_NEW_TOKENS  # noqa: E402
 
-SYSTEMS = ("fcfs", "rotasched")
+SYSTEMS = ("fcfs", "rotasched", "rotasched-keep")  # -keep: --rota-keep-host-copy
+HOST_PAGE = 16  # the host tier's page on the staging path: a kept copy is whole pages
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class SimReq:
     token_times: list[float] = field(default_factory=list)
     kv_moving: int = 0  # tokens of the copy in flight, and how long it takes from its submission
     copy_s: float = 0.0
+    host: int = 0  # host tokens held: the whole KV while away, a kept copy while running
 
     @property
     def out(self) -> int:
@@ -108,6 +110,8 @@ class Simulator:
         self.link_free_s = {"d2h": 0.0, "h2d": 0.0}
         self.parked: dict[str, SimReq] = {}
         self.host_free = host_tokens
+        self.keep = system == "rotasched-keep"
+        self.kept: dict[str, SimReq] = {}  # running requests with a kept host copy, oldest first
         self.ratio = NewTokenRatio()
         self.policy = None
         if system != "fcfs":
@@ -118,7 +122,8 @@ class Simulator:
         self.now = 0.0
         self.last_was_decode = False
         self.stats = {"rotations_out": 0, "retractions": 0, "prefill_batches": 0, "prefill_tokens": 0,
-                      "decode_steps": 0, "decode_first": 0}
+                      "decode_steps": 0, "decode_first": 0, "d2h_tokens": 0, "d2h_tokens_saved": 0,
+                      "kept_copies_evicted": 0}
 
     # --- memory as SGLang's PrefillAdder counts it --------------------------------------------
     def used(self) -> int:
@@ -154,7 +159,7 @@ class Simulator:
                                       self.tbt_slo, r.spec.output_len)
 
     def _finish_copies(self) -> None:
-        for c in sorted(c for c in self.copies if c[0] <= self.now):
+        for c in sorted((c for c in self.copies if c[0] <= self.now), key=lambda c: c[:2]):
             self.copies.remove(c)
             done_s, way, r = c
             t = self.policy.table
@@ -164,7 +169,12 @@ class Simulator:
                 t.set_phase(r.rid, Phase.ON_HOST, self.now)
                 self.parked[r.rid] = r
             else:
-                self.host_free += r.kv
+                keep = r.kv // HOST_PAGE * HOST_PAGE if self.keep else 0
+                self.host_free += r.host - keep
+                r.host = keep
+                if keep:
+                    self.kept[r.rid] = r
+                    t.set_host_tokens(r.rid, keep)
                 t.set_phase(r.rid, Phase.RUNNING, self.now)
                 self.running.append(r)
 
@@ -182,19 +192,26 @@ class Simulator:
         t = self.policy.table
         chunk_left = self.chunked.to_prefill() if self.chunked else 0
         cap = Capacity(available_device_tokens=self.cap - self.used() - chunk_left, total_device_tokens=self.cap,
-                       free_host_tokens=self.host_free, bytes_per_token=self.gpu.bytes_per_token,
+                       free_host_tokens=self.host_free + sum(r.host for r in self.kept.values()),
+                       bytes_per_token=self.gpu.bytes_per_token,
                        new_token_ratio=self.ratio.value)
         limit = min(self.gpu.max_prefill_tokens, self.gpu.chunked_prefill_size)  # as the adapter passes it
         plan = self.policy.plan(self.now, cap, self.costs.costs(), limit, None)
         self.admitted = set(plan.admit)
         for r in [r for r in self.running if r.rid in set(plan.rotate_out)]:
-            if r.out >= r.spec.output_len or r.kv > self.host_free:
+            tail = r.kv - r.host
+            if r.out >= r.spec.output_len or not self._host_room(tail, r):
                 continue
             self.running.remove(r)
-            self.host_free -= r.kv
+            self.kept.pop(r.rid, None)
+            self.host_free -= tail
+            self.stats["d2h_tokens"] += tail
+            self.stats["d2h_tokens_saved"] += r.host
+            r.host = r.kv
             t.set_counts(r.rid, r.kv, r.out)
+            t.set_host_tokens(r.rid, 0)
             t.set_phase(r.rid, Phase.ROTATING_OUT, self.now)
-            self._copy("d2h", r, r.kv)
+            self._copy("d2h", r, tail)
             self.stats["rotations_out"] += 1
         for rid in plan.rotate_in:
             r = self.parked[rid]
@@ -209,6 +226,23 @@ class Simulator:
             front = [r for rid in plan.admit for r in self.waiting if r.rid == rid]
             self.waiting = front + [r for r in self.waiting if r not in front]
         return plan.prefill_token_budget
+
+    def _host_room(self, tokens: int, mover: SimReq) -> bool:
+        """Room for ``tokens`` on the host, evicting other requests' kept copies (oldest first)."""
+        for rid in list(self.kept):
+            if self.host_free >= tokens:
+                break
+            if rid != mover.rid:
+                self._drop_kept(self.kept[rid])
+                self.stats["kept_copies_evicted"] += 1
+        return self.host_free >= tokens
+
+    def _drop_kept(self, r: SimReq) -> None:
+        if self.kept.pop(r.rid, None) is not None:
+            self.host_free += r.host
+            r.host = 0
+            if self.policy and r.rid in self.policy.table:
+                self.policy.table.set_host_tokens(r.rid, 0)
 
     def _prefill(self, budget: int | None) -> bool:
         """One prefill batch the way SGLang's PrefillAdder forms it with chunked prefill on: the
@@ -276,6 +310,7 @@ class Simulator:
         while self.running and self.cap - self.used() < len(self.running):
             victim = max(self.running, key=lambda r: r.out)  # SGLang retracts the longest output
             self.running.remove(victim)
+            self._drop_kept(victim)  # its KV is recomputed: the copy would be stale
             victim.kv, victim.prefilled = 0, 0
             self.waiting.insert(0, victim)
             self.ratio.retracted()
@@ -305,6 +340,7 @@ class Simulator:
         if r.out >= r.spec.output_len:
             if r in self.running:
                 self.running.remove(r)
+            self._drop_kept(r)
             r.kv = 0
             if self.policy:
                 self.policy.table.remove(r.rid)

@@ -32,6 +32,8 @@ def test_server_args_carry_rotasched_fields():
     assert ns.rota_link_share == 0.4
     assert rota_config(parse(["--model-path", "m", "--rota-link-share", "0.25"])).link_share == 0.25
     assert parse(["--model-path", "m", "--rota-disable-prefill-pacing"]).rota_disable_prefill_pacing
+    assert rota_config(ns).keep_host_copy is False
+    assert rota_config(parse(["--model-path", "m", "--rota-keep-host-copy"])).keep_host_copy is True
     fields = {f.name for f in __import__("dataclasses").fields(ServerArgs)}
     assert {"rota_ttft_slo", "rota_tbt_slo", "rota_host_kv_gb", "rota_policy"} <= fields
 

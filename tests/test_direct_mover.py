@@ -170,3 +170,20 @@ def test_a_failed_copy_in_an_issuer_thread_surfaces_and_stops_the_mover(monkeypa
         mover.poll()
     with pytest.raises(RuntimeError, match="unusable"):
         mover.submit_h2d("next", host.alloc(4), slots_of([2], 4, 4))
+
+
+def test_issuer_threads_end_when_their_mover_is_dropped() -> None:
+    import gc
+    import weakref
+
+    kv, host, mover, _ = make(torch.bfloat16, 4, issue_thread=True)
+    mover.submit_d2h("out", slots_of([1], 4, 4), host.alloc(4), None)
+    mover.synchronize()
+    threads = [issuer.thread for issuer in mover._issuers.values()]
+    gone = weakref.ref(mover)
+    del mover
+    gc.collect()
+    assert gone() is None  # nothing (a thread) keeps the mover, and its pinned pool, alive
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive()

@@ -24,10 +24,10 @@ def overload():
     """120 conv requests at 16 req/s into 10,000 KV tokens: fcfs queues on memory."""
     specs = make_specs(load_azure(CONV), num=120, arrival="poisson", rate=16, seed=0)
     return {name: simulate(specs, name, 10_000, GpuModel(), 1.0, 0.1, 122_064, 600)
-            for name in ("fcfs", "rotasched")}
+            for name in ("fcfs", "rotasched", "rotasched-keep")}
 
 
-@pytest.mark.parametrize("name", ["fcfs", "rotasched"])
+@pytest.mark.parametrize("name", ["fcfs", "rotasched", "rotasched-keep"])
 def test_every_request_finishes_and_nothing_is_left_held(overload, name):
     res = overload[name]
     assert res["summary"]["n"] == 120 and res["summary"]["errors"] == 0
@@ -40,6 +40,13 @@ def test_rotation_admits_where_fcfs_waits_without_losing_the_pace(overload):
     assert fcfs["summary"]["ttft_attainment"] < 0.7
     assert rota["summary"]["ttft_attainment"] >= fcfs["summary"]["ttft_attainment"] + 0.25
     assert rota["summary"]["tbt_attainment"] >= 0.95  # fcfs: 1.0 (it admits so few)
+
+
+def test_kept_host_copies_cut_what_rotate_outs_copy(overload):
+    rota, keep = overload["rotasched"]["stats"], overload["rotasched-keep"]["stats"]
+    assert rota["d2h_tokens_saved"] == 0 and keep["d2h_tokens_saved"] > 0
+    # per rotation, what a rotate-out copies shrinks by what was still on the host
+    assert keep["d2h_tokens"] / keep["rotations_out"] < rota["d2h_tokens"] / rota["rotations_out"]
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

@@ -89,6 +89,27 @@ def test_link_share_bounds_one_steps_rotation_bytes(share, victims):
     assert len(p.plan(1.0, cap(1000), COSTS, 65536).rotate_out) == victims
 
 
+def test_kept_host_copies_leave_the_link_budget_to_the_tails():
+    """A request whose KV is mostly still on the host (``--rota-keep-host-copy``) costs its
+    rotate-out only the tail: more victims fit one step's link budget, and one whose slack
+    would not cover a full copy out qualifies."""
+    def victims(host_tokens: int) -> int:
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0, link_share=0.4))
+        for i in range(10):
+            running(p, f"r{i}", tokens=1000, first_s=0.0, out=50)
+            p.table.set_host_tokens(f"r{i}", host_tokens)
+        p.table.add("new", 0.9, 8000, 1.0, 0.1, 10)
+        return len(p.plan(1.0, cap(1000), COSTS, 65536).rotate_out)
+
+    assert victims(0) == 2  # as test_link_share_bounds_one_steps_rotation_bytes
+    assert victims(992) == 7  # 57 tokens each to copy: the room needed binds, as at share 1.0
+    t = SloPolicy(RotaConfig()).table
+    t.add("a", 0.0, 100, 1.0, 0.1)
+    t.prefill_done("a", 100, 0.1)
+    t.set_host_tokens("a", 96)
+    assert t.out_tokens(np.array([t.slot("a")])).tolist() == [4]
+
+
 def test_rotated_request_makes_room_only_when_it_must_come_back():
     """A rotated-out request far from its deadline waits for free room; pushing someone out
     early only swaps it with a victim that swaps back later (thrash)."""

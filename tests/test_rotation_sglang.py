@@ -414,3 +414,92 @@ def test_mover_path_auto_rule_and_cpu_fallback():
     assert mover_path("auto", False, 64 * llama_row) == "torch"  # no CUDA: plain torch copies
     assert mover_path("staging", False, 64 * llama_row) == "torch"
     assert mover_path("direct", False, 64 * llama_row) == "direct"  # runs on the CPU too (memmove)
+
+
+def rotate_round_trip(parts, rot, batch, rid: str):
+    """Out, then (the policy brings it straight back: plenty of room) in; the batch after."""
+    batch = rot.rotate_out(batch, {rid})
+    batch = rot.step(batch)
+    assert rot.table.phase_of(rid) is Phase.ROTATING_IN
+    return rot.step(batch)
+
+
+def decode(parts, rot, batch, steps: int) -> None:
+    for _ in range(steps):
+        parts.decode_step(batch)
+        rot.on_batch_result(batch)
+
+
+@pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
+def test_kept_host_copy_moves_only_the_tail_written_since(page_size, radix, mover):
+    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=0.0004, mover=mover,
+                       keep_host_copy=True)
+    reqs = [parts.make_req(f"r{i}", 40 + 7 * i, max_new_tokens=64) for i in range(3)]
+    batch = prefill_and_decode(parts, rot, reqs, steps=3)
+    bpt, page = rot.layout.bytes_per_token, rot.host.page_size
+    batch = rotate_round_trip(parts, rot, batch, "r1")
+    r1 = next(r for r in batch.reqs if r.rid == "r1")
+    kept = rot.kv.kv_len(r1) // page * page  # whole host pages; a partial last one is freed
+    assert kept > 0 and rot.host_copies["r1"].host_slots.numel() == kept
+    assert rot.table.out_tokens(np.array([rot.table.slot("r1")])).tolist() == [rot.kv.kv_len(r1) - kept]
+    rot.check()
+    decode(parts, rot, batch, page + 3)  # past a page boundary: the tail spans a new page
+    before, d2h_before = parts.kv_of(r1), rot.stats.bytes_d2h
+    kv_len = rot.kv.kv_len(r1)
+    batch = rotate_round_trip(parts, rot, batch, "r1")
+    assert rot.stats.bytes_d2h - d2h_before == (kv_len - kept) * bpt
+    assert rot.stats.bytes_d2h_saved == kept * bpt
+    r1 = next(r for r in batch.reqs if r.rid == "r1")
+    assert torch.equal(parts.kv_of(r1), before)  # kept pages + new tail = every byte
+    assert rot.host_copies["r1"].host_slots.numel() == kv_len // page * page
+    decode(parts, rot, batch, 2)
+    finish_all(parts, rot, batch)
+    rot.step(batch)  # finished: the kept copy goes
+    assert not rot.host_copies
+    assert_pools_initial(parts, rot)
+
+
+def test_kept_copies_give_way_when_the_host_tier_is_short():
+    from sglang_parts import HEAD_DIM, HEADS, LAYERS
+
+    bpt = 2 * LAYERS * HEADS * HEAD_DIM * 2
+    parts, rot = fresh(host_kv_gb=80.5 * bpt / 1e9, keep_host_copy=True)  # five 16-token pages
+    assert rot.host.available_size() == 80
+    reqs = [parts.make_req(f"r{i}", 50, max_new_tokens=64) for i in range(2)]
+    batch = prefill_and_decode(parts, rot, reqs, steps=2)  # 52 tokens of KV each: 4 pages
+    batch = rotate_round_trip(parts, rot, batch, "r0")
+    assert rot.host_copies["r0"].host_slots.numel() == 48 and rot.host.available_size() == 32
+    batch = rot.rotate_out(batch, {"r1"})  # needs 4 pages, 2 are free: r0's copy is evicted
+    assert rot.stats.host_copies_evicted == 1 and rot.stats.fallbacks == 0
+    assert not rot.host_copies
+    assert rot.table.out_tokens(np.array([rot.table.slot("r0")])).tolist() == [rot.kv.kv_len(batch.reqs[0])]
+    batch = rot.step(batch)
+    batch = rot.step(batch)
+    finish_all(parts, rot, batch)
+    rot.step(batch)
+    assert_pools_initial(parts, rot)
+
+
+def test_retraction_drops_a_kept_copy():
+    """SGLang recomputes a retracted request's KV: a kept copy would restore stale bytes."""
+    parts, rot = fresh(host_kv_gb=0.0004, keep_host_copy=True)
+    reqs = [parts.make_req(f"r{i}", 40, max_new_tokens=64) for i in range(2)]
+    batch = prefill_and_decode(parts, rot, reqs, steps=3)
+    batch = rotate_round_trip(parts, rot, batch, "r0")
+    assert "r0" in rot.host_copies
+    retracted, _, _ = batch.retract_decode(parts.server_args)
+    for req in retracted:
+        rot.on_enqueue(req)
+        rot.table.remove(req.rid)
+    assert not any(req.rid in rot.host_copies for req in retracted)
+    finish_all(parts, rot, batch)
+    rot.step(batch)
+    assert_pools_initial(parts, rot)
+
+
+def test_without_the_flag_nothing_is_kept():
+    parts, rot, batch = setup(1, True)
+    batch = rotate_round_trip(parts, rot, batch, "r1")
+    assert not rot.host_copies and rot.stats.bytes_d2h_saved == 0
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)

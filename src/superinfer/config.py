@@ -41,6 +41,10 @@ class RotaConfig:
     # CUDA-graph decode step ran 11.6% slower at the full rate, 5.4% at half, 2.7% at a
     # quarter (eval/diag_interference.py); the direct path (big pages) ~3.7% at the full rate.
     link_share: float = 0.4
+    # After a rotate-in, keep the host copy of the request's whole pages (KV never changes once
+    # written): its next rotate-out copies only the pages written since. Copies are dropped
+    # when the request finishes or is retracted, and evicted (oldest first) for host room.
+    keep_host_copy: bool = False
 
     def __post_init__(self) -> None:
         _positive("--rota-ttft-slo", self.ttft_slo_s)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import queue
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -97,6 +98,8 @@ class DirectKVMover(StreamMover):
             self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         threaded = self._on_cuda or issue_thread
         self._issuers = {to_host: _Issuer(self, to_host) for to_host in (True, False)} if threaded else None
+        for issuer in (self._issuers or {}).values():
+            weakref.finalize(self, issuer.stop)  # threads end with the mover (and free its pool)
 
     # --- KVMover ---------------------------------------------------------------------------
     def submit_d2h(
@@ -215,16 +218,20 @@ class DirectKVMover(StreamMover):
 
 class _Issuer:
     """One direction's jobs in a thread of their own, in order: wait for the slot numbers, then
-    issue the pieces slice by slice, each once the stream has room (``max_queued_pieces``)."""
+    issue the pieces slice by slice, each once the stream has room (``max_queued_pieces``).
+    It holds its mover weakly, so a dropped mover (and its pinned host pool) can be freed."""
 
     def __init__(self, mover: DirectKVMover, to_host: bool) -> None:
-        self.mover, self.to_host = mover, to_host
+        self._mover = weakref.ref(mover)
+        self.to_host, self.max_queued_pieces = to_host, mover.max_queued_pieces
         self.name = "device->host" if to_host else "host->device"
         self.failure: BaseException | None = None
-        self._inbox: queue.Queue[_Pending] = queue.Queue()
+        self._inbox: queue.Queue[_Pending | None] = queue.Queue()
         self._queued: deque[tuple[torch.cuda.Event, int]] = deque()  # issued, maybe not done
-        self._thread = threading.Thread(target=self._run, name=f"superinfer-{self.name}", daemon=True)
-        self._thread.start()
+        device = mover.device if mover._on_cuda else None
+        self.thread = threading.Thread(target=self._run, args=(device,), daemon=True,
+                                       name=f"superinfer-{self.name}")
+        self.thread.start()
 
     def put(self, pending: _Pending) -> None:
         self._inbox.put(pending)
@@ -233,10 +240,13 @@ class _Issuer:
         """Block until every job put so far is issued (not necessarily copied)."""
         self._inbox.join()
 
+    def stop(self) -> None:
+        self._inbox.put(None)
+
     def make_room(self, pieces: int) -> None:
         queued = self._queued
         while queued and (queued[0][0].query()
-                          or sum(n for _, n in queued) + pieces > self.mover.max_queued_pieces):
+                          or sum(n for _, n in queued) + pieces > self.max_queued_pieces):
             queued[0][0].synchronize()  # releases the GIL
             queued.popleft()
 
@@ -244,18 +254,23 @@ class _Issuer:
         if event is not None:
             self._queued.append((event, pieces))
 
-    def _run(self) -> None:
-        if self.mover._on_cuda:
-            torch.cuda.set_device(self.mover.device)
-        while True:
-            pending = self._inbox.get()
+    def _run(self, device: torch.device | None) -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
+        while (pending := self._inbox.get()) is not None:
             try:
                 if self.failure is None:
-                    self.mover._issue(self.to_host, pending, self)
+                    self._handle(pending)
             except BaseException as exc:  # noqa: BLE001 - raised by the mover's next call
                 self.failure = exc
             finally:
                 self._inbox.task_done()
+        self._inbox.task_done()
+
+    def _handle(self, pending: _Pending) -> None:
+        mover = self._mover()  # a local: the mover stays collectable while the thread waits
+        if mover is not None:
+            mover._issue(self.to_host, pending, self)
 
 
 def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:

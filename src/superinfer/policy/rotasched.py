@@ -274,27 +274,28 @@ class SloPolicy(Policy):
         run = run[~np.isnan(t.first_token_s[run]) & (t.max_new_tokens[run] - t.num_output_tokens[run] > 2)]
         if run.size == 0:
             return
-        tokens = t.num_tokens[run]
+        tokens, out = t.num_tokens[run], t.out_tokens(run)
         deadline = slo.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
         slack = slo.slack_s(deadline, now_s, costs)
         # Enough for the round trip (with margin) and, since its return may need room made in
         # turn, the lead time of an urgent return.
-        need_slack = (self.config.slack_margin * slo.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s)
+        need_slack = (self.config.slack_margin
+                      * slo.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s, out_tokens=out)
                       + slo.make_room_lag_s(tokens, cap.bytes_per_token, costs))
         ok = slack >= need_slack
-        run, tokens, slack = run[ok], tokens[ok], slack[ok]
+        run, tokens, out, slack = run[ok], tokens[ok], out[ok], slack[ok]
         frees = tokens + t.decode_reservation(run, cap.new_token_ratio)
         if frees.sum() < deficit:
             return
         if len(run) > _WALK_DEPTH:  # most-slack head first: usually covers the deficit
             head = np.argpartition(-slack, _WALK_DEPTH)[:_WALK_DEPTH]
             if frees[head].sum() >= deficit:
-                run, tokens, slack, frees = run[head], tokens[head], slack[head], frees[head]
+                run, out, slack, frees = run[head], out[head], slack[head], frees[head]
         order = np.lexsort((t.seq[run], -slack))
-        run, tokens = run[order], tokens[order]
+        run, out = run[order], out[order]
         freed = np.cumsum(frees[order])
         d2h_budget = max(self._link_tokens(costs.d2h_bytes_per_s, window_s, cap), 1)
-        moved = np.cumsum(tokens)
+        moved = np.cumsum(out)  # copied to the host: what a kept host copy lacks
         host_room = cap.free_host_tokens
         if grows_away:
             # Keep room on the host for one more stream: a return that must make room swaps

@@ -37,9 +37,12 @@ def slack_s(next_deadline_s: F, now_s: float, costs: Costs) -> F:
     return next_deadline_s - now_s - costs.decode_step_s
 
 
-def round_trip_s(num_tokens: F, bytes_per_token: int, costs: Costs, wait_s: float) -> F:
-    """Out, ``wait_s`` while the space is used by someone else, back in, one step to produce."""
-    move = transfer_s(num_tokens, bytes_per_token, costs.d2h_bytes_per_s) + transfer_s(
+def round_trip_s(num_tokens: F, bytes_per_token: int, costs: Costs, wait_s: float,
+                 out_tokens: F | None = None) -> F:
+    """Out (``out_tokens``: fewer when part of the KV is still on the host), ``wait_s`` while
+    the space is used by someone else, back in, one step to produce."""
+    out = num_tokens if out_tokens is None else out_tokens
+    move = transfer_s(out, bytes_per_token, costs.d2h_bytes_per_s) + transfer_s(
         num_tokens, bytes_per_token, costs.h2d_bytes_per_s
     )
     return move + wait_s + costs.decode_step_s

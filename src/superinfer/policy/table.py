@@ -23,7 +23,7 @@ _ALLOWED = {  # phase transitions; anything else is a bug in the caller
 CLIP_NEW_TOKENS = 4096  # mirrors SGLang's SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION default
 _FLOAT_COLS = ("arrival_s", "ttft_slo_s", "tbt_slo_s", "first_token_s", "resident_since_s", "rotated_at_s")
 _INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "max_new_tokens", "seq",
-             "tokens_in_flight")
+             "tokens_in_flight", "host_tokens")
 
 
 class RequestTable:
@@ -55,6 +55,7 @@ class RequestTable:
         self.num_tokens[slot] = 0
         self.num_output_tokens[slot] = 0
         self.tokens_in_flight[slot] = 0
+        self.host_tokens[slot] = 0
         self.max_new_tokens[slot] = max_new_tokens
         self.first_token_s[slot] = np.nan
         self.resident_since_s[slot] = np.nan
@@ -125,6 +126,15 @@ class RequestTable:
         slot = self._slot_of[req_id]
         self.num_tokens[slot] = num_tokens
         self.num_output_tokens[slot] = num_output_tokens
+
+    def set_host_tokens(self, req_id: str, num_tokens: int) -> None:
+        """How many of a running request's first KV tokens are still valid on the host (a kept
+        copy): its next rotate-out moves only the rest."""
+        self.host_tokens[self._slot_of[req_id]] = num_tokens
+
+    def out_tokens(self, slots: np.ndarray) -> np.ndarray:
+        """Tokens a rotate-out of ``slots`` would copy to the host."""
+        return self.num_tokens[slots] - self.host_tokens[slots]
 
     def next_token_index(self, slots: np.ndarray) -> np.ndarray:
         """Index of the first output token not yet launched: the one a new batch can delay."""

@@ -85,6 +85,10 @@ def extend_server_args(module: ModuleType) -> None:
                 help="rotasched: share of the host link's measured rate that rotations may "
                      "use, each way (bounds the model's slowdown).",
                 type_parser=_fraction("--rota-link-share")), NS(_NS)],
+            "rota_keep_host_copy": A[bool, Arg(
+                help="rotasched: keep a rotated-in request's host copy, so its next rotate-out "
+                     "moves only the KV written since (costs host tier space; evicted first)."),
+                NS(_NS)],
             "rota_disable_prefill_pacing": A[bool, Arg(
                 help="rotasched: do not bound each step's prefill by the decoding streams' "
                      "least slack (ablation)."), NS(_NS)],
@@ -97,6 +101,7 @@ def extend_server_args(module: ModuleType) -> None:
         "rota_mover": _DEFAULTS.mover,
         "rota_slack_margin": _DEFAULTS.slack_margin,
         "rota_link_share": _DEFAULTS.link_share,
+        "rota_keep_host_copy": _DEFAULTS.keep_host_copy,
         "rota_disable_prefill_pacing": not _DEFAULTS.prefill_pacing,
         "__module__": module.__name__,
         "__qualname__": base.__qualname__,
@@ -131,4 +136,5 @@ def rota_config(server_args: Any) -> RotaConfig:
         slack_margin=server_args.rota_slack_margin,
         prefill_pacing=not server_args.rota_disable_prefill_pacing,
         link_share=server_args.rota_link_share,
+        keep_host_copy=server_args.rota_keep_host_copy,
     )
