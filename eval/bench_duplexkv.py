@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import statistics
 import sys
@@ -333,6 +334,10 @@ def plot(summary: dict, path: Path) -> None:
         if default:
             ax.plot(xs, [r["d2h_gbps"] for r in rows], ls="--", marker=".", label=f"{name} d2h")
             ax.plot(xs, [r["h2d_gbps"] for r in rows], ls=":", marker=".", label=f"{name} h2d")
+    base = summary["sglang_host_pool_baseline"]
+    if isinstance(base, dict) and base.get("rows"):
+        ax.plot([r["tokens"] for r in base["rows"]], [r["duplex_gbps"] for r in base["rows"]], marker="s",
+                color="k", lw=0.8, ls="-.", label="SGLang HiCache transfers duplex")
     pp = summary["per_page_copy"]
     ax.scatter([pp["tokens"]], [pp["d2h_gbps"]], marker="x", color="k", label="per-page copies d2h")
     ax.axhline(GOALS["duplex_gbps"], color="grey", lw=0.8)
@@ -387,6 +392,7 @@ def main() -> None:
             results.pop(name, None)
         finally:
             target = mover = None  # the next set pins its own host pool: let this one go
+    sglang_baseline = sglang_host_pool_baseline(bench, args, cuda)
     at_spec = {n: r for n, r in results.items() if pages[n] == PAGE}
     # NOTE: the headline is the issue's case (16-token pages); bigger pages are reported apart.
     default_cfg, reason = choose_default(at_spec, decode)
@@ -414,7 +420,7 @@ def main() -> None:
         "failed_configs": failed,
         "verified": verified,
         "decode": decode,
-        "sglang_host_pool_baseline": "not measured: sglang is not installed on the device machine",
+        "sglang_host_pool_baseline": sglang_baseline,
         "by_page_size": {
             n: {"page_tokens": pages[n], "piece_kib": pages[n] * layout.num_heads * layout.head_dim
                 * layout.itemsize / 1024, **{k: rows[-1][k] for k in ("d2h_gbps", "h2d_gbps", "duplex_gbps")},
@@ -444,6 +450,25 @@ def main() -> None:
         f"h2d {top['h2d_gbps']:.1f} GB/s at {top['tokens']} tokens; per-page "
         f"{summary['per_page_copy_gbps']:.1f} GB/s; decode slowdown {summary['decode_slowdown']:+.1%}")
     log(f"goals met: {summary['goals_met']}; wrote {args.out}")
+
+
+def sglang_host_pool_baseline(bench: Bench, args: argparse.Namespace, cuda: bool) -> dict | str:
+    """SGLang's HiCache transfers on the bench's pages (sglang_host_pool.py), when sglang is
+    installed (the GPU kit brings it) and the run is on CUDA."""
+    if not cuda:
+        return "not measured: its kernels are CUDA-only"
+    if importlib.util.find_spec("sglang") is None:
+        return "not measured: sglang is not installed (bring it with ../shared/gpu's kit)"
+    from sglang_host_pool import measure
+
+    log("SGLang's host pool (HiCache transfers)")
+    result = measure(bench.layout, args.pool_tokens, bench.out_slots, bench.in_slots, args.sizes, args.reps)
+    for row in result.get("rows", []):
+        log(f"  {row['tokens']:6d} tokens: d2h {row['d2h_gbps']:6.1f}  h2d {row['h2d_gbps']:6.1f}  "
+            f"duplex {row['duplex_gbps']:6.1f} GB/s")
+    if "error" in result:
+        log(f"  FAILED: {result['error']}")
+    return result
 
 
 def _triton_version() -> str:

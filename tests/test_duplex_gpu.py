@@ -147,7 +147,7 @@ def test_rejects_unknown_path_and_unpinned_host() -> None:
 # --- DirectKVMover: page pieces by cudaMemcpyBatchAsync, page-major host pool -----------------
 
 
-def make_direct(page: int = PAGE, dtype=torch.bfloat16):
+def make_direct(page: int = PAGE, dtype=torch.bfloat16, **mover_args):
     from superinfer.host_tier.direct import DirectKVMover
 
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -156,7 +156,7 @@ def make_direct(page: int = PAGE, dtype=torch.bfloat16):
     host = HostKVPool(layout, 4096, page, dtype, pin_memory=True, page_major=True)
     host.buffer.view(torch.uint8).fill_(0xA5)
     torch.cuda.synchronize()
-    return kv, host, DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host)
+    return kv, host, DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **mover_args)
 
 
 def token_rows(host: HostKVPool, host_slots: torch.Tensor) -> torch.Tensor:
@@ -231,3 +231,21 @@ def test_direct_jobs_finish_in_order_when_deferred_and_immediate_mix() -> None:
     assert mover.poll().done_d2h == [j[0] for j in jobs]
     for _, host_slots, expected in jobs:
         assert torch.equal(token_rows(host, host_slots), expected)
+
+
+def test_direct_issuer_threads_push_many_slices_through_a_small_queue() -> None:
+    """A job of many slices through a queue of two: the issuer thread waits on the copy
+    engine's progress itself, and every byte arrives."""
+    kv, host, mover = make_direct(slice_pieces=64, max_queued_pieces=128)
+    out_slots, in_slots = page_slots(1600), page_slots(1600, first_page=0)
+    in_slots = in_slots[torch.isin(in_slots, out_slots, invert=True)][: 800]
+    in_slots = in_slots[: in_slots.numel() // PAGE * PAGE]
+    out_host, in_host = host.alloc(out_slots.numel()), host.alloc(in_slots.numel())
+    host.buffer[torch.unique(in_host // PAGE)] = 3.0
+    expected_out = rows(kv, out_slots).cpu()
+    mover.submit_d2h("out", out_slots, out_host, None)  # 100 pages x 8 pieces = 13 slices
+    mover.submit_h2d("in", in_host, in_slots)
+    wait_done(mover, d2h=("out",), h2d=("in",))
+    torch.cuda.synchronize()
+    assert torch.equal(token_rows(host, out_host), expected_out)
+    assert bool((rows(kv, in_slots) == 3.0).all())

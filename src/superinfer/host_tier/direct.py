@@ -154,7 +154,7 @@ class DirectKVMover(StreamMover):
                     pending.slots = torch.empty(device_slots.shape, dtype=device_slots.dtype,
                                                 pin_memory=True)
                     pending.slots.copy_(device_slots, non_blocking=True)
-                    pending.arrived = stream.record_event()
+                    pending.arrived = _recorded(stream)
                     job.keepalive = (device_slots,)
         jobs.push(job)
         if self._issuers is not None:
@@ -213,7 +213,7 @@ class DirectKVMover(StreamMover):
         stream = self._stream(to_host)
         sizes = torch.full_like(dsts, self.piece_bytes)
         self._runtime.memcpy_batch(dsts, srcs, sizes, to_host, stream, self._device_index)
-        return stream.record_event()
+        return _recorded(stream)
 
 
 class _Issuer:
@@ -271,6 +271,14 @@ class _Issuer:
         mover = self._mover()  # a local: the mover stays collectable while the thread waits
         if mover is not None:
             mover._issue(self.to_host, pending, self)
+
+
+def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event recorded on ``stream`` that an issuer thread waits on: a blocking-sync event,
+    so the thread sleeps in the wait instead of spinning a CPU core for the whole copy."""
+    event = torch.cuda.Event(blocking=True)
+    event.record(stream)
+    return event
 
 
 def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:
