@@ -126,8 +126,9 @@ class ServerPlan:
 
 SINGLE = ("baseline", "rota_p1", "rota_p16", "rota_p1_noradix")
 TP2 = ("baseline_tp2", "rota_tp2")
-# Not run by default: 64-token pages, where --rota-mover auto picks the direct path (Llama-3.1-8B).
-EXTRA = ("rota_p64",)
+# Not run by default: 64-token pages, where --rota-mover auto picks the direct path (Llama-3.1-8B),
+# and kept host copies (--rota-keep-host-copy) on 16-token pages.
+EXTRA = ("rota_p64", "rota_p16_keep")
 
 
 def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
@@ -156,6 +157,9 @@ def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
                                       (0,), 1, True, "baseline"),
         "rota_p64": ServerPlan("rota_p64", ("--schedule-policy", "rotasched", "--page-size", "64",
                                             *rota), (0,), 64, True, "baseline"),
+        "rota_p16_keep": ServerPlan("rota_p16_keep", ("--schedule-policy", "rotasched", "--page-size", "16",
+                                                      "--rota-keep-host-copy", *rota), (0,), 16, True,
+                                    "baseline"),
         "baseline_tp2": ServerPlan("baseline_tp2", ("--tp-size", "2", *fcfs), (0, 1), 1, False),
         "rota_tp2": ServerPlan("rota_tp2", ("--tp-size", "2", *p1, *rota), (0, 1), 1, True,
                                "baseline_tp2"),

@@ -48,7 +48,7 @@ def idle_line(prefix: str = "[2026-11-29 12:00:00]", **kw: int) -> str:
 
 def stats_line(prefix: str = "[2026-11-29 12:00:00]", out: int = 5, in_: int = 4) -> str:
     fmt = rotator_formats()[e2e.STATS_MARK]
-    return f"{prefix} " + fmt % (out, in_, 0.655, 0.52, 0, 1, 1024, 3, 2)
+    return f"{prefix} " + fmt % (out, in_, 0.655, 0.52, 0, 1, 1024, 3, 2, 0.25, 1, 0)
 
 
 def rec(idx: int, ids: list[int], n: int | None = None, error: str | None = None,
@@ -279,6 +279,8 @@ def test_plans_default_tp2_and_gpu_placement():
     p64 = plans[1]
     assert p64.page_size == 64 and p64.reference == "baseline"
     assert p64.flags[p64.flags.index("--page-size") + 1] == "64"
+    keep = e2e.plan_servers(args_for("--servers", "baseline", "rota_p16_keep"), 1, 9)[0][1]
+    assert "--rota-keep-host-copy" in keep.flags and keep.reference == "baseline"
 
 
 def test_server_commands():

@@ -232,6 +232,7 @@ class Rotator:
             if tail is None:  # fragmented or full: leave it to SGLang's retraction
                 if start:
                     self.host_copies[req.rid] = HostCopy(req, kept)
+                    self.table.set_host_tokens(req.rid, start)
                 self.stats.fallbacks += 1
                 keep.append(i)
                 continue
@@ -472,10 +473,12 @@ class Rotator:
         self.metrics.publish(st, used, len(self.out) + len(self.parked) + len(self.inbound))
         if st.rotations_out:
             logger.info("rotasched stats: out=%d in=%d d2h=%.2fGB h2d=%.2fGB fallbacks=%d away=%d "
-                        "host_used=%d decode_first=%d head_blocked=%d", st.rotations_out, st.rotations_in,
+                        "host_used=%d decode_first=%d head_blocked=%d d2h_saved=%.2fGB kept=%d "
+                        "kept_evicted=%d", st.rotations_out, st.rotations_in,
                         st.bytes_d2h / 1e9, st.bytes_h2d / 1e9, st.fallbacks,
                         len(self.out) + len(self.parked) + len(self.inbound), used,
-                        st.plans_decode_first, st.plans_head_blocked)
+                        st.plans_decode_first, st.plans_head_blocked, st.bytes_d2h_saved / 1e9,
+                        len(self.host_copies), st.host_copies_evicted)
 
     def on_idle(self) -> None:
         """Fully idle: every pool must be back at its initial free size. Checked and logged once
