@@ -108,16 +108,17 @@ class Bench:
 
 class DirectSet(Bench):
     """The direct path's own random ``page``-token page sets over the bench's device KV, and a
-    page-major host pool. Its slots stay on the CPU, as the other movers' do."""
+    page-major host pool. Its device slots sit on ``slots_on``: on the CPU the job is planned in
+    the caller's submit; on the GPU (where SGLang keeps them) the issuer thread waits for them."""
 
-    def __init__(self, bench: Bench, page: int, max_tokens: int) -> None:  # shares bench.k/v: no super()
+    def __init__(self, bench: Bench, page: int, max_tokens: int, slots_on: str = "cpu") -> None:  # no super()
         self.layout, self.device, self.page = bench.layout, bench.device, page
         self.k, self.v = bench.k, bench.v
         pages = torch.randperm((bench.k[0].shape[0] - PAGE) // page)
         n = max_tokens // page
         assert 2 * n <= pages.numel(), "pool too small for two disjoint batches"
         expand = lambda p: (p[:, None] * page + torch.arange(page)).reshape(-1)  # noqa: E731
-        self.out_slots, self.in_slots = expand(pages[:n]), expand(pages[n : 2 * n])
+        self.out_slots, self.in_slots = (expand(p).to(slots_on) for p in (pages[:n], pages[n : 2 * n]))
         self.host = HostKVPool(self.layout, 2 * max_tokens, page, torch.bfloat16,
                                pin_memory=self.device.type == "cuda", page_major=True)
         self.out_host, self.in_host = self.host.alloc(max_tokens), self.host.alloc(max_tokens)
@@ -275,13 +276,18 @@ def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, 
 
 def parse_config(spec: str) -> dict:
     """``path[:max_chunk_tokens[:num_programs]]``, e.g. ``staging:2048:16``; 0 = mover default;
-    ``direct:P[:Q]`` is the direct path on ``P``-token pages with at most ``Q`` pieces queued."""
+    ``direct:P[:Q[:cuda]]`` is the direct path on ``P``-token pages with at most ``Q`` pieces
+    queued, its device slots on the GPU with ``cuda`` (as SGLang's are)."""
     if spec.startswith("direct"):
         given = spec.split(":")[1:]
-        page, queue = given + ["0", "0"][len(given):]
+        page, queue, slots_on = given + ["0", "0", "cpu"][len(given):]
+        if slots_on not in ("cpu", "cuda"):
+            raise ValueError(f"{spec}: the slots go on 'cpu' or 'cuda', not {slots_on!r}")
         page = int(page) or PAGE
-        name = f"direct/page{page}" + (f"/q{queue}" if int(queue) else "")
-        return {"name": name, "path": "direct", "page": page, "max_queued_pieces": int(queue) or None}
+        name = (f"direct/page{page}" + (f"/q{queue}" if int(queue) else "")
+                + ("/cudaslots" if slots_on == "cuda" else ""))
+        return {"name": name, "path": "direct", "page": page, "max_queued_pieces": int(queue) or None,
+                "slots_on": slots_on}
     path, chunk, grid = (spec.split(":") + ["0", "0"])[:3]
     name = path if path == "torch" else f"{path}/chunk{chunk}/grid{grid}"
     return {"name": name, "path": path, "max_chunk_tokens": int(chunk) or None,
@@ -379,7 +385,8 @@ def main() -> None:
         log(f"{cfg['name']}")
         name, pages[cfg["name"]] = cfg["name"], cfg["page"]
         try:  # NOTE: one broken configuration must not cost the others their (scarce) GPU run
-            target = DirectSet(bench, cfg["page"], max(args.sizes)) if cfg["path"] == "direct" else bench
+            target = (DirectSet(bench, cfg["page"], max(args.sizes), cfg["slots_on"] if cuda else "cpu")
+                      if cfg["path"] == "direct" else bench)
             mover = make_mover(target, cfg)
             results[name] = measure_mover(target, mover, args.sizes, args.reps)
             verified[name] = target.verify(max(args.sizes))

@@ -440,7 +440,7 @@ def test_kept_host_copy_moves_only_the_tail_written_since(page_size, radix, move
     batch = rotate_round_trip(parts, rot, batch, "r1")
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     kept = rot.kv.kv_len(r1) // page * page  # whole host pages; a partial last one is freed
-    assert kept > 0 and rot.host_copies["r1"].host_slots.numel() == kept
+    assert kept > 0 and rot.host_copies.size_of("r1") == kept
     assert rot.table.out_tokens(np.array([rot.table.slot("r1")])).tolist() == [rot.kv.kv_len(r1) - kept]
     rot.check()
     decode(parts, rot, batch, page + 3)  # past a page boundary: the tail spans a new page
@@ -451,7 +451,7 @@ def test_kept_host_copy_moves_only_the_tail_written_since(page_size, radix, move
     assert rot.stats.bytes_d2h_saved == kept * bpt
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     assert torch.equal(parts.kv_of(r1), before)  # kept pages + new tail = every byte
-    assert rot.host_copies["r1"].host_slots.numel() == kv_len // page * page
+    assert rot.host_copies.size_of("r1") == kv_len // page * page
     decode(parts, rot, batch, 2)
     finish_all(parts, rot, batch)
     rot.step(batch)  # finished: the kept copy goes
@@ -468,7 +468,7 @@ def test_kept_copies_give_way_when_the_host_tier_is_short():
     reqs = [parts.make_req(f"r{i}", 50, max_new_tokens=64) for i in range(2)]
     batch = prefill_and_decode(parts, rot, reqs, steps=2)  # 52 tokens of KV each: 4 pages
     batch = rotate_round_trip(parts, rot, batch, "r0")
-    assert rot.host_copies["r0"].host_slots.numel() == 48 and rot.host.available_size() == 32
+    assert rot.host_copies.size_of("r0") == 48 and rot.host.available_size() == 32
     batch = rot.rotate_out(batch, {"r1"})  # needs 4 pages, 2 are free: r0's copy is evicted
     assert rot.stats.host_copies_evicted == 1 and rot.stats.fallbacks == 0
     assert not rot.host_copies

@@ -219,7 +219,9 @@ class DirectKVMover(StreamMover):
 class _Issuer:
     """One direction's jobs in a thread of their own, in order: wait for the slot numbers, then
     issue the pieces slice by slice, each once the stream has room (``max_queued_pieces``).
-    It holds its mover weakly, so a dropped mover (and its pinned host pool) can be freed."""
+    It holds its mover weakly, so a dropped mover (and its pinned host pool) can be freed, and
+    starts with its first job, so no thread of ours touches CUDA while SGLang still sets up
+    (CUDA-graph capture)."""
 
     def __init__(self, mover: DirectKVMover, to_host: bool) -> None:
         self._mover = weakref.ref(mover)
@@ -231,9 +233,10 @@ class _Issuer:
         device = mover.device if mover._on_cuda else None
         self.thread = threading.Thread(target=self._run, args=(device,), daemon=True,
                                        name=f"superinfer-{self.name}")
-        self.thread.start()
 
     def put(self, pending: _Pending) -> None:
+        if self.thread.ident is None:
+            self.thread.start()
         self._inbox.put(pending)
 
     def join(self) -> None:

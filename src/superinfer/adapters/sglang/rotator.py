@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES
 from ...host_tier.interface import KVLayout, KVMover
 from ...host_tier.pool import HostKVPool
 from ...policy import Capacity, CostModel, Phase, create_policy
+from .host_copies import HostCopies
 from .kv_ops import SglangKV
 from .metrics import RotationMetrics, RotationStats
 from .tracker import RequestTracker
@@ -51,15 +52,6 @@ class Parked:
     host_slots: torch.Tensor
     submitted_s: float
     abort: bool = False
-
-
-@dataclass(slots=True)
-class HostCopy:
-    """The first ``host_slots.numel()`` KV tokens (whole host pages) of a running request,
-    still valid on the host after its rotate-in: KV is never rewritten once written."""
-
-    req: Req
-    host_slots: torch.Tensor
 
 
 class Rotator:
@@ -94,7 +86,7 @@ class Rotator:
         self.out: dict[str, Parked] = {}  # ROTATING_OUT
         self.parked: dict[str, Parked] = {}  # ON_HOST
         self.inbound: dict[str, Parked] = {}  # ROTATING_IN
-        self.host_copies: OrderedDict[str, HostCopy] = OrderedDict()  # RUNNING; oldest first
+        self.host_copies = HostCopies(self.host, self.table, self.stats)  # --rota-keep-host-copy
         # Copies done on this rank, in submission order, not yet done on every TP rank.
         self._done_d2h: deque[str] = deque()
         self._done_h2d: deque[str] = deque()
@@ -119,7 +111,7 @@ class Rotator:
         """Before SGLang builds the next batch: finish transfers, plan, act."""
         self._iteration += 1
         running = self._collect(running)
-        self._drop_stale_host_copies()
+        self.host_copies.drop_stale()
         self.prefill_budget, self.admitted = None, []
         if len(self.table):
             self._idle_checked = False
@@ -134,7 +126,7 @@ class Rotator:
             available_device_tokens=(self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
                                      - self._chunked_remainder()),
             total_device_tokens=s.max_total_num_tokens,
-            free_host_tokens=self.host.available_size() + self._host_copy_tokens(),
+            free_host_tokens=self.host.available_size() + self.host_copies.tokens(),
             bytes_per_token=self.layout.bytes_per_token,
             new_token_ratio=s.new_token_ratio_tracker.current,
         )
@@ -198,7 +190,8 @@ class Rotator:
 
     def _rejoin(self, running: ScheduleBatch, ready: list[Parked]) -> ScheduleBatch:
         for p in ready:
-            self._keep_or_free(p)
+            self.host_copies.keep_or_free(p.req, p.host_slots, p.kv_len,
+                                          self.config.keep_host_copy and not p.abort)
             self.costs.observe_transfer("h2d", p.kv_len * self.layout.bytes_per_token,
                                         max(self.now_s - p.submitted_s, 1e-6))
             self.table.set_phase(p.req.rid, Phase.RUNNING, self.now_s)
@@ -226,13 +219,11 @@ class Rotator:
         for i in chosen:
             req = running.reqs[i]
             kv_len = self.kv.kv_len(req)
-            kept = self._take_host_copy(req.rid, kv_len)
+            kept = self.host_copies.take(req.rid, kv_len)
             start = kept.numel()
-            tail = self._alloc_host(kv_len - start) if kv_len > start else kept[:0]
+            tail = self.host_copies.alloc(kv_len - start) if kv_len > start else kept[:0]
             if tail is None:  # fragmented or full: leave it to SGLang's retraction
-                if start:
-                    self.host_copies[req.rid] = HostCopy(req, kept)
-                    self.table.set_host_tokens(req.rid, start)
+                self.host_copies.put_back(req, kept)
                 self.stats.fallbacks += 1
                 keep.append(i)
                 continue
@@ -270,53 +261,6 @@ class Rotator:
                                        self._forward_event())
         self.stats.rotations_in += 1
         self.stats.bytes_h2d += nbytes
-
-    # --- kept host copies (--rota-keep-host-copy) -----------------------------------------
-    def _keep_or_free(self, p: Parked) -> None:
-        """A request is back on the device: keep the host copy of its whole host pages (only
-        a partial last page is freed), or free it all."""
-        page = self.host.page_size
-        kept = p.kv_len // page * page if self.config.keep_host_copy and not p.abort else 0
-        if kept:
-            self.host_copies[p.req.rid] = HostCopy(p.req, p.host_slots[:kept])
-            self.table.set_host_tokens(p.req.rid, kept)
-        if p.host_slots.numel() > kept:
-            self.host.free(p.host_slots[kept:])
-
-    def _take_host_copy(self, rid: str, kv_len: int) -> torch.Tensor:
-        """The host slots of ``rid``'s kept copy (removed from the kept set), else none."""
-        copy = self.host_copies.pop(rid, None)
-        if copy is None:
-            return torch.empty(0, dtype=torch.int64)
-        if copy.host_slots.numel() > kv_len:  # cannot happen while KV only grows; never trust it
-            self._free_host_copy(rid, copy)
-            return torch.empty(0, dtype=torch.int64)
-        self.table.set_host_tokens(rid, 0)
-        return copy.host_slots
-
-    def _alloc_host(self, num_tokens: int) -> torch.Tensor | None:
-        """Host slots for ``num_tokens``, evicting kept copies (oldest first) when short."""
-        slots = self.host.alloc(num_tokens)
-        while slots is None and self.host_copies:
-            rid, copy = self.host_copies.popitem(last=False)
-            self._free_host_copy(rid, copy)
-            self.stats.host_copies_evicted += 1
-            slots = self.host.alloc(num_tokens)
-        return slots
-
-    def _free_host_copy(self, rid: str, copy: HostCopy) -> None:
-        self.host.free(copy.host_slots)
-        if rid in self.table:
-            self.table.set_host_tokens(rid, 0)
-
-    def _drop_stale_host_copies(self) -> None:
-        """Copies of requests that finished (or left the table) are of no further use."""
-        for rid in [r for r, c in self.host_copies.items() if c.req.finished() or r not in self.table]:
-            self._free_host_copy(rid, self.host_copies.pop(rid))
-
-    def _host_copy_tokens(self) -> int:
-        """Host tokens held by kept copies: room the host tier can make by evicting them."""
-        return sum(int(c.host_slots.numel()) for c in self.host_copies.values())
 
     def _chunked_remainder(self) -> int:
         """Prompt tokens the request in chunked prefill still has to allocate. SGLang counts
@@ -383,9 +327,7 @@ class Rotator:
     # --- events from SGLang ---------------------------------------------------------------
     def on_enqueue(self, req: Req) -> None:
         """A request entered SGLang's waiting queue (new, or retracted by SGLang)."""
-        copy = self.host_copies.pop(req.rid, None)
-        if copy is not None:  # retracted: its KV will be recomputed, not restored
-            self._free_host_copy(req.rid, copy)
+        self.host_copies.drop(req.rid)  # retracted: its KV will be recomputed, not restored
         if self.tracker.on_enqueue(req, self.now_s):
             self.costs.observe_arrival(self.now_s, len(req.origin_input_ids))
 
@@ -486,7 +428,7 @@ class Rotator:
         if self._idle_checked:
             return
         self._idle_checked = True
-        self._drop_stale_host_copies()
+        self.host_copies.drop_stale()
         s = self.scheduler
         device_free = self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
         host_free = self.host.available_size()
@@ -511,7 +453,7 @@ class Rotator:
         """Invariants, for tests and the idle self-check."""
         self.host.check_integrity()
         held = sum(int(p.host_slots.numel()) for d in (self.out, self.parked, self.inbound) for p in d.values())
-        held += self._host_copy_tokens()
+        held += self.host_copies.tokens()
         used = self.host.size - self.host.available_size()
         if held > used:
             raise AssertionError(f"rotations hold {held} host slots but only {used} are in use")
