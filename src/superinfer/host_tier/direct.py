@@ -28,6 +28,7 @@ direction are issued in submission order. On the CPU (tests) the same plan runs 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import queue
 import threading
@@ -233,6 +234,7 @@ class _Issuer:
         device = mover.device if mover._on_cuda else None
         self.thread = threading.Thread(target=self._run, args=(device,), daemon=True,
                                        name=f"superinfer-{self.name}")
+        _LIVE_ISSUERS.add(self)
 
     def put(self, pending: _Pending) -> None:
         if self.thread.ident is None:
@@ -274,6 +276,22 @@ class _Issuer:
         mover = self._mover()  # a local: the mover stays collectable while the thread waits
         if mover is not None:
             mover._issue(self.to_host, pending, self)
+
+
+_LIVE_ISSUERS: weakref.WeakSet[_Issuer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_issuers() -> None:
+    """Stop and join the issuer threads before the interpreter finalizes: a daemon thread
+    that wakes up then can abort the process ("terminate called without an active
+    exception", seen with a mover still alive at exit)."""
+    issuers = list(_LIVE_ISSUERS)
+    for issuer in issuers:
+        issuer.stop()
+    for issuer in issuers:
+        if issuer.thread.ident is not None:
+            issuer.thread.join(timeout=5)
 
 
 def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
