@@ -34,6 +34,8 @@ def test_server_args_carry_rotasched_fields():
     assert parse(["--model-path", "m", "--rota-disable-prefill-pacing"]).rota_disable_prefill_pacing
     assert rota_config(ns).keep_host_copy is False
     assert rota_config(parse(["--model-path", "m", "--rota-keep-host-copy"])).keep_host_copy is True
+    assert rota_config(ns).host_numa_node is None
+    assert rota_config(parse(["--model-path", "m", "--rota-host-numa-node", "1"])).host_numa_node == 1
     fields = {f.name for f in __import__("dataclasses").fields(ServerArgs)}
     assert {"rota_ttft_slo", "rota_tbt_slo", "rota_host_kv_gb", "rota_policy"} <= fields
 
@@ -48,6 +50,8 @@ def test_scheduler_policy_spelling_is_accepted():
     (["--rota-host-kv-gb", "0"], "--rota-host-kv-gb must be a positive"),
     (["--rota-policy", "fifo"], "invalid choice"),
     (["--rota-link-share", "1.5"], "--rota-link-share must be in (0, 1]"),
+    (["--rota-host-numa-node", "-1"], "--rota-host-numa-node must be >= 0"),
+    (["--rota-host-numa-node", "grace"], "--rota-host-numa-node expects a node number"),
     (["--schedule-policy", "rotasched2"], "invalid choice"),
 ])
 def test_bad_values_exit_2_with_a_message(flags, needle, capsys):

@@ -137,3 +137,37 @@ def test_dma_runs_never_cross_a_pinned_chunk(monkeypatch: pytest.MonkeyPatch) ->
     slots = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 13, 30, 2, 3])
     runs = contiguous_runs(slots, pool.dma_chunk_tokens)
     assert runs == [(0, 5, 7), (7, 12, 2), (9, 30, 1), (10, 2, 2)]
+
+
+def _libnuma():
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libnuma.so.1")
+    except OSError:
+        return None
+    return lib if lib.numa_available() >= 0 else None
+
+
+def _policy_at(lib, addr: int) -> tuple[int, int]:
+    """The memory policy (mode, first word of its node mask) of the mapping holding ``addr``."""
+    import ctypes
+
+    mode, mask = ctypes.c_int(-1), (ctypes.c_ulong * 16)()
+    rc = lib.get_mempolicy(ctypes.byref(mode), mask, ctypes.c_ulong(16 * 64), ctypes.c_void_p(addr),
+                           ctypes.c_ulong(2))  # MPOL_F_ADDR
+    assert rc == 0
+    return mode.value, mask[0]
+
+
+@pytest.mark.skipif(_libnuma() is None, reason="needs libnuma and a NUMA-capable kernel")
+def test_numa_node_binds_the_pool_before_first_touch() -> None:
+    lib = _libnuma()
+    bound = HostKVPool(LAYOUT, 8192, 16, torch.bfloat16, pin_memory=False, numa_node=0)
+    middle = bound.buffer.data_ptr() + bound.buffer.numel()  # half way, in bytes (bf16)
+    mode, mask = _policy_at(lib, middle)
+    assert mode in (1, 2) and mask & 1  # MPOL_PREFERRED or MPOL_BIND, on node 0
+    free = HostKVPool(LAYOUT, 8192, 16, torch.bfloat16, pin_memory=False)
+    assert _policy_at(lib, free.buffer.data_ptr() + free.buffer.numel())[0] == 0  # MPOL_DEFAULT
+    with pytest.raises(RuntimeError, match="NUMA node 4096 is not available"):
+        HostKVPool(LAYOUT, 64, 16, torch.bfloat16, pin_memory=False, numa_node=4096)

@@ -340,6 +340,8 @@ def test_config_validation():
         RotaConfig(policy="fifo")
     with pytest.raises(ConfigError):
         RotaConfig(tbt_slo_s=float("nan"))
+    with pytest.raises(ConfigError, match="--rota-host-numa-node"):
+        RotaConfig(host_numa_node=-1)
 
 
 def _simulate(seed: int, policy_name: str, steps: int = 300) -> list[tuple]:

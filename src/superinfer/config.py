@@ -45,6 +45,8 @@ class RotaConfig:
     # written): its next rotate-out copies only the pages written since. Copies are dropped
     # when the request finishes or is retracted, and evicted (oldest first) for host room.
     keep_host_copy: bool = False
+    # NUMA node of the host tier's memory (e.g. Grace's LPDDR on a GH200); None: first touch.
+    host_numa_node: int | None = None
 
     def __post_init__(self) -> None:
         _positive("--rota-ttft-slo", self.ttft_slo_s)
@@ -63,6 +65,8 @@ class RotaConfig:
             raise ConfigError(f"--rota-link-share must be in (0, 1], got {self.link_share}")
         if self.min_prefill_chunk < 1:
             raise ConfigError(f"min_prefill_chunk must be >= 1, got {self.min_prefill_chunk}")
+        if self.host_numa_node is not None and self.host_numa_node < 0:
+            raise ConfigError(f"--rota-host-numa-node must be >= 0, got {self.host_numa_node}")
         if self.lvf_budget_tokens < 0:
             raise ConfigError(f"lvf_budget_tokens must be >= 0, got {self.lvf_budget_tokens}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 from ...config import MOVER_PATHS, POLICIES, RotaConfig
 
@@ -45,6 +45,19 @@ def _positive_float(flag: str):
 
     parse.__name__ = "positive float"
     return parse
+
+
+def _node_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rota-host-numa-node expects a node number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--rota-host-numa-node must be >= 0, got {text!r}")
+    return value
+
+
+_node_index.__name__ = "NUMA node"
 
 
 def extend_server_args(module: ModuleType) -> None:
@@ -89,6 +102,10 @@ def extend_server_args(module: ModuleType) -> None:
                 help="rotasched: keep a rotated-in request's host copy, so its next rotate-out "
                      "moves only the KV written since (costs host tier space; evicted first)."),
                 NS(_NS)],
+            "rota_host_numa_node": A[Optional[int], Arg(
+                help="rotasched: NUMA node for the host KV tier's memory (e.g. Grace's on a "
+                     "GH200); default: wherever first touch puts it.",
+                type_parser=_node_index), NS(_NS)],
             "rota_disable_prefill_pacing": A[bool, Arg(
                 help="rotasched: do not bound each step's prefill by the decoding streams' "
                      "least slack (ablation)."), NS(_NS)],
@@ -102,6 +119,7 @@ def extend_server_args(module: ModuleType) -> None:
         "rota_slack_margin": _DEFAULTS.slack_margin,
         "rota_link_share": _DEFAULTS.link_share,
         "rota_keep_host_copy": _DEFAULTS.keep_host_copy,
+        "rota_host_numa_node": _DEFAULTS.host_numa_node,
         "rota_disable_prefill_pacing": not _DEFAULTS.prefill_pacing,
         "__module__": module.__name__,
         "__qualname__": base.__qualname__,
@@ -137,4 +155,5 @@ def rota_config(server_args: Any) -> RotaConfig:
         prefill_pacing=not server_args.rota_disable_prefill_pacing,
         link_share=server_args.rota_link_share,
         keep_host_copy=server_args.rota_keep_host_copy,
+        host_numa_node=server_args.rota_host_numa_node,
     )

@@ -77,7 +77,7 @@ class Rotator:
         page = self.kv.page_size if path == "direct" else _HOST_PAGE_TOKENS
         num_tokens = int(config.host_kv_gb * 1e9 / self.layout.bytes_per_token) // page * page
         self.host = HostKVPool(self.layout, num_tokens, page, k0.dtype, pin_memory=k0.is_cuda,
-                               page_major=path == "direct")
+                               numa_node=config.host_numa_node, page_major=path == "direct")
         self.mover = _make_mover(path, kv_pool.k_buffer, kv_pool.v_buffer, self.host)
         if path == "direct" and k0.is_cuda and piece < DIRECT_MIN_PIECE_BYTES:
             logger.warning("rotasched: --rota-mover direct with %.0f KiB page pieces: copy engines move "
