@@ -503,3 +503,23 @@ def test_without_the_flag_nothing_is_kept():
     assert not rot.host_copies and rot.stats.bytes_d2h_saved == 0
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
+
+
+def test_a_rotate_out_without_host_room_keeps_its_copy_for_later():
+    from sglang_parts import HEAD_DIM, HEADS, LAYERS
+
+    bpt = 2 * LAYERS * HEADS * HEAD_DIM * 2
+    parts, rot = fresh(host_kv_gb=80.5 * bpt / 1e9, keep_host_copy=True)  # five 16-token pages
+    reqs = [parts.make_req("r0", 50, max_new_tokens=64)]
+    batch = prefill_and_decode(parts, rot, reqs, steps=2)
+    batch = rotate_round_trip(parts, rot, batch, "r0")  # keeps 48 tokens, 32 stay free
+    decode(parts, rot, batch, 34)  # 86 tokens of KV: the 38-token tail needs 3 pages, 2 are free
+    r0 = batch.reqs[0]
+    batch = rot.rotate_out(batch, {"r0"})
+    assert [r.rid for r in batch.reqs] == ["r0"] and rot.stats.fallbacks == 1
+    assert rot.host_copies.size_of("r0") == 48  # put back, and the policy still sees it
+    assert rot.table.out_tokens(np.array([rot.table.slot("r0")])).tolist() == [rot.kv.kv_len(r0) - 48]
+    rot.check()
+    finish_all(parts, rot, batch)
+    rot.step(batch)
+    assert_pools_initial(parts, rot)
