@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections import deque
@@ -35,11 +36,21 @@ SYSTEMS = ("fcfs", "rotasched", "rotasched-keep")  # -keep: --rota-keep-host-cop
 HOST_PAGE = 16  # the host tier's page on the staging path: a kept copy is whole pages
 
 
+# What moving KV costs a decode step (eval/plot_duplexkv_tradeoff.py, H200): every GB/s read
+# from HBM 0.0153%, written 0.0495% (priced by one-way contiguous DMAs); staging passes each byte
+# through HBM three times, the direct path once; on top, what each path's measured full-duplex
+# slowdown has beyond its traffic (staging 11.6% measured, direct 3.7%): its kernels' SM time.
+HBM_COST_PER_GBPS = (0.000153, 0.000495)  # (read, write)
+HBM_PASSES = {"staging": ((2, 1), (1, 2)), "direct": ((1, 0), (0, 1))}  # (read, write): d2h, h2d
+EXTRA_BEYOND_TRAFFIC = {"staging": 0.019, "direct": 0.0045}  # both directions at full rate
+MOVERS = tuple(HBM_PASSES)
+
+
 @dataclass(frozen=True)
 class GpuModel:
     """Costs of one Llama-3.1-8B-shaped forward on an H200 (../shared/gpu/README.md: prefill
-    ~42k tokens/s in 8k chunks, decode ~7.5k tokens/s at 64 requests; PCIe ~50 GB/s each way;
-    eval/results/diag_interference_h200.json: a decode step ~12% slower while KV moves)."""
+    ~42k tokens/s in 8k chunks, decode ~7.5k tokens/s at 64 requests; PCIe ~50 GB/s each way)
+    and what a decode step pays while KV moves one or both ways on ``mover``'s data path."""
 
     prefill_overhead_s: float = 0.012
     prefill_s_per_token: float = 24e-6
@@ -48,16 +59,26 @@ class GpuModel:
     decode_s_per_kv_token: float = 2.7e-8
     link_bytes_per_s: float = 50e9
     bytes_per_token: int = 131072
-    copy_slowdown: float = 0.12
+    mover: str = "staging"
     max_prefill_tokens: int = 16384
     chunked_prefill_size: int = 8192
 
     def prefill_s(self, tokens: int) -> float:
         return self.prefill_overhead_s + tokens * self.prefill_s_per_token
 
-    def decode_s(self, batch: int, kv_tokens: int, copying: bool) -> float:
+    def decode_s(self, batch: int, kv_tokens: int, d2h: bool = False, h2d: bool = False) -> float:
         step = self.decode_base_s + batch * self.decode_s_per_req + kv_tokens * self.decode_s_per_kv_token
-        return step * (1 + self.copy_slowdown) if copying else step
+        return step * (1 + self.copy_slowdown(d2h, h2d))
+
+    def copy_slowdown(self, d2h: bool, h2d: bool) -> float:
+        """Decode-step slowdown while the link runs full rate in the directions given."""
+        gbps = self.link_bytes_per_s / 1e9
+        cost = 0.0
+        for active, (reads, writes) in zip((d2h, h2d), HBM_PASSES[self.mover]):
+            if active:
+                cost += gbps * (reads * HBM_COST_PER_GBPS[0] + writes * HBM_COST_PER_GBPS[1])
+                cost += EXTRA_BEYOND_TRAFFIC[self.mover] / 2
+        return cost
 
 
 @dataclass
@@ -320,7 +341,8 @@ class Simulator:
                 self.policy.table.set_prompt_tokens(victim.rid, victim.to_prefill())
         if not self.running:
             return False
-        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running), bool(self.copies))
+        ways = {way for _, way, _ in self.copies}
+        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running), "d2h" in ways, "h2d" in ways)
         self.now += dur
         if self.last_was_decode:
             self.costs.observe_decode(dur)
@@ -374,37 +396,48 @@ def main() -> None:
     ap.add_argument("--arrival", default="poisson", choices=("poisson", "gamma", "trace"))
     ap.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: gap coefficient of variation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="arrival draws per point (seed, seed+1, ...): figures are their means, since one "
+                         "draw can move attainment by several points; raw records come from the first")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--tbt-slo", type=float, default=0.1)
     ap.add_argument("--host-kv-gb", type=float, default=64.0, help="host tier size, like --rota-host-kv-gb")
     ap.add_argument("--horizon", type=float, default=600.0, help="simulated seconds before giving up")
+    ap.add_argument("--mover", choices=MOVERS, default="staging",
+                    help="KV data path whose decode-step cost the model charges (rotasched's --rota-mover)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--raw-dir", type=Path, help="also write per-request records (JSON lines) here, "
                     "for plot_slo.py's TTFT CDF")
     args = ap.parse_args()
-    if args.cap <= 0 or any(r <= 0 for r in args.rates) or args.host_kv_gb <= 0:
-        ap.error("--cap, --rates and --host-kv-gb must be positive")
+    if args.cap <= 0 or any(r <= 0 for r in args.rates) or args.host_kv_gb <= 0 or args.seeds < 1:
+        ap.error("--cap, --rates, --host-kv-gb and --seeds must be positive")
     rows = load_azure(args.trace)
-    gpu = GpuModel()
+    gpu = GpuModel(mover=args.mover)
     host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
     # Same keys as sweep_slo.py's results, so plot_slo.py draws it too.
     result = {"trace": Path(args.trace).stem.replace("AzureLLMInferenceTrace_", "azure_") + " (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
               "cap_tokens": args.cap, "rates": args.rates, "num_requests": [args.num] * len(args.rates),
               "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo,
-              "gpu_model": asdict(gpu), "host_kv_gb": args.host_kv_gb, "systems": {}, "command": " ".join(sys.argv),
+              "gpu_model": asdict(gpu), "host_kv_gb": args.host_kv_gb, "seeds": args.seeds,
+              "systems": {}, "command": " ".join(sys.argv),
               "note": "eval/sim_policy.py: the real policy on a modelled GPU; estimates, not measurements"}
     keys = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s", "ttft_p50", "ttft_p99")
     t0 = time.monotonic()
     for system in args.systems:
-        per = result["systems"].setdefault(system, {**{k: [] for k in keys}, "stats": [], "raw": []})
+        per = result["systems"].setdefault(system, {**{k: [] for k in keys}, "stats": [], "raw": [],
+                                                    "per_seed": []})
         for rate in args.rates:
-            specs = make_specs(rows, num=args.num, arrival=args.arrival, rate=rate, cv=args.cv, seed=args.seed)
-            res = simulate(specs, system, args.cap, gpu, args.ttft_slo, args.tbt_slo, host_tokens, args.horizon)
-            s = res["summary"]
+            runs = [simulate(make_specs(rows, num=args.num, arrival=args.arrival, rate=rate, cv=args.cv,
+                                        seed=args.seed + k),
+                             system, args.cap, gpu, args.ttft_slo, args.tbt_slo, host_tokens, args.horizon)
+                    for k in range(args.seeds)]
+            s = {k: statistics.mean(r["summary"][k] for r in runs) for k in keys}
             for k in keys:
                 per[k].append(s[k])
+            res = runs[0]
             per["stats"].append(res["stats"])
+            per["per_seed"].append([{k: r["summary"][k] for k in keys} | {"stats": r["stats"]} for r in runs])
             per["raw"].append(_write_raw(args.raw_dir, system, rate, res["records"]) if args.raw_dir else None)
             print(f"{system:>14} @ {rate:g} req/s: TTFT {100 * s['ttft_attainment']:5.1f}%  "
                   f"TBT {100 * s['tbt_attainment']:5.1f}%  {s['throughput_tok_s']:6.0f} tok/s  "

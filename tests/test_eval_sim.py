@@ -3,6 +3,7 @@ nothing, and beats SGLang's fcfs rule where KV memory is what runs out."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,12 +56,33 @@ def test_cli_rejects_bad_arguments(tmp_path):
     assert run.returncode == 2 and "must be positive" in run.stderr
 
 
+def test_interference_model_reproduces_the_measured_decode_costs():
+    """The model's charge for both directions at full rate is what the H200 measured."""
+    results = EVAL / "results"
+    diag = json.loads((results / "diag_interference_h200.json").read_text())
+    bench = json.loads((results / "duplexkv_h200.json").read_text())
+    staging = diag["scenarios"]["graph/staging_mover"]["slowdown"]
+    direct = bench["by_page_size"]["direct/page64"]["decode_slowdown"]
+    assert GpuModel(mover="staging").copy_slowdown(True, True) == pytest.approx(staging, abs=0.01)
+    assert GpuModel(mover="direct").copy_slowdown(True, True) == pytest.approx(direct, abs=0.01)
+    for mover in ("staging", "direct"):
+        g = GpuModel(mover=mover)
+        assert g.copy_slowdown(False, False) == 0.0
+        assert 0 < g.copy_slowdown(True, False) < g.copy_slowdown(False, True) < g.copy_slowdown(True, True)
+
+
 def test_cli_writes_a_result_plot_slo_can_draw(tmp_path):
     out = tmp_path / "sim.json"
     run = subprocess.run([sys.executable, str(EVAL / "sim_policy.py"), "--trace", str(CONV), "--cap", "10000",
-                          "--rates", "16", "--num", "40", "--out", str(out), "--raw-dir", str(tmp_path / "raw")],
+                          "--rates", "16", "--num", "40", "--seeds", "2", "--systems", "fcfs", "rotasched",
+                          "--out", str(out), "--raw-dir", str(tmp_path / "raw")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    doc = json.loads(out.read_text())
+    rota = doc["systems"]["rotasched"]
+    seeds = rota["per_seed"][0]
+    assert doc["seeds"] == 2 and len(seeds) == 2
+    assert rota["ttft_attainment"][0] == pytest.approx(sum(r["ttft_attainment"] for r in seeds) / 2)
     assert len((tmp_path / "raw" / "rotasched_rate16.jsonl").read_text().splitlines()) == 40
     plot = subprocess.run([sys.executable, str(EVAL / "plot_slo.py"), str(out)], capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr
