@@ -32,7 +32,7 @@ from superinfer.config import RotaConfig  # noqa: E402
 from superinfer.policy import Capacity, CostModel, Phase, create_policy  # noqa: E402
 from superinfer.policy.table import CLIP_NEW_TOKENS  # noqa: E402
 
-SYSTEMS = ("fcfs", "rotasched", "rotasched-keep")  # -keep: --rota-keep-host-copy
+SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")  # --rota-keep-host-copy, --rota-write-through
 HOST_PAGE = 16  # the host tier's page on the staging path: a kept copy is whole pages
 
 
@@ -91,6 +91,8 @@ class SimReq:
     kv_moving: int = 0  # tokens of the copy in flight, and how long it takes from its submission
     copy_s: float = 0.0
     host: int = 0  # host tokens held: the whole KV while away, a kept copy while running
+    epoch: int = 0  # bumped when the device KV leaves (rotate-out, retraction)
+    wt: tuple[int, int, int] = (0, 0, 0)  # write-through in flight: (tokens, copy size, epoch) at start
 
     @property
     def out(self) -> int:
@@ -131,7 +133,9 @@ class Simulator:
         self.link_free_s = {"d2h": 0.0, "h2d": 0.0}
         self.parked: dict[str, SimReq] = {}
         self.host_free = host_tokens
-        self.keep = system == "rotasched-keep"
+        self.keep = system in ("rotasched-keep", "rotasched-wt")
+        self.write_through = system == "rotasched-wt"
+        self.host_tokens = host_tokens
         self.kept: dict[str, SimReq] = {}  # running requests with a kept host copy, oldest first
         self.ratio = NewTokenRatio()
         self.policy = None
@@ -144,7 +148,7 @@ class Simulator:
         self.last_was_decode = False
         self.stats = {"rotations_out": 0, "retractions": 0, "prefill_batches": 0, "prefill_tokens": 0,
                       "decode_steps": 0, "decode_first": 0, "d2h_tokens": 0, "d2h_tokens_saved": 0,
-                      "kept_copies_evicted": 0}
+                      "kept_copies_evicted": 0, "written_through_tokens": 0}
 
     # --- memory as SGLang's PrefillAdder counts it --------------------------------------------
     def used(self) -> int:
@@ -166,6 +170,9 @@ class Simulator:
                     break
                 self.now = max(self.now, min(nxt))
             done = sum(r.out >= r.spec.output_len for r in self.reqs)
+        while self.copies:  # write-through copies still landing after the last request finished
+            self.now = max(self.now, min(c[0] for c in self.copies))
+            self._finish_copies()
         return [{"send": r.spec.arrival, "token_times": r.token_times, "aborted": False,
                  "error": None if r.out >= r.spec.output_len else "not finished in the horizon"}
                 for r in self.reqs]
@@ -184,6 +191,9 @@ class Simulator:
             self.copies.remove(c)
             done_s, way, r = c
             t = self.policy.table
+            if way == "wt":
+                self._write_through_done(r)
+                continue
             self.costs.observe_transfer(way, r.kv_moving * self.gpu.bytes_per_token, r.copy_s)
             if way == "d2h":
                 r.kv = 0
@@ -201,10 +211,40 @@ class Simulator:
 
     def _copy(self, way: str, r: SimReq, tokens: int) -> None:
         secs = tokens * self.gpu.bytes_per_token / self.gpu.link_bytes_per_s
-        start = max(self.now, self.link_free_s[way])
-        self.link_free_s[way] = start + secs
-        r.kv_moving, r.copy_s = tokens, start + secs - self.now
+        link = "h2d" if way == "h2d" else "d2h"  # write-through shares the device->host link
+        start = max(self.now, self.link_free_s[link])
+        self.link_free_s[link] = start + secs
+        if way != "wt":
+            r.kv_moving, r.copy_s = tokens, start + secs - self.now
         self.copies.append((start + secs, way, r))
+
+    def _write_through(self) -> None:
+        """As the adapter: while nothing moves out, copy running requests' unsaved full pages,
+        most first, within one step's link share (the first past it), into the free half."""
+        c = self.costs.costs()
+        budget = int(self.gpu.link_bytes_per_s * c.decode_step_s * 0.4 / self.gpu.bytes_per_token)
+        room = self.host_free - self.host_tokens // 2
+        wants = sorted(((r.kv // HOST_PAGE * HOST_PAGE - r.host, r) for r in self.running
+                        if r.out < r.spec.output_len), key=lambda w: (-w[0], w[1].rid))
+        first = True
+        for want, r in wants:
+            if want < HOST_PAGE or want > room or (want > budget and not first):
+                continue
+            first = False
+            self.host_free -= want
+            room, budget = room - want, budget - want
+            r.wt = (want, r.host, r.epoch)
+            self._copy("wt", r, want)
+            self.stats["written_through_tokens"] += want
+
+    def _write_through_done(self, r: SimReq) -> None:
+        tokens, base, epoch = r.wt
+        if r in self.running and r.epoch == epoch and r.host == base:
+            r.host += tokens
+            self.kept[r.rid] = r
+            self.policy.table.set_host_tokens(r.rid, r.host)
+        else:
+            self.host_free += tokens
 
     def _plan(self) -> int | None:
         self.admitted = set()
@@ -225,6 +265,7 @@ class Simulator:
                 continue
             self.running.remove(r)
             self.kept.pop(r.rid, None)
+            r.epoch += 1
             self.host_free -= tail
             self.stats["d2h_tokens"] += tail
             self.stats["d2h_tokens_saved"] += r.host
@@ -243,6 +284,8 @@ class Simulator:
             r.kv = need
             t.set_phase(rid, Phase.ROTATING_IN, self.now)
             self._copy("h2d", r, need)
+        if self.write_through and not plan.rotate_out and not any(w != "h2d" for _, w, _ in self.copies):
+            self._write_through()
         if plan.admit:
             front = [r for rid in plan.admit for r in self.waiting if r.rid == rid]
             self.waiting = front + [r for r in self.waiting if r not in front]
@@ -332,6 +375,7 @@ class Simulator:
             victim = max(self.running, key=lambda r: r.out)  # SGLang retracts the longest output
             self.running.remove(victim)
             self._drop_kept(victim)  # its KV is recomputed: the copy would be stale
+            victim.epoch += 1
             victim.kv, victim.prefilled = 0, 0
             self.waiting.insert(0, victim)
             self.ratio.retracted()
@@ -342,7 +386,8 @@ class Simulator:
         if not self.running:
             return False
         ways = {way for _, way, _ in self.copies}
-        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running), "d2h" in ways, "h2d" in ways)
+        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running), bool(ways - {"h2d"}),
+                                "h2d" in ways)
         self.now += dur
         if self.last_was_decode:
             self.costs.observe_decode(dur)

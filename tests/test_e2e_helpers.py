@@ -48,7 +48,7 @@ def idle_line(prefix: str = "[2026-11-29 12:00:00]", **kw: int) -> str:
 
 def stats_line(prefix: str = "[2026-11-29 12:00:00]", out: int = 5, in_: int = 4) -> str:
     fmt = rotator_formats()[e2e.STATS_MARK]
-    return f"{prefix} " + fmt % (out, in_, 0.655, 0.52, 0, 1, 1024, 3, 2, 0.25, 1, 0)
+    return f"{prefix} " + fmt % (out, in_, 0.655, 0.52, 0, 1, 1024, 3, 2, 0.25, 1, 0, 0.0)
 
 
 def rec(idx: int, ids: list[int], n: int | None = None, error: str | None = None,

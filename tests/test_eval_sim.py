@@ -25,10 +25,10 @@ def overload():
     """120 conv requests at 16 req/s into 10,000 KV tokens: fcfs queues on memory."""
     specs = make_specs(load_azure(CONV), num=120, arrival="poisson", rate=16, seed=0)
     return {name: simulate(specs, name, 10_000, GpuModel(), 1.0, 0.1, 122_064, 600)
-            for name in ("fcfs", "rotasched", "rotasched-keep")}
+            for name in ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")}
 
 
-@pytest.mark.parametrize("name", ["fcfs", "rotasched", "rotasched-keep"])
+@pytest.mark.parametrize("name", ["fcfs", "rotasched", "rotasched-keep", "rotasched-wt"])
 def test_every_request_finishes_and_nothing_is_left_held(overload, name):
     res = overload[name]
     assert res["summary"]["n"] == 120 and res["summary"]["errors"] == 0
@@ -48,6 +48,12 @@ def test_kept_host_copies_cut_what_rotate_outs_copy(overload):
     assert rota["d2h_tokens_saved"] == 0 and keep["d2h_tokens_saved"] > 0
     # per rotation, what a rotate-out copies shrinks by what was still on the host
     assert keep["d2h_tokens"] / keep["rotations_out"] < rota["d2h_tokens"] / rota["rotations_out"]
+
+
+def test_write_through_leaves_rotate_outs_little_to_copy(overload):
+    keep, wt = overload["rotasched-keep"]["stats"], overload["rotasched-wt"]["stats"]
+    assert keep["written_through_tokens"] == 0 and wt["written_through_tokens"] > 0
+    assert wt["d2h_tokens"] / wt["rotations_out"] < keep["d2h_tokens"] / keep["rotations_out"]
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

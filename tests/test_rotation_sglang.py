@@ -60,6 +60,13 @@ def finish_all(parts, rot, batch):
     batch.filter_batch()
 
 
+def finish_and_check_pools(parts, rot, batch):
+    """Every request finishes; one more step drops what was kept for them; pools are whole."""
+    finish_all(parts, rot, batch)
+    rot.step(batch)
+    assert_pools_initial(parts, rot)
+
+
 def assert_pools_initial(parts, rot):
     assert parts.free_tokens() == parts.initial_free
     assert parts.tree_cache.protected_size() == 0
@@ -475,9 +482,7 @@ def test_kept_copies_give_way_when_the_host_tier_is_short():
     assert rot.table.out_tokens(np.array([rot.table.slot("r0")])).tolist() == [rot.kv.kv_len(batch.reqs[0])]
     batch = rot.step(batch)
     batch = rot.step(batch)
-    finish_all(parts, rot, batch)
-    rot.step(batch)
-    assert_pools_initial(parts, rot)
+    finish_and_check_pools(parts, rot, batch)
 
 
 def test_retraction_drops_a_kept_copy():
@@ -492,9 +497,7 @@ def test_retraction_drops_a_kept_copy():
         rot.on_enqueue(req)
         rot.table.remove(req.rid)
     assert not any(req.rid in rot.host_copies for req in retracted)
-    finish_all(parts, rot, batch)
-    rot.step(batch)
-    assert_pools_initial(parts, rot)
+    finish_and_check_pools(parts, rot, batch)
 
 
 def test_without_the_flag_nothing_is_kept():
@@ -520,6 +523,78 @@ def test_a_rotate_out_without_host_room_keeps_its_copy_for_later():
     assert rot.host_copies.size_of("r0") == 48  # put back, and the policy still sees it
     assert rot.table.out_tokens(np.array([rot.table.slot("r0")])).tolist() == [rot.kv.kv_len(r0) - 48]
     rot.check()
-    finish_all(parts, rot, batch)
+    finish_and_check_pools(parts, rot, batch)
+
+
+def written_through(rot, rid: str) -> int:
+    return rot.host_copies.size_of(rid)
+
+
+def host_copy_is_true(parts, rot, req) -> bool:
+    """The kept copy's bytes equal the request's device KV (a radix-matched rotate-in would not
+    read them, so they are checked here directly)."""
+    slots = rot.host_copies._copies[req.rid].host_slots
+    host = rot.host
+    if host.page_major:  # [pages, layers, 2, page, row] -> [n, layers, 2, row]
+        rows = host.buffer[slots // host.page_size, :, :, slots % host.page_size]
+    else:
+        rows = host.buffer[slots]
+    device = parts.kv_of(req)[:, :, : slots.numel()].flatten(3).permute(2, 0, 1, 3)
+    return torch.equal(rows, device)
+
+
+@pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
+def test_write_through_saves_full_pages_so_a_rotate_out_moves_only_the_rest(page_size, radix, mover):
+    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=0.0004, mover=mover, write_through=True)
+    reqs = [parts.make_req(f"r{i}", 40 + 7 * i, max_new_tokens=64) for i in range(3)]
+    batch = prefill_and_decode(parts, rot, reqs, steps=3)
+    page, bpt = rot.host.page_size, rot.layout.bytes_per_token
+    full = {r.rid: rot.kv.kv_len(r) // page * page for r in batch.reqs}
+    batch = rot.step(batch)  # nothing to rotate: the idle link writes the full pages through
+    assert len(rot.write_through) == 3 and rot.busy()
+    rot.check()
+    batch = rot.step(batch)  # the copies landed: they are the requests' kept copies now
+    assert {rid: written_through(rot, rid) for rid in full} == full and not rot.busy()
+    assert rot.stats.bytes_written_through == sum(full.values()) * bpt
+    decode(parts, rot, batch, 2)
+    r1 = next(r for r in batch.reqs if r.rid == "r1")
+    before, d2h_before, kv_len = parts.kv_of(r1), rot.stats.bytes_d2h, rot.kv.kv_len(r1)
+    batch = rotate_round_trip(parts, rot, batch, "r1")
+    assert rot.stats.bytes_d2h - d2h_before == (kv_len - full["r1"]) * bpt
+    r1 = next(r for r in batch.reqs if r.rid == "r1")
+    assert torch.equal(parts.kv_of(r1), before)
+    # Later pages extend the copy r1 came back with (written from the page it ends at).
+    decode(parts, rot, batch, page + 3)
+    kept = written_through(rot, "r1")
+    for _ in range(6):  # one request past the step's link budget per round, most pages first
+        batch = rot.step(batch)
+        if written_through(rot, "r1") > kept:
+            break
+    kv_len = rot.kv.kv_len(r1)
+    assert written_through(rot, "r1") == kv_len // page * page > kept
+    assert all(host_copy_is_true(parts, rot, r) for r in batch.reqs)
+    before, d2h_before, saved = parts.kv_of(r1), rot.stats.bytes_d2h, written_through(rot, "r1")
+    batch = rotate_round_trip(parts, rot, batch, "r1")
+    r1 = next(r for r in batch.reqs if r.rid == "r1")
+    assert rot.stats.bytes_d2h - d2h_before == (kv_len - saved) * bpt
+    assert torch.equal(parts.kv_of(r1), before)
+    finish_and_check_pools(parts, rot, batch)
+
+
+def test_write_through_pages_that_land_after_their_request_left_are_freed():
+    parts, rot = fresh(host_kv_gb=0.0004, write_through=True)
+    reqs = [parts.make_req(f"r{i}", 40, max_new_tokens=64) for i in range(3)]
+    batch = prefill_and_decode(parts, rot, reqs, steps=3)
+    batch = rot.step(batch)  # copies start
+    assert len(rot.write_through) == 3
+    before = parts.kv_of(batch.reqs[0])
+    batch = rot.rotate_out(batch, {"r0"})  # r0 leaves while its write-through is in flight
+    batch = rot.step(batch)  # both land: r0's own copy is complete, the write-through is not used
+    assert not rot.host_copies.size_of("r0") and rot.table.phase_of("r0") is Phase.ROTATING_IN
+    batch = rot.step(batch)
+    r0 = next(r for r in batch.reqs if r.rid == "r0")
+    assert torch.equal(parts.kv_of(r0), before)
+    finish_all(parts, rot, batch)  # r1 and r2 finish with their written-through copies
     rot.step(batch)
+    assert not rot.busy()
     assert_pools_initial(parts, rot)

@@ -45,6 +45,9 @@ class RotaConfig:
     # written): its next rotate-out copies only the pages written since. Copies are dropped
     # when the request finishes or is retracted, and evicted (oldest first) for host room.
     keep_host_copy: bool = False
+    # Also copy running requests' full pages to the host while the link is idle (implies the
+    # above): a later rotate-out moves only the pages written since.
+    write_through: bool = False
     # NUMA node of the host tier's memory (e.g. Grace's LPDDR on a GH200); None: first touch.
     host_numa_node: int | None = None
 

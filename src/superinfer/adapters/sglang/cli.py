@@ -102,6 +102,9 @@ def extend_server_args(module: ModuleType) -> None:
                 help="rotasched: keep a rotated-in request's host copy, so its next rotate-out "
                      "moves only the KV written since (costs host tier space; evicted first)."),
                 NS(_NS)],
+            "rota_write_through": A[bool, Arg(
+                help="rotasched: while the host link is idle, copy running requests' full pages "
+                     "to the host in the background (implies --rota-keep-host-copy)."), NS(_NS)],
             "rota_host_numa_node": A[Optional[int], Arg(
                 help="rotasched: NUMA node for the host KV tier's memory (e.g. Grace's on a "
                      "GH200); default: wherever first touch puts it.",
@@ -119,6 +122,7 @@ def extend_server_args(module: ModuleType) -> None:
         "rota_slack_margin": _DEFAULTS.slack_margin,
         "rota_link_share": _DEFAULTS.link_share,
         "rota_keep_host_copy": _DEFAULTS.keep_host_copy,
+        "rota_write_through": _DEFAULTS.write_through,
         "rota_host_numa_node": _DEFAULTS.host_numa_node,
         "rota_disable_prefill_pacing": not _DEFAULTS.prefill_pacing,
         "__module__": module.__name__,
@@ -155,5 +159,6 @@ def rota_config(server_args: Any) -> RotaConfig:
         prefill_pacing=not server_args.rota_disable_prefill_pacing,
         link_share=server_args.rota_link_share,
         keep_host_copy=server_args.rota_keep_host_copy,
+        write_through=server_args.rota_write_through,
         host_numa_node=server_args.rota_host_numa_node,
     )

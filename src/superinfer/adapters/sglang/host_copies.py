@@ -88,9 +88,26 @@ class HostCopies:
         while slots is None and self._copies:
             rid, copy = self._copies.popitem(last=False)
             self._free(rid, copy)
-            self.stats.host_copies_evicted += 1
+            self.stats.host_copies_evicted += copy.host_slots.numel() > 0
             slots = self.host.alloc(num_tokens)
         return slots
+
+    def anchor(self, req: Req) -> HostCopy:
+        """``req``'s kept copy, an empty one if it has none: what a write-through extends."""
+        copy = self._copies.get(req.rid)
+        if copy is None:
+            copy = self._copies[req.rid] = HostCopy(req, torch.empty(0, dtype=torch.int64))
+        return copy
+
+    def extend(self, req: Req, base: HostCopy, base_len: int, host_slots: torch.Tensor) -> bool:
+        """Append pages copied after ``base``'s first ``base_len`` tokens, if ``base`` is still
+        ``req``'s copy and unchanged; False (nothing attached) otherwise."""
+        copy = self._copies.get(req.rid)
+        if copy is not base or copy.host_slots.numel() != base_len or req.finished():
+            return False
+        copy.host_slots = torch.cat([copy.host_slots, host_slots])
+        self.table.set_host_tokens(req.rid, int(copy.host_slots.numel()))
+        return True
 
     def drop(self, rid: str) -> None:
         copy = self._copies.pop(rid, None)

@@ -21,6 +21,7 @@ class RotationStats:
     plans_head_blocked: int = 0  # plans where the new EDF head waited for room
     bytes_d2h_saved: int = 0  # not copied out: already on the host in a kept copy
     host_copies_evicted: int = 0  # kept host copies dropped to make host room
+    bytes_written_through: int = 0  # copied to the host in the background (--rota-write-through)
 
 
 class RotationMetrics:
@@ -35,13 +36,15 @@ class RotationMetrics:
 
         labels = {"tp_rank": str(tp_rank)}
         names = ("rotations_out", "rotations_in", "bytes_d2h", "bytes_h2d", "fallbacks",
-                 "aborted_while_rotated", "bytes_d2h_saved", "host_copies_evicted")
+                 "aborted_while_rotated", "bytes_d2h_saved", "host_copies_evicted",
+                 "bytes_written_through")
         docs = ("Requests rotated out to the host tier.", "Requests rotated back in.",
                 "KV bytes copied device to host.", "KV bytes copied host to device.",
                 "Rotate-outs skipped for lack of host space (SGLang retraction takes over).",
                 "Requests aborted by the client while rotated out.",
                 "KV bytes a rotate-out did not copy: still on the host in a kept copy.",
-                "Kept host copies dropped to make room on the host tier.")
+                "Kept host copies dropped to make room on the host tier.",
+                "KV bytes copied to the host in the background (write-through).")
         self._counters = {n: Counter(f"superinfer:{n}_total", d, labelnames=list(labels)).labels(**labels)
                           for n, d in zip(names, docs)}
         self._host_used = Gauge("superinfer:host_tier_tokens_used", "Host tier tokens in use.",

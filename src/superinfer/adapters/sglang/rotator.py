@@ -32,6 +32,7 @@ from .host_copies import HostCopies
 from .kv_ops import SglangKV
 from .metrics import RotationMetrics, RotationStats
 from .tracker import RequestTracker
+from .write_through import WriteThrough
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
@@ -87,6 +88,8 @@ class Rotator:
         self.parked: dict[str, Parked] = {}  # ON_HOST
         self.inbound: dict[str, Parked] = {}  # ROTATING_IN
         self.host_copies = HostCopies(self.host, self.table, self.stats)  # --rota-keep-host-copy
+        self.write_through = (WriteThrough(self.host_copies, self.host, self.mover, self.kv, self.table,
+                                           self.stats) if config.write_through else None)
         # Copies done on this rank, in submission order, not yet done on every TP rank.
         self._done_d2h: deque[str] = deque()
         self._done_h2d: deque[str] = deque()
@@ -144,6 +147,10 @@ class Rotator:
             self.rotate_in(rid)
         if plan.admit:
             self._reorder_waiting(plan.admit)
+        if self.write_through is not None and not plan.rotate_out and not self.out:
+            c = self.costs.costs()
+            budget = int(c.d2h_bytes_per_s * c.decode_step_s * self.config.link_share / self.layout.bytes_per_token)
+            self.write_through.start(running.reqs, budget, self._forward_event())
         return running
 
     def _sync(self, local_d2h: int, local_h2d: int) -> tuple[int, int]:
@@ -167,7 +174,11 @@ class Rotator:
         self._done_h2d.extend(report.done_h2d)
         n_d2h, n_h2d = self._sync(len(self._done_d2h), len(self._done_h2d))
         for _ in range(n_d2h):
-            self._out_done(self._done_d2h.popleft())
+            job_id = self._done_d2h.popleft()
+            if self.write_through is not None and self.write_through.owns(job_id):
+                self.write_through.done(job_id)
+            else:
+                self._out_done(job_id)
         ready = [self.inbound.pop(self._done_h2d.popleft()) for _ in range(n_h2d)]
         if ready:
             running = self._rejoin(running, ready)
@@ -190,8 +201,8 @@ class Rotator:
 
     def _rejoin(self, running: ScheduleBatch, ready: list[Parked]) -> ScheduleBatch:
         for p in ready:
-            self.host_copies.keep_or_free(p.req, p.host_slots, p.kv_len,
-                                          self.config.keep_host_copy and not p.abort)
+            keep = self.config.keep_host_copy or self.config.write_through
+            self.host_copies.keep_or_free(p.req, p.host_slots, p.kv_len, keep and not p.abort)
             self.costs.observe_transfer("h2d", p.kv_len * self.layout.bytes_per_token,
                                         max(self.now_s - p.submitted_s, 1e-6))
             self.table.set_phase(p.req.rid, Phase.RUNNING, self.now_s)
@@ -416,11 +427,11 @@ class Rotator:
         if st.rotations_out:
             logger.info("rotasched stats: out=%d in=%d d2h=%.2fGB h2d=%.2fGB fallbacks=%d away=%d "
                         "host_used=%d decode_first=%d head_blocked=%d d2h_saved=%.2fGB kept=%d "
-                        "kept_evicted=%d", st.rotations_out, st.rotations_in,
+                        "kept_evicted=%d written_through=%.2fGB", st.rotations_out, st.rotations_in,
                         st.bytes_d2h / 1e9, st.bytes_h2d / 1e9, st.fallbacks,
                         len(self.out) + len(self.parked) + len(self.inbound), used,
                         st.plans_decode_first, st.plans_head_blocked, st.bytes_d2h_saved / 1e9,
-                        len(self.host_copies), st.host_copies_evicted)
+                        len(self.host_copies), st.host_copies_evicted, st.bytes_written_through / 1e9)
 
     def on_idle(self) -> None:
         """Fully idle: every pool must be back at its initial free size. Checked and logged once
@@ -447,13 +458,15 @@ class Rotator:
 
     def busy(self) -> bool:
         """Requests away from the batch keep the scheduler awake (it must bring them back)."""
-        return bool(self.out or self.parked or self.inbound)
+        return bool(self.out or self.parked or self.inbound or self.write_through)
 
     def check(self) -> None:
         """Invariants, for tests and the idle self-check."""
         self.host.check_integrity()
         held = sum(int(p.host_slots.numel()) for d in (self.out, self.parked, self.inbound) for p in d.values())
         held += self.host_copies.tokens()
+        if self.write_through is not None:
+            held += self.write_through.held_tokens()
         used = self.host.size - self.host.available_size()
         if held > used:
             raise AssertionError(f"rotations hold {held} host slots but only {used} are in use")
