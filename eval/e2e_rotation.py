@@ -127,8 +127,8 @@ class ServerPlan:
 SINGLE = ("baseline", "rota_p1", "rota_p16", "rota_p1_noradix")
 TP2 = ("baseline_tp2", "rota_tp2")
 # Not run by default: 64-token pages, where --rota-mover auto picks the direct path (Llama-3.1-8B),
-# and kept host copies (--rota-keep-host-copy) on 16-token pages.
-EXTRA = ("rota_p64", "rota_p16_keep")
+# and kept host copies (--rota-keep-host-copy) or write-through on 16-token pages.
+EXTRA = ("rota_p64", "rota_p16_keep", "rota_p16_wt")
 
 
 def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
@@ -160,6 +160,8 @@ def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
         "rota_p16_keep": ServerPlan("rota_p16_keep", ("--schedule-policy", "rotasched", "--page-size", "16",
                                                       "--rota-keep-host-copy", *rota), (0,), 16, True,
                                     "baseline"),
+        "rota_p16_wt": ServerPlan("rota_p16_wt", ("--schedule-policy", "rotasched", "--page-size", "16",
+                                                  "--rota-write-through", *rota), (0,), 16, True, "baseline"),
         "baseline_tp2": ServerPlan("baseline_tp2", ("--tp-size", "2", *fcfs), (0, 1), 1, False),
         "rota_tp2": ServerPlan("rota_tp2", ("--tp-size", "2", *p1, *rota), (0, 1), 1, True,
                                "baseline_tp2"),

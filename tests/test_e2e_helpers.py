@@ -281,6 +281,8 @@ def test_plans_default_tp2_and_gpu_placement():
     assert p64.flags[p64.flags.index("--page-size") + 1] == "64"
     keep = e2e.plan_servers(args_for("--servers", "baseline", "rota_p16_keep"), 1, 9)[0][1]
     assert "--rota-keep-host-copy" in keep.flags and keep.reference == "baseline"
+    wt = e2e.plan_servers(args_for("--servers", "baseline", "rota_p16_wt"), 1, 9)[0][1]
+    assert "--rota-write-through" in wt.flags and wt.page_size == 16
 
 
 def test_server_commands():
