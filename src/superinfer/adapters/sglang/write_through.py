@@ -9,6 +9,8 @@ decode step), and only into the free half of the host tier: rotations come first
 
 A copy in flight belongs to the kept copy it extends (the same object): if that copy is taken
 by a rotate-out, dropped or replaced meanwhile, the finished pages are freed, not attached.
+Write-through jobs share the device->host queue with rotate-outs, so a rotate-out planned while
+one is in flight starts behind it: at most one step's share of the link.
 """
 
 from __future__ import annotations
