@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from superinfer.host_tier.interface import TransferReport
-from superinfer.host_tier.jobs import Job, JobQueue, check_slots
+from superinfer.host_tier.jobs import Job, check_slots
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import StreamMover
 
@@ -103,20 +103,6 @@ class DirectKVMover(StreamMover):
             weakref.finalize(self, issuer.stop)  # threads end with the mover (and free its pool)
 
     # --- KVMover ---------------------------------------------------------------------------
-    def submit_d2h(
-        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
-    ) -> int:
-        return self._submit(True, job_id, device_slots, host_slots, ready)
-
-    def submit_h2d(
-        self,
-        job_id: str,
-        host_slots: torch.Tensor,
-        device_slots: torch.Tensor,
-        ready: object | None = None,
-    ) -> int:
-        return self._submit(False, job_id, device_slots, host_slots, ready)
-
     def poll(self) -> TransferReport:
         self._raise_failure()
         return super().poll()
@@ -133,7 +119,7 @@ class DirectKVMover(StreamMover):
                 host_slots: torch.Tensor, ready: object | None) -> int:
         self._raise_failure()
         check_slots(device_slots, host_slots)
-        jobs: JobQueue = self._d2h_jobs if to_host else self._h2d_jobs
+        jobs = self._jobs(to_host)
         if host_slots.numel() == 0:
             jobs.push(Job(job_id, 0, None))
             return 0
@@ -163,9 +149,6 @@ class DirectKVMover(StreamMover):
         else:
             self._issue(to_host, pending, None)
         return job.num_bytes
-
-    def _stream(self, to_host: bool) -> torch.cuda.Stream:
-        return self._d2h_stream if to_host else self._h2d_stream
 
     def _raise_failure(self) -> None:
         for issuer in (self._issuers or {}).values():

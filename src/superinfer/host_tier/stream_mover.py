@@ -1,6 +1,7 @@
 """Stream and event plumbing shared by every KVMover: one side stream per direction.
 
-``StreamMover`` owns the streams, the per-direction job queues, polling and the compute fence.
+``StreamMover`` owns the streams, the per-direction job queues, polling and the compute fence;
+both submit calls go to one ``_submit(to_host, ...)`` that subclasses write.
 ``CopyMover`` adds the submit path of the movers that copy a batch in one go: subclasses say
 how (``_copy_d2h`` / ``_copy_h2d``); it decides on which stream that runs, what it waits for,
 and when it is reported done (style rule 9, V10). ``DirectKVMover`` submits its own way.
@@ -44,6 +45,31 @@ class StreamMover(KVMover):
             self._h2d_stream = torch.cuda.Stream(self.device, priority=H2D_PRIORITY)
         self._d2h_jobs, self._h2d_jobs = JobQueue(), JobQueue()
 
+    def submit_d2h(
+        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
+    ) -> int:
+        return self._submit(True, job_id, device_slots, host_slots, ready)
+
+    def submit_h2d(
+        self,
+        job_id: str,
+        host_slots: torch.Tensor,
+        device_slots: torch.Tensor,
+        ready: object | None = None,
+    ) -> int:
+        return self._submit(False, job_id, device_slots, host_slots, ready)
+
+    @abc.abstractmethod
+    def _submit(self, to_host: bool, job_id: str, device_slots: torch.Tensor,
+                host_slots: torch.Tensor, ready: object | None) -> int:
+        """Both directions' submit: queue the job on ``self._jobs(to_host)``; returns bytes."""
+
+    def _stream(self, to_host: bool) -> torch.cuda.Stream:
+        return self._d2h_stream if to_host else self._h2d_stream
+
+    def _jobs(self, to_host: bool) -> JobQueue:
+        return self._d2h_jobs if to_host else self._h2d_jobs
+
     def poll(self) -> TransferReport:
         done_d2h, bytes_d2h = self._d2h_jobs.pop_done()
         done_h2d, bytes_h2d = self._h2d_jobs.pop_done()
@@ -63,26 +89,13 @@ class StreamMover(KVMover):
 class CopyMover(StreamMover):
     """A mover whose subclass copies one whole batch per submit, on the direction stream."""
 
-    def submit_d2h(
-        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
-    ) -> int:
+    def _submit(self, to_host: bool, job_id: str, device_slots: torch.Tensor,
+                host_slots: torch.Tensor, ready: object | None) -> int:
         check_slots(device_slots, host_slots)
-        stream = self._d2h_stream if self._on_cuda else None
-        job = self._launch(stream, ready, job_id, device_slots, host_slots, self._copy_d2h)
-        self._d2h_jobs.push(job)
-        return job.num_bytes
-
-    def submit_h2d(
-        self,
-        job_id: str,
-        host_slots: torch.Tensor,
-        device_slots: torch.Tensor,
-        ready: object | None = None,
-    ) -> int:
-        check_slots(device_slots, host_slots)
-        stream = self._h2d_stream if self._on_cuda else None
-        job = self._launch(stream, ready, job_id, device_slots, host_slots, self._copy_h2d)
-        self._h2d_jobs.push(job)
+        stream = self._stream(to_host) if self._on_cuda else None
+        copy = self._copy_d2h if to_host else self._copy_h2d
+        job = self._launch(stream, ready, job_id, device_slots, host_slots, copy)
+        self._jobs(to_host).push(job)
         return job.num_bytes
 
     def _launch(self, stream, ready, job_id, device_slots, host_slots, copy) -> Job:

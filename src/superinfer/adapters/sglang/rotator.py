@@ -137,7 +137,8 @@ class Rotator:
         unprocessed = [b for b, _ in getattr(s, "result_queue", ())]
         self.tracker.in_flight(unprocessed, s.chunked_req)
         gpu_free_at = self._launched_done_at_s if unprocessed else None
-        plan = self.policy.plan(self.now_s, cap, self.costs.costs(), self._batch_token_limit(), gpu_free_at)
+        costs = self.costs.costs()
+        plan = self.policy.plan(self.now_s, cap, costs, self._batch_token_limit(), gpu_free_at)
         self.prefill_budget, self.admitted = plan.prefill_token_budget, list(plan.admit)
         self.stats.plans_decode_first += plan.prefill_token_budget == 0
         self.stats.plans_head_blocked += plan.head_blocked
@@ -148,8 +149,8 @@ class Rotator:
         if plan.admit:
             self._reorder_waiting(plan.admit)
         if self.write_through is not None and not plan.rotate_out and not self.out:
-            c = self.costs.costs()
-            budget = int(c.d2h_bytes_per_s * c.decode_step_s * self.config.link_share / self.layout.bytes_per_token)
+            link_bytes = costs.d2h_bytes_per_s * costs.decode_step_s * self.config.link_share
+            budget = int(link_bytes / self.layout.bytes_per_token)
             self.write_through.start(running.reqs, budget, self._forward_event())
         return running
 
