@@ -275,8 +275,7 @@ def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, 
 
 
 def parse_config(spec: str) -> dict:
-    """``path[:max_chunk_tokens[:num_programs[:l2]]]``, e.g. ``staging:2048:16``; 0 = mover
-    default; ``l2`` keeps the staging ring resident in L2 (``staging:64:32:l2``);
+    """``path[:max_chunk_tokens[:num_programs]]``, e.g. ``staging:2048:16``; 0 = mover default;
     ``direct:P[:Q[:cuda]]`` is the direct path on ``P``-token pages with at most ``Q`` pieces
     queued, its device slots on the GPU with ``cuda`` (as SGLang's are)."""
     if spec.startswith("direct"):
@@ -289,13 +288,10 @@ def parse_config(spec: str) -> dict:
                 + ("/cudaslots" if slots_on == "cuda" else ""))
         return {"name": name, "path": "direct", "page": page, "max_queued_pieces": int(queue) or None,
                 "slots_on": slots_on}
-    given = spec.split(":")
-    path, chunk, grid, l2 = given + ["", "0", "0", ""][len(given):]
-    if l2 not in ("", "l2"):
-        raise ValueError(f"{spec}: the fourth field is 'l2' or nothing, not {l2!r}")
-    name = path if path == "torch" else f"{path}/chunk{chunk}/grid{grid}" + ("/l2" if l2 else "")
+    path, chunk, grid = (spec.split(":") + ["0", "0"])[:3]
+    name = path if path == "torch" else f"{path}/chunk{chunk}/grid{grid}"
     return {"name": name, "path": path, "max_chunk_tokens": int(chunk) or None,
-            "num_programs": int(grid) or None, "l2_resident": bool(l2), "page": PAGE}
+            "num_programs": int(grid) or None, "page": PAGE}
 
 
 def make_mover(bench: Bench, cfg: dict) -> KVMover:
@@ -309,7 +305,7 @@ def make_mover(bench: Bench, cfg: dict) -> KVMover:
 
     return DuplexKVMover(bench.k, bench.v, bench.host, path=cfg["path"],
                          max_chunk_tokens=cfg.get("max_chunk_tokens"),
-                         num_programs=cfg.get("num_programs"), l2_resident=cfg["l2_resident"])
+                         num_programs=cfg.get("num_programs"))
 
 
 def goals_met(top: dict, slowdown: float) -> int:

@@ -19,7 +19,7 @@ pytestmark = [
 ]
 LAYERS, HEADS, HEAD_DIM, SLOTS, PAGE = 4, 8, 128, 8192, 16
 SLEEP_CYCLES = 200_000_000  # ~0.1 s at H200 clocks: far longer than any copy here
-MOVERS = ["staging", "staging_l2", "zerocopy", "torch"]  # staging_l2: its ring pinned in L2
+MOVERS = ["staging", "zerocopy", "torch"]
 
 
 def make_mover(kind: str, dtype=torch.bfloat16, max_chunk_tokens: int = 300):
@@ -39,11 +39,6 @@ def make_mover(kind: str, dtype=torch.bfloat16, max_chunk_tokens: int = 300):
     torch.cuda.synchronize()  # side streams in the tests do not wait for this set-up
     if kind == "torch":
         return kv, host, TorchMover(k, v, host)
-    if kind == "staging_l2":
-        mover = DuplexKVMover(k, v, host, path="staging", max_chunk_tokens=max_chunk_tokens,
-                              l2_resident=True)
-        assert mover.l2_set_aside > 0  # every GPU since Ampere has a persisting L2 set-aside
-        return kv, host, mover
     return kv, host, DuplexKVMover(k, v, host, path=kind, max_chunk_tokens=max_chunk_tokens)
 
 
@@ -118,7 +113,7 @@ def test_fence_compute_orders_reads_after_h2d(kind: str) -> None:
     assert torch.equal(seen.cpu(), host.buffer[host_slots])
 
 
-@pytest.mark.parametrize("kind", ["staging", "staging_l2", "zerocopy"])
+@pytest.mark.parametrize("kind", ["staging", "zerocopy"])
 def test_jobs_finish_in_order_across_chunks_and_scattered_host_pages(kind: str) -> None:
     kv, host, mover = make_mover(kind, max_chunk_tokens=64)
     blocks = [host.alloc(PAGE * 4) for _ in range(host.size // (PAGE * 4))]
@@ -143,8 +138,6 @@ def test_rejects_unknown_path_and_unpinned_host() -> None:
     kv, host, _ = make_mover("torch")
     with pytest.raises(ValueError):
         DuplexKVMover(list(kv[:, 0]), list(kv[:, 1]), host, path="magic")
-    with pytest.raises(ValueError, match="l2_resident"):
-        DuplexKVMover(list(kv[:, 0]), list(kv[:, 1]), host, path="zerocopy", l2_resident=True)
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, 2)
     unpinned = HostKVPool(layout, 64, PAGE, torch.bfloat16, pin_memory=False)
     with pytest.raises(ValueError):

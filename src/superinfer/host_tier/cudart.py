@@ -1,10 +1,8 @@
-"""The CUDA runtime calls torch does not expose, through ctypes on the libcudart torch loaded.
+"""``cudaMemcpyBatchAsync`` through ctypes, on the CUDA runtime torch itself loaded.
 
-- ``cudaMemcpyBatchAsync``: one ``cudaMemcpyAsync`` per 32-128 KiB piece costs more host time
-  than the copy takes; one batch call hands thousands of pieces to the copy engines: no kernel,
-  no SM time, no staging memory (the "direct" path, ``direct.py``).
-- Persisting L2 (``pin_in_l2``): keeps the staging path's small staging ring resident in L2, so
-  its gather/scatter kernels and the copy engines meet there instead of in HBM (``duplex.py``).
+torch exposes no batched copy, and one ``cudaMemcpyAsync`` per 32-128 KiB piece costs more
+host time than the copy takes. One batch call hands thousands of pieces to the copy engines:
+no kernel, no SM time, no staging memory (the "direct" path, ``direct.py``).
 """
 
 from __future__ import annotations
@@ -41,9 +39,12 @@ class CudaRuntime:
     ``cudaMemcpyBatchAsync``; 13.0 dropped it."""
 
     def __init__(self) -> None:
-        self.path, self.lib = _libcudart()
-        self.version = _int_query(self.lib, "cudaRuntimeGetVersion")
-        self.driver_version = _int_query(self.lib, "cudaDriverGetVersion")
+        self.path = find_cudart()
+        self.lib = ctypes.CDLL(self.path)
+        self.lib.cudaGetErrorString.restype = ctypes.c_char_p
+        self.lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+        self.version = self._int_query("cudaRuntimeGetVersion")
+        self.driver_version = self._int_query("cudaDriverGetVersion")
         if self.version < MIN_RUNTIME or not hasattr(self.lib, "cudaMemcpyBatchAsync"):
             raise RuntimeError(f"the direct KV path needs cudaMemcpyBatchAsync (CUDA runtime >= 12.8); "
                                f"{self.path} is version {self.version}")
@@ -79,85 +80,17 @@ class CudaRuntime:
             raise RuntimeError(f"cudaMemcpyBatchAsync: error {err} "
                                f"({self.lib.cudaGetErrorString(err).decode()}){where}")
 
+    def _int_query(self, name: str) -> int:
+        value = ctypes.c_int(0)
+        err = getattr(self.lib, name)(ctypes.byref(value))
+        if err != 0:
+            raise RuntimeError(f"{name}: error {err}")
+        return value.value
 
 
 @functools.cache
 def runtime() -> CudaRuntime:
     return CudaRuntime()
-
-
-@functools.cache
-def _libcudart() -> tuple[str, ctypes.CDLL]:
-    path = find_cudart()
-    lib = ctypes.CDLL(path)
-    lib.cudaGetErrorString.restype = ctypes.c_char_p
-    lib.cudaGetErrorString.argtypes = [ctypes.c_int]
-    return path, lib
-
-
-def _check(lib: ctypes.CDLL, name: str, err: int) -> None:
-    if err != 0:
-        raise RuntimeError(f"{name}: error {err} ({lib.cudaGetErrorString(err).decode()})")
-
-
-def _int_query(lib: ctypes.CDLL, name: str, *args: int) -> int:
-    value = ctypes.c_int(0)
-    _check(lib, name, getattr(lib, name)(ctypes.byref(value), *args))
-    return value.value
-
-
-DEV_ATTR_MAX_PERSISTING_L2 = 108  # cudaDevAttrMaxPersistingL2CacheSize
-DEV_ATTR_MAX_WINDOW = 109  # cudaDevAttrMaxAccessPolicyWindowSize
-LIMIT_PERSISTING_L2 = 0x06  # cudaLimitPersistingL2CacheSize
-STREAM_ATTR_ACCESS_POLICY_WINDOW = 1  # cudaStreamAttributeAccessPolicyWindow
-ACCESS_NORMAL, ACCESS_STREAMING, ACCESS_PERSISTING = 0, 1, 2  # enum cudaAccessProperty
-
-
-class AccessPolicyWindow(ctypes.Structure):
-    """``struct cudaAccessPolicyWindow`` (driver_types.h)."""
-
-    _fields_ = [("base_ptr", ctypes.c_void_p), ("num_bytes", ctypes.c_size_t),
-                ("hitRatio", ctypes.c_float), ("hitProp", ctypes.c_int), ("missProp", ctypes.c_int)]
-
-
-class StreamAttrValue(ctypes.Union):
-    """``union cudaLaunchAttributeValue`` (64 bytes), of which only the window is used here."""
-
-    _fields_ = [("accessPolicyWindow", AccessPolicyWindow), ("pad", ctypes.c_char * 64)]
-
-
-def pin_in_l2(buffer: torch.Tensor, streams: list[torch.cuda.Stream]) -> int:
-    """Mark ``buffer`` persisting in L2 for kernels on ``streams`` and grow the device's
-    persisting set-aside to cover it (never shrinking one set by someone else). Returns the
-    bytes set aside; 0 where the GPU has no persisting L2 (the buffer then stays a normal one).
-
-    Copy engines do not take the window, but their reads and writes hit the lines the kernels
-    left resident: a staging chunk written by the gather is read by the DMA from L2, and
-    rewritten there by the next gather, without a round trip through HBM."""
-    _, lib = _libcudart()
-    device = buffer.device.index if buffer.device.index is not None else torch.cuda.current_device()
-    max_set_aside = _int_query(lib, "cudaDeviceGetAttribute", DEV_ATTR_MAX_PERSISTING_L2, device)
-    max_window = _int_query(lib, "cudaDeviceGetAttribute", DEV_ATTR_MAX_WINDOW, device)
-    num_bytes = buffer.numel() * buffer.element_size()
-    if max_set_aside <= 0 or max_window <= 0:
-        return 0
-    window = min(num_bytes, max_window)
-    current = ctypes.c_size_t(0)
-    lib.cudaDeviceGetLimit.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    _check(lib, "cudaDeviceGetLimit", lib.cudaDeviceGetLimit(ctypes.byref(current), LIMIT_PERSISTING_L2))
-    set_aside = max(current.value, min(window, max_set_aside))
-    lib.cudaDeviceSetLimit.argtypes = [ctypes.c_int, ctypes.c_size_t]
-    with torch.cuda.device(device):
-        _check(lib, "cudaDeviceSetLimit", lib.cudaDeviceSetLimit(LIMIT_PERSISTING_L2, set_aside))
-    value = StreamAttrValue()
-    value.accessPolicyWindow = AccessPolicyWindow(buffer.data_ptr(), window, min(1.0, set_aside / window),
-                                                  ACCESS_PERSISTING, ACCESS_STREAMING)
-    lib.cudaStreamSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    for stream in streams:
-        _check(lib, "cudaStreamSetAttribute",
-               lib.cudaStreamSetAttribute(stream.cuda_stream, STREAM_ATTR_ACCESS_POLICY_WINDOW,
-                                          ctypes.byref(value)))
-    return set_aside
 
 
 def find_cudart() -> str:

@@ -16,17 +16,12 @@ Two data paths, picked by ``path``:
 
 Work is cut into chunks of at most ``max_chunk_tokens``: it bounds staging memory and the length
 of any single launch, so high-priority h2d work interleaves with a long d2h job.
-
-With ``l2_resident`` the staging ring is marked persisting in L2 (``cudart.pin_in_l2``): with
-chunks small enough for the ring to fit the set-aside, a staged chunk never travels through HBM,
-so the path reads and writes HBM once per byte moved instead of three times.
 """
 
 from __future__ import annotations
 
 import torch
 
-from superinfer.host_tier.cudart import pin_in_l2
 from superinfer.host_tier.jobs import contiguous_runs
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import CopyMover, CopyResult, D2H_PRIORITY, H2D_PRIORITY
@@ -53,7 +48,6 @@ class DuplexKVMover(CopyMover):
         path: str = "staging",
         max_chunk_tokens: int | None = None,
         num_programs: int | None = None,
-        l2_resident: bool = False,
     ) -> None:
         super().__init__(k_buffers, v_buffers, host)
         if path not in PATHS:
@@ -67,19 +61,12 @@ class DuplexKVMover(CopyMover):
         # NOTE: None on the zero-copy path means the kernel's own default (2 programs per SM):
         # there the kernel is the transfer, and fewer programs cannot cover PCIe latency.
         self.num_programs = num_programs or (_DEFAULT_STAGING_PROGRAMS if path == "staging" else None)
-        if l2_resident and path != "staging":
-            raise ValueError("l2_resident pins the staging ring; the zerocopy path has none")
         self._table = make_kv_table(k_buffers, v_buffers)
-        self.l2_set_aside = 0
         if path == "staging":
             self._d2h_dma_stream = torch.cuda.Stream(self.device, priority=D2H_PRIORITY)
             self._h2d_scatter_stream = torch.cuda.Stream(self.device, priority=H2D_PRIORITY)
-            staging = torch.empty((4 * self.max_chunk_tokens, *host.buffer.shape[1:]),
-                                  dtype=host.buffer.dtype, device=self.device)
-            self._d2h_staging = _StagingRing(staging[: 2 * self.max_chunk_tokens])
-            self._h2d_staging = _StagingRing(staging[2 * self.max_chunk_tokens :])
-            streams = [self._d2h_stream, self._d2h_dma_stream, self._h2d_stream, self._h2d_scatter_stream]
-            self.l2_set_aside = pin_in_l2(staging, streams) if l2_resident else 0
+            self._d2h_staging = _StagingRing(self.max_chunk_tokens, host, self.device)
+            self._h2d_staging = _StagingRing(self.max_chunk_tokens, host, self.device)
 
     def synchronize(self) -> None:
         super().synchronize()
@@ -144,11 +131,12 @@ class DuplexKVMover(CopyMover):
 
 
 class _StagingRing:
-    """Two device staging buffers (the halves of ``staging``) used in turn; each remembers the
-    event after which its last reader or writer is done, so the next user waits for exactly that."""
+    """Two device staging buffers used in turn; each remembers the event after which its last
+    reader or writer is done, so the next user waits for exactly that."""
 
-    def __init__(self, staging: torch.Tensor) -> None:
-        self._bufs = list(staging.chunk(2))
+    def __init__(self, num_tokens: int, host: HostKVPool, device: torch.device) -> None:
+        shape = (num_tokens, *host.buffer.shape[1:])
+        self._bufs = [torch.empty(shape, dtype=host.buffer.dtype, device=device) for _ in range(2)]
         self._free = [torch.cuda.Event(), torch.cuda.Event()]  # unrecorded events count as done
         self._next = 0
 
