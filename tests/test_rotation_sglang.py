@@ -8,10 +8,11 @@ from collections import deque
 import numpy as np
 import pytest
 import torch
-
 from sglang_parts import SchedulerParts
-from superinfer.adapters.sglang.rotator import Rotator, mover_path
+
+from superinfer.adapters.sglang.rotator import Rotator
 from superinfer.config import RotaConfig
+from superinfer.host_tier.direct import mover_path
 from superinfer.policy import Capacity, Phase
 
 CONFIGS = [(1, True), (1, False), (16, True), (16, False)]

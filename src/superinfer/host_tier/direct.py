@@ -52,6 +52,18 @@ SLICE_PIECES = 4096
 MAX_QUEUED_PIECES = 16384
 
 
+def mover_path(flag: str, on_cuda: bool, piece_bytes: int) -> str:
+    """``--rota-mover`` resolved. Off CUDA: torch, or direct if asked (it runs there too, copying
+    with memmove). On CUDA, ``auto`` is direct when one page of one layer (``piece_bytes``) is
+    at least ``DIRECT_MIN_PIECE_BYTES`` (copy engines alone then reach full duplex), else
+    staging."""
+    if not on_cuda:
+        return "direct" if flag == "direct" else "torch"
+    if flag != "auto":
+        return flag
+    return "direct" if piece_bytes >= DIRECT_MIN_PIECE_BYTES else "staging"
+
+
 @dataclass(slots=True)
 class _Pending:
     """A submitted job on its way to the copy engines: ``dev_pages`` when its slots were given

@@ -24,7 +24,7 @@ import torch
 
 from superinfer.host_tier.jobs import contiguous_runs
 from superinfer.host_tier.pool import HostKVPool
-from superinfer.host_tier.stream_mover import CopyMover, CopyResult, D2H_PRIORITY, H2D_PRIORITY
+from superinfer.host_tier.stream_mover import D2H_PRIORITY, H2D_PRIORITY, CopyMover, CopyResult
 from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
 
 # Defaults from two H200 runs of eval/bench_duplexkv.py (Llama-3.1-8B KV, 64k-token batches):
@@ -32,8 +32,8 @@ from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table
 # is ~15 GB/s, so this is a lean, not a proof). The staging kernels only have to outrun the DMA;
 # 32 programs did (54.6 / 52.7 GB/s one way) and leave ~100 SMs to the model. Grids of 8-264
 # programs all cost a decode step 31-38%, as plain torch copies did. Staging holds 4 chunks.
-_DEFAULT_CHUNK_BYTES = 256 << 20
-_DEFAULT_STAGING_PROGRAMS = 32
+DEFAULT_CHUNK_BYTES = 256 << 20
+DEFAULT_STAGING_PROGRAMS = 32
 PATHS = ("staging", "zerocopy")
 
 
@@ -57,10 +57,10 @@ class DuplexKVMover(CopyMover):
         if not host.pinned:
             raise ValueError("DuplexKVMover needs a pinned HostKVPool")
         self.path = path
-        self.max_chunk_tokens = max_chunk_tokens or max(1, _DEFAULT_CHUNK_BYTES // host.bytes_per_token)
+        self.max_chunk_tokens = max_chunk_tokens or max(1, DEFAULT_CHUNK_BYTES // host.bytes_per_token)
         # NOTE: None on the zero-copy path means the kernel's own default (2 programs per SM):
         # there the kernel is the transfer, and fewer programs cannot cover PCIe latency.
-        self.num_programs = num_programs or (_DEFAULT_STAGING_PROGRAMS if path == "staging" else None)
+        self.num_programs = num_programs or (DEFAULT_STAGING_PROGRAMS if path == "staging" else None)
         self._table = make_kv_table(k_buffers, v_buffers)
         if path == "staging":
             self._d2h_dma_stream = torch.cuda.Stream(self.device, priority=D2H_PRIORITY)

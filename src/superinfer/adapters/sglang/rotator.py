@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...config import ConfigError, RotaConfig, parse_slo_override
-from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES
+from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES, mover_path
 from ...host_tier.interface import KVLayout, KVMover
 from ...host_tier.pool import HostKVPool
 from ...policy import Capacity, CostModel, Phase, create_policy
@@ -471,18 +471,6 @@ class Rotator:
         used = self.host.size - self.host.available_size()
         if held > used:
             raise AssertionError(f"rotations hold {held} host slots but only {used} are in use")
-
-
-def mover_path(flag: str, on_cuda: bool, piece_bytes: int) -> str:
-    """``--rota-mover`` resolved. Off CUDA: torch, or direct if asked (it runs there too, copying
-    with memmove). On CUDA, ``auto`` is direct when one page of one layer (``piece_bytes``) is
-    at least ``DIRECT_MIN_PIECE_BYTES`` (copy engines alone then reach full duplex), else
-    staging."""
-    if not on_cuda:
-        return "direct" if flag == "direct" else "torch"
-    if flag != "auto":
-        return flag
-    return "direct" if piece_bytes >= DIRECT_MIN_PIECE_BYTES else "staging"
 
 
 def _make_mover(path: str, k_buffers: list, v_buffers: list, host: HostKVPool) -> KVMover:
