@@ -449,6 +449,10 @@ def main() -> None:
         "decode": decode,
         "sglang_host_pool_baseline": sglang_host_pool_baseline(bench, args, cuda),
     }
+    # NOTE: the measurements are written before they are summarized: a summary bug or a run
+    # where nothing worked must not cost a (scarce) GPU run its data.
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(raw, indent=2) + "\n")
     write_summary(summarize(raw), args.out)
 
 
@@ -465,9 +469,12 @@ def summarize(raw: dict) -> dict:
     results, decode = raw["detail"], raw["decode"]
     per_page = raw["per_page_copy"]
     per_page_at = {int(k): v for k, v in raw.get("per_page_copy_by_page", {str(PAGE): per_page}).items()}
-    at_spec = {n: r for n, r in results.items() if page_of(n) == PAGE}
+    if not results:
+        raise ValueError(f"no configuration ran: {raw['failed_configs']}")
     # NOTE: the headline is the case (16-token pages) on the path rotasched takes there;
-    # bigger pages are reported apart. Smoke runs lack that path: their best stands in.
+    # bigger pages are reported apart. Runs without that path (smoke runs, a sweep of one
+    # page size) put their best in its place.
+    at_spec = {n: r for n, r in results.items() if page_of(n) == PAGE} or results
     best_cfg, best_reason = choose_best(at_spec, decode)
     default_cfg = rotasched_default(layout)
     if default_cfg not in at_spec:

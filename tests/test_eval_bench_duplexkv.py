@@ -71,3 +71,19 @@ def test_parse_config_names_and_rejects() -> None:
     assert bench.page_of("direct/page64/cudaslots") == 64 and bench.page_of("torch") == bench.PAGE
     with pytest.raises(ValueError, match="slots"):
         bench.parse_config("direct:64:0:gpu")
+
+
+def test_a_run_without_16_token_pages_is_summarized_and_an_empty_one_keeps_its_data(tmp_path: Path) -> None:
+    raw = {k: v for k, v in json.loads((RESULTS / "duplexkv_h200.json").read_text()).items()
+           if k in bench.RAW_KEYS}
+    only64 = {**raw, "detail": {"direct/page64": raw["detail"]["direct/page64"]},
+              "decode": {"direct/page64": raw["decode"]["direct/page64"]}}
+    summary = bench.summarize(only64)
+    assert summary["default_config"] == summary["measured_best"] == "direct/page64"
+    bench.write_summary(summary, tmp_path / "only64.json")
+    assert (tmp_path / "only64.png").stat().st_size > 0
+    assert summary["by_page_size"]["direct/page64"]["speedup_vs_per_page"] == pytest.approx(
+        raw["detail"]["direct/page64"][-1]["d2h_gbps"] / raw["per_page_copy_by_page"]["64"]["d2h_gbps"],
+        rel=0.05)
+    with pytest.raises(ValueError, match="no configuration ran"):
+        bench.summarize({**raw, "detail": {}, "decode": {}, "failed_configs": {"direct/page64": "boom"}})
