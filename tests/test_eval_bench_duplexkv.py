@@ -73,7 +73,7 @@ def test_parse_config_names_and_rejects() -> None:
         bench.parse_config("direct:64:0:gpu")
 
 
-def test_a_run_without_16_token_pages_is_summarized_and_an_empty_one_keeps_its_data(tmp_path: Path) -> None:
+def test_a_run_without_16_token_pages_is_summarized_and_an_empty_one_raises(tmp_path: Path) -> None:
     raw = {k: v for k, v in json.loads((RESULTS / "duplexkv_h200.json").read_text()).items()
            if k in bench.RAW_KEYS}
     only64 = {**raw, "detail": {"direct/page64": raw["detail"]["direct/page64"]},
