@@ -11,8 +11,10 @@ and without rotation running at full rate in both directions.
 
 The kernel-free direct path (``direct:P``) copies whole ``P``-token pages (one piece per page,
 layer and K/V) into a page-major host pool; it gets its own random ``P``-token page sets in the
-same device pool. The headline figures are the best configuration at the issue's 16-token
-pages; ``by_page_size`` adds the direct path at bigger pages (SGLang's ``--page-size``).
+same device pool. The headline figures are the configuration rotasched runs at the issue's
+16-token pages (``--rota-mover auto``); ``measured_best`` is the one meeting the most goals, and
+``by_page_size`` adds the direct path at bigger pages (SGLang's ``--page-size``), each against
+per-page copies of its own page size.
 
 ``--smoke`` runs a tiny CPU version (TorchMover and the direct path) to check the script itself.
 """

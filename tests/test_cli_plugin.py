@@ -36,6 +36,8 @@ def test_server_args_carry_rotasched_fields():
     assert rota_config(parse(["--model-path", "m", "--rota-keep-host-copy"])).keep_host_copy is True
     assert rota_config(ns).host_numa_node is None and rota_config(ns).write_through is False
     assert rota_config(parse(["--model-path", "m", "--rota-write-through"])).write_through is True
+    assert rota_config(parse(["--model-path", "m", "--rota-write-through"])).keeps_host_copies is True
+    assert rota_config(ns).keeps_host_copies is False
     assert rota_config(parse(["--model-path", "m", "--rota-host-numa-node", "1"])).host_numa_node == 1
     fields = {f.name for f in __import__("dataclasses").fields(ServerArgs)}
     assert {"rota_ttft_slo", "rota_tbt_slo", "rota_host_kv_gb", "rota_policy"} <= fields

@@ -51,6 +51,11 @@ class RotaConfig:
     # NUMA node of the host tier's memory (e.g. Grace's LPDDR on a GH200); None: first touch.
     host_numa_node: int | None = None
 
+    @property
+    def keeps_host_copies(self) -> bool:
+        """Kept host copies are on: asked for, or implied by write-through."""
+        return self.keep_host_copy or self.write_through
+
     def __post_init__(self) -> None:
         _positive("--rota-ttft-slo", self.ttft_slo_s)
         _positive("--rota-tbt-slo", self.tbt_slo_s)

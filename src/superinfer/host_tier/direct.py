@@ -143,12 +143,7 @@ class DirectKVMover(StreamMover):
         if not device_slots.is_cuda:  # checked now: a bad job must not reach the queue
             pending.dev_pages = self._device_pages(device_slots, host_pages)
         if self._on_cuda:
-            stream = self._stream(to_host)
-            caller = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(stream):
-                if ready is not None:
-                    stream.wait_event(ready)
-                stream.wait_stream(caller)
+            with self._fenced(to_host, ready) as stream:
                 if device_slots.is_cuda:
                     pending.slots = torch.empty(device_slots.shape, dtype=device_slots.dtype,
                                                 pin_memory=True)

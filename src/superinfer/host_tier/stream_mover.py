@@ -10,6 +10,8 @@ and when it is reported done (style rule 9, V10). ``DirectKVMover`` submits its 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -70,6 +72,21 @@ class StreamMover(KVMover):
     def _jobs(self, to_host: bool) -> JobQueue:
         return self._d2h_jobs if to_host else self._h2d_jobs
 
+    @contextmanager
+    def _fenced(self, to_host: bool, ready: object | None) -> Iterator[torch.cuda.Stream]:
+        """The direction's stream, current, after ``ready`` (the last forward that wrote the
+        slots) and after everything queued so far on the caller's stream.
+
+        NOTE: the caller's stream is always waited on too: the index tensors (and, for h2d,
+        the freshly allocated slots) were computed there by kernels still queued."""
+        stream = self._stream(to_host)
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            stream.wait_stream(caller)
+            yield stream
+
     def poll(self) -> TransferReport:
         done_d2h, bytes_d2h = self._d2h_jobs.pop_done()
         done_h2d, bytes_h2d = self._h2d_jobs.pop_done()
@@ -91,32 +108,23 @@ class CopyMover(StreamMover):
 
     def _submit(self, to_host: bool, job_id: str, device_slots: torch.Tensor,
                 host_slots: torch.Tensor, ready: object | None) -> int:
+        """Run the copy on the direction's stream, fenced (``_fenced``); on the CPU, now."""
         check_slots(device_slots, host_slots)
-        stream = self._stream(to_host) if self._on_cuda else None
         copy = self._copy_d2h if to_host else self._copy_h2d
-        job = self._launch(stream, ready, job_id, device_slots, host_slots, copy)
-        self._jobs(to_host).push(job)
-        return job.num_bytes
-
-    def _launch(self, stream, ready, job_id, device_slots, host_slots, copy) -> Job:
-        """Run ``copy`` on ``stream`` after ``ready`` (else after the caller's current stream)."""
         num_bytes = host_slots.numel() * self.host.bytes_per_token
-        if stream is None:
+        if not self._on_cuda:
             copy(device_slots, host_slots)
-            return Job(job_id, num_bytes, None)
-        caller = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(stream):
-            # NOTE: the caller's stream is always waited on too: the index tensors (and, for
-            # h2d, the freshly allocated slots) were computed there by kernels still queued.
-            if ready is not None:
-                stream.wait_event(ready)
-            stream.wait_stream(caller)
-            dev_idx = device_slots.to(self.device, non_blocking=True)
-            keepalive, event = copy(dev_idx, host_slots)
-            if event is None:
-                event = torch.cuda.Event()
-                event.record(stream)
-        return Job(job_id, num_bytes, event, (device_slots, dev_idx, host_slots, *keepalive))
+            job = Job(job_id, num_bytes, None)
+        else:
+            with self._fenced(to_host, ready) as stream:
+                dev_idx = device_slots.to(self.device, non_blocking=True)
+                keepalive, event = copy(dev_idx, host_slots)
+                if event is None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            job = Job(job_id, num_bytes, event, (device_slots, dev_idx, host_slots, *keepalive))
+        self._jobs(to_host).push(job)
+        return num_bytes
 
     @abc.abstractmethod
     def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:

@@ -53,7 +53,7 @@ class SloPolicy(Policy):
 
     def _link_tokens(self, bytes_per_s: float, window_s: float, cap: Capacity) -> int:
         """KV tokens one direction may move in this plan: ``link_share`` of the window."""
-        return int(self.config.link_share * bytes_per_s * window_s / cap.bytes_per_token)
+        return slo.link_tokens(self.config.link_share, bytes_per_s, window_s, cap.bytes_per_token)
 
     def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
              gpu_free_at_s: float | None = None) -> StepPlan:

@@ -32,6 +32,12 @@ def transfer_s(num_tokens: F, bytes_per_token: int, bytes_per_s: float) -> F:
     return num_tokens * (bytes_per_token / bytes_per_s)
 
 
+def link_tokens(share: float, bytes_per_s: float, window_s: float, bytes_per_token: int) -> int:
+    """KV tokens one direction may move in ``window_s`` at ``share`` of the link's rate (the
+    share bounds how much the copies slow the model down)."""
+    return int(share * bytes_per_s * window_s / bytes_per_token)
+
+
 def slack_s(next_deadline_s: F, now_s: float, costs: Costs) -> F:
     """How long a decoding request may stay idle and still make its next token's deadline."""
     return next_deadline_s - now_s - costs.decode_step_s

@@ -28,6 +28,7 @@ from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES, mover_path
 from ...host_tier.interface import KVLayout, KVMover
 from ...host_tier.pool import HostKVPool
 from ...policy import Capacity, CostModel, Phase, create_policy
+from ...policy.slo import link_tokens
 from .host_copies import HostCopies
 from .kv_ops import SglangKV
 from .metrics import RotationMetrics, RotationStats
@@ -149,8 +150,8 @@ class Rotator:
         if plan.admit:
             self._reorder_waiting(plan.admit)
         if self.write_through is not None and not plan.rotate_out and not self.out:
-            link_bytes = costs.d2h_bytes_per_s * costs.decode_step_s * self.config.link_share
-            budget = int(link_bytes / self.layout.bytes_per_token)
+            budget = link_tokens(self.config.link_share, costs.d2h_bytes_per_s, costs.decode_step_s,
+                                 self.layout.bytes_per_token)
             self.write_through.start(running.reqs, budget, self._forward_event())
         return running
 
@@ -202,8 +203,8 @@ class Rotator:
 
     def _rejoin(self, running: ScheduleBatch, ready: list[Parked]) -> ScheduleBatch:
         for p in ready:
-            keep = self.config.keep_host_copy or self.config.write_through
-            self.host_copies.keep_or_free(p.req, p.host_slots, p.kv_len, keep and not p.abort)
+            keep = self.config.keeps_host_copies and not p.abort
+            self.host_copies.keep_or_free(p.req, p.host_slots, p.kv_len, keep)
             self.costs.observe_transfer("h2d", p.kv_len * self.layout.bytes_per_token,
                                         max(self.now_s - p.submitted_s, 1e-6))
             self.table.set_phase(p.req.rid, Phase.RUNNING, self.now_s)
