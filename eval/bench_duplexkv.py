@@ -304,9 +304,9 @@ def make_mover(bench: Bench, cfg: dict) -> KVMover:
         from superinfer.host_tier.direct import MAX_QUEUED_PIECES, DirectKVMover
 
         return DirectKVMover(bench.k, bench.v, bench.host, cfg["max_queued_pieces"] or MAX_QUEUED_PIECES)
-    from superinfer.host_tier.duplex import DuplexKVMover
+    from superinfer.host_tier.staging import StagingKVMover
 
-    return DuplexKVMover(bench.k, bench.v, bench.host, path=cfg["path"],
+    return StagingKVMover(bench.k, bench.v, bench.host, path=cfg["path"],
                          max_chunk_tokens=cfg.get("max_chunk_tokens"),
                          num_programs=cfg.get("num_programs"))
 
@@ -332,7 +332,7 @@ def rotasched_default(layout: KVLayout) -> str:
     path = mover_path("auto", True, PAGE * layout.num_heads * layout.head_dim * layout.itemsize)
     if path != "staging":
         return f"{path}/page{PAGE}"
-    from superinfer.host_tier.duplex import DEFAULT_CHUNK_BYTES, DEFAULT_STAGING_PROGRAMS
+    from superinfer.host_tier.staging import DEFAULT_CHUNK_BYTES, DEFAULT_STAGING_PROGRAMS
 
     return f"staging/chunk{DEFAULT_CHUNK_BYTES // layout.bytes_per_token}/grid{DEFAULT_STAGING_PROGRAMS}"
 

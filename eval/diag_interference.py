@@ -18,7 +18,7 @@ zero data):
 - ``dma_only`` / ``dma_d2h_only`` / ``dma_h2d_only``: big contiguous pinned<->device copies.
 - ``gather_only_gN``: the Triton gather into a device staging buffer, N programs, no DMA
   (its GB/s counts payload once; HBM sees it twice, read + write).
-- ``staging_mover``: DuplexKVMover(path="staging") both ways at full rate (as bench_duplexkv).
+- ``staging_mover``: StagingKVMover(path="staging") both ways at full rate (as bench_duplexkv).
 - ``memcpy_batch*``: per-page 32 KiB copies, one ``cudaMemcpyBatchAsync`` call per 256 MiB
   unit (copy engines only, no kernels, no staging), via ctypes; checked bit for bit first;
   ``_xNstreams``: N streams per direction, in case one copy engine is what limits them.
@@ -754,9 +754,9 @@ class Resources:
     @property
     def mover(self):
         if self._mover is None:
-            from superinfer.host_tier.duplex import DuplexKVMover
+            from superinfer.host_tier.staging import StagingKVMover
 
-            self._mover = DuplexKVMover(self.bench.k, self.bench.v, self.bench.host, path="staging")
+            self._mover = StagingKVMover(self.bench.k, self.bench.v, self.bench.host, path="staging")
         return self._mover
 
     def small_chunk_mover(self, chunk_tokens: int, l2: bool):
@@ -766,10 +766,10 @@ class Resources:
         staging path's HBM traffic from 3x the payload towards 1x?"""
         key = (chunk_tokens, l2)
         if key not in self.small_movers:
-            from superinfer.host_tier.duplex import DuplexKVMover
+            from superinfer.host_tier.staging import StagingKVMover
 
             b = self.bench
-            mover = DuplexKVMover(b.k, b.v, b.host, path="staging", max_chunk_tokens=chunk_tokens)
+            mover = StagingKVMover(b.k, b.v, b.host, path="staging", max_chunk_tokens=chunk_tokens)
             ring = torch.empty((4 * chunk_tokens, *b.host.buffer.shape[1:]),
                                dtype=b.host.buffer.dtype, device="cuda")
             bufs = list(ring.split(chunk_tokens))

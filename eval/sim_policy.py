@@ -30,7 +30,7 @@ from traces import RequestSpec, load_azure, make_specs  # noqa: E402
 
 from superinfer.config import RotaConfig  # noqa: E402
 from superinfer.policy import Capacity, CostModel, Phase, create_policy  # noqa: E402
-from superinfer.policy import slo  # noqa: E402
+from superinfer.policy import deadlines  # noqa: E402
 from superinfer.policy.table import CLIP_NEW_TOKENS  # noqa: E402
 
 SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")  # --rota-keep-host-copy, --rota-write-through
@@ -223,7 +223,7 @@ class Simulator:
         """As the adapter: while nothing moves out, copy running requests' unsaved full pages,
         most first, within one step's link share (the first past it), into the free half."""
         c = self.costs.costs()
-        budget = slo.link_tokens(self.policy.config.link_share, self.gpu.link_bytes_per_s, c.decode_step_s,
+        budget = deadlines.link_tokens(self.policy.config.link_share, self.gpu.link_bytes_per_s, c.decode_step_s,
                                  self.gpu.bytes_per_token)
         room = self.host_free - self.host_tokens // 2
         wants = sorted(((r.kv // HOST_PAGE * HOST_PAGE - r.host, r) for r in self.running

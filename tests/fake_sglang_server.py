@@ -179,7 +179,7 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     if st.rota:
-        st.log("rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover DuplexKVMover")
+        st.log("rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover StagingKVMover")
         st.idle_check()
     await stats_loop(st)
 

@@ -81,7 +81,7 @@ def test_rotator_start_line_gives_the_host_page():
     fmt = rotator_formats()[e2e.ROTATOR_MARK]
     direct = fmt % ("slo", 16.0, 122048, 64, "DirectKVMover", "direct")
     assert e2e.rotator_host_page(f"[t] warming up\n[t TP0] {direct}\n") == 64
-    old = "rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover DuplexKVMover"
+    old = "rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover StagingKVMover"
     assert e2e.rotator_host_page(f"[t] {old}") == 16  # logs from before the page size was logged
     idle = {"device_total": 100, "device_free": 100, "host_total": 640, "host_free": 576, "table": 0}
     assert e2e.leak_summary(idle, 64, host_page=64)["host_pages"] == 1
@@ -90,7 +90,7 @@ def test_rotator_start_line_gives_the_host_page():
 
 def test_rotator_start_line_gives_the_ranks():
     fmt = rotator_formats()[e2e.ROTATOR_MARK]
-    line = fmt % ("slo", 16.0, 122064, 16, "DuplexKVMover", "staging")
+    line = fmt % ("slo", 16.0, 122064, 16, "StagingKVMover", "staging")
     text = f"[t TP0] {line}\n[t TP1] {line}\n[t] unrelated"
     assert e2e.rotator_ranks(text) == [0, 1]
     assert e2e.rotator_ranks(f"[2026-11-29 12:00:00] {line}") == [0]
@@ -481,7 +481,7 @@ def write_run_dir(d: Path) -> None:
         "[00:00:20 +  30s] soak: rota_p1: 1/3 complete, 1 aborted by the client",
         "[00:00:21 +  31s] checks: rota_p1: normal 200/200, bad SLO -> HTTP 400",
     ]) + "\n")
-    start = rotator_formats()[e2e.ROTATOR_MARK] % ("slo", 16.0, 122064, 16, "DuplexKVMover", "staging")
+    start = rotator_formats()[e2e.ROTATOR_MARK] % ("slo", 16.0, 122064, 16, "StagingKVMover", "staging")
     (d / "server_rota_p1.log").write_text("\n".join([
         f"[2026-11-29 23:59:40] {start}",
         idle_line("[2026-11-29 23:59:40]"),  # warm-up

@@ -6,7 +6,7 @@ import sys
 MODULES = [
     "superinfer.host_tier.pool",
     "superinfer.host_tier.torch_mover",
-    "superinfer.host_tier.duplex",
+    "superinfer.host_tier.staging",
     "superinfer.triton_kernels.kv_gather_scatter",
 ]
 

@@ -12,7 +12,7 @@ import pytest
 
 from superinfer.config import ConfigError, RotaConfig
 from superinfer.policy import Capacity, CostModel, LvfPolicy, Phase, SloPolicy, create_policy
-from superinfer.policy import slo
+from superinfer.policy import deadlines
 from superinfer.policy.costs import DEFAULT_COSTS
 
 BPT = 131072  # Llama-3.1-8B KV bytes per token
@@ -57,7 +57,7 @@ def test_rotated_request_key_brought_forward_by_swap_in():
     # 200k tokens at 50 GB/s take ~0.52 s to come back: the rotated one must go first.
     plan = p.plan(1.2, cap(1_000_000, total=1_000_000), COSTS, 16384)
     assert plan.rotate_in == ["away"] and plan.admit == ["new"]
-    assert slo.transfer_s(200_000, BPT, 50e9) > 0.5
+    assert deadlines.transfer_s(200_000, BPT, 50e9) > 0.5
 
 
 def test_victims_most_slack_first_and_only_if_slack_covers_round_trip():
@@ -133,8 +133,8 @@ def test_urgency_covers_the_overlap_pipeline_of_a_swap():
     running(p, "away", tokens=1000, first_s=0.0, out=30)  # due 3.0
     p.table.set_phase("away", Phase.ROTATING_OUT, 0.5)
     p.table.set_phase("away", Phase.ON_HOST, 0.5)
-    copy = slo.transfer_s(1000, BPT, 50e9)
-    lag = slo.make_room_lag_s(1000, BPT, COSTS)
+    copy = deadlines.transfer_s(1000, BPT, 50e9)
+    lag = deadlines.make_room_lag_s(1000, BPT, COSTS)
     assert lag == pytest.approx(6 * 0.02 + copy)
     key = 3.0 - copy
     assert p.plan(key - lag - 0.005, cap(500), COSTS, 16384).rotate_out == []
@@ -144,11 +144,11 @@ def test_urgency_covers_the_overlap_pipeline_of_a_swap():
 def test_away_streams_are_bounded_by_the_slack_the_resident_ones_earn():
     """Rotating out for new work only while the resident streams earn the slack the ones on
     the host spend: 20 ms steps and a 100 ms TBT earn 4 s per second per stream, /2 margin."""
-    assert slo.slack_gain(0.1, 0.02, 0.0) == pytest.approx(4.0)
-    assert slo.slack_gain(0.1, 0.02, 0.5) == pytest.approx(1.5)
-    assert slo.slack_gain(0.1, 0.2, 0.0) == 0.0
-    assert slo.max_extra_away(resident=10, away=0, gain=2.0) == 7  # 7 <= (10 - 7 + 1) * 2
-    assert slo.max_extra_away(resident=10, away=22, gain=2.0) == 0
+    assert deadlines.slack_gain(0.1, 0.02, 0.0) == pytest.approx(4.0)
+    assert deadlines.slack_gain(0.1, 0.02, 0.5) == pytest.approx(1.5)
+    assert deadlines.slack_gain(0.1, 0.2, 0.0) == 0.0
+    assert deadlines.max_extra_away(resident=10, away=0, gain=2.0) == 7  # 7 <= (10 - 7 + 1) * 2
+    assert deadlines.max_extra_away(resident=10, away=22, gain=2.0) == 0
 
     def plan_with_away(n_away: int) -> list[str]:
         p = SloPolicy(RotaConfig(reserve_window_s=0.0))
@@ -405,8 +405,8 @@ def test_policy_core_imports_without_torch_or_sglang():
 
 def test_slo_arithmetic_vectorizes():
     first = np.array([0.0, 1.0])
-    assert list(slo.next_token_deadline(first, np.array([10, 0]), 0.1)) == [1.0, 1.0]
-    assert slo.next_token_deadline(0.5, 3, 0.1) == pytest.approx(0.8)
+    assert list(deadlines.next_token_deadline(first, np.array([10, 0]), 0.1)) == [1.0, 1.0]
+    assert deadlines.next_token_deadline(0.5, 3, 0.1) == pytest.approx(0.8)
 
 
 def test_prefill_budget_follows_the_least_slack_of_on_pace_streams():

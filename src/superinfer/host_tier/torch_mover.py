@@ -2,7 +2,7 @@
 
 A batch is gathered into a token-major device staging tensor with one indexing op per layer
 and K/V, then copied to the host with one DMA per run of consecutive host slots (and the
-reverse for h2d). Correct everywhere torch runs; DuplexKVMover is the fast one on CUDA.
+reverse for h2d). Correct everywhere torch runs; StagingKVMover is the fast one on CUDA.
 """
 
 from __future__ import annotations

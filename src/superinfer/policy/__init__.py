@@ -6,7 +6,7 @@ from ..config import RotaConfig
 from .base import Policy
 from .costs import CostModel
 from .lvf import LvfPolicy
-from .rotasched import SloPolicy
+from .slo import SloPolicy
 from .table import RequestTable
 from .types import Capacity, Costs, Phase, ReqView, StepPlan
 

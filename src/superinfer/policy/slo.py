@@ -1,85 +1,323 @@
-"""Deadline and slack arithmetic. Pure functions that accept floats or numpy arrays alike, so
-the same formula serves one request in a test and 5,000 in the planner's vectorized pass.
+"""RotaSched: earliest-deadline-first admission with slack-funded rotation.
 
-A decoding stream is paced from its first token: output token k (k = 0 is the first) is due at
-``first_token_s + k * tbt_slo_s``. A stream ahead of that pace has *slack* it can lend::
+Each iteration:
+1. Rank new requests (TTFT deadline minus prefill time) and rotated-out requests (next-token
+   deadline minus swap-in time) in one EDF order; those already late go last (new ones only:
+   a late rotated-out request keeps its place so it is never starved).
+2. Walk that order while it fits in free device memory: new requests to the queue front,
+   urgent rotated ones (within ``deadlines.make_room_lag_s`` of their key) back in, within the
+   host→device budget. Rotated ones not urgent yet wait for room left over once everything
+   ranked fits (never the proactive reserve); they never make room.
+3. If the head does not fit, rotate out decode requests with the most slack, only those whose
+   slack covers their round trip by ``slack_margin``, until the head fits; otherwise keep the
+   adaptive free reserve the same way. Never more than ``link_share`` of the link's bytes
+   over the time since the last plan (rotation costs the model SM time; see
+   RotaConfig.link_share): a long prefill batch leaves room for more than a decode step.
+   Rotations that admit new work (not an urgent return) stop where the resident streams
+   could no longer earn the slack the streams on the host spend (``deadlines.slack_gain``,
+   ``deadlines.max_extra_away``), and keep one stream's KV free on the host for swaps. If no room
+   can be made for a new head, urgent returns behind it still swap in.
+4. Bound this step's prefill tokens by the least slack of the resident streams and of the
+   rotated-out ones up to their urgency point (none left, or a stream behind pace: decode
+   first); the head's whole first batch must fit, since SGLang runs chunks back to back.
 
-    first token            now        next deadline = first + n·tbt
-        |---- n tokens out ---|--- slack ---|
+Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
+``new_token_ratio`` × its remaining output; a new request needs its prompt plus its whole
+(clipped) output budget.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import numpy as np
 
-from .types import Costs
+from . import deadlines
+from .base import Policy
+from .table import CLIP_NEW_TOKENS
+from .types import Capacity, Costs, Phase, StepPlan
 
-F = TypeVar("F", float, np.ndarray)
-
-
-def ttft_deadline(arrival_s: F, ttft_slo_s: F) -> F:
-    return arrival_s + ttft_slo_s
-
-
-def next_token_deadline(first_token_s: F, num_output_tokens: F, tbt_slo_s: F) -> F:
-    """Deadline of output token number ``num_output_tokens`` (the next one to be produced)."""
-    return first_token_s + num_output_tokens * tbt_slo_s
+_WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
+_ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
+_LATE = 1e12  # added to the key of a request already past its TTFT deadline (late_last)
+_LINK_WINDOW_MAX_S = 0.1  # unused link time carried over between plans at most (burst bound)
 
 
-def transfer_s(num_tokens: F, bytes_per_token: int, bytes_per_s: float) -> F:
-    return num_tokens * (bytes_per_token / bytes_per_s)
+class SloPolicy(Policy):
+    _last_plan_s: float | None = None
 
+    def _link_window_s(self, now_s: float, costs: Costs) -> float:
+        """Seconds of link time this plan may spend a share of: since the last plan, at least
+        a decode step, at most _LINK_WINDOW_MAX_S."""
+        last, self._last_plan_s = self._last_plan_s, now_s
+        since = costs.decode_step_s if last is None else now_s - last
+        return min(max(since, costs.decode_step_s), max(_LINK_WINDOW_MAX_S, costs.decode_step_s))
 
-def link_tokens(share: float, bytes_per_s: float, window_s: float, bytes_per_token: int) -> int:
-    """KV tokens one direction may move in ``window_s`` at ``share`` of the link's rate (the
-    share bounds how much the copies slow the model down)."""
-    return int(share * bytes_per_s * window_s / bytes_per_token)
+    def _link_tokens(self, bytes_per_s: float, window_s: float, cap: Capacity) -> int:
+        """KV tokens one direction may move in this plan: ``link_share`` of the window."""
+        return deadlines.link_tokens(self.config.link_share, bytes_per_s, window_s, cap.bytes_per_token)
 
+    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
+             gpu_free_at_s: float | None = None) -> StepPlan:
+        plan = StepPlan()
+        cfg = self.config
+        t = self.table
+        resident = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
+        leaving = t.slots_in(Phase.ROTATING_OUT)
+        # KV on its way out is as good as free: counting it again as a deficit next step would
+        # pick new victims for room that is already coming (one step or more: the copy waits
+        # for the forward in flight).
+        free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
+                - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
+        budget = None
+        if cfg.prefill_pacing:
+            budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), cap.bytes_per_token, costs)
+        reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
+                                     cfg.reserve_max_frac)
+        window = self._link_window_s(now_s, costs)
+        batch_limit = max_prefill_tokens if budget is None else min(max_prefill_tokens, max(budget, 1))
+        used, deficit, wait_s, urgent = self._admit(plan, now_s, free, cap, costs, batch_limit, reserve,
+                                                    window)
+        if budget and plan.admit:
+            # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
+            # back to back, decode waiting: so the head's whole first batch must fit, or a
+            # decode step comes first (each adds a TBT minus a step to every stream's slack).
+            head = min(int(t.num_prompt_tokens[t.slot(plan.admit[0])]), max_prefill_tokens)
+            if head > budget:
+                budget = 0
+        plan.prefill_token_budget = budget
+        blocked_new = deficit is not None and not urgent
+        why = "bring back an urgent stream" if urgent else "make room for the EDF head"
+        if deficit is None:
+            deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"
+        if deficit > 0:
+            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window, grows_away=not urgent)
+        plan.head_blocked = blocked_new and not plan.rotate_out
+        if plan.head_blocked:
+            # The new head waits (no room can be made for it now), but a rotated-out stream due
+            # now must not wait behind it: it can still swap with a resident that has slack.
+            self._urgent_returns(plan, now_s, free - used, cap, costs, window)
+        plan.check()
+        return plan
 
-def slack_s(next_deadline_s: F, now_s: float, costs: Costs) -> F:
-    """How long a decoding request may stay idle and still make its next token's deadline."""
-    return next_deadline_s - now_s - costs.decode_step_s
+    def _prefill_budget(self, start_s: float, bpt: int, costs: Costs) -> int | None:
+        """Prefill tokens that fit in the least slack of the decoding streams. A prefill batch
+        delays every decode step behind it; past this many tokens a stream's next token would
+        come after its deadline. 0 means: decode first. A stream already behind its pace
+        counts as no slack: only decode steps (each shorter than its TBT) let it catch up.
+        (Letting prefill run unbounded once every stream was behind stalled all of them for
+        up to a second at a time on the H200, and they never caught up.)
 
+        The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
+        it can only delay tokens not launched yet, so a stream whose prefill is in flight
+        counts from its expected first token: its second token is the one at risk."""
+        t = self.table
+        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
+        run = run[~np.isnan(t.first_token_s[run])]
+        if run.size == 0:
+            return None
+        deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
+        slack = deadlines.slack_s(deadline, start_s, costs)
+        away = t.phase[run] == _ON_HOST
+        late = away & (deadline < start_s)  # not waited for: decode steps would not bring it back
+        # A stream on the host may need room made and its copy to be back: a prefill now
+        # delays both (past its urgency point, it counts as no slack).
+        tokens = t.num_tokens[run[away]]
+        slack[away] -= (deadlines.make_room_lag_s(tokens, bpt, costs) - costs.decode_step_s
+                        + deadlines.transfer_s(tokens, bpt, costs.h2d_bytes_per_s))
+        slack = slack[~late]
+        if slack.size == 0:
+            return None
+        least = max(float(slack.min()), 0.0)
+        budget = costs.prefill_tokens_within(least)
+        # Below the size where the fixed cost is half the forward, wait a decode step instead
+        # (it adds a TBT minus a step to every stream's slack): tiny chunks cost throughput.
+        worthwhile = max(self.config.min_prefill_chunk,
+                         int(costs.prefill_overhead_s / costs.prefill_s_per_token))
+        return budget if budget >= worthwhile else 0
 
-def round_trip_s(num_tokens: F, bytes_per_token: int, costs: Costs, wait_s: float,
-                 out_tokens: F | None = None) -> F:
-    """Out (``out_tokens``: fewer when part of the KV is still on the host), ``wait_s`` while
-    the space is used by someone else, back in, one step to produce."""
-    out = num_tokens if out_tokens is None else out_tokens
-    move = transfer_s(out, bytes_per_token, costs.d2h_bytes_per_s) + transfer_s(
-        num_tokens, bytes_per_token, costs.h2d_bytes_per_s
-    )
-    return move + wait_s + costs.decode_step_s
+    def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``depth`` candidate slots in admission order, and their EDF keys.
 
+        Only the head of the order is ever walked, so it is selected in O(n) with
+        ``argpartition`` and only that part is sorted (ties by arrival order, so every TP rank
+        gets the same order)."""
+        t = self.table
+        cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
+        on_host = t.phase[cand] == Phase.ON_HOST
+        new_deadline = deadlines.ttft_deadline(t.arrival_s[cand], t.ttft_slo_s[cand])
+        key = np.where(on_host, self._return_key(cand, cap, costs),
+                       new_deadline - costs.prefill_s(t.num_prompt_tokens[cand]))
+        if self.config.late_last:
+            key = key + np.where((~on_host) & (new_deadline < now_s), _LATE, 0.0)
+        if depth < len(cand):
+            head = np.argpartition(key, depth)[:depth]
+            cand, key = cand[head], key[head]
+        order = np.lexsort((t.seq[cand], key))
+        return cand[order], key[order]
 
-def reserve_tokens(costs: Costs, window_s: float, total_device_tokens: int, max_frac: float) -> int:
-    """Free space to keep for arrivals expected within ``window_s``: the paper's fixed budget B,
-    sized from the measured arrival rate and prompt length instead of a constant."""
-    want = costs.arrival_rate_per_s * window_s * costs.mean_prompt_tokens
-    return int(min(want, max_frac * total_device_tokens))
+    def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
+               max_prefill_tokens: int, reserve: int, window_s: float) -> tuple[int, int | None, float, bool]:
+        """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
+        head or None, how long a victim would wait for that head, whether the head is a
+        rotated-out stream that must come back now).
 
+        New requests and urgent returns go in EDF order. A rotated-out stream that is not
+        urgent yet yields to both and only takes room left once everything ranked fits:
+        taking it earlier blocks a newcomer, whose room then comes from a rotation, and the
+        two swap again and again (seen in eval/sim_policy.py on the code trace)."""
+        t = self.table
+        depth = _WALK_DEPTH
+        order, key = self._rank(now_s, cap, costs, depth)
+        h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
+        used = prefill = h2d = 0
+        start = 0
+        deferred: list[int] = []
+        while start < len(order):
+            # From the decision to its token, a rotated-out request that must make room waits for
+            # the victims' copy (behind the forward in flight), its own copy, its decode step.
+            urgent_lag = deadlines.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
+            for i, s in enumerate(order[start:].tolist(), start):
+                req_id = t.id_at(s)
+                if t.phase[s] == _ON_HOST:
+                    if key[i] > now_s + urgent_lag[i]:
+                        deferred.append(s)
+                        continue
+                    need = self._return_need(s, cap)
+                    if need > free - used:
+                        return used, need - (free - used), costs.decode_step_s, True
+                    if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
+                        return used, None, 0.0, False  # budget spent this step; order kept
+                    h2d += self._take_return(plan, s, "urgent rotate-in")
+                else:
+                    prompt = int(t.num_prompt_tokens[s])
+                    need = prompt + int(min(t.max_new_tokens[s], CLIP_NEW_TOKENS))
+                    if need > free - used:
+                        plan.admit.append(req_id)  # first in line, so nobody overtakes it
+                        plan.reasons[req_id] = "EDF head, blocked"
+                        return used, need - (free - used), costs.prefill_s(prompt), False
+                    if prefill + prompt > max_prefill_tokens and plan.admit:
+                        return used, None, 0.0, False
+                    plan.admit.append(req_id)
+                    plan.reasons[req_id] = "admit"
+                    prefill += prompt
+                used += need
+            if len(order) < depth:
+                break
+            start, depth = len(order), 4 * depth  # everything ranked so far fit: look deeper
+            order, key = self._rank(now_s, cap, costs, depth)
+        for s in deferred:  # room to spare: bring streams back early, never past the reserve
+            need = self._return_need(s, cap)
+            if need > free - used - reserve or (h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in):
+                break
+            h2d += self._take_return(plan, s, "rotate-in")
+            used += need
+        return used, None, 0.0, False
 
-def make_room_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
-    """How long before ``key`` (next-token deadline minus the swap-in copy) a rotated-out
-    request that needs room must be decided on. SGLang's overlap scheduler plans batch N while
-    N-1 runs, so counting batches from the decision (at plan N): N-1 is the victims' last
-    writer, their copy runs during N and their pages are seen free at plan N+2; our copy waits
-    for N+1 (in flight then) and runs during N+2; we are seen back at plan N+4, and N+4
-    decodes the token. Six steps, the victims' copy, and ours (already in the key)."""
-    return 6 * costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.d2h_bytes_per_s)
+    def _urgent_returns(self, plan: StepPlan, now_s: float, room: int, cap: Capacity, costs: Costs,
+                        window_s: float) -> None:
+        """Bring back the rotated-out streams that are due now, in deadline order, making room
+        for the first that does not fit (the EDF walk stopped at a new request it could not
+        place, before reaching them)."""
+        t = self.table
+        away = t.slots_in(Phase.ON_HOST)
+        if away.size == 0:
+            return
+        key = self._return_key(away, cap, costs)
+        due = key <= now_s + deadlines.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token, costs)
+        away, key = away[due], key[due]
+        h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
+        h2d = sum(int(t.num_tokens[t.slot(r)]) for r in plan.rotate_in)
+        for s in away[np.lexsort((t.seq[away], key))].tolist():
+            if t.id_at(s) in plan.reasons:  # already coming back (the walk reached it)
+                continue
+            need = self._return_need(s, cap)
+            if need > room:
+                self._rotate_out(plan, need - room, now_s, cap, costs, costs.decode_step_s,
+                                 "bring back an urgent stream", window_s, grows_away=False)
+                return
+            if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
+                return
+            h2d += self._take_return(plan, s, "urgent rotate-in")
+            room -= need
 
+    def _return_key(self, slots: np.ndarray, cap: Capacity, costs: Costs) -> np.ndarray:
+        """EDF key of rotated-out streams: the next token's deadline minus the copy back."""
+        t = self.table
+        deadline = deadlines.next_token_deadline(t.first_token_s[slots], t.next_token_index(slots), t.tbt_slo_s[slots])
+        return deadline - deadlines.transfer_s(t.num_tokens[slots], cap.bytes_per_token, costs.h2d_bytes_per_s)
 
-def slack_gain(tbt_slo_s: float, decode_step_s: float, prefill_share: float) -> float:
-    """Seconds of slack a resident stream earns per second: it gets a token every decode step
-    (in the GPU time prefill leaves) and owes one per TBT. A stream on the host spends one
-    second of slack per second, so the resident streams fund at most ``gain`` times their
-    number on the host: rotate more out for new work and some must come back late."""
-    return max((1.0 - min(prefill_share, 1.0)) * tbt_slo_s / decode_step_s - 1.0, 0.0)
+    def _take_return(self, plan: StepPlan, slot: int, why: str) -> int:
+        """Plan a rotated-out stream's return; returns the tokens it moves host→device."""
+        req_id = self.table.id_at(slot)
+        plan.rotate_in.append(req_id)
+        plan.reasons[req_id] = why
+        return int(self.table.num_tokens[slot])
 
+    def _return_need(self, slot: int, cap: Capacity) -> int:
+        """Device tokens a rotated-out stream takes back: its KV and SGLang's reservation."""
+        t = self.table
+        remaining = min(int(t.max_new_tokens[slot] - t.num_output_tokens[slot]), CLIP_NEW_TOKENS)
+        return int(t.num_tokens[slot]) + int(max(remaining, 0) * cap.new_token_ratio)
 
-def max_extra_away(resident: int, away: int, gain: float) -> int:
-    """Largest k such that k more streams leaving (and one newcomer arriving) keeps
-    ``away + k <= (resident - k + 1) * gain``."""
-    return max(int(((resident + 1) * gain - away) // (1.0 + gain)), 0)
+    def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
+                    wait_s: float, why: str, window_s: float, grows_away: bool) -> None:
+        """Pick victims with the most slack until ``deficit`` tokens are freed (or none at all if
+        the eligible victims cannot cover it: a partial rotation would only waste bandwidth).
+        ``grows_away``: the room is for new work, so the streams away from the device grow in
+        number: ``_away_room`` bounds them, and one stream's KV stays free on the host."""
+        t = self.table
+        run = t.slots_in(Phase.RUNNING)
+        if run.size == 0:
+            return
+        largest = int(t.num_tokens[run].max())
+        # Decoding, and not about to finish: a request that finishes in the step in flight
+        # is released by SGLang itself.
+        run = run[~np.isnan(t.first_token_s[run]) & (t.max_new_tokens[run] - t.num_output_tokens[run] > 2)]
+        if run.size == 0:
+            return
+        tokens, out = t.num_tokens[run], t.out_tokens(run)
+        deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
+        slack = deadlines.slack_s(deadline, now_s, costs)
+        # Enough for the round trip (with margin) and, since its return may need room made in
+        # turn, the lead time of an urgent return.
+        need_slack = (self.config.slack_margin
+                      * deadlines.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s, out_tokens=out)
+                      + deadlines.make_room_lag_s(tokens, cap.bytes_per_token, costs))
+        ok = slack >= need_slack
+        run, tokens, out, slack = run[ok], tokens[ok], out[ok], slack[ok]
+        frees = tokens + t.decode_reservation(run, cap.new_token_ratio)
+        if frees.sum() < deficit:
+            return
+        if len(run) > _WALK_DEPTH:  # most-slack head first: usually covers the deficit
+            head = np.argpartition(-slack, _WALK_DEPTH)[:_WALK_DEPTH]
+            if frees[head].sum() >= deficit:
+                run, out, slack, frees = run[head], out[head], slack[head], frees[head]
+        order = np.lexsort((t.seq[run], -slack))
+        run, out = run[order], out[order]
+        freed = np.cumsum(frees[order])
+        d2h_budget = max(self._link_tokens(costs.d2h_bytes_per_s, window_s, cap), 1)
+        moved = np.cumsum(out)  # copied to the host: what a kept host copy lacks
+        host_room = cap.free_host_tokens
+        if grows_away:
+            # Keep room on the host for one more stream: a return that must make room swaps
+            # with a resident, whose copy lands before the returning one's host pages are free.
+            # (With the host tier full, streams due came back up to 0.9 s late in the model.)
+            host_room -= largest
+        fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= host_room)
+        take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
+        if grows_away and take > self._away_room(costs):
+            return  # the streams on the host could not all be brought back on time
+        for req_id in t.ids(run[:take]):
+            plan.rotate_out.append(req_id)
+            plan.reasons[req_id] = f"rotate out: {why}"
+
+    def _away_room(self, costs: Costs) -> int:
+        """How many more decoding streams may leave the device to make room for new work."""
+        t = self.table
+        resident = t.slots_in(Phase.RUNNING)
+        resident = resident[~np.isnan(t.first_token_s[resident])]
+        away = len(t.slots_in(Phase.ROTATING_OUT, Phase.ON_HOST, Phase.ROTATING_IN))
+        if resident.size == 0:
+            return 0
+        prefill_share = costs.arrival_rate_per_s * costs.mean_prompt_tokens * costs.prefill_s_per_token
+        gain = deadlines.slack_gain(float(t.tbt_slo_s[resident].min()), costs.decode_step_s, prefill_share)
+        return deadlines.max_extra_away(len(resident), away, gain / self.config.slack_margin)

@@ -28,7 +28,7 @@ from ...host_tier.direct import DIRECT_MIN_PIECE_BYTES, mover_path
 from ...host_tier.interface import KVLayout, KVMover
 from ...host_tier.pool import HostKVPool
 from ...policy import Capacity, CostModel, Phase, create_policy
-from ...policy.slo import link_tokens
+from ...policy.deadlines import link_tokens
 from .host_copies import HostCopies
 from .kv_ops import SglangKV
 from .metrics import RotationMetrics, RotationStats
@@ -483,9 +483,9 @@ def _make_mover(path: str, k_buffers: list, v_buffers: list, host: HostKVPool) -
         from ...host_tier.direct import DirectKVMover
 
         return DirectKVMover(k_buffers, v_buffers, host)
-    from ...host_tier.duplex import DuplexKVMover
+    from ...host_tier.staging import StagingKVMover
 
-    return DuplexKVMover(k_buffers, v_buffers, host, path=path)
+    return StagingKVMover(k_buffers, v_buffers, host, path=path)
 
 
 def validate_request_slo(req: Req) -> str | None:

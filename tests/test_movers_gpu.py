@@ -1,4 +1,4 @@
-"""DuplexKVMover (both paths) and TorchMover on CUDA: bytes, ordering fences, polling.
+"""StagingKVMover (both paths) and TorchMover on CUDA: bytes, ordering fences, polling.
 
 Delays come from ``torch.cuda._sleep`` on a side stream: a mover that ignored an event would
 copy too early and the check would see the old bytes.
@@ -23,7 +23,7 @@ MOVERS = ["staging", "zerocopy", "torch"]
 
 
 def make_mover(kind: str, dtype=torch.bfloat16, max_chunk_tokens: int = 300):
-    from superinfer.host_tier.duplex import DuplexKVMover
+    from superinfer.host_tier.staging import StagingKVMover
     from superinfer.host_tier.torch_mover import TorchMover
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -39,7 +39,7 @@ def make_mover(kind: str, dtype=torch.bfloat16, max_chunk_tokens: int = 300):
     torch.cuda.synchronize()  # side streams in the tests do not wait for this set-up
     if kind == "torch":
         return kv, host, TorchMover(k, v, host)
-    return kv, host, DuplexKVMover(k, v, host, path=kind, max_chunk_tokens=max_chunk_tokens)
+    return kv, host, StagingKVMover(k, v, host, path=kind, max_chunk_tokens=max_chunk_tokens)
 
 
 def page_slots(num_tokens: int, first_page: int = 0) -> torch.Tensor:
@@ -133,15 +133,15 @@ def test_jobs_finish_in_order_across_chunks_and_scattered_host_pages(kind: str) 
 
 
 def test_rejects_unknown_path_and_unpinned_host() -> None:
-    from superinfer.host_tier.duplex import DuplexKVMover
+    from superinfer.host_tier.staging import StagingKVMover
 
     kv, host, _ = make_mover("torch")
     with pytest.raises(ValueError):
-        DuplexKVMover(list(kv[:, 0]), list(kv[:, 1]), host, path="magic")
+        StagingKVMover(list(kv[:, 0]), list(kv[:, 1]), host, path="magic")
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, 2)
     unpinned = HostKVPool(layout, 64, PAGE, torch.bfloat16, pin_memory=False)
     with pytest.raises(ValueError):
-        DuplexKVMover(list(kv[:, 0]), list(kv[:, 1]), unpinned)
+        StagingKVMover(list(kv[:, 0]), list(kv[:, 1]), unpinned)
 
 
 # --- DirectKVMover: page pieces by cudaMemcpyBatchAsync, page-major host pool -----------------

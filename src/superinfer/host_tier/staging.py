@@ -1,4 +1,4 @@
-"""DuplexKVMover: KV rotation on CUDA with both directions in flight at once.
+"""StagingKVMover: KV rotation on CUDA with both directions in flight at once.
 
 Two data paths, picked by ``path``:
 
@@ -37,7 +37,7 @@ DEFAULT_STAGING_PROGRAMS = 32
 PATHS = ("staging", "zerocopy")
 
 
-class DuplexKVMover(CopyMover):
+class StagingKVMover(CopyMover):
     """Fast KVMover for CUDA device pools; see the module docstring for the two paths."""
 
     def __init__(
@@ -53,9 +53,9 @@ class DuplexKVMover(CopyMover):
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if not self._on_cuda:
-            raise ValueError("DuplexKVMover needs CUDA KV buffers; use TorchMover on the CPU")
+            raise ValueError("StagingKVMover needs CUDA KV buffers; use TorchMover on the CPU")
         if not host.pinned:
-            raise ValueError("DuplexKVMover needs a pinned HostKVPool")
+            raise ValueError("StagingKVMover needs a pinned HostKVPool")
         self.path = path
         self.max_chunk_tokens = max_chunk_tokens or max(1, DEFAULT_CHUNK_BYTES // host.bytes_per_token)
         # NOTE: None on the zero-copy path means the kernel's own default (2 programs per SM):

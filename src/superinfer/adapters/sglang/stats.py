@@ -1,0 +1,61 @@
+"""Rotation counters and the structured stats record the scheduler logs.
+
+Every record is one log line: ``STATS_PREFIX`` followed by a JSON object. Tools (the eval
+scripts, an operator's log pipeline) read records with ``parse_records``, never by matching
+the wording of a log message. Three kinds:
+
+- ``start``: once per scheduler process (policy, host tier size and page, mover, data path);
+- ``stats``: every few seconds while requests rotate (cumulative counters, tier gauges);
+- ``idle``: once per idle period (pools back at their initial free sizes, per-request counts
+  for the busy period that just ended).
+
+Every record carries ``tp_rank`` and ``dp_rank``. This module imports nothing from SGLang.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+STATS_PREFIX = "superinfer-stats "
+KINDS = ("start", "stats", "idle")
+
+
+@dataclass(slots=True)
+class RotationStats:
+    """Cumulative counters of one scheduler process (what the adapter decided and did)."""
+
+    rotations_out: int = 0
+    rotations_in: int = 0
+    fallbacks: int = 0  # rotate-outs skipped because the host tier had no room
+    aborted_while_rotated: int = 0
+    plans_decode_first: int = 0  # plans whose prefill budget was 0: a decode step first
+    plans_head_blocked: int = 0  # plans where the new EDF head waited for room
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def format_record(kind: str, tp_rank: int, dp_rank: int, fields: dict[str, Any]) -> str:
+    """The log line of one record; ``fields`` must be JSON-serializable."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown stats record kind {kind!r}; expected one of {KINDS}")
+    body = {"kind": kind, "tp_rank": tp_rank, "dp_rank": dp_rank, **fields}
+    return STATS_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def parse_records(text: str) -> list[dict[str, Any]]:
+    """Every complete record in a log text, in order (a torn last line is skipped)."""
+    records = []
+    for line in text.splitlines():
+        pos = line.find(STATS_PREFIX)
+        if pos < 0:
+            continue
+        try:
+            body = json.loads(line[pos + len(STATS_PREFIX):])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(body, dict) and body.get("kind") in KINDS:
+            records.append(body)
+    return records
