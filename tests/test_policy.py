@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from superinfer.config import ConfigError, RotaConfig
-from superinfer.policy import Capacity, CostModel, LvfPolicy, Phase, SloPolicy, create_policy
+from superinfer.policy import (Capacity, CostModel, LvfPolicy, Phase, SloPolicy, StepSnapshot,
+                               TierReport, create_policy)
 from superinfer.policy import deadlines
+from superinfer.policy import events as ev
 from superinfer.policy.costs import DEFAULT_COSTS
 
 BPT = 131072  # Llama-3.1-8B KV bytes per token
@@ -27,35 +29,51 @@ def cap(free: int, total: int = 100_000, host: int = 1_000_000, ratio: float = 0
 
 def running(policy, rid: str, *, tokens: int, first_s: float, out: int, tbt: float = 0.1,
             max_new: int = 1000) -> None:
-    t = policy.table
-    t.add(rid, first_s - 0.1, tokens, 1.0, tbt, max_new)
-    t.prefill_done(rid, tokens, first_s)
-    t.set_counts(rid, tokens + out - 1, out)
+    policy.update([ev.Arrived(rid, first_s - 0.1, tokens, 1.0, tbt, max_new),
+                   ev.PrefillDone(rid, first_s, tokens + out - 1, out)])
+
+
+def add(policy, *args) -> None:
+    policy.update([ev.Arrived(*args)])
+
+
+def start_out(policy, rid: str, now_s: float) -> None:
+    """The adapter submitted ``rid``'s rotate-out (its KV is still on the device)."""
+    v = policy.view(rid)
+    policy.update([ev.RotationStarted(rid, now_s, True, v.num_tokens, v.num_output_tokens)])
+
+
+def park(policy, rid: str, now_s: float) -> None:
+    """``rid`` rotated out and its copy landed: it is on the host."""
+    start_out(policy, rid, now_s)
+    policy.update([TierReport(now_s=now_s, finished_out=[rid])])
+
+
+def plan_at(policy, now_s: float, capacity: Capacity, costs, max_prefill_tokens: int,
+            gpu_free_at_s: float | None = None):
+    return policy.plan(StepSnapshot(now_s, capacity, costs, max_prefill_tokens, gpu_free_at_s))
 
 
 def test_edf_admission_order_and_late_last():
     p = SloPolicy(RotaConfig())
-    t = p.table
-    t.add("late", 0.0, 100, 1.0, 0.1, 10)  # deadline 1.0: already past at now=2
-    t.add("b", 1.5, 100, 1.0, 0.1, 10)  # deadline 2.5
-    t.add("a", 1.8, 100, 0.5, 0.1, 10)  # deadline 2.3 (tighter SLO)
-    plan = p.plan(2.0, cap(100_000), COSTS, 16384)
+    add(p, "late", 0.0, 100, 1.0, 0.1, 10)  # deadline 1.0: already past at now=2
+    add(p, "b", 1.5, 100, 1.0, 0.1, 10)  # deadline 2.5
+    add(p, "a", 1.8, 100, 0.5, 0.1, 10)  # deadline 2.3 (tighter SLO)
+    plan = plan_at(p, 2.0, cap(100_000), COSTS, 16384)
     assert plan.admit == ["a", "b", "late"]
     pure = SloPolicy(RotaConfig(late_last=False))
     for rid, arr, slo_s in (("late", 0.0, 1.0), ("b", 1.5, 1.0), ("a", 1.8, 0.5)):
-        pure.table.add(rid, arr, 100, slo_s, 0.1, 10)
-    assert pure.plan(2.0, cap(100_000), COSTS, 16384).admit == ["late", "a", "b"]
+        add(pure, rid, arr, 100, slo_s, 0.1, 10)
+    assert plan_at(pure, 2.0, cap(100_000), COSTS, 16384).admit == ["late", "a", "b"]
 
 
 def test_rotated_request_key_brought_forward_by_swap_in():
     p = SloPolicy(RotaConfig())
-    t = p.table
     running(p, "away", tokens=200_000, first_s=0.0, out=20)  # next token due at 2.0
-    t.set_phase("away", Phase.ROTATING_OUT, 1.0)
-    t.set_phase("away", Phase.ON_HOST, 1.0)
-    t.add("new", 1.0, 10, 1.0, 0.1, 10)  # TTFT deadline 2.0, tiny prefill
+    park(p, "away", 1.0)
+    add(p, "new", 1.0, 10, 1.0, 0.1, 10)  # TTFT deadline 2.0, tiny prefill
     # 200k tokens at 50 GB/s take ~0.52 s to come back: the rotated one must go first.
-    plan = p.plan(1.2, cap(1_000_000, total=1_000_000), COSTS, 16384)
+    plan = plan_at(p, 1.2, cap(1_000_000, total=1_000_000), COSTS, 16384)
     assert plan.rotate_in == ["away"] and plan.admit == ["new"]
     assert deadlines.transfer_s(200_000, BPT, 50e9) > 0.5
 
@@ -65,8 +83,8 @@ def test_victims_most_slack_first_and_only_if_slack_covers_round_trip():
     running(p, "ahead", tokens=1000, first_s=0.0, out=30)  # due 3.0: 2 s of slack at now=1
     running(p, "way_ahead", tokens=1000, first_s=0.0, out=40)  # due 4.0: most slack
     running(p, "behind", tokens=1000, first_s=0.0, out=11)  # due 1.1: no slack
-    p.table.add("new", 0.9, 2500, 1.0, 0.1, 10)
-    plan = p.plan(1.0, cap(1000), COSTS, 16384)
+    add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+    plan = plan_at(p, 1.0, cap(1000), COSTS, 16384)
     assert plan.admit == ["new"]
     # needs 2500 + 10 with 1000 free: one victim (~1039 tokens) is not enough, two are
     assert plan.rotate_out == ["way_ahead", "ahead"]
@@ -74,8 +92,8 @@ def test_victims_most_slack_first_and_only_if_slack_covers_round_trip():
     # With a margin so large nobody qualifies, nobody is rotated (no partial rotations).
     strict = SloPolicy(RotaConfig(slack_margin=1000.0, reserve_window_s=0.0))
     running(strict, "ahead", tokens=1000, first_s=0.0, out=30)
-    strict.table.add("new", 0.9, 1500, 1.0, 0.1, 10)
-    assert strict.plan(1.0, cap(1000), COSTS, 16384).rotate_out == []
+    add(strict, "new", 0.9, 1500, 1.0, 0.1, 10)
+    assert plan_at(strict, 1.0, cap(1000), COSTS, 16384).rotate_out == []
 
 
 @pytest.mark.parametrize("share,victims", [(1.0, 7), (0.4, 2)])  # 1049-token victims
@@ -85,8 +103,8 @@ def test_link_share_bounds_one_steps_rotation_bytes(share, victims):
     p = SloPolicy(RotaConfig(reserve_window_s=0.0, link_share=share))
     for i in range(10):
         running(p, f"r{i}", tokens=1000, first_s=0.0, out=50)
-    p.table.add("new", 0.9, 8000, 1.0, 0.1, 10)  # 8 victims would make room; the budget decides
-    assert len(p.plan(1.0, cap(1000), COSTS, 65536).rotate_out) == victims
+    add(p, "new", 0.9, 8000, 1.0, 0.1, 10)  # 8 victims would make room; the budget decides
+    assert len(plan_at(p, 1.0, cap(1000), COSTS, 65536).rotate_out) == victims
 
 
 def test_kept_host_copies_leave_the_link_budget_to_the_tails():
@@ -97,17 +115,17 @@ def test_kept_host_copies_leave_the_link_budget_to_the_tails():
         p = SloPolicy(RotaConfig(reserve_window_s=0.0, link_share=0.4))
         for i in range(10):
             running(p, f"r{i}", tokens=1000, first_s=0.0, out=50)
-            p.table.set_host_tokens(f"r{i}", host_tokens)
-        p.table.add("new", 0.9, 8000, 1.0, 0.1, 10)
-        return len(p.plan(1.0, cap(1000), COSTS, 65536).rotate_out)
+        p.update([TierReport(host_tokens={f"r{i}": host_tokens for i in range(10)})])
+        add(p, "new", 0.9, 8000, 1.0, 0.1, 10)
+        return len(plan_at(p, 1.0, cap(1000), COSTS, 65536).rotate_out)
 
     assert victims(0) == 2  # as test_link_share_bounds_one_steps_rotation_bytes
     assert victims(992) == 7  # 57 tokens each to copy: the room needed binds, as at share 1.0
     t = SloPolicy(RotaConfig()).table
     t.add("a", 0.0, 100, 1.0, 0.1)
     t.prefill_done("a", 100, 0.1)
-    t.set_host_tokens("a", 96)
-    assert t.out_tokens(np.array([t.slot("a")])).tolist() == [4]
+    t.apply(TierReport(host_tokens={"a": 96}))
+    assert t.out_tokens(np.array([t.row("a")])).tolist() == [4]
 
 
 def test_rotated_request_makes_room_only_when_it_must_come_back():
@@ -116,11 +134,10 @@ def test_rotated_request_makes_room_only_when_it_must_come_back():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "resident", tokens=1000, first_s=0.0, out=40)  # due 4.0: lots of slack
     running(p, "away", tokens=1000, first_s=0.0, out=30)  # due 3.0
-    p.table.set_phase("away", Phase.ROTATING_OUT, 0.5)
-    p.table.set_phase("away", Phase.ON_HOST, 0.5)
-    early = p.plan(1.0, cap(500), COSTS, 16384)
+    park(p, "away", 0.5)
+    early = plan_at(p, 1.0, cap(500), COSTS, 16384)
     assert early.rotate_in == [] and early.rotate_out == []
-    due = p.plan(2.96, cap(500), COSTS, 16384)  # its token is due in 40 ms: now it must return
+    due = plan_at(p, 2.96, cap(500), COSTS, 16384)  # its token is due in 40 ms: now it must return
     assert due.rotate_out == ["resident"]
 
 
@@ -131,14 +148,13 @@ def test_urgency_covers_the_overlap_pipeline_of_a_swap():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "resident", tokens=1000, first_s=0.0, out=40)
     running(p, "away", tokens=1000, first_s=0.0, out=30)  # due 3.0
-    p.table.set_phase("away", Phase.ROTATING_OUT, 0.5)
-    p.table.set_phase("away", Phase.ON_HOST, 0.5)
+    park(p, "away", 0.5)
     copy = deadlines.transfer_s(1000, BPT, 50e9)
     lag = deadlines.make_room_lag_s(1000, BPT, COSTS)
     assert lag == pytest.approx(6 * 0.02 + copy)
     key = 3.0 - copy
-    assert p.plan(key - lag - 0.005, cap(500), COSTS, 16384).rotate_out == []
-    assert p.plan(key - lag + 0.005, cap(500), COSTS, 16384).rotate_out == ["resident"]
+    assert plan_at(p, key - lag - 0.005, cap(500), COSTS, 16384).rotate_out == []
+    assert plan_at(p, key - lag + 0.005, cap(500), COSTS, 16384).rotate_out == ["resident"]
 
 
 def test_away_streams_are_bounded_by_the_slack_the_resident_ones_earn():
@@ -156,10 +172,9 @@ def test_away_streams_are_bounded_by_the_slack_the_resident_ones_earn():
             running(p, f"r{i}", tokens=1000, first_s=0.0, out=40)  # 3 s of slack at now=1
         for i in range(n_away):
             running(p, f"h{i}", tokens=10, first_s=0.0, out=90)
-            p.table.set_phase(f"h{i}", Phase.ROTATING_OUT, 0.5)
-            p.table.set_phase(f"h{i}", Phase.ON_HOST, 0.5)
-        p.table.add("new", 0.9, 1500, 1.0, 0.1, 10)
-        return p.plan(1.0, cap(600), COSTS, 16384).rotate_out
+            park(p, f"h{i}", 0.5)
+        add(p, "new", 0.9, 1500, 1.0, 0.1, 10)
+        return plan_at(p, 1.0, cap(600), COSTS, 16384).rotate_out
 
     assert plan_with_away(0) == ["r0"]  # gain 4 / margin 2: (4 + 1) * 2 - 0 >= 3 * 1
     assert plan_with_away(9) == []  # 9 on the host already use what 4 resident streams earn
@@ -170,10 +185,9 @@ def test_streams_on_the_host_already_late_do_not_hold_prefill_back():
     prefill is not paced at all."""
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "away", tokens=1000, first_s=0.0, out=5)  # token #5 was due at 0.5
-    p.table.set_phase("away", Phase.ROTATING_OUT, 0.2)
-    p.table.set_phase("away", Phase.ON_HOST, 0.2)
-    p.table.add("new", 0.9, 1000, 1.0, 0.1, 10)
-    assert p.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
+    park(p, "away", 0.2)
+    add(p, "new", 0.9, 1000, 1.0, 0.1, 10)
+    assert plan_at(p, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
 
 
 def test_a_stream_behind_pace_means_decode_first():
@@ -181,8 +195,8 @@ def test_a_stream_behind_pace_means_decode_first():
     prefill stalled them all for up to a second on the H200."""
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "late", tokens=100, first_s=0.0, out=5)  # token #5 was due at 0.5
-    p.table.add("new", 0.9, 1000, 1.0, 0.1, 10)
-    assert p.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget == 0
+    add(p, "new", 0.9, 1000, 1.0, 0.1, 10)
+    assert plan_at(p, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget == 0
 
 
 def test_room_already_leaving_is_not_freed_twice():
@@ -191,11 +205,11 @@ def test_room_already_leaving_is_not_freed_twice():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "ahead", tokens=1000, first_s=0.0, out=30)
     running(p, "way_ahead", tokens=1000, first_s=0.0, out=40)
-    p.table.add("new", 0.9, 1500, 1.0, 0.1, 10)
-    first = p.plan(1.0, cap(600), COSTS, 16384)
+    add(p, "new", 0.9, 1500, 1.0, 0.1, 10)
+    first = plan_at(p, 1.0, cap(600), COSTS, 16384)
     assert first.rotate_out == ["way_ahead"]
-    p.table.set_phase("way_ahead", Phase.ROTATING_OUT, 1.0)  # copy submitted, KV still held
-    again = p.plan(1.01, cap(600), COSTS, 16384)
+    start_out(p, "way_ahead", 1.0)  # copy submitted, KV still held
+    again = plan_at(p, 1.01, cap(600), COSTS, 16384)
     assert again.rotate_out == [] and again.admit == ["new"]
 
 
@@ -203,12 +217,12 @@ def test_rotation_respects_host_capacity_and_transfer_budget():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     for i in range(10):
         running(p, f"r{i}", tokens=4000, first_s=0.0, out=50)
-    p.table.add("new", 0.9, 30_000, 1.0, 0.1, 10)
+    add(p, "new", 0.9, 30_000, 1.0, 0.1, 10)
     budget_tokens = int(COSTS.d2h_bytes_per_s * COSTS.decode_step_s / BPT)  # ~7.6k tokens
-    plan = p.plan(1.0, cap(1000), COSTS, 65536)
+    plan = plan_at(p, 1.0, cap(1000), COSTS, 65536)
     moved = 4000 * len(plan.rotate_out)
     assert 0 < moved <= max(budget_tokens, 4000)
-    assert p.plan(1.0, cap(1000, host=3999), COSTS, 65536).rotate_out == []
+    assert plan_at(p, 1.0, cap(1000, host=3999), COSTS, 65536).rotate_out == []
 
 
 def test_adaptive_reserve_rotates_proactively_only_under_arrivals():
@@ -217,7 +231,7 @@ def test_adaptive_reserve_rotates_proactively_only_under_arrivals():
         for i in range(4):
             running(p, f"r{i}", tokens=2000, first_s=0.0, out=60)  # far ahead of pace
         costs = dataclasses.replace(COSTS, arrival_rate_per_s=rate, mean_prompt_tokens=1000)
-        return p.plan(1.0, cap(500, total=20_000), costs, 16384)
+        return plan_at(p, 1.0, cap(500, total=20_000), costs, 16384)
 
     busy = policy_with_load(20.0)  # reserve = min(20 * 0.5 * 1000, 25% of 20k) = 5000
     assert busy.rotate_out and all("reserve" in busy.reasons[r] for r in busy.rotate_out)
@@ -227,48 +241,48 @@ def test_adaptive_reserve_rotates_proactively_only_under_arrivals():
 def test_victims_exclude_requests_about_to_finish():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "ending", tokens=5000, first_s=0.0, out=50, max_new=51)
-    p.table.add("new", 0.9, 3000, 1.0, 0.1, 10)
-    assert p.plan(1.0, cap(100), COSTS, 16384).rotate_out == []
+    add(p, "new", 0.9, 3000, 1.0, 0.1, 10)
+    assert plan_at(p, 1.0, cap(100), COSTS, 16384).rotate_out == []
 
 
 def test_decode_reservation_counts_like_sglang():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "r", tokens=100, first_s=0.0, out=10, max_new=1010)  # 1000 left
-    p.table.add("new", 0.9, 500, 1.0, 0.1, 10)
-    assert p.plan(1.0, cap(1000, ratio=0.0), COSTS, 16384).admit == ["new"]
+    add(p, "new", 0.9, 500, 1.0, 0.1, 10)
+    assert plan_at(p, 1.0, cap(1000, ratio=0.0), COSTS, 16384).admit == ["new"]
     # ratio 0.7 reserves 700 tokens for "r": 510 no longer fits in 300 -> blocked head
-    blocked = p.plan(1.0, cap(1000, ratio=0.7), COSTS, 16384)
+    blocked = plan_at(p, 1.0, cap(1000, ratio=0.7), COSTS, 16384)
     assert blocked.reasons["new"] == "EDF head, blocked"
     assert blocked.head_blocked and not blocked.rotate_out  # "r" has no slack to lend
-    assert not p.plan(1.0, cap(1000, ratio=0.0), COSTS, 16384).head_blocked
+    assert not plan_at(p, 1.0, cap(1000, ratio=0.0), COSTS, 16384).head_blocked
 
 
 def test_lvf_fifo_and_longest_resident_victims():
     p = LvfPolicy(RotaConfig(lvf_budget_tokens=3000))
     for i, first in enumerate((0.3, 0.1, 0.2)):
         running(p, f"r{i}", tokens=1000, first_s=first, out=5)
-    p.table.add("w1", 0.5, 800, 1.0, 0.1, 10)
-    p.table.add("w0", 0.4, 800, 1.0, 0.1, 10)
-    plan = p.plan(1.0, cap(500), COSTS, 16384)
+    add(p, "w1", 0.5, 800, 1.0, 0.1, 10)
+    add(p, "w0", 0.4, 800, 1.0, 0.1, 10)
+    plan = plan_at(p, 1.0, cap(500), COSTS, 16384)
     assert plan.admit == ["w0"]  # FIFO head, does not fit: admission stops there
     assert plan.rotate_out == ["r1", "r2", "r0"][: len(plan.rotate_out)]
     assert plan.rotate_out[0] == "r1"
-    assert p.plan(1.0, cap(50_000), COSTS, 16384).rotate_out == []  # free >= budget: no trigger
+    assert plan_at(p, 1.0, cap(50_000), COSTS, 16384).rotate_out == []  # free >= budget: no trigger
 
 
 def test_table_rejects_illegal_transitions_and_duplicates():
     p = SloPolicy(RotaConfig())
-    p.table.add("x", 0.0, 10, 1.0, 0.1)
+    add(p, "x", 0.0, 10, 1.0, 0.1)
     with pytest.raises(ValueError, match="illegal transition"):
         p.table.set_phase("x", Phase.ON_HOST, 0.0)
     with pytest.raises(KeyError):
-        p.table.add("x", 0.0, 10, 1.0, 0.1)
+        add(p, "x", 0.0, 10, 1.0, 0.1)
 
 
 def test_table_grows_and_reuses_slots():
     p = SloPolicy(RotaConfig())
     for i in range(3000):
-        p.table.add(f"r{i}", float(i), 10, 1.0, 0.1)
+        add(p, f"r{i}", float(i), 10, 1.0, 0.1)
     for i in range(0, 3000, 2):
         p.table.remove(f"r{i}")
     assert len(p.table) == 1500
@@ -315,10 +329,10 @@ def test_small_prefill_budget_waits_for_a_decode_step_instead():
     costs = dataclasses.replace(COSTS, prefill_overhead_s=0.015)  # worthwhile from 750 tokens
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05
-    p.table.add("new", 0.9, 700, 1.0, 0.1, 10)
+    add(p, "new", 0.9, 700, 1.0, 0.1, 10)
     # (1.05 - 1.0 - 0.02 - 0.015) / 2e-5 = 750 tokens: just worth it
-    assert p.plan(1.0, cap(100_000), costs, 16384).prefill_token_budget == pytest.approx(750, abs=1)
-    assert p.plan(1.002, cap(100_000), costs, 16384).prefill_token_budget == 0
+    assert plan_at(p, 1.0, cap(100_000), costs, 16384).prefill_token_budget == pytest.approx(750, abs=1)
+    assert plan_at(p, 1.002, cap(100_000), costs, 16384).prefill_token_budget == 0
 
 
 def test_head_prompt_must_fit_the_budget_whole():
@@ -326,11 +340,11 @@ def test_head_prompt_must_fit_the_budget_whole():
     does not fit the budget whole waits for a decode step instead of being cut to size."""
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "s", tokens=100, first_s=0.95, out=1)  # budget 1500 at now=1.0 (see above)
-    p.table.add("big", 0.9, 5000, 1.0, 0.1, 10)
-    plan = p.plan(1.0, cap(100_000), COSTS, 16384)
+    add(p, "big", 0.9, 5000, 1.0, 0.1, 10)
+    plan = plan_at(p, 1.0, cap(100_000), COSTS, 16384)
     assert plan.admit == ["big"] and plan.prefill_token_budget == 0
     # A prompt longer than SGLang's batch limit only needs its first batch to fit.
-    assert p.plan(1.0, cap(100_000), COSTS, 1024).prefill_token_budget == pytest.approx(1500, abs=1)
+    assert plan_at(p, 1.0, cap(100_000), COSTS, 1024).prefill_token_budget == pytest.approx(1500, abs=1)
 
 
 def test_config_validation():
@@ -348,7 +362,6 @@ def _simulate(seed: int, policy_name: str, steps: int = 300) -> list[tuple]:
     """A toy engine driving the policy; returns every plan it made."""
     rng = random.Random(seed)
     p = create_policy(RotaConfig(policy=policy_name))
-    t = p.table
     free, host, plans, now, n = 20_000, 40_000, [], 0.0, 0
     max_out: dict[str, int] = {}
     for _ in range(steps):
@@ -356,35 +369,33 @@ def _simulate(seed: int, policy_name: str, steps: int = 300) -> list[tuple]:
         for _ in range(rng.randrange(3)):
             rid = f"q{n}"
             n += 1
-            t.add(rid, now, rng.randrange(100, 2000), 1.0, 0.1, 300)
+            add(p, rid, now, rng.randrange(100, 2000), 1.0, 0.1, 300)
             max_out[rid] = rng.randrange(10, 200)
         costs = dataclasses.replace(COSTS, arrival_rate_per_s=25.0, mean_prompt_tokens=1000)
-        plan = p.plan(now, cap(free, total=20_000, host=host), costs, 8192)
+        plan = plan_at(p, now, cap(free, total=20_000, host=host), costs, 8192)
         plans.append((tuple(plan.admit), tuple(plan.rotate_in), tuple(plan.rotate_out)))
         for rid in plan.rotate_out:
-            t.set_phase(rid, Phase.ROTATING_OUT, now)
-            t.set_phase(rid, Phase.ON_HOST, now)
-            k = int(t.num_tokens[t._slot_of[rid]])
+            park(p, rid, now)
+            k = p.view(rid).num_tokens
             free, host = free + k, host - k
         for rid in plan.rotate_in:
-            k = int(t.num_tokens[t._slot_of[rid]])
-            t.set_phase(rid, Phase.ROTATING_IN, now)
-            t.set_phase(rid, Phase.RUNNING, now)
+            k = p.view(rid).num_tokens
+            p.update([ev.RotationStarted(rid, now, False), TierReport(now_s=now, finished_in=[rid])])
             free, host = free - k, host + k
         for rid in plan.admit:
-            need = int(t.num_prompt_tokens[t._slot_of[rid]])
+            need = p.view(rid).num_prompt_tokens
             if need <= free:
-                t.prefill_done(rid, need, now)
+                p.update([ev.PrefillDone(rid, now, need, 1)])
                 free -= need
-        run = t.ids(t.slots_in(Phase.RUNNING))
+        run = p.ids_in(Phase.RUNNING)
         if run:
-            t.advance(run)
+            p.update([ev.Decoded(tuple(run))])
             free -= len(run)
         for rid in run:
-            v = t.view(rid)
+            v = p.view(rid)
             if v.num_output_tokens >= max_out[rid]:
                 free += v.num_tokens
-                t.remove(rid)
+                p.update([ev.Finished(rid)])
         assert host >= 0
     return plans
 
@@ -414,16 +425,16 @@ def test_prefill_budget_follows_the_least_slack_of_on_pace_streams():
     running(p, "tight", tokens=100, first_s=0.95, out=1)  # next token due 1.05: 30 ms slack at 1.0
     running(p, "loose", tokens=100, first_s=0.0, out=30)  # due 3.0
     for i in range(3):
-        p.table.add(f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
-    plan = p.plan(1.0, cap(100_000), COSTS, 16384)
+        add(p, f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
+    plan = plan_at(p, 1.0, cap(100_000), COSTS, 16384)
     # (1.05 - 1.0 - 0.02 s step) / 2e-5 s per token = 1500 tokens: one 1000-token prompt fits
     assert plan.prefill_token_budget == pytest.approx(1500, abs=1)
     assert plan.admit == ["n0"]
     # Too little slack left on an on-time stream for a worthwhile chunk: decode first.
-    assert p.plan(1.025, cap(100_000), COSTS, 16384).prefill_token_budget == 0  # 5 ms: 250 tokens
+    assert plan_at(p, 1.025, cap(100_000), COSTS, 16384).prefill_token_budget == 0  # 5 ms: 250 tokens
     off = SloPolicy(RotaConfig(prefill_pacing=False))
     running(off, "tight", tokens=100, first_s=0.95, out=1)
-    assert off.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
+    assert plan_at(off, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
 
 
 def test_prefill_budget_counts_from_the_batches_in_flight():
@@ -432,30 +443,30 @@ def test_prefill_budget_counts_from_the_batches_in_flight():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05
     # No batch in flight: (1.05 - 1.0 - 0.02) / 2e-5.
-    assert p.plan(1.0, cap(100_000), COSTS, 16384).prefill_token_budget == pytest.approx(1500, abs=1)
+    assert plan_at(p, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget == pytest.approx(1500, abs=1)
     # Its token #1 is in a decode batch that ends at 1.02: the next batch risks token #2 (1.15).
-    p.table.set_in_flight({"s": 1})
-    plan = p.plan(1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.02)
+    p.update([ev.InFlight({"s": 1})])
+    plan = plan_at(p, 1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.02)
     assert plan.prefill_token_budget == pytest.approx((1.15 - 1.02 - 0.02) / 2e-5, abs=1)
-    p.table.set_in_flight({})  # the result came back: counts are set afresh, never drift
-    assert p.table.tokens_in_flight[p.table._slot_of["s"]] == 0
+    p.update([ev.InFlight({})])  # the result came back: counts are set afresh, never drift
+    assert p.table.tokens_in_flight[p.table._row_of["s"]] == 0
 
 
 def test_prefill_in_flight_paces_its_stream_from_the_expected_first_token():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     t = p.table
-    t.add("a", 0.9, 3000, 1.0, 0.1, 100)
-    t.add("b", 0.95, 3500, 1.0, 0.1, 100)
-    t.prefill_launched("a", 1.0, first_token_s=1.06)  # last chunk; result not back yet
-    t.set_in_flight({"a": 1})
+    add(p, "a", 0.9, 3000, 1.0, 0.1, 100)
+    add(p, "b", 0.95, 3500, 1.0, 0.1, 100)
+    p.update([ev.PrefillLaunched("a", 1.0, first_token_s=1.06),  # last chunk; result not back yet
+              ev.InFlight({"a": 1})])
     assert t.phase_of("a") is Phase.PREFILLING
-    plan = p.plan(1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.06)
+    plan = plan_at(p, 1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.06)
     # a's second token is due 1.16: after the batch in flight, (1.16 - 1.06 - 0.02) / 2e-5.
     assert plan.prefill_token_budget == pytest.approx(4000, abs=1)
     assert plan.admit == ["b"]  # a is not admitted twice; b is the head and fits the budget
-    t.prefill_done("a", 3000, 1.07)  # the real first token replaces the estimate
-    assert t.first_token_s[t._slot_of["a"]] == pytest.approx(1.07)
-    assert t.num_output_tokens[t._slot_of["a"]] == 1
+    p.update([ev.PrefillDone("a", 1.07, 3000, 1)])  # the real first token replaces the estimate
+    assert t.first_token_s[t._row_of["a"]] == pytest.approx(1.07)
+    assert t.num_output_tokens[t._row_of["a"]] == 1
     # A non-final chunk gives no first token and no pace.
-    t.prefill_launched("b", 1.07, first_token_s=None)
-    assert np.isnan(t.first_token_s[t._slot_of["b"]])
+    p.update([ev.PrefillLaunched("b", 1.07, first_token_s=None)])
+    assert np.isnan(t.first_token_s[t._row_of["b"]])

@@ -3,6 +3,7 @@ FutureMap and ScheduleBatch (see sglang_parts.py). Only the model forward is sto
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
@@ -11,9 +12,13 @@ import torch
 from sglang_parts import SchedulerParts
 
 from superinfer.adapters.sglang.rotator import Rotator
-from superinfer.config import RotaConfig
+from superinfer.adapters.sglang.stats import parse_records
+from superinfer.adapters.sglang.tp_sync import TpAgreement
+from superinfer.config import RotaConfig, parse_request_slo
 from superinfer.host_tier.direct import mover_path
-from superinfer.policy import Capacity, Phase
+from superinfer.host_tier.manager import TierState
+from superinfer.policy import Capacity, Phase, StepSnapshot
+from superinfer.policy.events import Finished
 
 CONFIGS = [(1, True), (1, False), (16, True), (16, False)]
 # The direct mover (page-major host pool, page copies; memmove on the CPU) on the same parts.
@@ -33,7 +38,7 @@ def enqueue(parts, rot, *reqs) -> None:
     """Requests arrive: into SGLang's waiting queue and the rotator's table (as the hook does)."""
     for r in reqs:
         parts.waiting_queue.append(r)
-        rot.on_enqueue(r)
+        rot.on_enqueue(r, parse_request_slo(r.sampling_params.custom_params, rot.config))
 
 
 def prefill_and_decode(parts, rot, reqs, steps: int):
@@ -71,23 +76,23 @@ def finish_and_check_pools(parts, rot, batch):
 def assert_pools_initial(parts, rot):
     assert parts.free_tokens() == parts.initial_free
     assert parts.tree_cache.protected_size() == 0
-    assert rot.host.available_size() == rot.initial_host_tokens
-    assert len(rot.table) == 0 and not rot.busy()
+    assert rot.tier.pages.available_size() == rot.initial_host_tokens
+    assert len(rot.policy) == 0 and not rot.busy()
     rot.check()
 
 
 @pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
 def test_round_trip_restores_every_kv_byte(page_size, radix, mover):
     parts, rot, batch = setup(page_size, radix, mover=mover)
-    assert type(rot.mover).__name__ == ("DirectKVMover" if mover == "direct" else "TorchMover")
-    assert rot.host.page_major == (mover == "direct")
-    assert rot.host.page_size == (page_size if mover == "direct" else 16)
+    assert type(rot.tier.mover).__name__ == ("DirectKVMover" if mover == "direct" else "TorchMover")
+    assert rot.tier.pages.page_major == (mover == "direct")
+    assert rot.tier.pages.page_size == (page_size if mover == "direct" else 16)
     before = {r.rid: parts.kv_of(r) for r in batch.reqs}
     batch = rot.rotate_out(batch, {"r1"})
     assert [r.rid for r in batch.reqs] == ["r0", "r2"]
-    assert rot.table.phase_of("r1") is Phase.ROTATING_OUT
+    assert rot.policy.table.phase_of("r1") is Phase.ROTATING_OUT
     batch = rot.step(batch)  # copy done -> device released -> plenty of room -> rotate-in planned
-    assert rot.table.phase_of("r1") is Phase.ROTATING_IN
+    assert rot.policy.table.phase_of("r1") is Phase.ROTATING_IN
     batch = rot.step(batch)  # copy back done -> rejoins as a decode request
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     assert torch.equal(parts.kv_of(r1), before["r1"])
@@ -109,7 +114,7 @@ def test_abort_while_parked_frees_host_and_device(page_size, radix, mover):
     rot.config = rot.config  # the default policy would bring r0 back: park it by hand
     batch = rot.rotate_out(batch, {"r0"})
     rot._collect(batch)
-    assert rot.table.phase_of("r0") is Phase.ON_HOST
+    assert rot.policy.table.phase_of("r0") is Phase.ON_HOST
     rot.on_abort("r0", abort_all=False)
     assert parts.sent and parts.sent[-1].rid == "r0"
     finish_all(parts, rot, batch)
@@ -123,7 +128,7 @@ def test_abort_while_copying_out(page_size, radix):
     batch = rot.rotate_out(batch, {"r2"})
     rot.on_abort("r2", abort_all=False)  # arrives before the copy is reported done
     batch = rot.step(batch)
-    assert "r2" not in rot.table and not rot.busy()
+    assert "r2" not in rot.policy and not rot.busy()
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
 
@@ -139,7 +144,7 @@ def test_victim_finished_by_the_step_in_flight_is_not_released_twice():
     in_flight = ScheduleBatch(reqs=[victim], batch_is_full=False)
     parts.finish(in_flight)
     batch = rot.step(batch)
-    assert victim.rid not in rot.table
+    assert victim.rid not in rot.policy
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
 
@@ -159,7 +164,7 @@ def test_policy_driven_rotation_under_memory_pressure():
     parts, rot = fresh(size=512, host_kv_gb=0.001, reserve_window_s=0.0)
     reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
     running = prefill_and_decode(parts, rot, reqs, steps=2)
-    rot.table.first_token_s[:] += 5.0  # far ahead of their 0.1 s pace: plenty of slack
+    rot.policy.table.first_token_s[:] += 5.0  # far ahead of their 0.1 s pace: plenty of slack
     enqueue(parts, rot, parts.make_req("new", 200, max_new_tokens=8))
     saw_rotation = False
     for _ in range(200):
@@ -205,21 +210,33 @@ def test_bad_per_request_slo_is_rejected_with_400():
     assert streamed == [bad] and bad.finished_reason.status_code == 400
     assert "ttft_slo" in bad.finished_reason.message
     assert parts.waiting_queue == [ok]
-    view = rot.table.view("ok")
+    view = rot.policy.table.view("ok")
     assert (view.ttft_slo_s, view.tbt_slo_s) == (0.25, 0.05)
 
 
-def test_copies_commit_only_when_every_rank_reports_them_done(monkeypatch):
-    """Under TP each rank moves its own shard; a copy is acted on only once all ranks agree."""
+class OtherRankBehind(TpAgreement):
+    """Rank 0 of two whose peer has finished ``peer_done_d2h`` device->host copies."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.peer_done_d2h = 0
+
+    def agree(self, now_s, costs, done_d2h, done_h2d):
+        mine = super().agree(now_s, costs, done_d2h, done_h2d)
+        return dataclasses.replace(mine, done_d2h=min(done_d2h, self.peer_done_d2h), done_h2d=0)
+
+
+def test_copies_commit_only_when_every_rank_reports_them_done():
+    """Under TP each rank moves its own shard; a copy is acted on only once all ranks agree
+    (tests/test_tp_sync.py runs the agreement itself on two processes)."""
     parts, rot, batch = setup(1, True)
-    agreed = {"d2h": 0}
-    monkeypatch.setattr(rot, "_sync", lambda d2h, h2d: (min(d2h, agreed["d2h"]), 0))
+    rot.tp = OtherRankBehind()
     batch = rot.rotate_out(batch, {"r1"})
     batch = rot.step(batch)  # done here (CPU copies are synchronous), not yet on the other rank
-    assert rot.table.phase_of("r1") is Phase.ROTATING_OUT and len(rot._done_d2h) == 1
-    agreed["d2h"] = 1
+    assert rot.policy.table.phase_of("r1") is Phase.ROTATING_OUT and rot.tier.collect() == (1, 0)
+    rot.tp.peer_done_d2h = 1
     batch = rot.step(batch)
-    assert rot.table.phase_of("r1") in (Phase.ON_HOST, Phase.ROTATING_IN)
+    assert rot.policy.table.phase_of("r1") in (Phase.ON_HOST, Phase.ROTATING_IN)
 
 
 def test_idle_check_is_logged_once_per_idle_period(caplog):
@@ -231,11 +248,11 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
         enqueue(parts, rot, parts.make_req("again", 30))
         rot.step(parts.empty_batch())  # busy again: re-armed
         parts.waiting_queue.clear()
-        rot.table.remove("again")
+        rot.policy.update([Finished("again")])
         rot.on_idle()
-    lines = [r.getMessage() for r in caplog.records if "idle check" in r.getMessage()]
-    assert len(lines) == 2
-    assert "device_free=1024 device_total=1024" in lines[0] and "table=0" in lines[0]
+    idle = [r for r in parse_records(caplog.text) if r["kind"] == "idle"]
+    assert len(idle) == 2
+    assert idle[0]["device_free"] == 1024 and idle[0]["device_total"] == 1024 and idle[0]["table"] == 0
 
 
 def test_chunked_prefill_request_is_never_a_victim():
@@ -245,13 +262,13 @@ def test_chunked_prefill_request_is_never_a_victim():
     batch = parts.prefill([short, long_], chunk=64)  # "long" is cut after its first chunk
     assert parts.chunked_req is long_
     rot.on_batch_result(batch)
-    assert rot.table.phase_of("short") is Phase.RUNNING
-    assert rot.table.phase_of("long") is Phase.PREFILLING
-    rot.table.first_token_s[:] += 5.0  # everyone far ahead of pace: only phase protects "long"
+    assert rot.policy.table.phase_of("short") is Phase.RUNNING
+    assert rot.policy.table.phase_of("long") is Phase.PREFILLING
+    rot.policy.table.first_token_s[:] += 5.0  # everyone far ahead of pace: only phase protects "long"
     parts.waiting_queue = []
     enqueue(parts, rot, parts.make_req("new", 900))
-    cap = Capacity(parts.free_tokens(), 1024, rot.host.available_size(), rot.layout.bytes_per_token)
-    plan = rot.policy.plan(rot.now_s, cap, rot.costs.costs(), 16384)
+    cap = Capacity(parts.free_tokens(), 1024, rot.tier.pages.available_size(), rot.tier_spec.bytes_per_token)
+    plan = rot.policy.plan(StepSnapshot(rot.now_s, cap, rot.costs.costs(), 16384))
     assert plan.rotate_out == ["short"]
 
 
@@ -260,19 +277,19 @@ def test_paced_prefill_limits_then_restores_the_scheduler():
     parts.chunked_prefill_size = 8192
     queue = [parts.make_req("w", 10)]
     parts.waiting_queue = list(queue)
-    rot.prefill_budget = 1000
-    with rot.paced_prefill(batch):
+    rot.pacer.prefill_budget = 1000
+    with rot.pacer.paced_prefill(batch):
         assert parts.max_prefill_tokens == 992  # page-aligned
         assert parts.chunked_prefill_size == 8192  # chunks run back to back: never shrunk
         assert parts.waiting_queue == queue
-    rot.prefill_budget = 0  # no slack left: decode first, prefill waits
-    with rot.paced_prefill(batch):
+    rot.pacer.prefill_budget = 0  # no slack left: decode first, prefill waits
+    with rot.pacer.paced_prefill(batch):
         assert parts.waiting_queue == []
         parts.waiting_queue.append(late := parts.make_req("late", 10))  # arrives meanwhile
     assert (parts.max_prefill_tokens, parts.chunked_prefill_size) == (16384, 8192)
     assert parts.waiting_queue == queue + [late]
-    rot.prefill_budget = None
-    with rot.paced_prefill(batch):
+    rot.pacer.prefill_budget = None
+    with rot.pacer.paced_prefill(batch):
         assert parts.max_prefill_tokens == 16384
 
 
@@ -284,21 +301,21 @@ def test_paced_prefill_shows_sglang_only_the_admitted_requests():
     a, b, c, d = (parts.make_req(r, 10) for r in "abcd")
     parts.waiting_queue = []
     enqueue(parts, rot, a, b, c, d)
-    rot.prefill_budget, rot.admitted = 1000, ["c", "a"]
-    with rot.paced_prefill(batch):
+    rot.pacer.prefill_budget, rot.pacer.admitted = 1000, ["c", "a"]
+    with rot.pacer.paced_prefill(batch):
         assert parts.waiting_queue == [a, c]  # SGLang's order kept; b and d hidden
         parts.waiting_queue = [c]  # SGLang took a
         parts.waiting_queue.append(late := parts.make_req("late", 10))
     assert parts.waiting_queue == [c, b, d, late]
-    rot.prefill_budget, rot.admitted = None, ["d"]  # no pacing: the admissions still bound it
+    rot.pacer.prefill_budget, rot.pacer.admitted = None, ["d"]  # no pacing: the admissions still bound it
     parts.waiting_queue = [b, d]
-    with rot.paced_prefill(batch):
+    with rot.pacer.paced_prefill(batch):
         assert parts.waiting_queue == [d]
         assert parts.max_prefill_tokens == 16384
     assert parts.waiting_queue == [d, b]
     stray = parts.make_req("stray", 10)  # queued behind every hook's back: never hidden
     parts.waiting_queue = [b, stray, d]
-    with rot.paced_prefill(batch):
+    with rot.pacer.paced_prefill(batch):
         assert parts.waiting_queue == [stray, d]
 
 
@@ -306,18 +323,18 @@ def test_plan_sees_one_chunk_as_the_batch_limit():
     """With chunked prefill on, the policy must not admit more than one chunk's worth, or
     SGLang cuts the last admission and runs its rest in the next batch, budget or not."""
     parts, rot, batch = setup(16, True)
-    assert rot._batch_token_limit() == 16384
+    assert rot.pacer.batch_token_limit() == 16384
     parts.chunked_prefill_size = 8192
-    assert rot._batch_token_limit() == 8192
+    assert rot.pacer.batch_token_limit() == 8192
     parts.chunked_prefill_size = -1  # disabled
-    assert rot._batch_token_limit() == 16384
+    assert rot.pacer.batch_token_limit() == 16384
 
 
 def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
     """The overlap scheduler's order: batch N+1 is planned before N's result is processed;
     tokens in flight are counted from SGLang's own queue of unprocessed results."""
     parts, rot, batch = setup(1, True)
-    t = rot.table
+    t = rot.policy.table
     parts.result_queue = deque()
     new = parts.make_req("new", 50)
     parts.waiting_queue = []
@@ -327,13 +344,13 @@ def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
     parts.waiting_queue.clear()
     rot.on_launch(prefill)
     parts.result_queue.append((prefill.copy(), None))
-    slot = t._slot_of["new"]
+    slot = t._row_of["new"]
     assert t.phase_of("new") is Phase.PREFILLING
     expected_first = t.first_token_s[slot]
-    assert expected_first == pytest.approx(rot.now_s + 50 * rot.costs.costs().prefill_s_per_token)
+    assert expected_first == pytest.approx(rot.now_s + rot.costs.costs().prefill_s(50))
     # Next iteration: planned with the prefill in flight, then merged and decoded with the rest.
     batch = rot.step(batch)
-    assert t.tokens_in_flight[slot] == 1 and t.tokens_in_flight[t._slot_of["r0"]] == 0
+    assert t.tokens_in_flight[slot] == 1 and t.tokens_in_flight[t._row_of["r0"]] == 0
     batch.merge_batch(prefill)
     parts.decode_step(batch)
     rot.on_launch(batch)
@@ -342,7 +359,7 @@ def test_launch_tells_the_table_what_the_batch_in_flight_will_produce():
     assert t.phase_of("new") is Phase.RUNNING
     assert t.first_token_s[slot] >= expected_first - 1.0
     batch = rot.step(batch)  # the decode step is in flight for everyone
-    assert list(t.tokens_in_flight[[t._slot_of[r] for r in ("new", "r0")]]) == [1, 1]
+    assert list(t.tokens_in_flight[[t._row_of[r] for r in ("new", "r0")]]) == [1, 1]
     assert list(t.next_token_index(np.array([slot]))) == [t.num_output_tokens[slot] + 1]
     rot.on_batch_result(parts.result_queue.popleft()[0])
     rot.step(batch)
@@ -358,13 +375,13 @@ def test_sglang_retraction_puts_the_request_back_to_waiting():
     assert retracted and not aborted
     for req in retracted:
         parts.waiting_queue.append(req)
-        rot.on_enqueue(req)
-        view = rot.table.view(req.rid)
+        rot.on_enqueue(req, parse_request_slo(req.sampling_params.custom_params, rot.config))
+        view = rot.policy.table.view(req.rid)
         assert view.phase is Phase.WAITING
         assert view.num_prompt_tokens == len(req.origin_input_ids) + len(req.output_ids)
     parts.waiting_queue.clear()
     for req in retracted:
-        rot.table.remove(req.rid)  # (they would be re-prefilled; not part of this test)
+        rot.policy.update([Finished(req.rid)])  # (they would be re-prefilled; not part of this test)
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
 
@@ -388,7 +405,7 @@ def test_batch_hook_reads_sglang_next_batch_plan():
 
     plan = hooks._get_next_batch_to_run(original, parts, batch, None)
     assert isinstance(plan, NextBatchPlan) and plan.batch_to_run.reqs == [new]
-    assert rot.table.phase_of("new") is Phase.PREFILLING
+    assert rot.policy.table.phase_of("new") is Phase.PREFILLING
 
 
 def test_rotate_in_leaves_room_for_the_chunked_prompt_remainder():
@@ -398,20 +415,20 @@ def test_rotate_in_leaves_room_for_the_chunked_prompt_remainder():
     batch = prefill_and_decode(parts, rot, [parts.make_req("away", 200)], steps=1)
     batch = rot.rotate_out(batch, {"away"})
     rot._collect(batch)  # copy done: device released, parked on the host
-    assert rot.table.phase_of("away") is Phase.ON_HOST
+    assert rot.policy.table.phase_of("away") is Phase.ON_HOST
     long_ = parts.make_req("long", 900)
     enqueue(parts, rot, long_)
     first_chunk = parts.prefill([long_], chunk=64)
     parts.waiting_queue = []
     rot.on_batch_result(first_chunk)
-    assert parts.chunked_req is long_ and rot._chunked_remainder() == 900 - 64
+    assert parts.chunked_req is long_ and rot.pacer.chunked_remainder() == 900 - 64
     need = 201 + 1  # its KV plus a page
     assert parts.free_tokens() >= need > parts.free_tokens() - 836  # fits on raw free memory...
     rot.rotate_in("away")
-    assert rot.table.phase_of("away") is Phase.ON_HOST  # ...but not beside the chunk's rest
+    assert rot.policy.table.phase_of("away") is Phase.ON_HOST  # ...but not beside the chunk's rest
     parts.chunked_req = None  # the prompt is done (or aborted): the room is free again
     rot.rotate_in("away")
-    assert rot.table.phase_of("away") is Phase.ROTATING_IN
+    assert rot.policy.table.phase_of("away") is Phase.ROTATING_IN
 
 
 def test_mover_path_auto_rule_and_cpu_fallback():
@@ -428,7 +445,7 @@ def rotate_round_trip(parts, rot, batch, rid: str):
     """Out, then (the policy brings it straight back: plenty of room) in; the batch after."""
     batch = rot.rotate_out(batch, {rid})
     batch = rot.step(batch)
-    assert rot.table.phase_of(rid) is Phase.ROTATING_IN
+    assert rot.policy.table.phase_of(rid) is Phase.ROTATING_IN
     return rot.step(batch)
 
 
@@ -444,26 +461,26 @@ def test_kept_host_copy_moves_only_the_tail_written_since(page_size, radix, move
                        keep_host_copy=True)
     reqs = [parts.make_req(f"r{i}", 40 + 7 * i, max_new_tokens=64) for i in range(3)]
     batch = prefill_and_decode(parts, rot, reqs, steps=3)
-    bpt, page = rot.layout.bytes_per_token, rot.host.page_size
+    bpt, page = rot.tier_spec.bytes_per_token, rot.tier.pages.page_size
     batch = rotate_round_trip(parts, rot, batch, "r1")
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     kept = rot.kv.kv_len(r1) // page * page  # whole host pages; a partial last one is freed
-    assert kept > 0 and rot.host_copies.size_of("r1") == kept
-    assert rot.table.out_tokens(np.array([rot.table.slot("r1")])).tolist() == [rot.kv.kv_len(r1) - kept]
+    assert kept > 0 and rot.tier.host_tokens("r1") == kept
+    assert rot.policy.table.out_tokens(np.array([rot.policy.table.row("r1")])).tolist() == [rot.kv.kv_len(r1) - kept]
     rot.check()
     decode(parts, rot, batch, page + 3)  # past a page boundary: the tail spans a new page
-    before, d2h_before = parts.kv_of(r1), rot.stats.bytes_d2h
+    before, d2h_before = parts.kv_of(r1), rot.tier.stats.bytes_d2h
     kv_len = rot.kv.kv_len(r1)
     batch = rotate_round_trip(parts, rot, batch, "r1")
-    assert rot.stats.bytes_d2h - d2h_before == (kv_len - kept) * bpt
-    assert rot.stats.bytes_d2h_saved == kept * bpt
+    assert rot.tier.stats.bytes_d2h - d2h_before == (kv_len - kept) * bpt
+    assert rot.tier.stats.bytes_d2h_saved == kept * bpt
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     assert torch.equal(parts.kv_of(r1), before)  # kept pages + new tail = every byte
-    assert rot.host_copies.size_of("r1") == kv_len // page * page
+    assert rot.tier.host_tokens("r1") == kv_len // page * page
     decode(parts, rot, batch, 2)
     finish_all(parts, rot, batch)
     rot.step(batch)  # finished: the kept copy goes
-    assert not rot.host_copies
+    assert rot.tier.num_kept() == 0
     assert_pools_initial(parts, rot)
 
 
@@ -472,15 +489,15 @@ def test_kept_copies_give_way_when_the_host_tier_is_short():
 
     bpt = 2 * LAYERS * HEADS * HEAD_DIM * 2
     parts, rot = fresh(host_kv_gb=80.5 * bpt / 1e9, keep_host_copy=True)  # five 16-token pages
-    assert rot.host.available_size() == 80
+    assert rot.tier.pages.available_size() == 80
     reqs = [parts.make_req(f"r{i}", 50, max_new_tokens=64) for i in range(2)]
     batch = prefill_and_decode(parts, rot, reqs, steps=2)  # 52 tokens of KV each: 4 pages
     batch = rotate_round_trip(parts, rot, batch, "r0")
-    assert rot.host_copies.size_of("r0") == 48 and rot.host.available_size() == 32
+    assert rot.tier.host_tokens("r0") == 48 and rot.tier.pages.available_size() == 32
     batch = rot.rotate_out(batch, {"r1"})  # needs 4 pages, 2 are free: r0's copy is evicted
-    assert rot.stats.host_copies_evicted == 1 and rot.stats.fallbacks == 0
-    assert not rot.host_copies
-    assert rot.table.out_tokens(np.array([rot.table.slot("r0")])).tolist() == [rot.kv.kv_len(batch.reqs[0])]
+    assert rot.tier.stats.host_copies_evicted == 1 and rot.stats.fallbacks == 0
+    assert rot.tier.num_kept() == 0
+    assert rot.policy.table.out_tokens(np.array([rot.policy.table.row("r0")])).tolist() == [rot.kv.kv_len(batch.reqs[0])]
     batch = rot.step(batch)
     batch = rot.step(batch)
     finish_and_check_pools(parts, rot, batch)
@@ -492,19 +509,19 @@ def test_retraction_drops_a_kept_copy():
     reqs = [parts.make_req(f"r{i}", 40, max_new_tokens=64) for i in range(2)]
     batch = prefill_and_decode(parts, rot, reqs, steps=3)
     batch = rotate_round_trip(parts, rot, batch, "r0")
-    assert "r0" in rot.host_copies
+    assert rot.tier.state("r0") is TierState.KEPT
     retracted, _, _ = batch.retract_decode(parts.server_args)
     for req in retracted:
-        rot.on_enqueue(req)
-        rot.table.remove(req.rid)
-    assert not any(req.rid in rot.host_copies for req in retracted)
+        rot.on_enqueue(req, parse_request_slo(req.sampling_params.custom_params, rot.config))
+        rot.policy.update([Finished(req.rid)])
+    assert not any(rot.tier.state(req.rid) is not None for req in retracted)
     finish_and_check_pools(parts, rot, batch)
 
 
 def test_without_the_flag_nothing_is_kept():
     parts, rot, batch = setup(1, True)
     batch = rotate_round_trip(parts, rot, batch, "r1")
-    assert not rot.host_copies and rot.stats.bytes_d2h_saved == 0
+    assert rot.tier.num_kept() == 0 and rot.tier.stats.bytes_d2h_saved == 0
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
 
@@ -521,21 +538,21 @@ def test_a_rotate_out_without_host_room_keeps_its_copy_for_later():
     r0 = batch.reqs[0]
     batch = rot.rotate_out(batch, {"r0"})
     assert [r.rid for r in batch.reqs] == ["r0"] and rot.stats.fallbacks == 1
-    assert rot.host_copies.size_of("r0") == 48  # put back, and the policy still sees it
-    assert rot.table.out_tokens(np.array([rot.table.slot("r0")])).tolist() == [rot.kv.kv_len(r0) - 48]
+    assert rot.tier.host_tokens("r0") == 48  # put back, and the policy still sees it
+    assert rot.policy.table.out_tokens(np.array([rot.policy.table.row("r0")])).tolist() == [rot.kv.kv_len(r0) - 48]
     rot.check()
     finish_and_check_pools(parts, rot, batch)
 
 
 def written_through(rot, rid: str) -> int:
-    return rot.host_copies.size_of(rid)
+    return rot.tier.host_tokens(rid)
 
 
 def host_copy_is_true(parts, rot, req) -> bool:
     """The kept copy's bytes equal the request's device KV (a radix-matched rotate-in would not
     read them, so they are checked here directly)."""
-    slots = rot.host_copies._copies[req.rid].host_slots
-    host = rot.host
+    slots = rot.tier._entries[req.rid].host_slots
+    host = rot.tier.pages
     if host.page_major:  # [pages, layers, 2, page, row] -> [n, layers, 2, row]
         rows = host.buffer[slots // host.page_size, :, :, slots % host.page_size]
     else:
@@ -549,19 +566,19 @@ def test_write_through_saves_full_pages_so_a_rotate_out_moves_only_the_rest(page
     parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=0.0004, mover=mover, write_through=True)
     reqs = [parts.make_req(f"r{i}", 40 + 7 * i, max_new_tokens=64) for i in range(3)]
     batch = prefill_and_decode(parts, rot, reqs, steps=3)
-    page, bpt = rot.host.page_size, rot.layout.bytes_per_token
+    page, bpt = rot.tier.pages.page_size, rot.tier_spec.bytes_per_token
     full = {r.rid: rot.kv.kv_len(r) // page * page for r in batch.reqs}
     batch = rot.step(batch)  # nothing to rotate: the idle link writes the full pages through
-    assert len(rot.write_through) == 3 and rot.busy()
+    assert rot.tier.num_writes_in_flight() == 3 and rot.busy()
     rot.check()
     batch = rot.step(batch)  # the copies landed: they are the requests' kept copies now
     assert {rid: written_through(rot, rid) for rid in full} == full and not rot.busy()
-    assert rot.stats.bytes_written_through == sum(full.values()) * bpt
+    assert rot.tier.stats.bytes_written_through == sum(full.values()) * bpt
     decode(parts, rot, batch, 2)
     r1 = next(r for r in batch.reqs if r.rid == "r1")
-    before, d2h_before, kv_len = parts.kv_of(r1), rot.stats.bytes_d2h, rot.kv.kv_len(r1)
+    before, d2h_before, kv_len = parts.kv_of(r1), rot.tier.stats.bytes_d2h, rot.kv.kv_len(r1)
     batch = rotate_round_trip(parts, rot, batch, "r1")
-    assert rot.stats.bytes_d2h - d2h_before == (kv_len - full["r1"]) * bpt
+    assert rot.tier.stats.bytes_d2h - d2h_before == (kv_len - full["r1"]) * bpt
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     assert torch.equal(parts.kv_of(r1), before)
     # Later pages extend the copy r1 came back with (written from the page it ends at).
@@ -574,10 +591,10 @@ def test_write_through_saves_full_pages_so_a_rotate_out_moves_only_the_rest(page
     kv_len = rot.kv.kv_len(r1)
     assert written_through(rot, "r1") == kv_len // page * page > kept
     assert all(host_copy_is_true(parts, rot, r) for r in batch.reqs)
-    before, d2h_before, saved = parts.kv_of(r1), rot.stats.bytes_d2h, written_through(rot, "r1")
+    before, d2h_before, saved = parts.kv_of(r1), rot.tier.stats.bytes_d2h, written_through(rot, "r1")
     batch = rotate_round_trip(parts, rot, batch, "r1")
     r1 = next(r for r in batch.reqs if r.rid == "r1")
-    assert rot.stats.bytes_d2h - d2h_before == (kv_len - saved) * bpt
+    assert rot.tier.stats.bytes_d2h - d2h_before == (kv_len - saved) * bpt
     assert torch.equal(parts.kv_of(r1), before)
     finish_and_check_pools(parts, rot, batch)
 
@@ -587,11 +604,11 @@ def test_write_through_pages_that_land_after_their_request_left_are_freed():
     reqs = [parts.make_req(f"r{i}", 40, max_new_tokens=64) for i in range(3)]
     batch = prefill_and_decode(parts, rot, reqs, steps=3)
     batch = rot.step(batch)  # copies start
-    assert len(rot.write_through) == 3
+    assert rot.tier.num_writes_in_flight() == 3
     before = parts.kv_of(batch.reqs[0])
     batch = rot.rotate_out(batch, {"r0"})  # r0 leaves while its write-through is in flight
     batch = rot.step(batch)  # both land: r0's own copy is complete, the write-through is not used
-    assert not rot.host_copies.size_of("r0") and rot.table.phase_of("r0") is Phase.ROTATING_IN
+    assert not rot.tier.host_tokens("r0") and rot.policy.table.phase_of("r0") is Phase.ROTATING_IN
     batch = rot.step(batch)
     r0 = next(r for r in batch.reqs if r.rid == "r0")
     assert torch.equal(parts.kv_of(r0), before)

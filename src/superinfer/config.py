@@ -1,105 +1,194 @@
 """SuperInfer settings: one frozen dataclass, validated once, with no SGLang types.
 
-The SGLang adapter builds it from ``ServerArgs``; everything else receives the fields it needs.
+Each setting that is a command-line flag carries its flag name, help and check in its field's
+metadata: the SGLang adapter generates the flags from the fields, and argparse and
+``RotaConfig.__post_init__`` run the same check, so a flag is written once, here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
 POLICIES = ("slo", "lvf")
 MOVER_PATHS = ("auto", "torch", "staging", "zerocopy", "direct")
 
 
 class ConfigError(ValueError):
-    """A SuperInfer setting is out of range; the message names the flag."""
+    """A SuperInfer setting is out of range; the message names it (by its flag, if it has one)."""
+
+
+_KINDS: dict[type, tuple[type, ...]] = {float: (int, float), int: (int,), str: (str,)}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A setting's one rule: ``parse`` serves argparse (text), a call serves Python values."""
+
+    kind: type  # float, int or str
+    expects: str  # what the text must spell ("a number")
+    rule: str  # what the value must satisfy ("must be >= 0")
+    ok: Callable[[Any], bool]
+    choices: tuple[str, ...] | None = None  # argparse lists these itself
+
+    def __call__(self, name: str, value: object) -> Any:
+        """``value`` as ``kind`` (ints widen to float); ConfigError naming ``name`` if not ok."""
+        if isinstance(value, bool) or not isinstance(value, _KINDS[self.kind]):
+            raise ConfigError(f"{name} expects {self.expects}, got {value!r}")
+        if self.kind is float:
+            value = _as_float(value)
+        if not self.ok(value):
+            raise ConfigError(f"{name} {self.rule}, got {value!r}")
+        return value
+
+    def parse(self, name: str, text: str) -> Any:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise ConfigError(f"{name} expects {self.expects}, got {text!r}") from None
+        return self(name, value)
+
+
+def _as_float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range (JSON allows one): not finite
+        return math.inf if value > 0 else -math.inf
+
+
+def one_of(choices: tuple[str, ...]) -> Check:
+    return Check(str, f"one of {choices}", f"must be one of {choices}", choices.__contains__,
+                 choices)
+
+
+POSITIVE = Check(float, "a number", "must be a positive finite number",
+                 lambda v: 0 < v < math.inf)  # NaN fails every comparison
+SHARE = Check(float, "a number", "must be in (0, 1]", lambda v: 0 < v <= 1)
+FRACTION_BELOW_1 = Check(float, "a number", "must be in [0, 1)", lambda v: 0 <= v < 1)
+NON_NEGATIVE = Check(float, "a number", "must be a finite number >= 0",
+                     lambda v: 0 <= v < math.inf)
+NODE = Check(int, "a node number", "must be >= 0", lambda v: v >= 0)
+COUNT = Check(int, "an integer", "must be >= 0", lambda v: v >= 0)
+AT_LEAST_1 = Check(int, "an integer", "must be >= 1", lambda v: v >= 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """How a setting appears on the command line."""
+
+    name: str  # "--rota-ttft-slo"; SGLang's ServerArgs field is its snake_case form
+    help: str
+    negated: bool = False  # a bool flag that turns the setting off (--rota-disable-...)
+
+
+def _flag(name: str, default: Any, help: str, check: Check | None = None,
+          negated: bool = False) -> Any:
+    return field(default=default, metadata={"flag": Flag(name, help, negated), "check": check})
+
+
+def _internal(default: Any, check: Check | None = None) -> Any:
+    """A setting with no flag (tuning for tests and the simulator)."""
+    return field(default=default, metadata={"check": check})
+
+
+def flag_of(f: Field) -> Flag | None:
+    return f.metadata.get("flag")
+
+
+def setting_name(f: Field) -> str:
+    """How messages name a setting: its flag, else its field."""
+    flag = flag_of(f)
+    return flag.name if flag is not None else f.name
 
 
 @dataclass(frozen=True, slots=True)
 class RotaConfig:
-    ttft_slo_s: float = 1.0
-    tbt_slo_s: float = 0.1
-    host_kv_gb: float = 8.0
-    policy: str = "slo"
-    # Victims must have slack >= margin × their round-trip estimate.
-    slack_margin: float = 2.0
+    ttft_slo_s: float = _flag("--rota-ttft-slo", 1.0,
+                              "time-to-first-token SLO in seconds.", POSITIVE)
+    tbt_slo_s: float = _flag("--rota-tbt-slo", 0.1,
+                             "time-between-tokens SLO in seconds.", POSITIVE)
+    host_kv_gb: float = _flag("--rota-host-kv-gb", 8.0,
+                              "size of the pinned host KV tier per TP rank, in GB.", POSITIVE)
+    policy: str = _flag("--rota-policy", "slo",
+                        "'slo' (deadline/slack based) or 'lvf' (the reference rule).",
+                        one_of(POLICIES))
+    slack_margin: float = _flag(
+        "--rota-slack-margin", 2.0,
+        "a victim's slack must cover its round trip this many times.", POSITIVE)
     # Proactive free reserve = arrival rate × mean prompt × window, capped at a pool fraction.
-    reserve_window_s: float = 0.2
-    reserve_max_frac: float = 0.25
+    reserve_window_s: float = _internal(0.2, NON_NEGATIVE)
+    reserve_max_frac: float = _internal(0.25, FRACTION_BELOW_1)
     # Requests already past their deadline are admitted after those that can still make it.
-    late_last: bool = True
+    late_last: bool = _internal(True)
     # LVF (reference rule): fixed proactive budget B in tokens.
-    lvf_budget_tokens: int = 2400 * 16
-    mover: str = "auto"
-    # Bound each step's prefill by the least slack of the decoding streams (decode first at 0).
-    prefill_pacing: bool = True
+    lvf_budget_tokens: int = _internal(2400 * 16, COUNT)
+    mover: str = _flag(
+        "--rota-mover", "auto",
+        "KV data path: auto (direct for pages of >= 128 KiB per layer, else staging), torch, "
+        "staging (gather + DMA), zerocopy or direct (page copies, no kernels).",
+        one_of(MOVER_PATHS))
+    prefill_pacing: bool = _flag(
+        "--rota-disable-prefill-pacing", True,
+        "do not bound each step's prefill by the decoding streams' least slack (ablation).",
+        negated=True)
     # Smallest paced prefill worth a forward (the fitted overhead can raise it): below it,
     # decode first instead.
-    min_prefill_chunk: int = 256
-    # Share of the measured PCIe rate rotations may use, each way, over the time since the
-    # last plan. The staging copy's gather kernels take SMs from the model: on an H200 a
-    # CUDA-graph decode step ran 11.6% slower at the full rate, 5.4% at half, 2.7% at a
-    # quarter (eval/diag_interference.py); the direct path (big pages) ~3.7% at the full rate.
-    link_share: float = 0.4
-    # After a rotate-in, keep the host copy of the request's whole pages (KV never changes once
-    # written): its next rotate-out copies only the pages written since. Copies are dropped
-    # when the request finishes or is retracted, and evicted (oldest first) for host room.
-    keep_host_copy: bool = False
-    # Also copy running requests' full pages to the host while the link is idle (implies the
-    # above): a later rotate-out moves only the pages written since.
-    write_through: bool = False
-    # NUMA node of the host tier's memory (e.g. Grace's LPDDR on a GH200); None: first touch.
-    host_numa_node: int | None = None
-
-    @property
-    def keeps_host_copies(self) -> bool:
-        """Kept host copies are on: asked for, or implied by write-through."""
-        return self.keep_host_copy or self.write_through
+    min_prefill_chunk: int = _internal(256, AT_LEAST_1)
+    # The share applies over the time since the last plan. The staging copy's gather kernels
+    # take SMs from the model: on an H200 a CUDA-graph decode step ran 11.6% slower at the full
+    # rate, 5.4% at half, 2.7% at a quarter (eval/diag_interference.py); the direct path (big
+    # pages) ~3.7% at the full rate.
+    link_share: float = _flag(
+        "--rota-link-share", 0.4,
+        "share of the host link's measured rate that rotations may use, each way (bounds the "
+        "model's slowdown).", SHARE)
+    # KV never changes once written, so a kept copy stays valid. Copies are dropped when the
+    # request finishes or is retracted, and evicted (oldest first) for host room.
+    keep_host_copy: bool = _flag(
+        "--rota-keep-host-copy", False,
+        "keep a rotated-in request's host copy, so its next rotate-out moves only the KV "
+        "written since (costs host tier space; evicted first).")
+    write_through: bool = _flag(
+        "--rota-write-through", False,
+        "while the host link is idle, copy running requests' full pages to the host in the "
+        "background (implies --rota-keep-host-copy).")
+    host_numa_node: int | None = _flag(
+        "--rota-host-numa-node", None,
+        "NUMA node for the host KV tier's memory (e.g. Grace's on a GH200); default: wherever "
+        "first touch puts it.", NODE)
 
     def __post_init__(self) -> None:
-        _positive("--rota-ttft-slo", self.ttft_slo_s)
-        _positive("--rota-tbt-slo", self.tbt_slo_s)
-        _positive("--rota-host-kv-gb", self.host_kv_gb)
-        _positive("--rota-slack-margin", self.slack_margin)
-        if self.reserve_window_s < 0:
-            raise ConfigError(f"--rota-reserve-window must be >= 0, got {self.reserve_window_s}")
-        if not 0.0 <= self.reserve_max_frac < 1.0:
-            raise ConfigError(f"reserve_max_frac must be in [0, 1), got {self.reserve_max_frac}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"--rota-policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.mover not in MOVER_PATHS:
-            raise ConfigError(f"--rota-mover must be one of {MOVER_PATHS}, got {self.mover!r}")
-        if not 0.0 < self.link_share <= 1.0:
-            raise ConfigError(f"--rota-link-share must be in (0, 1], got {self.link_share}")
-        if self.min_prefill_chunk < 1:
-            raise ConfigError(f"min_prefill_chunk must be >= 1, got {self.min_prefill_chunk}")
-        if self.host_numa_node is not None and self.host_numa_node < 0:
-            raise ConfigError(f"--rota-host-numa-node must be >= 0, got {self.host_numa_node}")
-        if self.lvf_budget_tokens < 0:
-            raise ConfigError(f"lvf_budget_tokens must be >= 0, got {self.lvf_budget_tokens}")
+        for f in fields(self):
+            check: Check | None = f.metadata.get("check")
+            value = getattr(self, f.name)
+            if check is not None and not (value is None and f.default is None):
+                check(setting_name(f), value)
+        if self.write_through:
+            # Write-through's copies are kept copies: readers test keep_host_copy alone.
+            object.__setattr__(self, "keep_host_copy", True)
 
 
-def _positive(flag: str, value: float) -> None:
-    # NOTE: `not value > 0` also rejects NaN.
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{flag} must be a positive finite number, got {value}")
+@dataclass(frozen=True, slots=True)
+class RequestSlo:
+    """A request's SLOs in seconds: its ``custom_params`` override, else the server's."""
+
+    ttft_s: float
+    tbt_s: float
 
 
-def parse_slo_override(custom_params: object) -> tuple[float | None, float | None]:
-    """Per-request SLOs from a request's ``custom_params`` dict (``ttft_slo``/``tbt_slo``, seconds).
+def parse_request_slo(custom_params: object, config: RotaConfig) -> RequestSlo:
+    """Parse a request's ``custom_params`` (``ttft_slo``/``tbt_slo``, seconds) once, on entry.
 
     Raises ConfigError for a present but invalid value, so the server can answer 400.
+    Unknown keys are ignored.
     """
-    if not isinstance(custom_params, dict):
-        return None, None
-    out: list[float | None] = []
-    for key in ("ttft_slo", "tbt_slo"):
-        value = custom_params.get(key)
-        if value is None:
-            out.append(None)
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"custom_params.{key} must be a number of seconds, got {value!r}")
-        _positive(f"custom_params.{key}", float(value))
-        out.append(float(value))
-    return out[0], out[1]
+    params = custom_params if isinstance(custom_params, dict) else {}
+    return RequestSlo(_override(params, "ttft_slo", config.ttft_slo_s),
+                      _override(params, "tbt_slo", config.tbt_slo_s))
+
+
+def _override(params: dict, key: str, default: float) -> float:
+    value = params.get(key)
+    return default if value is None else POSITIVE(f"custom_params.{key}", value)

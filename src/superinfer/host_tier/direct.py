@@ -3,19 +3,16 @@
 One page of one layer's K (or V) is one contiguous piece in SGLang's layer-first device buffers
 and in a page-major ``HostKVPool``, so a job is a list of (source, destination, size) pieces
 that ``cudaMemcpyBatchAsync`` calls hand to the copy engines: no gather kernel, no SM time, no
-staging memory. On the H200 this costs a decode step ~4% at 86-98 GB/s both ways with 128 KiB
-pieces (64-token pages of Llama-3.1-8B; bench and diagnostic), where the staging path costs
-11-15%; but copy engines need big pieces: with 32 KiB pieces (16-token pages) they reach only
-~60 GB/s both ways (``eval/results/duplexkv_tradeoff_h200.png``). ``rotator.py`` picks this
-path from the piece size.
+staging memory, so it slows the model's decode steps far less than the staging path; but the
+copy engines need big pieces to reach full duplex (README, DuplexKV section).
+``host_tier/factory.py`` picks this path from the piece size.
 
 Page rule: device and host pages hold the same ``page_size`` tokens (SGLang's ``--page-size``).
 A job's slots cover whole pages from their first token, in order; only the last page may be
 partial, and it is copied whole (its tail belongs to the same request and is unused).
 
-Who issues: on CUDA each direction has an issuer thread. A batch call costs the host ~0.4 us
-per piece (0.3 s per second of full-rate rotation with 128 KiB pieces) and blocks once the copy
-engine's queue is full (``eval/results/diag_direct_submit_h200.json``); in the scheduler's
+Who issues: on CUDA each direction has an issuer thread. A batch call costs the host time per
+piece and blocks once the copy engine's queue is full; in the scheduler's
 thread that time would delay every decode launch, and one direction's blocked call would starve
 the other. ctypes releases the GIL for the call, so the scheduler keeps running.
 
@@ -43,8 +40,8 @@ from superinfer.host_tier.jobs import Job, check_slots
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import StreamMover
 
-# Pieces of at least this size reached the goal on the H200 (98.5 GB/s both ways at +3.8%
-# decode with 128 KiB; 80.6 GB/s with 64 KiB, 59.5 with 32 KiB): below it, staging is default.
+# Pieces of at least this size reached full duplex with the copy engines alone in the DuplexKV
+# bench; below it, staging is the default.
 DIRECT_MIN_PIECE_BYTES = 128 << 10
 # A call that queues ~65k pieces blocks until most of them are copied, so jobs go out in
 # slices, and only so many pieces are queued on a direction's stream at once.

@@ -29,49 +29,21 @@ from superinfer.host_tier.interface import KVLayout
 _REGISTER_CHUNK_BYTES = 1 << 30
 
 
-class HostKVPool:
-    """Pinned host memory for rotated-out KV, allocated in pages of ``page_size`` tokens."""
+class HostPages:
+    """Page accounting of a host tier: who may use which pages, with exact counts.
 
-    def __init__(
-        self,
-        layout: KVLayout,
-        num_tokens: int,
-        page_size: int,
-        dtype: torch.dtype,
-        pin_memory: bool = True,
-        numa_node: int | None = None,
-        page_major: bool = False,
-    ) -> None:
+    Kept apart from the bytes so the same accounting serves the pinned pool and the
+    simulator's modelled tier (eval/), which needs pages but no memory behind them.
+    """
+
+    def __init__(self, num_tokens: int, page_size: int) -> None:
         if page_size < 1 or num_tokens < page_size or num_tokens % page_size:
             raise ValueError(f"num_tokens={num_tokens} must be a positive multiple of page_size={page_size}")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if itemsize != layout.itemsize:
-            raise ValueError(f"dtype {dtype} has {itemsize} bytes per element, layout says {layout.itemsize}")
-        self.layout = layout
         self.size = num_tokens
         self.page_size = page_size
         self.num_pages = num_tokens // page_size
-        self.page_major = page_major
-        # Whole pages per pinned registration; a DMA never spans two (see ``dma_chunk_tokens``).
-        pages_per_chunk = max(1, _REGISTER_CHUNK_BYTES // (layout.bytes_per_token * page_size))
-        self.dma_chunk_tokens = pages_per_chunk * page_size
-        row = layout.num_heads * layout.head_dim
-        shape = ((self.num_pages, layout.num_layers, 2, page_size, row) if page_major
-                 else (num_tokens, layout.num_layers, 2, row))
-        self.buffer = torch.empty(shape, dtype=dtype)
-        if numa_node is not None:
-            _bind_to_numa_node(self.buffer, numa_node)
-        if pin_memory:
-            chunk_bytes = self.dma_chunk_tokens * layout.bytes_per_token
-            _pin(self.buffer, chunk_bytes)
-            weakref.finalize(self, _unpin, self.buffer, chunk_bytes)
-        self.pinned = pin_memory
         self._page_free = torch.ones(self.num_pages, dtype=torch.bool)
         self._num_free_pages = self.num_pages
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.layout.bytes_per_token
 
     def available_size(self) -> int:
         """Free capacity in tokens (whole free pages only)."""
@@ -112,12 +84,15 @@ class HostKVPool:
         self._page_free[page_ids] = True
         self._num_free_pages += page_ids.numel()
 
+    def used_pages(self) -> torch.Tensor:
+        """Ids of the pages in use (for ownership checks)."""
+        return torch.nonzero(~self._page_free).reshape(-1)
+
     def check_integrity(self) -> None:
         """Raise AssertionError unless free + used pages equal the total and the counter matches."""
         num_free = int(self._page_free.sum())
         assert num_free == self._num_free_pages, (num_free, self._num_free_pages)
         assert 0 <= num_free <= self.num_pages, (num_free, self.num_pages)
-        assert self.buffer.numel() * self.buffer.element_size() == self.size * self.bytes_per_token
 
     def _pick_pages(self, num_pages: int) -> torch.Tensor:
         free_ids = torch.nonzero(self._page_free).reshape(-1)
@@ -132,6 +107,49 @@ class HostKVPool:
             first = int(free_ids[run_starts[best]])
             return torch.arange(first, first + num_pages, dtype=torch.int64)
         return free_ids[:num_pages].to(torch.int64)
+
+
+class HostKVPool(HostPages):
+    """Pinned host memory for rotated-out KV, allocated in pages of ``page_size`` tokens."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_tokens: int,
+        page_size: int,
+        dtype: torch.dtype,
+        pin_memory: bool = True,
+        numa_node: int | None = None,
+        page_major: bool = False,
+    ) -> None:
+        super().__init__(num_tokens, page_size)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if itemsize != layout.itemsize:
+            raise ValueError(f"dtype {dtype} has {itemsize} bytes per element, layout says {layout.itemsize}")
+        self.layout = layout
+        self.page_major = page_major
+        # Whole pages per pinned registration; a DMA never spans two (see ``dma_chunk_tokens``).
+        pages_per_chunk = max(1, _REGISTER_CHUNK_BYTES // (layout.bytes_per_token * page_size))
+        self.dma_chunk_tokens = pages_per_chunk * page_size
+        row = layout.num_heads * layout.head_dim
+        shape = ((self.num_pages, layout.num_layers, 2, page_size, row) if page_major
+                 else (num_tokens, layout.num_layers, 2, row))
+        self.buffer = torch.empty(shape, dtype=dtype)
+        if numa_node is not None:
+            _bind_to_numa_node(self.buffer, numa_node)
+        if pin_memory:
+            chunk_bytes = self.dma_chunk_tokens * layout.bytes_per_token
+            _pin(self.buffer, chunk_bytes)
+            weakref.finalize(self, _unpin, self.buffer, chunk_bytes)
+        self.pinned = pin_memory
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layout.bytes_per_token
+
+    def check_integrity(self) -> None:
+        super().check_integrity()
+        assert self.buffer.numel() * self.buffer.element_size() == self.size * self.bytes_per_token
 
 
 def _nbytes(buffer: torch.Tensor) -> int:

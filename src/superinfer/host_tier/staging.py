@@ -27,11 +27,9 @@ from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import D2H_PRIORITY, H2D_PRIORITY, CopyMover, CopyResult
 from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
 
-# Defaults from two H200 runs of eval/bench_duplexkv.py (Llama-3.1-8B KV, 64k-token batches):
-# 2048-token (256 MiB) chunks gave 75-93 GB/s duplex, 512-token chunks 75-81 (run-to-run spread
-# is ~15 GB/s, so this is a lean, not a proof). The staging kernels only have to outrun the DMA;
-# 32 programs did (54.6 / 52.7 GB/s one way) and leave ~100 SMs to the model. Grids of 8-264
-# programs all cost a decode step 31-38%, as plain torch copies did. Staging holds 4 chunks.
+# Defaults: the staging kernels only have to outrun the DMA, so a few programs leave most SMs
+# to the model; chunks are large enough for full-rate DMAs, and staging holds 4 of them.
+# The runs behind these numbers: eval/results/INDEX.md (DuplexKV bench).
 DEFAULT_CHUNK_BYTES = 256 << 20
 DEFAULT_STAGING_PROGRAMS = 32
 PATHS = ("staging", "zerocopy")

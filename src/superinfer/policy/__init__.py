@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ..config import RotaConfig
+from . import events
 from .base import Policy
 from .costs import CostModel
 from .lvf import LvfPolicy
 from .slo import SloPolicy
 from .table import RequestTable
-from .types import Capacity, Costs, Phase, ReqView, StepPlan
+from .types import Capacity, Costs, Phase, ReqView, StepPlan, StepSnapshot, TierReport, Transfer
 
 _POLICIES: dict[str, type[Policy]] = {"slo": SloPolicy, "lvf": LvfPolicy}
 
@@ -18,4 +19,5 @@ def create_policy(config: RotaConfig) -> Policy:
 
 
 __all__ = ["Capacity", "CostModel", "Costs", "LvfPolicy", "Phase", "Policy", "ReqView",
-           "RequestTable", "SloPolicy", "StepPlan", "create_policy"]
+           "RequestTable", "SloPolicy", "StepPlan", "StepSnapshot", "TierReport", "Transfer",
+           "create_policy", "events"]

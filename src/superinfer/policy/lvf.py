@@ -14,21 +14,21 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Policy
-from .types import Capacity, Costs, Phase, StepPlan
+from .types import Phase, StepPlan, StepSnapshot
 
 
 class LvfPolicy(Policy):
-    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
-             gpu_free_at_s: float | None = None) -> StepPlan:
+    def plan(self, snapshot: StepSnapshot) -> StepPlan:
+        cap, max_prefill_tokens = snapshot.capacity, snapshot.max_prefill_tokens
         plan = StepPlan()
-        t = self.table
-        host_total = cap.free_host_tokens + int(t.num_tokens[t.slots_in(Phase.ON_HOST, Phase.ROTATING_OUT)].sum())
+        t = self._table
+        host_total = cap.free_host_tokens + int(t.num_tokens[t.rows_in(Phase.ON_HOST, Phase.ROTATING_OUT)].sum())
         host_used_frac = 1.0 - cap.free_host_tokens / host_total if host_total else 1.0
-        running = t.slots_in(Phase.RUNNING)
-        resident = t.slots_in(Phase.RUNNING, Phase.PREFILLING)
+        running = t.rows_in(Phase.RUNNING)
+        resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING)
         free = cap.available_device_tokens - int(t.decode_reservation(resident, cap.new_token_ratio).sum())
         self._fifo(plan, free, host_used_frac > 0.90, max_prefill_tokens)
-        waiting = t.slots_in(Phase.WAITING)
+        waiting = t.rows_in(Phase.WAITING)
         demand = running.size + int(t.num_prompt_tokens[waiting].sum())
         budget = self.config.lvf_budget_tokens
         if demand > free and free < budget and host_used_frac < 0.95:
@@ -48,8 +48,8 @@ class LvfPolicy(Policy):
         return plan
 
     def _fifo(self, plan: StepPlan, free: int, defer_new: bool, max_prefill_tokens: int) -> None:
-        t = self.table
-        cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
+        t = self._table
+        cand = t.rows_in(Phase.WAITING, Phase.ON_HOST)
         on_host = t.phase[cand] == Phase.ON_HOST
         key = np.where(on_host, t.rotated_at_s[cand], t.arrival_s[cand])
         used = prefill = 0

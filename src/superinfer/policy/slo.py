@@ -33,7 +33,7 @@ import numpy as np
 from . import deadlines
 from .base import Policy
 from .table import CLIP_NEW_TOKENS
-from .types import Capacity, Costs, Phase, StepPlan
+from .types import Capacity, Costs, Phase, StepPlan, StepSnapshot
 
 _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
 _ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
@@ -55,13 +55,14 @@ class SloPolicy(Policy):
         """KV tokens one direction may move in this plan: ``link_share`` of the window."""
         return deadlines.link_tokens(self.config.link_share, bytes_per_s, window_s, cap.bytes_per_token)
 
-    def plan(self, now_s: float, cap: Capacity, costs: Costs, max_prefill_tokens: int,
-             gpu_free_at_s: float | None = None) -> StepPlan:
+    def plan(self, snapshot: StepSnapshot) -> StepPlan:
+        now_s, cap, costs = snapshot.now_s, snapshot.capacity, snapshot.costs
+        max_prefill_tokens, gpu_free_at_s = snapshot.max_prefill_tokens, snapshot.gpu_free_at_s
         plan = StepPlan()
         cfg = self.config
-        t = self.table
-        resident = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
-        leaving = t.slots_in(Phase.ROTATING_OUT)
+        t = self._table
+        resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
+        leaving = t.rows_in(Phase.ROTATING_OUT)
         # KV on its way out is as good as free: counting it again as a deficit next step would
         # pick new victims for room that is already coming (one step or more: the copy waits
         # for the forward in flight).
@@ -80,7 +81,7 @@ class SloPolicy(Policy):
             # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
             # back to back, decode waiting: so the head's whole first batch must fit, or a
             # decode step comes first (each adds a TBT minus a step to every stream's slack).
-            head = min(int(t.num_prompt_tokens[t.slot(plan.admit[0])]), max_prefill_tokens)
+            head = min(int(t.num_prompt_tokens[t.row(plan.admit[0])]), max_prefill_tokens)
             if head > budget:
                 budget = 0
         plan.prefill_token_budget = budget
@@ -103,14 +104,14 @@ class SloPolicy(Policy):
         delays every decode step behind it; past this many tokens a stream's next token would
         come after its deadline. 0 means: decode first. A stream already behind its pace
         counts as no slack: only decode steps (each shorter than its TBT) let it catch up.
-        (Letting prefill run unbounded once every stream was behind stalled all of them for
-        up to a second at a time on the H200, and they never caught up.)
+        (Letting prefill run unbounded once every stream was behind stalled all of them, and
+        they never caught up.)
 
         The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
         counts from its expected first token: its second token is the one at risk."""
-        t = self.table
-        run = t.slots_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
+        t = self._table
+        run = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
         run = run[~np.isnan(t.first_token_s[run])]
         if run.size == 0:
             return None
@@ -135,13 +136,13 @@ class SloPolicy(Policy):
         return budget if budget >= worthwhile else 0
 
     def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``depth`` candidate slots in admission order, and their EDF keys.
+        """The first ``depth`` candidate rows in admission order, and their EDF keys.
 
         Only the head of the order is ever walked, so it is selected in O(n) with
         ``argpartition`` and only that part is sorted (ties by arrival order, so every TP rank
         gets the same order)."""
-        t = self.table
-        cand = t.slots_in(Phase.WAITING, Phase.ON_HOST)
+        t = self._table
+        cand = t.rows_in(Phase.WAITING, Phase.ON_HOST)
         on_host = t.phase[cand] == Phase.ON_HOST
         new_deadline = deadlines.ttft_deadline(t.arrival_s[cand], t.ttft_slo_s[cand])
         key = np.where(on_host, self._return_key(cand, cap, costs),
@@ -164,7 +165,7 @@ class SloPolicy(Policy):
         urgent yet yields to both and only takes room left once everything ranked fits:
         taking it earlier blocks a newcomer, whose room then comes from a rotation, and the
         two swap again and again (seen in eval/sim_policy.py on the code trace)."""
-        t = self.table
+        t = self._table
         depth = _WALK_DEPTH
         order, key = self._rank(now_s, cap, costs, depth)
         h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
@@ -217,15 +218,15 @@ class SloPolicy(Policy):
         """Bring back the rotated-out streams that are due now, in deadline order, making room
         for the first that does not fit (the EDF walk stopped at a new request it could not
         place, before reaching them)."""
-        t = self.table
-        away = t.slots_in(Phase.ON_HOST)
+        t = self._table
+        away = t.rows_in(Phase.ON_HOST)
         if away.size == 0:
             return
         key = self._return_key(away, cap, costs)
         due = key <= now_s + deadlines.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token, costs)
         away, key = away[due], key[due]
         h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
-        h2d = sum(int(t.num_tokens[t.slot(r)]) for r in plan.rotate_in)
+        h2d = sum(int(t.num_tokens[t.row(r)]) for r in plan.rotate_in)
         for s in away[np.lexsort((t.seq[away], key))].tolist():
             if t.id_at(s) in plan.reasons:  # already coming back (the walk reached it)
                 continue
@@ -239,24 +240,24 @@ class SloPolicy(Policy):
             h2d += self._take_return(plan, s, "urgent rotate-in")
             room -= need
 
-    def _return_key(self, slots: np.ndarray, cap: Capacity, costs: Costs) -> np.ndarray:
+    def _return_key(self, rows: np.ndarray, cap: Capacity, costs: Costs) -> np.ndarray:
         """EDF key of rotated-out streams: the next token's deadline minus the copy back."""
-        t = self.table
-        deadline = deadlines.next_token_deadline(t.first_token_s[slots], t.next_token_index(slots), t.tbt_slo_s[slots])
-        return deadline - deadlines.transfer_s(t.num_tokens[slots], cap.bytes_per_token, costs.h2d_bytes_per_s)
+        t = self._table
+        deadline = deadlines.next_token_deadline(t.first_token_s[rows], t.next_token_index(rows), t.tbt_slo_s[rows])
+        return deadline - deadlines.transfer_s(t.num_tokens[rows], cap.bytes_per_token, costs.h2d_bytes_per_s)
 
-    def _take_return(self, plan: StepPlan, slot: int, why: str) -> int:
+    def _take_return(self, plan: StepPlan, row: int, why: str) -> int:
         """Plan a rotated-out stream's return; returns the tokens it moves host→device."""
-        req_id = self.table.id_at(slot)
+        req_id = self._table.id_at(row)
         plan.rotate_in.append(req_id)
         plan.reasons[req_id] = why
-        return int(self.table.num_tokens[slot])
+        return int(self._table.num_tokens[row])
 
-    def _return_need(self, slot: int, cap: Capacity) -> int:
+    def _return_need(self, row: int, cap: Capacity) -> int:
         """Device tokens a rotated-out stream takes back: its KV and SGLang's reservation."""
-        t = self.table
-        remaining = min(int(t.max_new_tokens[slot] - t.num_output_tokens[slot]), CLIP_NEW_TOKENS)
-        return int(t.num_tokens[slot]) + int(max(remaining, 0) * cap.new_token_ratio)
+        t = self._table
+        remaining = min(int(t.max_new_tokens[row] - t.num_output_tokens[row]), CLIP_NEW_TOKENS)
+        return int(t.num_tokens[row]) + int(max(remaining, 0) * cap.new_token_ratio)
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
                     wait_s: float, why: str, window_s: float, grows_away: bool) -> None:
@@ -264,8 +265,8 @@ class SloPolicy(Policy):
         the eligible victims cannot cover it: a partial rotation would only waste bandwidth).
         ``grows_away``: the room is for new work, so the streams away from the device grow in
         number: ``_away_room`` bounds them, and one stream's KV stays free on the host."""
-        t = self.table
-        run = t.slots_in(Phase.RUNNING)
+        t = self._table
+        run = t.rows_in(Phase.RUNNING)
         if run.size == 0:
             return
         largest = int(t.num_tokens[run].max())
@@ -300,7 +301,6 @@ class SloPolicy(Policy):
         if grows_away:
             # Keep room on the host for one more stream: a return that must make room swaps
             # with a resident, whose copy lands before the returning one's host pages are free.
-            # (With the host tier full, streams due came back up to 0.9 s late in the model.)
             host_room -= largest
         fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= host_room)
         take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
@@ -312,10 +312,10 @@ class SloPolicy(Policy):
 
     def _away_room(self, costs: Costs) -> int:
         """How many more decoding streams may leave the device to make room for new work."""
-        t = self.table
-        resident = t.slots_in(Phase.RUNNING)
+        t = self._table
+        resident = t.rows_in(Phase.RUNNING)
         resident = resident[~np.isnan(t.first_token_s[resident])]
-        away = len(t.slots_in(Phase.ROTATING_OUT, Phase.ON_HOST, Phase.ROTATING_IN))
+        away = len(t.rows_in(Phase.ROTATING_OUT, Phase.ON_HOST, Phase.ROTATING_IN))
         if resident.size == 0:
             return 0
         prefill_share = costs.arrival_rate_per_s * costs.mean_prompt_tokens * costs.prefill_s_per_token

@@ -56,6 +56,50 @@ class Capacity:
 
 
 @dataclass(frozen=True, slots=True)
+class StepSnapshot:
+    """Everything a plan reads besides the policy's own request table, built by the adapter
+    once per scheduler iteration."""
+
+    now_s: float
+    capacity: Capacity
+    costs: Costs
+    # The most prompt tokens one prefill batch takes without cutting a request.
+    max_prefill_tokens: int
+    # When the batches already launched should be done (None: the GPU is idle now).
+    gpu_free_at_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One finished rotation copy, for the cost model."""
+
+    to_host: bool
+    num_bytes: int
+    elapsed_s: float
+
+
+@dataclass(slots=True)
+class TierReport:
+    """What the host tier finished since the last poll (the policy's view of DuplexKV).
+
+    ``finished_out``: device->host copies done on every rank: the device KV may be released.
+    ``finished_in``: host->device copies done: the request may rejoin the running batch.
+    ``cancelled``: those of the two lists that were dropped while their copy ran; their host
+    pages are already free. ``host_tokens``: the kept host copy of every resident request
+    that has one (absent: none).
+    """
+
+    now_s: float = 0.0
+    finished_out: list[str] = field(default_factory=list)
+    finished_in: list[str] = field(default_factory=list)
+    cancelled: set[str] = field(default_factory=set)
+    host_tokens: dict[str, int] = field(default_factory=dict)
+    transfers: list[Transfer] = field(default_factory=list)
+    free_host_tokens: int = 0  # free pages plus kept copies (evictable), in tokens
+    used_host_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ReqView:
     """One request's policy state, for logs and tests (the planner works on columns)."""
 

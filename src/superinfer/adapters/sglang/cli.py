@@ -12,52 +12,40 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
-from ...config import MOVER_PATHS, POLICIES, RotaConfig
+from ...config import Check, ConfigError, Flag, RotaConfig, flag_of
 
 ROTASCHED = "rotasched"
 _NS = "schedule.rotasched"
-_DEFAULTS = RotaConfig()
 
 
-def _fraction(flag: str):
-    def parse(text: str) -> float:
-        value = _positive_float(flag)(text)
-        if value > 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be in (0, 1], got {text!r}")
-        return value
-
-    parse.__name__ = "fraction"
-    return parse
+def _flags() -> Iterator[tuple[dataclasses.Field, Flag]]:
+    """The RotaConfig fields that are flags, with their flag."""
+    for f in dataclasses.fields(RotaConfig):
+        flag = flag_of(f)
+        if flag is not None:
+            yield f, flag
 
 
-def _positive_float(flag: str):
-    def parse(text: str) -> float:
+def _dest(flag: Flag) -> str:
+    """The ServerArgs field of a flag: the name SGLang derives the same flag from."""
+    return flag.name.removeprefix("--").replace("-", "_")
+
+
+def _type_parser(flag: Flag, check: Check) -> Callable[[str], Any]:
+    """``check`` for argparse: a ConfigError becomes a usage error (exit 2, flag named)."""
+    def parse(text: str) -> Any:
         try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive finite number, got {text!r}")
-        return value
+            return check.parse(flag.name, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = "positive float"
+    parse.__name__ = flag.name
     return parse
-
-
-def _node_index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rota-host-numa-node expects a node number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--rota-host-numa-node must be >= 0, got {text!r}")
-    return value
-
-
-_node_index.__name__ = "NUMA node"
 
 
 def extend_server_args(module: ModuleType) -> None:
@@ -67,76 +55,38 @@ def extend_server_args(module: ModuleType) -> None:
         return
     A, Arg, NS = module.A, module.Arg, module.NS
     choices = [*_schedule_policy_choices(base, module), ROTASCHED]
-
-    ns = {
-        "__annotations__": {
-            "schedule_policy": A[str, Arg(
-                help="The scheduling policy of the requests. 'rotasched' (SuperInfer) rotates "
-                     "decode requests' KV to host memory by their SLO slack.",
-                choices=choices, aliases=["--scheduler-policy"]), NS("schedule")],
-            "rota_ttft_slo": A[float, Arg(
-                help="rotasched: time-to-first-token SLO in seconds.",
-                type_parser=_positive_float("--rota-ttft-slo")), NS(_NS)],
-            "rota_tbt_slo": A[float, Arg(
-                help="rotasched: time-between-tokens SLO in seconds.",
-                type_parser=_positive_float("--rota-tbt-slo")), NS(_NS)],
-            "rota_host_kv_gb": A[float, Arg(
-                help="rotasched: size of the pinned host KV tier per TP rank, in GB.",
-                type_parser=_positive_float("--rota-host-kv-gb")), NS(_NS)],
-            "rota_policy": A[str, Arg(
-                help="rotasched: 'slo' (deadline/slack based) or 'lvf' (the reference rule).",
-                choices=list(POLICIES)), NS(_NS)],
-            "rota_mover": A[str, Arg(
-                help="rotasched: KV data path: auto (direct for pages of >= 128 KiB per layer, else "
-                     "staging), torch, staging (gather + DMA), zerocopy or direct (page copies, "
-                     "no kernels).",
-                choices=list(MOVER_PATHS)), NS(_NS)],
-            "rota_slack_margin": A[float, Arg(
-                help="rotasched: a victim's slack must cover its round trip this many times.",
-                type_parser=_positive_float("--rota-slack-margin")), NS(_NS)],
-            "rota_link_share": A[float, Arg(
-                help="rotasched: share of the host link's measured rate that rotations may "
-                     "use, each way (bounds the model's slowdown).",
-                type_parser=_fraction("--rota-link-share")), NS(_NS)],
-            "rota_keep_host_copy": A[bool, Arg(
-                help="rotasched: keep a rotated-in request's host copy, so its next rotate-out "
-                     "moves only the KV written since (costs host tier space; evicted first)."),
-                NS(_NS)],
-            "rota_write_through": A[bool, Arg(
-                help="rotasched: while the host link is idle, copy running requests' full pages "
-                     "to the host in the background (implies --rota-keep-host-copy)."), NS(_NS)],
-            "rota_host_numa_node": A[Optional[int], Arg(
-                help="rotasched: NUMA node for the host KV tier's memory (e.g. Grace's on a "
-                     "GH200); default: wherever first touch puts it.",
-                type_parser=_node_index), NS(_NS)],
-            "rota_disable_prefill_pacing": A[bool, Arg(
-                help="rotasched: do not bound each step's prefill by the decoding streams' "
-                     "least slack (ablation)."), NS(_NS)],
-        },
-        "schedule_policy": base.schedule_policy,
-        "rota_ttft_slo": _DEFAULTS.ttft_slo_s,
-        "rota_tbt_slo": _DEFAULTS.tbt_slo_s,
-        "rota_host_kv_gb": _DEFAULTS.host_kv_gb,
-        "rota_policy": _DEFAULTS.policy,
-        "rota_mover": _DEFAULTS.mover,
-        "rota_slack_margin": _DEFAULTS.slack_margin,
-        "rota_link_share": _DEFAULTS.link_share,
-        "rota_keep_host_copy": _DEFAULTS.keep_host_copy,
-        "rota_write_through": _DEFAULTS.write_through,
-        "rota_host_numa_node": _DEFAULTS.host_numa_node,
-        "rota_disable_prefill_pacing": not _DEFAULTS.prefill_pacing,
+    annotations: dict[str, Any] = {
+        "schedule_policy": A[str, Arg(
+            help="The scheduling policy of the requests. 'rotasched' (SuperInfer) rotates "
+                 "decode requests' KV to host memory by their SLO slack.",
+            choices=choices, aliases=["--scheduler-policy"]), NS("schedule")],
+    }
+    ns: dict[str, Any] = {"schedule_policy": base.schedule_policy}
+    hints = typing.get_type_hints(RotaConfig)
+    for f, flag in _flags():
+        check: Check | None = f.metadata["check"]
+        extra: dict[str, Any] = {}
+        if check is not None and check.choices:  # argparse lists them and says "invalid choice"
+            extra["choices"] = list(check.choices)
+        elif check is not None:
+            extra["type_parser"] = _type_parser(flag, check)
+        arg = Arg(help=f"rotasched: {flag.help}", **extra)
+        annotations[_dest(flag)] = A[hints[f.name], arg, NS(_NS)]
+        ns[_dest(flag)] = (not f.default) if flag.negated else f.default
+    ns.update({
+        "__annotations__": annotations,
         "__module__": module.__name__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         "__superinfer__": True,
-    }
+    })
     cls = dataclasses.dataclass(type(base.__name__, (base,), ns))
     # Pickling (spawned scheduler processes) finds the class by module + qualname.
     module.ServerArgs = cls
 
 
 def _schedule_policy_choices(base: type, module: ModuleType) -> list[str]:
-    hints = __import__("typing").get_type_hints(base, include_extras=True)
+    hints = typing.get_type_hints(base, include_extras=True)
     for meta in hints["schedule_policy"].__metadata__:
         if isinstance(meta, module.Arg) and meta.choices:
             return list(meta.choices)
@@ -148,17 +98,10 @@ def is_rotasched(server_args: Any) -> bool:
 
 
 def rota_config(server_args: Any) -> RotaConfig:
-    """The RotaConfig a server was started with (values already validated by argparse)."""
-    return RotaConfig(
-        ttft_slo_s=server_args.rota_ttft_slo,
-        tbt_slo_s=server_args.rota_tbt_slo,
-        host_kv_gb=server_args.rota_host_kv_gb,
-        policy=server_args.rota_policy,
-        mover=server_args.rota_mover,
-        slack_margin=server_args.rota_slack_margin,
-        prefill_pacing=not server_args.rota_disable_prefill_pacing,
-        link_share=server_args.rota_link_share,
-        keep_host_copy=server_args.rota_keep_host_copy,
-        write_through=server_args.rota_write_through,
-        host_numa_node=server_args.rota_host_numa_node,
-    )
+    """The RotaConfig a server was started with. RotaConfig checks the values again: a
+    ServerArgs built in Python never went through argparse."""
+    values = {}
+    for f, flag in _flags():
+        value = getattr(server_args, _dest(flag))
+        values[f.name] = (not value) if flag.negated else value
+    return RotaConfig(**values)

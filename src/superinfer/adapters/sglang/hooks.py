@@ -4,7 +4,7 @@ Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
 - ``init_schedule_policy``: SGLang's own SchedulePolicy runs as ``fcfs`` (we order the queue),
   and a ``Rotator`` is attached to the scheduler.
 - ``get_next_batch_to_run``: one rotation step before SGLang builds the batch, the batch is
-  built under the plan's prefill budget (``Rotator.paced_prefill``), and the table learns
+  built under the plan's prefill budget (``PrefillPacer.paced_prefill``), and the policy learns
   what the chosen batch will produce (``Rotator.on_launch``).
 - ``_add_request_to_queue``: new (or retracted) requests enter the policy's table; a bad
   per-request SLO override is answered with HTTP 400 instead.
@@ -50,23 +50,25 @@ def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *a
         return original(self, running_batch, *args, **kwargs)
     running_batch = rot.step(running_batch)
     self.running_batch = running_batch
-    with rot.paced_prefill(running_batch):
+    with rot.pacer.paced_prefill(running_batch):
         plan = original(self, running_batch, *args, **kwargs)
     rot.on_launch(plan.batch_to_run)  # SGLang 0.5.17 returns a NextBatchPlan
     return plan
 
 
-def _add_request_to_queue(original: Callable, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+def _add_request_to_queue(original: Callable, self: Any, req: Any, *args: Any,
+                          **kwargs: Any) -> Any:
     rot = _rotator(self)
     if rot is None:
         return original(self, req, *args, **kwargs)
-    from .rotator import validate_request_slo
+    from ...config import ConfigError, parse_request_slo
 
-    error = validate_request_slo(req)
-    if error is not None:
+    try:  # parsed once, here: the rotator gets the result
+        slo = parse_request_slo(req.sampling_params.custom_params, rot.config)
+    except ConfigError as e:
         from sglang.srt.disaggregation.utils import prepare_abort
 
-        prepare_abort(req, error, status_code=HTTPStatus.BAD_REQUEST)
+        prepare_abort(req, str(e), status_code=HTTPStatus.BAD_REQUEST)
         self.output_streamer.stream_output([req], req.return_logprob)
         return None
     result = original(self, req, *args, **kwargs)
@@ -74,7 +76,7 @@ def _add_request_to_queue(original: Callable, self: Any, req: Any, *args: Any, *
     # NOTE: SGLang may also turn a request away here (queue limits); only queued ones count.
     # It appends, so the last element is the usual hit and the scan the rare case.
     if (queue and queue[-1] is req) or any(r is req for r in queue):
-        rot.on_enqueue(req)
+        rot.on_enqueue(req, slo)
     return result
 
 

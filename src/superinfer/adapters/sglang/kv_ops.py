@@ -1,6 +1,6 @@
-"""Rotation mechanics on one scheduler's SGLang objects: which device slots hold a request's
-KV, how to give them back after a rotate-out, how to get slots again for a rotate-in, and how
-a rotated-in request rejoins the running batch as a plain decode request (no re-prefill).
+"""Rotation mechanics on one scheduler's SGLang memory objects: which device slots hold a
+request's KV, how to give them back after a rotate-out, and how to get slots again for a
+rotate-in (batch_surgery.py puts the request back into the running batch).
 
 The KV of a decoding request covers positions [0, kv_len) with
 ``kv_len = len(origin_input_ids) + len(output_ids) - 1``: the newest token's KV is written by
@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sglang.srt.managers.overlap_utils import RelayPayload
-from sglang.srt.managers.schedule_batch import ReqKvInfo, ScheduleBatch
+from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache.allocation import alloc_paged_token_slots_extend, alloc_token_slots
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.common import release_kv_cache
 from sglang.srt.mem_cache.radix_cache import RadixKey
-from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -101,31 +99,3 @@ class SglangKV:
             seq_lens=seq_lens.to(self.device), seq_lens_cpu=seq_lens,
             last_loc=last_loc.to(self.device), extend_num_tokens=num_new,
         )
-
-    def decode_batch(self, reqs: list[Req]) -> ScheduleBatch:
-        """A ScheduleBatch of restored requests, ready to merge into the running batch; their
-        last token goes into the FutureMap relay like after any decode step."""
-        s = self.scheduler
-        batch = ScheduleBatch.init_new(
-            reqs=reqs, req_to_token_pool=self.req_to_token_pool,
-            token_to_kv_pool_allocator=self.allocator, tree_cache=self.tree_cache,
-            model_config=s.model_config, enable_overlap=s.enable_overlap,
-            spec_algorithm=s.spec_algorithm,
-        )
-        pool_idx = [r.req_pool_idx for r in reqs]
-        seq_lens = [r.kv_committed_len for r in reqs]
-        batch.req_pool_indices_cpu = torch.tensor(pool_idx, dtype=torch.int64)
-        batch.req_pool_indices = batch.req_pool_indices_cpu.to(self.device)
-        batch.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
-        batch.seq_lens = batch.seq_lens_cpu.to(self.device)
-        batch.orig_seq_lens = batch.seq_lens.to(torch.int32)
-        batch.seq_lens_sum = sum(seq_lens)
-        last = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=self.device)
-        s.future_map.stash(batch.req_pool_indices, RelayPayload(bonus_tokens=last))
-        batch.input_ids = None
-        batch.multimodal_inputs = [r.multimodal_inputs for r in reqs]
-        if batch.return_logprob:
-            batch.top_logprobs_nums = [r.logprob.top_logprobs_num for r in reqs]
-            batch.token_ids_logprobs = [r.logprob.token_ids_logprob for r in reqs]
-        batch.sampling_info = SamplingBatchInfo.from_schedule_batch(batch, s.model_config.vocab_size)
-        return batch

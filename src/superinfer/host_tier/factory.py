@@ -1,0 +1,70 @@
+"""Builds a host tier for one rank's device KV buffers: picks the data path, sizes the pinned
+pool in whole pages of that path, and wires the mover into a ``HostTierManager``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .direct import DIRECT_MIN_PIECE_BYTES, mover_path
+from .interface import KVLayout, KVMover
+from .manager import HostTierManager
+from .pool import HostKVPool
+
+logger = logging.getLogger("superinfer")
+TOKEN_MAJOR_PAGE = 16  # host page of the token-major paths (torch, staging, zerocopy)
+
+
+@dataclass(frozen=True, slots=True)
+class TierSpec:
+    """What was built, for the start record and the logs."""
+
+    path: str  # torch | staging | zerocopy | direct
+    mover: str  # the mover's class name
+    host_page: int  # tokens per host page
+    host_tokens: int
+    bytes_per_token: int
+
+
+def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
+                    device_page_size: int, host_kv_gb: float, mover_flag: str,
+                    keep_copies: bool, numa_node: int | None = None
+                    ) -> tuple[HostTierManager, TierSpec]:
+    """A host tier of about ``host_kv_gb`` GB beside SGLang's layer-first ``k_buffers`` /
+    ``v_buffers`` (one tensor per layer, ``[slots, heads, head_dim]``)."""
+    k0 = k_buffers[0]
+    layout = KVLayout(len(k_buffers), k0.shape[1], k0.shape[2], k0.element_size())
+    piece = device_page_size * k0[0].numel() * k0.element_size()  # one page, one layer's K
+    path = mover_path(mover_flag, k0.is_cuda, piece)
+    # The direct path copies whole device pages into host pages of the same size.
+    page = device_page_size if path == "direct" else TOKEN_MAJOR_PAGE
+    num_tokens = int(host_kv_gb * 1e9 / layout.bytes_per_token) // page * page
+    if num_tokens < page:
+        raise ValueError(f"--rota-host-kv-gb {host_kv_gb} holds less than one {page}-token page "
+                         f"({layout.bytes_per_token} bytes per token)")
+    pool = HostKVPool(layout, num_tokens, page, k0.dtype, pin_memory=k0.is_cuda,
+                      numa_node=numa_node, page_major=path == "direct")
+    mover = _make_mover(path, k_buffers, v_buffers, pool)
+    if path == "direct" and k0.is_cuda and piece < DIRECT_MIN_PIECE_BYTES:
+        logger.warning("rotasched: --rota-mover direct with %.0f KiB page pieces: copy engines "
+                       "move far less than full duplex with small pieces; a larger --page-size "
+                       "or --rota-mover staging moves more", piece / 1024)
+    manager = HostTierManager(pool, mover, layout.bytes_per_token, keep_copies)
+    return manager, TierSpec(path, type(mover).__name__, page, num_tokens, layout.bytes_per_token)
+
+
+def _make_mover(path: str, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
+                host: HostKVPool) -> KVMover:
+    if path == "torch":
+        from .torch_mover import TorchMover
+
+        return TorchMover(k_buffers, v_buffers, host)
+    if path == "direct":
+        from .direct import DirectKVMover
+
+        return DirectKVMover(k_buffers, v_buffers, host)
+    from .staging import StagingKVMover
+
+    return StagingKVMover(k_buffers, v_buffers, host, path=path)
