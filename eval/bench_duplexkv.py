@@ -26,12 +26,12 @@ import datetime
 import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from eval.lib.jsonfiles import command_line
 from superinfer.host_tier.interface import KVLayout, KVMover
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.torch_mover import TorchMover
@@ -85,7 +85,8 @@ class Bench:
     def verify(self, n: int, num_samples: int = 512) -> bool:
         """After a duplex run of ``n`` tokens: sampled rows match on both sides, bit for bit."""
         idx = torch.randperm(n)[:num_samples]
-        out_slots, in_slots = (s[idx.to(s.device)].to(self.device) for s in (self.out_slots, self.in_slots))
+        out_slots, in_slots = (s[idx.to(s.device)].to(self.device)
+                               for s in (self.out_slots, self.in_slots))
         ok = True
         for layer in range(self.layout.num_layers):
             for j, buf in enumerate((self.k[layer], self.v[layer])):
@@ -113,20 +114,23 @@ class DirectSet(Bench):
     page-major host pool. Its device slots sit on ``slots_on``: on the CPU the job is planned in
     the caller's submit; on the GPU (where SGLang keeps them) the issuer thread waits for them."""
 
-    def __init__(self, bench: Bench, page: int, max_tokens: int, slots_on: str = "cpu") -> None:  # no super()
+    # no super()
+    def __init__(self, bench: Bench, page: int, max_tokens: int, slots_on: str = "cpu") -> None:
         self.layout, self.device, self.page = bench.layout, bench.device, page
         self.k, self.v = bench.k, bench.v
         pages = torch.randperm((bench.k[0].shape[0] - PAGE) // page)
         n = max_tokens // page
         assert 2 * n <= pages.numel(), "pool too small for two disjoint batches"
         expand = lambda p: (p[:, None] * page + torch.arange(page)).reshape(-1)  # noqa: E731
-        self.out_slots, self.in_slots = (expand(p).to(slots_on) for p in (pages[:n], pages[n : 2 * n]))
+        self.out_slots, self.in_slots = (expand(p).to(slots_on)
+                                         for p in (pages[:n], pages[n : 2 * n]))
         self.host = HostKVPool(self.layout, 2 * max_tokens, page, torch.bfloat16,
                                pin_memory=self.device.type == "cuda", page_major=True)
         self.out_host, self.in_host = self.host.alloc(max_tokens), self.host.alloc(max_tokens)
         for first in range(0, max_tokens, 4096):  # h2d sources: random, never zeros
             ids = torch.unique(self.in_host[first : first + 4096] // page)
-            self.host.buffer[ids] = torch.empty((len(ids), *self.host.buffer.shape[1:]), dtype=torch.bfloat16,
+            self.host.buffer[ids] = torch.empty((len(ids), *self.host.buffer.shape[1:]),
+                                                dtype=torch.bfloat16,
                                                 device=self.device).uniform_(0.5, 1.5).cpu()
 
     def host_rows(self, host_slots: torch.Tensor, layer: int, j: int) -> torch.Tensor:
@@ -153,21 +157,25 @@ def measure_mover(bench: Bench, mover: KVMover, sizes: list[int], reps: int) -> 
     rows = []
     for n in sizes:
         row = {"tokens": n}
-        for key, fn in (("d2h", lambda: bench.d2h(mover, n)), ("h2d", lambda: bench.h2d(mover, n)),
-                        ("duplex", lambda: bench.d2h(mover, n) + bench.h2d(mover, n))):
+        # The closures run inside this iteration, so the loop variable is the one meant.
+        for key, fn in (("d2h", lambda: bench.d2h(mover, n)), ("h2d", lambda: bench.h2d(mover, n)),  # noqa: B023
+                        ("duplex", lambda: bench.d2h(mover, n) + bench.h2d(mover, n))):  # noqa: B023
             row[f"{key}_gbps"], row[f"{key}_submit_ms"] = gbps(fn, mover, reps)
         log(f"  {n:6d} tokens: d2h {row['d2h_gbps']:6.1f}  h2d {row['h2d_gbps']:6.1f}  "
-            f"duplex {row['duplex_gbps']:6.1f} GB/s; submit held the caller {row['duplex_submit_ms']:.2f} ms")
+            f"duplex {row['duplex_gbps']:6.1f} GB/s; "
+            f"submit held the caller {row['duplex_submit_ms']:.2f} ms")
         rows.append(row)
     return rows
 
 
 def per_page_copy_gbps(bench: Bench, n: int, reps: int, page: int = PAGE) -> dict:
     """Naive baseline: one torch copy per (page, layer, K/V), both directions; 32 KiB pieces at
-    16-token pages (bigger pages make bigger, cheaper-per-byte pieces: the fair baseline for them)."""
+    16-token pages (bigger pages make bigger, cheaper-per-byte pieces: the fair baseline for
+    them)."""
     row_dim = bench.layout.num_heads * bench.layout.head_dim
     pages = (bench.out_slots[:n:page] // page).tolist()
-    host = torch.empty((len(pages), bench.layout.num_layers, 2, page, row_dim), dtype=torch.bfloat16,
+    host = torch.empty((len(pages), bench.layout.num_layers, 2, page, row_dim),
+                       dtype=torch.bfloat16,
                        pin_memory=bench.device.type == "cuda")
 
     def run(to_host: bool) -> float:
@@ -194,7 +202,10 @@ class DecodeStandIn:
 
     def __init__(self, device: torch.device, scale: int = 1, batch: int = 64) -> None:
         h, ffn, qkv, vocab = 4096 // scale, 14336 // scale, 6144 // scale, 128256 // scale
-        mk = lambda a, b: torch.empty((a, b), dtype=torch.bfloat16, device=device).uniform_(-0.02, 0.02)
+
+        def mk(a: int, b: int) -> torch.Tensor:
+            return torch.empty((a, b), dtype=torch.bfloat16, device=device).uniform_(-0.02, 0.02)
+
         self.layers = [(mk(h, qkv), mk(h, h), mk(h, 2 * ffn), mk(ffn, h)) for _ in range(32)]
         self.lm_head = mk(h, vocab)
         self.x = torch.empty((batch, h), dtype=torch.bfloat16, device=device).uniform_(-1, 1)
@@ -263,7 +274,7 @@ def decode_slowdown(bench: Bench, mover: KVMover, model: DecodeStandIn, n: int, 
 
         def poll() -> None:
             report = mover.poll()
-            done.extend(report.done_d2h + report.done_h2d)
+            done.extend(report.done_d2h + report.done_h2d)  # noqa: B023 (called this iteration)
 
         rotating.append(step_ms(model, steps, graph, poll))
         poll()
@@ -289,7 +300,8 @@ def parse_config(spec: str) -> dict:
         page = int(page) or PAGE
         name = (f"direct/page{page}" + (f"/q{queue}" if int(queue) else "")
                 + ("/cudaslots" if slots_on == "cuda" else ""))
-        return {"name": name, "path": "direct", "page": page, "max_queued_pieces": int(queue) or None,
+        return {"name": name, "path": "direct", "page": page,
+                "max_queued_pieces": int(queue) or None,
                 "slots_on": slots_on}
     path, chunk, grid = (spec.split(":") + ["0", "0"])[:3]
     name = path if path == "torch" else f"{path}/chunk{chunk}/grid{grid}"
@@ -303,7 +315,8 @@ def make_mover(bench: Bench, cfg: dict) -> KVMover:
     if cfg["path"] == "direct":
         from superinfer.host_tier.direct import MAX_QUEUED_PIECES, DirectKVMover
 
-        return DirectKVMover(bench.k, bench.v, bench.host, cfg["max_queued_pieces"] or MAX_QUEUED_PIECES)
+        return DirectKVMover(bench.k, bench.v, bench.host,
+                             cfg["max_queued_pieces"] or MAX_QUEUED_PIECES)
     from superinfer.host_tier.staging import StagingKVMover
 
     return StagingKVMover(bench.k, bench.v, bench.host, path=cfg["path"],
@@ -334,7 +347,8 @@ def rotasched_default(layout: KVLayout) -> str:
         return f"{path}/page{PAGE}"
     from superinfer.host_tier.staging import DEFAULT_CHUNK_BYTES, DEFAULT_STAGING_PROGRAMS
 
-    return f"staging/chunk{DEFAULT_CHUNK_BYTES // layout.bytes_per_token}/grid{DEFAULT_STAGING_PROGRAMS}"
+    chunk = DEFAULT_CHUNK_BYTES // layout.bytes_per_token
+    return f"staging/chunk{chunk}/grid{DEFAULT_STAGING_PROGRAMS}"
 
 
 def choose_best(results: dict, decode: dict) -> tuple[str, str]:
@@ -367,13 +381,14 @@ def plot(summary: dict, path: Path) -> None:
             ax.plot(xs, [r["h2d_gbps"] for r in rows], ls=":", marker=".", label=f"{name} h2d")
     base = summary["sglang_host_pool_baseline"]
     if isinstance(base, dict) and base.get("rows"):
-        ax.plot([r["tokens"] for r in base["rows"]], [r["duplex_gbps"] for r in base["rows"]], marker="s",
-                color="k", lw=0.8, ls="-.", label="SGLang HiCache transfers duplex")
+        ax.plot([r["tokens"] for r in base["rows"]], [r["duplex_gbps"] for r in base["rows"]],
+                marker="s", color="k", lw=0.8, ls="-.", label="SGLang HiCache transfers duplex")
     pp = summary["per_page_copy"]
     ax.scatter([pp["tokens"]], [pp["d2h_gbps"]], marker="x", color="k", label="per-page copies d2h")
     ax.axhline(GOALS["duplex_gbps"], color="grey", lw=0.8)
     ax.axhline(GOALS["d2h_gbps"], color="grey", lw=0.8, ls="--")
-    ax.set(xscale="log", xlabel="tokens per batch (random pages: 16 tokens, direct/pageP: P)", ylabel="GB/s",
+    ax.set(xscale="log", xlabel="tokens per batch (random pages: 16 tokens, direct/pageP: P)",
+           ylabel="GB/s",
            title=f"DuplexKV on {summary['gpu']} (Llama-3.1-8B KV, bf16)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -408,7 +423,8 @@ def main() -> None:
     per_page_tokens = min(args.per_page_tokens, max(args.sizes))
     per_page = per_page_copy_gbps(bench, per_page_tokens, args.reps)
     log(f"  {per_page}")
-    other_pages = sorted({c["page"] for c in map(parse_config, args.configs)} - {PAGE}) if cuda else []
+    pages = {c["page"] for c in map(parse_config, args.configs)}
+    other_pages = sorted(pages - {PAGE}) if cuda else []
     per_page_at = {PAGE: per_page}
     for page in other_pages:
         per_page_at[page] = per_page_copy_gbps(bench, per_page_tokens, args.reps, page)
@@ -420,7 +436,8 @@ def main() -> None:
         log(f"{cfg['name']}")
         name = cfg["name"]
         try:  # NOTE: one broken configuration must not cost the others their (scarce) GPU run
-            target = (DirectSet(bench, cfg["page"], max(args.sizes), cfg["slots_on"] if cuda else "cpu")
+            target = (DirectSet(bench, cfg["page"], max(args.sizes),
+                                cfg["slots_on"] if cuda else "cpu")
                       if cfg["path"] == "direct" else bench)
             mover = make_mover(target, cfg)
             results[name] = measure_mover(target, mover, args.sizes, args.reps)
@@ -437,7 +454,7 @@ def main() -> None:
     raw = {
         "gpu": gpu,
         "decode_step": "CUDA graph replay" if cuda else "eager (CPU smoke run)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line("eval.bench_duplexkv"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "layout": {"num_layers": layout.num_layers, "num_heads": layout.num_heads,
                    "head_dim": layout.head_dim, "dtype": "bf16", "page_size": PAGE,
@@ -470,7 +487,8 @@ def summarize(raw: dict) -> dict:
     layout = KVLayout(lay["num_layers"], lay["num_heads"], lay["head_dim"], 2)
     results, decode = raw["detail"], raw["decode"]
     per_page = raw["per_page_copy"]
-    per_page_at = {int(k): v for k, v in raw.get("per_page_copy_by_page", {str(PAGE): per_page}).items()}
+    by_page = raw.get("per_page_copy_by_page", {str(PAGE): per_page})
+    per_page_at = {int(k): v for k, v in by_page.items()}
     if not results:
         raise ValueError(f"no configuration ran: {raw['failed_configs']}")
     # NOTE: the headline is the issue's case (16-token pages) on the path rotasched takes there;
@@ -497,14 +515,16 @@ def summarize(raw: dict) -> dict:
         "headline_tokens": top["tokens"],
         **raw,
         "by_page_size": {
-            n: {"page_tokens": page_of(n), "piece_kib": page_of(n) * layout.num_heads * layout.head_dim
-                * layout.itemsize / 1024, **{k: rows[-1][k] for k in ("d2h_gbps", "h2d_gbps", "duplex_gbps")},
+            n: {"page_tokens": page_of(n),
+                "piece_kib": page_of(n) * layout.num_heads * layout.head_dim
+                * layout.itemsize / 1024,
+                **{k: rows[-1][k] for k in ("d2h_gbps", "h2d_gbps", "duplex_gbps")},
                 "decode_slowdown": decode[n]["slowdown"],
                 "goals_met": goals_met(rows[-1], decode[n]["slowdown"]),
                 **speedup_at(rows[-1], per_page_at.get(page_of(n)))}
             for n, rows in results.items() if n.startswith("direct/")},
-        "auto_rule": "rotasched's --rota-mover auto: direct when one page of one layer is >= 128 KiB "
-                     "(SGLang --page-size 64 for Llama-3.1-8B), else staging",
+        "auto_rule": "rotasched's --rota-mover auto: direct when one page of one layer is "
+                     ">= 128 KiB (SGLang --page-size 64 for Llama-3.1-8B), else staging",
     }
     # Same direction against same direction, the weaker of the two.
     summary["speedup_vs_per_page"] = speedup_at(top, per_page)["speedup_vs_per_page"]
@@ -521,14 +541,15 @@ def summarize(raw: dict) -> dict:
     return summary
 
 
-RAW_KEYS = ("gpu", "decode_step", "command", "date", "layout", "versions", "detail", "per_page_copy",
-            "per_page_copy_by_page", "failed_configs", "verified", "decode", "sglang_host_pool_baseline")
+RAW_KEYS = ("gpu", "decode_step", "command", "date", "layout", "versions", "detail",
+            "per_page_copy", "per_page_copy_by_page", "failed_configs", "verified", "decode",
+            "sglang_host_pool_baseline")
 
 
 def resummarize(old: Path, out: Path) -> None:
     """Summarize an earlier run's measurements again with this script's current rules."""
     summary = summarize({k: v for k, v in json.loads(old.read_text()).items() if k in RAW_KEYS})
-    summary["resummarized"] = {"from": str(old), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    summary["resummarized"] = {"from": str(old), "command": command_line("eval.bench_duplexkv")}
     write_summary(summary, out)
 
 
@@ -537,23 +558,24 @@ def write_summary(summary: dict, out: Path) -> None:
     out.write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out.with_suffix(".png"))
     log(f"default {summary['default_config']}: duplex {summary['duplex_gbps']:.1f}, d2h "
-        f"{summary['d2h_gbps']:.1f}, h2d {summary['h2d_gbps']:.1f} GB/s at {summary['headline_tokens']} "
-        f"tokens; per-page {summary['per_page_copy_gbps']:.1f} GB/s; decode slowdown "
-        f"{summary['decode_slowdown']:+.1%}")
+        f"{summary['d2h_gbps']:.1f}, h2d {summary['h2d_gbps']:.1f} GB/s at "
+        f"{summary['headline_tokens']} tokens; per-page {summary['per_page_copy_gbps']:.1f} GB/s; "
+        f"decode slowdown {summary['decode_slowdown']:+.1%}")
     log(f"goals met: {summary['goals_met']}; wrote {out}")
 
 
 def sglang_host_pool_baseline(bench: Bench, args: argparse.Namespace, cuda: bool) -> dict | str:
-    """SGLang's HiCache transfers on the bench's pages (sglang_host_pool.py), when sglang is
+    """SGLang's HiCache transfers on the bench's pages (eval.sglang_host_pool), when sglang is
     installed (the GPU kit brings it) and the run is on CUDA."""
     if not cuda:
         return "not measured: its kernels are CUDA-only"
     if importlib.util.find_spec("sglang") is None:
         return "not measured: sglang is not installed (bring it with ../shared/gpu's kit)"
-    from sglang_host_pool import measure
+    from eval.sglang_host_pool import measure
 
     log("SGLang's host pool (HiCache transfers)")
-    result = measure(bench.layout, args.pool_tokens, bench.out_slots, bench.in_slots, args.sizes, args.reps)
+    result = measure(bench.layout, args.pool_tokens, bench.out_slots, bench.in_slots, args.sizes,
+                     args.reps)
     for row in result.get("rows", []):
         log(f"  {row['tokens']:6d} tokens: d2h {row['d2h_gbps']:6.1f}  h2d {row['h2d_gbps']:6.1f}  "
             f"duplex {row['duplex_gbps']:6.1f} GB/s")

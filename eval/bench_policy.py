@@ -5,7 +5,8 @@ so every iteration ranks the whole queue, finds the head blocked and picks victi
 case), with a few rotated-out requests coming back. Between iterations the table is updated
 the way the adapter does it (one decode step for every running request, a few arrivals).
 
-    python eval/bench_policy.py [--iterations 2000] [--rounds 5] [--out eval/results/bench_policy.json]
+    python -m eval.bench_policy [--iterations 2000] [--rounds 5] \
+        [--out eval/results/bench_policy.json]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from eval.lib.jsonfiles import command_line
 from superinfer.config import RotaConfig
 from superinfer.policy import Capacity, Phase, create_policy
 from superinfer.policy.costs import DEFAULT_COSTS
@@ -43,7 +45,8 @@ def build(policy_name: str, num_running: int, num_waiting: int, seed: int):
         t.set_phase(rid, Phase.ROTATING_OUT, -1.0)
         t.set_phase(rid, Phase.ON_HOST, -1.0)
     for i in range(num_waiting):
-        t.add(f"wait{i}", -rng.random() * 2, rng.randrange(100, 4000), 1.0, 0.1, rng.randrange(50, 500))
+        t.add(f"wait{i}", -rng.random() * 2, rng.randrange(100, 4000), 1.0, 0.1,
+              rng.randrange(50, 500))
     return policy
 
 
@@ -83,7 +86,8 @@ def run(policy_name: str, iterations: int, num_running: int, num_waiting: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=2000, help="per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--running", type=int, default=1024)
@@ -91,12 +95,13 @@ def main() -> None:
     ap.add_argument("--out", default="eval/results/bench_policy.json")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as promised
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as promised
     results = []
     for name in ("slo", "lvf"):
         # NOTE: a shared 2-vCPU VM stalls now and then; rounds expose that, and the median
         # round is the figure (METHOD.md: repeat, take the median).
-        rounds = [run(name, args.iterations, args.running, args.waiting) for _ in range(args.rounds)]
+        rounds = [run(name, args.iterations, args.running, args.waiting)
+                  for _ in range(args.rounds)]
         r = dict(rounds[0], rounds=rounds)
         for key in ("plan_ms_p50", "plan_ms_p99", "plan_ms_max", "table_update_ms_p50"):
             r[key] = float(np.median([x[key] for x in rounds]))
@@ -105,8 +110,9 @@ def main() -> None:
         print(f"{name:4s}: plan p50 {r['plan_ms_p50']:.3f} ms  p99 {r['plan_ms_p99']:.3f} ms "
               f"(per round: {p99s})  table update p50 {r['table_update_ms_p50']:.3f} ms, "
               f"{r['victims_chosen_per_iteration']:.1f} victims/iter", flush=True)
-    out = {"results": results, "goal_p99_ms": 0.5, "cpu": platform.processor() or platform.machine(),
-           "python": sys.version.split()[0], "command": "python " + " ".join(sys.argv),
+    out = {"results": results, "goal_p99_ms": 0.5,
+           "cpu": platform.processor() or platform.machine(),
+           "python": sys.version.split()[0], "command": command_line("eval.bench_policy"),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

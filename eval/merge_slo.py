@@ -1,8 +1,8 @@
 """Merge SLO sweep results of the same trace and rates: parts run in parallel (one file per GPU),
 or systems picked from several runs (each keeps where it came from).
 
-    python3 eval/merge_slo.py OUT.json PART1.json PART2.json [...]
-    python3 eval/merge_slo.py OUT.json --pick fcfs=RUN1/azure_conv.part0.json@c0d362b \\
+    python -m eval.merge_slo OUT.json PART1.json PART2.json [...]
+    python -m eval.merge_slo OUT.json --pick fcfs=RUN1/azure_conv.part0.json@c0d362b \\
         --pick rotasched=RUN2/azure_conv.part1.json@13862c1 [...]
 """
 
@@ -30,13 +30,15 @@ def merge(parts: list[dict]) -> dict:
 def pick(choices: list[tuple[str, dict, str]]) -> dict:
     """One result from (system, part, commit) choices: each system's series from its part, with
     the sweep_slo command that measured it, that part's date and the commit it ran at."""
-    base = {k: v for k, v in choices[0][1].items() if k not in ("command", "merged_commands", "wall_s", "budget_s")}
+    dropped = ("command", "merged_commands", "wall_s", "budget_s")
+    base = {k: v for k, v in choices[0][1].items() if k not in dropped}
     base["systems"], base["skipped"] = {}, []
     for system, part, commit in choices:
         _check_same_sweep(base, part)
         if system not in part["systems"]:
             raise SystemExit(f"{system!r} is not in that part (has {sorted(part['systems'])})")
-        commands = [c for c in part.get("merged_commands", [part["command"]]) if f"--systems {system} " in c]
+        commands = [c for c in part.get("merged_commands", [part["command"]])
+                    if f"--systems {system} " in c]
         base["systems"][system] = dict(part["systems"][system], commit=commit, date=part["date"],
                                        command=commands[-1] if commands else None)
         base["skipped"] += [s for s in part.get("skipped", []) if s["system"] == system]

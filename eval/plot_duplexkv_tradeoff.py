@@ -1,5 +1,5 @@
 """One picture of the DuplexKV trade-off on the H200, from the committed diag JSONs
-(``eval/diag_interference.py``):
+(``eval.diagnostics.diag_interference``):
 
 - left: for every rotation data path, the duplex bandwidth it sustained *while* the decode
   stand-in ran, against the decode step's slowdown. The issue's goal is the shaded box
@@ -13,7 +13,7 @@
 
 Writes a PNG and a JSON of the points (file and scenario each came from) and the fit.
 
-    python3 eval/plot_duplexkv_tradeoff.py --out eval/results/duplexkv_tradeoff_h200
+    python -m eval.plot_duplexkv_tradeoff --out eval/results/duplexkv_tradeoff_h200
 """
 
 from __future__ import annotations
@@ -29,25 +29,36 @@ GOAL_DUPLEX_GBPS, GOAL_SLOWDOWN = 92.0, 0.05
 # contiguous pinned copy with no gather at all: the copy engines' ceiling, not a mover.
 POINTS = [
     ("diag_pipeline_h200.json", "graph/dma_only", "contiguous DMA, no gather", "reference"),
-    ("diag_small_chunks_h200.json", "graph/staging_mover", "staging mover (default), full rate", "staging"),
-    ("diag_small_chunks_h200.json", "graph/staging_mover_capped_50pct", "staging mover, half rate", "staging"),
-    ("diag_interference_h200.json", "graph/staging_mover_capped_25pct", "staging mover, quarter rate", "staging"),
+    ("diag_small_chunks_h200.json", "graph/staging_mover", "staging mover (default), full rate",
+     "staging"),
+    ("diag_small_chunks_h200.json", "graph/staging_mover_capped_50pct", "staging mover, half rate",
+     "staging"),
+    ("diag_interference_h200.json", "graph/staging_mover_capped_25pct",
+     "staging mover, quarter rate", "staging"),
     ("diag_pipeline_h200.json", "graph/pipe_c2048", "staging, 256 MiB chunks (graph)", "staging"),
     ("diag_pipeline_h200.json", "graph/pipe_c16", "staging, 2 MiB chunks (graph)", "staging"),
-    ("diag_pipeline_h200.json", "graph/pipe_c16_l2", "staging, 2 MiB chunks + L2 persist", "staging + L2"),
-    ("diag_pipeline_h200.json", "graph/pipe_c32_l2", "staging, 4 MiB chunks + L2 persist", "staging + L2"),
-    ("diag_memcpy_streams_h200.json", "graph/memcpy_batch", "direct, 32 KiB pieces (16-token pages)", "direct"),
-    ("diag_batch_pages_h200.json", "graph/memcpy_batch_page32", "direct, 64 KiB pieces (32-token pages)", "direct"),
-    ("diag_batch_pages_h200.json", "graph/memcpy_batch_page64", "direct, 128 KiB pieces (64-token pages)", "direct"),
-    ("diag_pages2d_h200.json", "graph/pages2d", "direct 2D, all layers of a 16-token page", "direct"),
+    ("diag_pipeline_h200.json", "graph/pipe_c16_l2", "staging, 2 MiB chunks + L2 persist",
+     "staging + L2"),
+    ("diag_pipeline_h200.json", "graph/pipe_c32_l2", "staging, 4 MiB chunks + L2 persist",
+     "staging + L2"),
+    ("diag_memcpy_streams_h200.json", "graph/memcpy_batch",
+     "direct, 32 KiB pieces (16-token pages)", "direct"),
+    ("diag_batch_pages_h200.json", "graph/memcpy_batch_page32",
+     "direct, 64 KiB pieces (32-token pages)", "direct"),
+    ("diag_batch_pages_h200.json", "graph/memcpy_batch_page64",
+     "direct, 128 KiB pieces (64-token pages)", "direct"),
+    ("diag_pages2d_h200.json", "graph/pages2d", "direct 2D, all layers of a 16-token page",
+     "direct"),
 ]
-COLORS = {"reference": "0.5", "staging": "tab:blue", "staging + L2": "tab:cyan", "direct": "tab:orange",
+COLORS = {"reference": "0.5", "staging": "tab:blue", "staging + L2": "tab:cyan",
+          "direct": "tab:orange",
           "gather kernel only": "tab:red"}
 # Only on the right panel: the one-way DMAs that price a GB/s of HBM read and write (the fit),
 # and the staging path's gather kernel alone (no PCIe at all).
 FIT_POINTS = {"read": ("diag_interference_h200.json", "graph/dma_d2h_only"),
               "write": ("diag_interference_h200.json", "graph/dma_h2d_only")}
-GATHER_POINTS = [("diag_interference_h200.json", f"graph/gather_only_g{n}", f"gather kernel, {n} programs",
+GATHER_POINTS = [("diag_interference_h200.json", f"graph/gather_only_g{n}",
+                  f"gather kernel, {n} programs",
                   "gather kernel only") for n in (8, 32, 132)]
 # HBM (read, write) per payload byte of each lane, by family: a copy engine path reads (d2h) or
 # writes (h2d) device memory once; staging adds a kernel pass over a device buffer (d2h: gather
@@ -55,9 +66,11 @@ GATHER_POINTS = [("diag_interference_h200.json", f"graph/gather_only_g{n}", f"ga
 TRAFFIC = {"copy": {"d2h": (1, 0), "h2d": (0, 1)}, "staged": {"d2h": (2, 1), "h2d": (1, 2)},
            "gather": {"*": (1, 1)}}
 RIGHT_PANEL_MAX = 0.16
-RIGHT_PANEL_LABELS = {"staging mover (default), full rate", "direct, 128 KiB pieces (64-token pages)",
+RIGHT_PANEL_LABELS = {"staging mover (default), full rate",
+                      "direct, 128 KiB pieces (64-token pages)",
                       "gather kernel, 8 programs", "staging, 2 MiB chunks + L2 persist"}
-FAMILY_TRAFFIC = {"reference": "copy", "direct": "copy", "staging": "staged", "staging + L2": "staged",
+FAMILY_TRAFFIC = {"reference": "copy", "direct": "copy", "staging": "staged",
+                  "staging + L2": "staged",
                   "gather kernel only": "gather"}
 
 
@@ -82,7 +95,8 @@ def collect(results: Path, specs: list[tuple[str, str, str, str]] = POINTS) -> l
                        "windows_covered": covered, "trials": r.get("trials"),
                        "date": doc.get("date"),
                        "hbm_read_write_gbps": hbm_traffic(family, r),
-                       "meets_goal": r["gbps"] >= GOAL_DUPLEX_GBPS and r["slowdown"] <= GOAL_SLOWDOWN})
+                       "meets_goal": (r["gbps"] >= GOAL_DUPLEX_GBPS
+                                      and r["slowdown"] <= GOAL_SLOWDOWN)})
     return points
 
 
@@ -135,7 +149,8 @@ def plot(points: list[dict], gather: list[dict], fit: dict, png: Path) -> None:
                alpha=0.12, label="goal: ≥ 92 GB/s, ≤ 5%")
     for fam, color in COLORS.items():
         for p in (q for q in points if q["family"] == fam):
-            partial = p["windows_covered"] is not None and p["windows_covered"] < (p["trials"] or 0) / 2
+            covered = p["windows_covered"]
+            partial = covered is not None and covered < (p["trials"] or 0) / 2
             ax.scatter(p["duplex_gbps_under_decode"], 100 * p["decode_slowdown"], s=60,
                        color=color, facecolors="none" if partial else color, zorder=3)
             ax.annotate(p["label"], (p["duplex_gbps_under_decode"], 100 * p["decode_slowdown"]),
@@ -147,7 +162,8 @@ def plot(points: list[dict], gather: list[dict], fit: dict, png: Path) -> None:
     ax.set_xlabel("both directions at once, GB/s, while the decode step runs")
     ax.set_ylabel("decode step slowdown, % (CUDA-graph replay, Llama-3.1-8B shape)")
     ax.set_title("bandwidth against decode interference\n"
-                 "hollow: the load ran dry in most timed windows; zero copy (+160–230%) is off the chart",
+                 "hollow: the load ran dry in most timed windows; "
+                 "zero copy (+160–230%) is off the chart",
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
@@ -158,7 +174,8 @@ def plot(points: list[dict], gather: list[dict], fit: dict, png: Path) -> None:
         if x is None:
             continue
         if max(x, p["decode_slowdown"]) > RIGHT_PANEL_MAX:
-            off_chart.append(f"{p['label']}: {100 * x:.0f}% predicted, {100 * p['decode_slowdown']:.0f}% measured")
+            off_chart.append(f"{p['label']}: {100 * x:.0f}% predicted, "
+                             f"{100 * p['decode_slowdown']:.0f}% measured")
             continue
         bx.scatter(100 * x, 100 * p["decode_slowdown"], s=50, color=COLORS[p["family"]], zorder=3)
         if p["label"] in RIGHT_PANEL_LABELS:
@@ -180,10 +197,12 @@ def plot(points: list[dict], gather: list[dict], fit: dict, png: Path) -> None:
     bx.set_xlim(0, lim)
     bx.set_ylim(0, lim)
     bx.set_xlabel(f"slowdown predicted from HBM traffic alone, %  "
-                  f"({100 * fit['per_gbps_read']:.4f}%/GB/s read, {100 * fit['per_gbps_write']:.4f}%/GB/s write)")
+                  f"({100 * fit['per_gbps_read']:.4f}%/GB/s read, "
+                  f"{100 * fit['per_gbps_write']:.4f}%/GB/s write)")
     bx.set_ylabel("measured slowdown, %")
     bx.set_title("why: the decode step is HBM-bound; staging moves each byte through HBM 3 times\n"
-                 "(priced by one-way contiguous DMAs; above the diagonal: extra cost of kernels holding SMs)",
+                 "(priced by one-way contiguous DMAs; "
+                 "above the diagonal: extra cost of kernels holding SMs)",
                  fontsize=10)
     bx.grid(alpha=0.3)
     bx.legend(loc="lower right", fontsize=8, ncol=2)
@@ -209,11 +228,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"goal": {"duplex_gbps": GOAL_DUPLEX_GBPS, "decode_slowdown": GOAL_SLOWDOWN},
-         "hbm_traffic_fit": fit, "points": points, "gather_kernel_points": gather}, indent=2) + "\n")
+         "hbm_traffic_fit": fit, "points": points, "gather_kernel_points": gather},
+         indent=2) + "\n")
     plot(points, gather, fit, args.out.with_suffix(".png"))
     print(f"HBM traffic alone at {GOAL_DUPLEX_GBPS:.0f} GB/s duplex: staging "
-          f"{fit['staging_predicted_at_goal']:+.1%}, copy engine path {fit['copy_engine_predicted_at_goal']:+.1%}; "
-          f"most duplex under {GOAL_SLOWDOWN:.0%}: staging {fit['staging_max_duplex_gbps_under_goal']:.0f} GB/s")
+          f"{fit['staging_predicted_at_goal']:+.1%}, copy engine path "
+          f"{fit['copy_engine_predicted_at_goal']:+.1%}; most duplex under {GOAL_SLOWDOWN:.0%}: "
+          f"staging {fit['staging_max_duplex_gbps_under_goal']:.0f} GB/s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""PNGs from a sweep_slo.py result: attainment vs rate, throughput vs rate, TTFT CDF.
+"""PNGs from an eval.sweep_slo (or eval.sim_policy) result: attainment vs rate, throughput vs
+rate, TTFT CDF.
 
-    python3 eval/plot_slo.py eval/results/slo_h200_azure_conv.json   # PNGs beside the JSON
+    python -m eval.plot_slo eval/results/slo_h200_azure_conv.json   # PNGs beside the JSON
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 # Fixed colours and markers per system, so every figure reads the same way.
 STYLE = {
@@ -34,7 +35,7 @@ def _style(name: str) -> dict[str, Any]:
 
 
 def _series(rates: list[float], values: list[float | None]) -> tuple[list[float], list[float]]:
-    pts = [(r, v) for r, v in zip(rates, values) if v is not None]
+    pts = [(r, v) for r, v in zip(rates, values, strict=False) if v is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -52,7 +53,7 @@ def plot_attainment(res: dict[str, Any], out: Path) -> None:
               ("tbt_attainment", f"every token on a {1000 * res['tbt_slo']:g} ms pace"),
               ("both_attainment", "both")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=False):
         for name, sysres in res["systems"].items():
             xs, ys = _series(rates, sysres.get(key, []))
             if xs:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -71,12 +71,14 @@ def measure(layout: KVLayout, pool_tokens: int, out_slots: torch.Tensor, in_slot
         rows = []
         for n in sizes:
             nbytes = n * layout.bytes_per_token
-            one = {"d2h": lambda: d2h(host_out[:n], dev_out[:n]),
-                   "h2d": lambda: h2d(host_in[:n], dev_in[:n])}
+            # The closures run inside this iteration, so the loop variables are the ones meant.
+            one = {"d2h": lambda: d2h(host_out[:n], dev_out[:n]),  # noqa: B023
+                   "h2d": lambda: h2d(host_in[:n], dev_in[:n])}  # noqa: B023
             row = {"tokens": n}
             for key, fn in one.items():
                 row[f"{key}_gbps"] = _gbps(fn, nbytes, reps)
-            row["duplex_gbps"] = _gbps(lambda: _both(one["d2h"], one["h2d"], streams), 2 * nbytes, reps)
+            both = lambda: _both(one["d2h"], one["h2d"], streams)  # noqa: B023, E731
+            row["duplex_gbps"] = _gbps(both, 2 * nbytes, reps)
             rows.append(row)
         result["rows"] = rows
         result["verified"] = _verify(dev, host, host_out[: min(sizes)], dev_out[: min(sizes)],
@@ -91,7 +93,7 @@ def _both(d2h: Callable, h2d: Callable, streams) -> None:
         d2h(), h2d()
         return
     caller = torch.cuda.current_stream()
-    for stream, fn in zip(streams, (d2h, h2d)):
+    for stream, fn in zip(streams, (d2h, h2d), strict=False):
         stream.wait_stream(caller)
         with torch.cuda.stream(stream):
             fn()

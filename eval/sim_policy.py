@@ -8,7 +8,8 @@ prefill, decode retraction, new_token_ratio decay) and feeds the real policy and
 the observations the adapter would. It runs one batch at a time (no overlap scheduling) and
 moves KV over a link with a fixed rate per direction. Figures are model estimates only.
 
-    python3 eval/sim_policy.py --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
+    python -m eval.sim_policy \\
+        --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
         --cap 60000 --rates 14 18 22 --num 300 --out eval/results/sim_conv.json
 """
 
@@ -17,23 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval.lib.jsonfiles import command_line, write_jsonl
+from eval.lib.metrics import summarize
+from eval.lib.traces import RequestSpec, load_azure, make_specs
+from superinfer.config import RotaConfig
+from superinfer.policy import Capacity, CostModel, Phase, create_policy, deadlines
+from superinfer.policy.table import CLIP_NEW_TOKENS
 
-from metrics import summarize, write_jsonl  # noqa: E402
-from traces import RequestSpec, load_azure, make_specs  # noqa: E402
-
-from superinfer.config import RotaConfig  # noqa: E402
-from superinfer.policy import Capacity, CostModel, Phase, create_policy  # noqa: E402
-from superinfer.policy import deadlines  # noqa: E402
-from superinfer.policy.table import CLIP_NEW_TOKENS  # noqa: E402
-
-SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")  # --rota-keep-host-copy, --rota-write-through
+# --rota-keep-host-copy, --rota-write-through
+SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")
 HOST_PAGE = 16  # the host tier's page on the staging path: a kept copy is whole pages
 
 
@@ -68,14 +66,15 @@ class GpuModel:
         return self.prefill_overhead_s + tokens * self.prefill_s_per_token
 
     def decode_s(self, batch: int, kv_tokens: int, d2h: bool = False, h2d: bool = False) -> float:
-        step = self.decode_base_s + batch * self.decode_s_per_req + kv_tokens * self.decode_s_per_kv_token
+        step = (self.decode_base_s + batch * self.decode_s_per_req
+                + kv_tokens * self.decode_s_per_kv_token)
         return step * (1 + self.copy_slowdown(d2h, h2d))
 
     def copy_slowdown(self, d2h: bool, h2d: bool) -> float:
         """Decode-step slowdown while the link runs full rate in the directions given."""
         gbps = self.link_bytes_per_s / 1e9
         cost = 0.0
-        for active, (reads, writes) in zip((d2h, h2d), HBM_PASSES[self.mover]):
+        for active, (reads, writes) in zip((d2h, h2d), HBM_PASSES[self.mover], strict=False):
             if active:
                 cost += gbps * (reads * HBM_COST_PER_GBPS[0] + writes * HBM_COST_PER_GBPS[1])
                 cost += EXTRA_BEYOND_TRAFFIC[self.mover] / 2
@@ -93,7 +92,8 @@ class SimReq:
     copy_s: float = 0.0
     host: int = 0  # host tokens held: the whole KV while away, a kept copy while running
     epoch: int = 0  # bumped when the device KV leaves (rotate-out, retraction)
-    wt: tuple[int, int, int] = (0, 0, 0)  # write-through in flight: (tokens, copy size, epoch) at start
+    # write-through in flight: (tokens, copy size, epoch) at start
+    wt: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def out(self) -> int:
@@ -147,7 +147,8 @@ class Simulator:
         self.costs = CostModel()
         self.now = 0.0
         self.last_was_decode = False
-        self.stats = {"rotations_out": 0, "retractions": 0, "prefill_batches": 0, "prefill_tokens": 0,
+        self.stats = {"rotations_out": 0, "retractions": 0, "prefill_batches": 0,
+                      "prefill_tokens": 0,
                       "decode_steps": 0, "decode_first": 0, "d2h_tokens": 0, "d2h_tokens_saved": 0,
                       "kept_copies_evicted": 0, "written_through_tokens": 0}
 
@@ -156,9 +157,10 @@ class Simulator:
         return sum(r.kv for r in self.reqs)
 
     def reservation(self) -> float:
-        return sum(min(r.spec.output_len - r.out, CLIP_NEW_TOKENS) * self.ratio.value for r in self.running)
+        return sum(min(r.spec.output_len - r.out, CLIP_NEW_TOKENS) * self.ratio.value
+                   for r in self.running)
 
-    # --- main loop ---------------------------------------------------------------------------------
+    # --- main loop -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
         done = 0
         while done < len(self.reqs) and self.now < self.horizon:
@@ -166,7 +168,8 @@ class Simulator:
             self._finish_copies()
             budget = self._plan()
             if not self._prefill(budget) and not self._decode():
-                nxt = [c[0] for c in self.copies] + ([self.pending[0].spec.arrival] if self.pending else [])
+                nxt = [c[0] for c in self.copies] + ([self.pending[0].spec.arrival]
+                                                     if self.pending else [])
                 if not nxt:
                     break
                 self.now = max(self.now, min(nxt))
@@ -190,7 +193,7 @@ class Simulator:
     def _finish_copies(self) -> None:
         for c in sorted((c for c in self.copies if c[0] <= self.now), key=lambda c: c[:2]):
             self.copies.remove(c)
-            done_s, way, r = c
+            _, way, r = c
             t = self.policy.table
             if way == "wt":
                 self._write_through_done(r)
@@ -223,7 +226,8 @@ class Simulator:
         """As the adapter: while nothing moves out, copy running requests' unsaved full pages,
         most first, within one step's link share (the first past it), into the free half."""
         c = self.costs.costs()
-        budget = deadlines.link_tokens(self.policy.config.link_share, self.gpu.link_bytes_per_s, c.decode_step_s,
+        budget = deadlines.link_tokens(self.policy.config.link_share, self.gpu.link_bytes_per_s,
+                                       c.decode_step_s,
                                  self.gpu.bytes_per_token)
         room = self.host_free - self.host_tokens // 2
         wants = sorted(((r.kv // HOST_PAGE * HOST_PAGE - r.host, r) for r in self.running
@@ -254,11 +258,13 @@ class Simulator:
             return None
         t = self.policy.table
         chunk_left = self.chunked.to_prefill() if self.chunked else 0
-        cap = Capacity(available_device_tokens=self.cap - self.used() - chunk_left, total_device_tokens=self.cap,
+        cap = Capacity(available_device_tokens=self.cap - self.used() - chunk_left,
+                       total_device_tokens=self.cap,
                        free_host_tokens=self.host_free + sum(r.host for r in self.kept.values()),
                        bytes_per_token=self.gpu.bytes_per_token,
                        new_token_ratio=self.ratio.value)
-        limit = min(self.gpu.max_prefill_tokens, self.gpu.chunked_prefill_size)  # as the adapter passes it
+        # as the adapter passes it
+        limit = min(self.gpu.max_prefill_tokens, self.gpu.chunked_prefill_size)
         plan = self.policy.plan(self.now, cap, self.costs.costs(), limit, None)
         self.admitted = set(plan.admit)
         for r in [r for r in self.running if r.rid in set(plan.rotate_out)]:
@@ -286,7 +292,8 @@ class Simulator:
             r.kv = need
             t.set_phase(rid, Phase.ROTATING_IN, self.now)
             self._copy("h2d", r, need)
-        if self.write_through and not plan.rotate_out and not any(w != "h2d" for _, w, _ in self.copies):
+        if (self.write_through and not plan.rotate_out
+                and not any(w != "h2d" for _, w, _ in self.copies)):
             self._write_through()
         if plan.admit:
             front = [r for rid in plan.admit for r in self.waiting if r.rid == rid]
@@ -388,7 +395,8 @@ class Simulator:
         if not self.running:
             return False
         ways = {way for _, way, _ in self.copies}
-        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running), bool(ways - {"h2d"}),
+        dur = self.gpu.decode_s(len(self.running),
+                                sum(r.kv for r in self.running), bool(ways - {"h2d"}),
                                 "h2d" in ways)
         self.now += dur
         if self.last_was_decode:
@@ -424,7 +432,8 @@ def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttf
     # What is still held once every request is done: anything but zeros is a leak.
     held = {"device_tokens": sim.used(), "host_tokens": host_tokens - sim.host_free,
             "table_entries": len(sim.policy.table) if sim.policy else 0}
-    return {"summary": summarize(records, ttft_slo, tbt_slo), "stats": {**sim.stats, "held_at_end": held},
+    return {"summary": summarize(records, ttft_slo, tbt_slo),
+            "stats": {**sim.stats, "held_at_end": held},
             "sim_seconds": round(sim.now, 2), "records": records}
 
 
@@ -435,26 +444,33 @@ def _write_raw(raw_dir: Path, system: str, rate: float, records: list[dict]) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", required=True)
     ap.add_argument("--cap", type=int, required=True, help="device KV tokens")
     ap.add_argument("--rates", type=float, nargs="+", required=True)
     ap.add_argument("--num", type=int, default=300)
     ap.add_argument("--arrival", default="poisson", choices=("poisson", "gamma", "trace"))
-    ap.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: gap coefficient of variation")
+    ap.add_argument("--cv", type=float, default=1.0,
+                    help="gamma arrivals: gap coefficient of variation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=1,
-                    help="arrival draws per point (seed, seed+1, ...): figures are their means, since one "
-                         "draw can move attainment by several points; raw records come from the first")
+                    help="arrival draws per point (seed, seed+1, ...): figures are their means, "
+                         "since one draw can move attainment by several points; raw records come "
+                         "from the first")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--tbt-slo", type=float, default=0.1)
-    ap.add_argument("--host-kv-gb", type=float, default=64.0, help="host tier size, like --rota-host-kv-gb")
-    ap.add_argument("--horizon", type=float, default=600.0, help="simulated seconds before giving up")
+    ap.add_argument("--host-kv-gb", type=float, default=64.0,
+                    help="host tier size, like --rota-host-kv-gb")
+    ap.add_argument("--horizon", type=float, default=600.0,
+                    help="simulated seconds before giving up")
     ap.add_argument("--mover", choices=MOVERS, default="staging",
-                    help="KV data path whose decode-step cost the model charges (rotasched's --rota-mover)")
+                    help="KV data path whose decode-step cost the model charges "
+                         "(rotasched's --rota-mover)")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--raw-dir", type=Path, help="also write per-request records (JSON lines) here, "
+    ap.add_argument("--raw-dir", type=Path,
+                    help="also write per-request records (JSON lines) here, "
                     "for plot_slo.py's TTFT CDF")
     args = ap.parse_args()
     if args.cap <= 0 or any(r <= 0 for r in args.rates) or args.host_kv_gb <= 0 or args.seeds < 1:
@@ -463,29 +479,38 @@ def main() -> None:
     gpu = GpuModel(mover=args.mover)
     host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
     # Same keys as sweep_slo.py's results, so plot_slo.py draws it too.
-    result = {"trace": Path(args.trace).stem.replace("AzureLLMInferenceTrace_", "azure_") + " (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
-              "cap_tokens": args.cap, "rates": args.rates, "num_requests": [args.num] * len(args.rates),
-              "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo,
+    trace = Path(args.trace).stem.replace("AzureLLMInferenceTrace_", "azure_")
+    result = {"trace": trace + " (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
+              "cap_tokens": args.cap, "rates": args.rates,
+              "num_requests": [args.num] * len(args.rates),
+              "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo,
+              "tbt_slo": args.tbt_slo,
               "gpu_model": asdict(gpu), "host_kv_gb": args.host_kv_gb, "seeds": args.seeds,
-              "systems": {}, "command": " ".join(sys.argv),
-              "note": "eval/sim_policy.py: the real policy on a modelled GPU; estimates, not measurements"}
-    keys = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s", "ttft_p50", "ttft_p99")
+              "systems": {}, "command": command_line("eval.sim_policy"),
+              "note": ("eval.sim_policy: the real policy on a modelled GPU; estimates, "
+                       "not measurements")}
+    keys = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s", "ttft_p50",
+            "ttft_p99")
     t0 = time.monotonic()
     for system in args.systems:
         per = result["systems"].setdefault(system, {**{k: [] for k in keys}, "stats": [], "raw": [],
                                                     "per_seed": []})
         for rate in args.rates:
-            runs = [simulate(make_specs(rows, num=args.num, arrival=args.arrival, rate=rate, cv=args.cv,
+            runs = [simulate(make_specs(rows, num=args.num, arrival=args.arrival, rate=rate,
+                                        cv=args.cv,
                                         seed=args.seed + k),
-                             system, args.cap, gpu, args.ttft_slo, args.tbt_slo, host_tokens, args.horizon)
+                             system, args.cap, gpu, args.ttft_slo, args.tbt_slo, host_tokens,
+                             args.horizon)
                     for k in range(args.seeds)]
             s = {k: statistics.mean(r["summary"][k] for r in runs) for k in keys}
             for k in keys:
                 per[k].append(s[k])
             res = runs[0]
             per["stats"].append(res["stats"])
-            per["per_seed"].append([{k: r["summary"][k] for k in keys} | {"stats": r["stats"]} for r in runs])
-            per["raw"].append(_write_raw(args.raw_dir, system, rate, res["records"]) if args.raw_dir else None)
+            per["per_seed"].append([{k: r["summary"][k] for k in keys} | {"stats": r["stats"]}
+                                    for r in runs])
+            per["raw"].append(_write_raw(args.raw_dir, system, rate, res["records"])
+                              if args.raw_dir else None)
             print(f"{system:>14} @ {rate:g} req/s: TTFT {100 * s['ttft_attainment']:5.1f}%  "
                   f"TBT {100 * s['tbt_attainment']:5.1f}%  {s['throughput_tok_s']:6.0f} tok/s  "
                   f"[{time.monotonic() - t0:.0f}s] {res['stats']}",

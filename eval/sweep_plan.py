@@ -1,14 +1,16 @@
 """Run a whole SLO evaluation from a plan file: every (workload, system) pair of the plan, one GPU
 queue each, one global time budget, then one merged result per workload.
 
-A workload is a trace with its rates and KV cap (sweep_slo.py's flags); each queue runs its
+A workload is a trace with its rates and KV cap (eval.sweep_slo's flags); each queue runs its
 items one after another on its own GPU (CUDA_VISIBLE_DEVICES=i), so no two servers ever share
-a GPU, and every item is one sweep_slo.py invocation: one server, every rate of its workload.
+a GPU, and every item is one eval.sweep_slo invocation: one server, every rate of its workload.
 Results of a queue accumulate in ``<workload>.part<i>.json`` (sweep_slo --merge); at the end the
 parts of each workload are merged into ``slo_<gpu>_<workload>.json`` and a file ``DONE`` is
-written. Stdlib only: runs on the GPU machine.
+written. The plans under eval/plans/ are named for what they run. Stdlib only: runs on the GPU
+machine.
 
-    python3 eval/sweep_plan.py --plan eval/plans/h200_slo.json --out-dir /tmp/sweep --budget 1000
+    python -m eval.sweep_plan --plan eval/plans/h200_poisson_all_systems.json \\
+        --out-dir /tmp/sweep --budget 1000
 """
 
 from __future__ import annotations
@@ -23,21 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from merge_slo import merge
+from eval.lib.gpus import visible_devices
+from eval.lib.progress import Progress
+from eval.merge_slo import merge
 
-EVAL = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 PORT_STRIDE = 500  # queue i's servers use ports from 30000 + i * PORT_STRIDE, 20 per item
-_print_lock = threading.Lock()
-
-
-def log(t0: float, msg: str) -> None:
-    with _print_lock:
-        print(f"[{time.monotonic() - t0:6.0f}s] {msg}", flush=True)
+log = Progress()
 
 
 def load_plan(path: Path) -> dict[str, Any]:
     """The plan, checked: every queue item names a known workload and system."""
-    from sweep_slo import SYSTEMS
+    from eval.sweep_slo import SYSTEMS  # here: planning and merging need no aiohttp or numpy
 
     plan = json.loads(path.read_text())
     for key in ("gpu", "workloads", "queues"):
@@ -58,7 +57,7 @@ def item_cmd(plan: dict[str, Any], item: str, queue: int, index: int, out_dir: P
              budget_s: float) -> list[str]:
     workload, _, system = item.partition(":")
     wl = plan["workloads"][workload]
-    cmd = [sys.executable, str(EVAL / "sweep_slo.py"), "--trace", wl["trace"],
+    cmd = [sys.executable, "-m", "eval.sweep_slo", "--trace", wl["trace"],
            "--trace-name", workload, "--gpu", plan["gpu"], "--systems", system,
            "--rates", *[str(r) for r in wl["rates"]], "--cap", str(wl["cap"]),
            "--port", str(30000 + queue * PORT_STRIDE + 20 * index),
@@ -69,26 +68,22 @@ def item_cmd(plan: dict[str, Any], item: str, queue: int, index: int, out_dir: P
 
 
 def run_queue(plan: dict[str, Any], queue: int, items: list[str], out_dir: Path,
-              deadline: float, t0: float) -> None:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=_device(queue), PYTHONUNBUFFERED="1")
+              deadline: float) -> None:
+    gpu = visible_devices((queue,), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONUNBUFFERED="1")
     for index, item in enumerate(items):
         left = deadline - time.monotonic()
-        log(t0, f"gpu{queue} {item}: start ({left:.0f}s of budget left)")
+        log(f"gpu{queue} {item}: start ({left:.0f}s of budget left)")
         cmd = item_cmd(plan, item, queue, index, out_dir, left)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, cwd=EVAL.parent) as proc:
+                              env=env, cwd=ROOT) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
-                log(t0, f"gpu{queue} {item}: {line.rstrip()}")
-        log(t0, f"gpu{queue} {item}: exit {proc.returncode}")
+                log(f"gpu{queue} {item}: {line.rstrip()}")
+        log(f"gpu{queue} {item}: exit {proc.returncode}")
 
 
-def _device(queue: int) -> str:
-    inherited = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return inherited[queue] if inherited else str(queue)
-
-
-def merge_workloads(plan: dict[str, Any], out_dir: Path, t0: float) -> list[Path]:
+def merge_workloads(plan: dict[str, Any], out_dir: Path) -> list[Path]:
     merged = []
     for workload in plan["workloads"]:
         parts = sorted(out_dir.glob(f"{workload}.part*.json"))
@@ -99,7 +94,7 @@ def merge_workloads(plan: dict[str, Any], out_dir: Path, t0: float) -> list[Path
         path = out_dir / f"slo_{plan['gpu']}_{workload}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         merged.append(path)
-        log(t0, f"{workload}: {len(parts)} part(s), systems {sorted(result['systems'])} -> {path}")
+        log(f"{workload}: {len(parts)} part(s), systems {sorted(result['systems'])} -> {path}")
     return merged
 
 
@@ -121,15 +116,15 @@ def main() -> None:
         return
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "DONE").unlink(missing_ok=True)
-    threads = [threading.Thread(target=run_queue, args=(plan, q, items, args.out_dir, deadline, t0))
+    threads = [threading.Thread(target=run_queue, args=(plan, q, items, args.out_dir, deadline))
                for q, items in enumerate(plan["queues"])]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    merge_workloads(plan, args.out_dir, t0)
+    merge_workloads(plan, args.out_dir)
     (args.out_dir / "DONE").write_text(f"{time.monotonic() - t0:.0f}\n")
-    log(t0, "done")
+    log("done")
 
 
 if __name__ == "__main__":

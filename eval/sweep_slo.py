@@ -4,8 +4,9 @@ Per system: start one SGLang server, wait for /health, warm it up, then for each
 trace's first N requests (arrivals at that rate), wait until the server is idle and its prefix
 cache flushed, and summarize. Results go to eval/results/slo_<gpu>_<trace>.json after every
 rate, so a run cut short keeps what it measured. Stdlib + aiohttp + numpy: runs on the GPU box.
+A whole evaluation (both traces, every system, one queue per GPU) is eval.sweep_plan's job.
 
-    python3 eval/sweep_slo.py --trace .gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \
+    python -m eval.sweep_slo --trace .gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \
         --rates 12 14 16 18 20 --num 600 --cap 60000 --budget 3000
 """
 
@@ -16,21 +17,21 @@ import asyncio
 import hashlib
 import json
 import math
-import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from metrics import summarize
-from replay import replay, write_jsonl
-from traces import ARRIVALS, RequestSpec, load_azure, make_specs
+from eval.lib.http import wait_healthy, wait_idle
+from eval.lib.jsonfiles import command_line, write_json, write_jsonl
+from eval.lib.metrics import summarize
+from eval.lib.progress import Budget, Progress
+from eval.lib.replay import replay
+from eval.lib.server import ServerProcess, sglang_command, stop_servers
+from eval.lib.traces import ARRIVALS, RequestSpec, load_azure, make_specs
 
 EVAL = Path(__file__).resolve().parent
 SYSTEMS: dict[str, list[str]] = {
@@ -49,8 +50,7 @@ STOP_MARGIN_S = 40.0  # kept free at the end of the budget to stop a server clea
 STARTUP_GUESS_S = 150.0  # start-up on a fresh H200 until one server has been timed
 
 
-def log(t0: float, msg: str) -> None:
-    print(f"[{time.monotonic() - t0:6.0f}s] {msg}", flush=True)
+log = Progress()
 
 
 def system_flags(name: str, ttft_slo: float, tbt_slo: float) -> list[str]:
@@ -62,62 +62,10 @@ def system_flags(name: str, ttft_slo: float, tbt_slo: float) -> list[str]:
 
 
 def server_cmd(args: argparse.Namespace, port: int, flags: list[str]) -> list[str]:
-    # Incremental streaming keeps each SSE chunk O(new tokens), so the client's JSON parsing
-    # cannot become the bottleneck that skews token timestamps (the default resends all ids).
-    return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model_path),
-            "--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend", "triton",
-            "--sampling-backend", "pytorch", "--disable-prefill-cuda-graph",
-            "--incremental-streaming-output", "--max-total-tokens", str(args.cap),
-            "--host", "127.0.0.1", "--port", str(port), *flags, *args.server_extra]
-
-
-def _http(url: str, method: str = "GET", timeout: float = 5.0) -> int:
-    req = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and proc.poll() is None:
-        if _http(base + "/health") == 200:
-            return True
-        time.sleep(2)
-    return False
-
-
-def drain(base: str, timeout: float) -> bool:
-    """Wait until the server is idle: /flush_cache only succeeds with no running or queued
-    requests, and it also empties the prefix cache before the next rate."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if _http(base + "/flush_cache", "POST") == 200:
-            return True
-        time.sleep(1)
-    return False
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the server and the scheduler processes it spawned (its own process group)."""
-    pgid = proc.pid  # started with start_new_session=True, so pgid == pid
-    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 15.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        end = time.monotonic() + wait_s
-        while time.monotonic() < end:
-            proc.poll()
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
+    launcher = shlex.split(args.launcher) if args.launcher else None
+    return sglang_command(args.model_path, port,
+                          ["--max-total-tokens", str(args.cap), *flags, *args.server_extra],
+                          launcher)
 
 
 def warmup_specs(specs: list[RequestSpec], n: int = 16, max_output: int = 16) -> list[RequestSpec]:
@@ -140,67 +88,49 @@ def empty_system(flags: list[str], n_rates: int) -> dict[str, Any]:
     return out
 
 
-def save(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def run_system(name: str, idx: int, args: argparse.Namespace, rate_specs: list[list[RequestSpec]],
-               result: dict[str, Any], t0: float) -> None:
+               result: dict[str, Any], budget: Budget) -> None:
     """Start ``name``'s server, replay every rate, stop it; fill result['systems'][name]."""
     rates = result["rates"]
     sysres = result["systems"][name]
-    deadline = t0 + args.budget
 
-    def skip_rest(from_rate: int, reason: str) -> None:
+    def give_up(from_rate: int, status: str, reason: str) -> None:
+        sysres["status"] = status
         for r in rates[from_rate:]:
             result["skipped"].append({"system": name, "rate": r, "reason": reason})
+        log(f"{name}: {status}")
 
     timed = [s["startup_s"] for s in result["systems"].values() if s.get("startup_s")]
     startup = max(timed) if timed else STARTUP_GUESS_S
-    if time.monotonic() + startup + rate_specs[0][-1].arrival + 10.0 + STOP_MARGIN_S > deadline:
-        sysres["status"] = "skipped: budget"
-        skip_rest(0, "budget")
-        log(t0, f"{name}: skipped, not enough budget left to start a server")
+    if budget.usable(startup + rate_specs[0][-1].arrival + 10.0) < 0:
+        give_up(0, "skipped: budget", "budget")
         return
     port = args.port + 10 * idx  # a fresh port per server: no wait for the last one's sockets
     base = f"http://127.0.0.1:{port}"
-    cmd = server_cmd(args, port, sysres["flags"])
     server_log = args.raw_dir / f"server_{name}.log"
+    server_log.unlink(missing_ok=True)
     sysres["server_log"] = str(server_log)
-    log(t0, f"{name}: starting: {' '.join(cmd)}")
-    started = time.monotonic()
-    with open(server_log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    server = ServerProcess(server_cmd(args, port, sysres["flags"]), server_log)
+    log(f"{name}: starting: {' '.join(server.cmd)}")
     try:
-        up_limit = min(args.startup_timeout, deadline - time.monotonic() - STOP_MARGIN_S)
-        if not wait_healthy(base, proc, up_limit):
-            state = "exited" if proc.poll() is not None else "not healthy in time"
-            sysres["status"] = f"server failed to start ({state}), see {server_log}"
-            skip_rest(0, "server failed")
-            log(t0, f"{name}: {sysres['status']}")
+        if not wait_healthy(base, server.alive, min(args.startup_timeout, budget.usable())):
+            state = "not healthy in time" if server.alive() else "exited"
+            give_up(0, f"server failed to start ({state}), see {server_log}", "server failed")
             return
         warm = asyncio.run(replay(base, warmup_specs(rate_specs[0]), salt=-1, time_limit=120.0,
                                   progress=False))
         warm_errors = sum(r["error"] is not None for r in warm)
-        sysres["startup_s"] = time.monotonic() - started
-        log(t0, f"{name}: up in {sysres['startup_s']:.0f}s (warm-up errors: {warm_errors})")
-        if not drain(base, args.drain_timeout):
-            sysres["status"] = "server busy after warm-up"
-            skip_rest(0, "drain failed")
-            log(t0, f"{name}: {sysres['status']}")
+        sysres["startup_s"] = time.monotonic() - server.started
+        log(f"{name}: up in {sysres['startup_s']:.0f}s (warm-up errors: {warm_errors})")
+        if not wait_idle(base, args.drain_timeout):
+            give_up(0, "server busy after warm-up", "drain failed")
             return
         sysres["status"] = "ok"
-        for i, (rate, specs) in enumerate(zip(rates, rate_specs)):
+        for i, (rate, specs) in enumerate(zip(rates, rate_specs, strict=False)):
             span = specs[-1].arrival
-            left = deadline - time.monotonic() - STOP_MARGIN_S
+            left = budget.usable()
             if left < span + 10.0:
-                sysres["status"] = f"stopped at rate {rate}: budget"
-                skip_rest(i, "budget")
-                log(t0, f"{name}: out of budget before rate {rate}")
+                give_up(i, f"stopped at rate {rate}: budget", "budget")
                 return
             label = f"{name} @ {rate:g} req/s "
             records = asyncio.run(replay(base, specs, salt=i + 1, extra=args.extra,
@@ -212,19 +142,17 @@ def run_system(name: str, idx: int, args: argparse.Namespace, rate_specs: list[l
             sysres["raw"][i] = raw_info(raw, records)
             for k in SERIES:
                 sysres[k][i] = s[k]
-            save(args.out, result)
-            log(t0, f"{label}n={s['n']} TTFT≤SLO {_pct(s['ttft_attainment'])} "
-                    f"TBT {_pct(s['tbt_attainment'])} both {_pct(s['both_attainment'])} "
-                    f"{s['throughput_tok_s'] or 0:.0f} tok/s TTFT p50/p99 "
-                    f"{s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s errors {s['errors']}")
-            if not drain(base, args.drain_timeout):
-                sysres["status"] = f"stopped after rate {rate}: server did not drain"
-                skip_rest(i + 1, "drain failed")
-                log(t0, f"{name}: {sysres['status']}")
+            write_json(args.out, result)
+            log(f"{label}n={s['n']} TTFT≤SLO {_pct(s['ttft_attainment'])} "
+                f"TBT {_pct(s['tbt_attainment'])} both {_pct(s['both_attainment'])} "
+                f"{s['throughput_tok_s'] or 0:.0f} tok/s TTFT p50/p99 "
+                f"{s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s errors {s['errors']}")
+            if not wait_idle(base, args.drain_timeout):
+                give_up(i + 1, f"stopped after rate {rate}: server did not drain", "drain failed")
                 return
     finally:
-        stop_server(proc)
-        save(args.out, result)
+        stop_servers([server], grace_s=30.0)
+        write_json(args.out, result)
 
 
 def _pct(x: float | None) -> str:
@@ -261,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=400.0)
     ap.add_argument("--drain-timeout", type=float, default=120.0)
     ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--launcher", default=None,
+                    help="server command before its flags "
+                         "(default: this python -m sglang.launch_server)")
     ap.add_argument("--server-extra", nargs=argparse.REMAINDER, default=[],
                     help="flags appended to every server command (must come last)")
     ap.add_argument("--extra-json", default=None, help="merged into every request body")
@@ -291,7 +222,7 @@ def initial_result(args: argparse.Namespace, rate_specs: list[list[RequestSpec]]
         "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo, "arrival": args.arrival,
         "cv": args.cv, "seed": args.seed, "max_prompt": args.max_prompt,
         "max_output": args.max_output, "server_extra": args.server_extra,
-        "command": shlex.join(["python3", *sys.argv]),
+        "command": command_line("eval.sweep_slo"),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "budget_s": None if math.isinf(args.budget) else args.budget,
         "skipped": [], "systems": {},
@@ -313,7 +244,7 @@ def main() -> None:
     args = parse_args()
     # A SIGTERM (e.g. the command's time limit) unwinds normally, so servers are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    t0 = time.monotonic()
+    budget = Budget(args.budget, STOP_MARGIN_S)
     rows = load_azure(args.trace)
     rate_specs = [make_specs(rows, num=args.num or math.ceil(rate * args.duration),
                              arrival=args.arrival, rate=rate, cv=args.cv, seed=args.seed,
@@ -321,14 +252,14 @@ def main() -> None:
                   for rate in args.rates]
     args.raw_dir.mkdir(parents=True, exist_ok=True)
     result = initial_result(args, rate_specs)
-    save(args.out, result)
-    log(t0, f"{len(args.systems)} systems x {len(args.rates)} rates, "
-            f"{result['num_requests']} requests, results -> {args.out}")
+    write_json(args.out, result)
+    log(f"{len(args.systems)} systems x {len(args.rates)} rates, "
+        f"{result['num_requests']} requests, results -> {args.out}")
     for idx, name in enumerate(args.systems):
-        run_system(name, idx, args, rate_specs, result, t0)
-    result["wall_s"] = time.monotonic() - t0
-    save(args.out, result)
-    log(t0, f"done; skipped {len(result['skipped'])} (system, rate) points -> {args.out}")
+        run_system(name, idx, args, rate_specs, result, budget)
+    result["wall_s"] = time.monotonic() - budget.start
+    write_json(args.out, result)
+    log(f"done; skipped {len(result['skipped'])} (system, rate) points -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""A CPU stand-in for ``python -m sglang.launch_server``, for tests of eval/e2e_rotation.py.
+"""A CPU stand-in for ``python -m sglang.launch_server``, for tests of eval.e2e_rotation and
+eval.sweep_slo.
 
 It speaks what the script uses, in sglang 0.5.17's formats: /health, /generate (token ids,
 ``stream`` SSE with --incremental-streaming-output deltas, or one JSON answer), /flush_cache
-(200 only when idle), /metrics (Prometheus text), and it logs the rotator's lines the way SGLang's
-scheduler logger prints them (``[date time TPn] msg`` with --tp-size > 1). Output ids depend only
+(200 only when idle), /metrics (Prometheus text), and it logs the rotator's stats records
+(``superinfer.adapters.sglang.stats.format_record``) the way SGLang's scheduler logger prints
+them (``[date time TPn] record`` with --tp-size > 1). Output ids depend only
 on the prompt, so every server agrees. Under rotasched every request counts as rotated
 ``idx % 3`` times; a bad per-request SLO is refused as SGLang + SuperInfer do (HTTP 400, or an
 abort with status_code 400 inside a 200 stream). Knobs for negative tests (environment):
@@ -23,8 +25,11 @@ from collections import Counter
 
 from aiohttp import web
 
+from superinfer.adapters.sglang.stats import format_record
+
 TOKEN_S = 0.002
 HOST_TOKENS = 122064
+BYTES_PER_ROTATION = 130_000_000
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -48,11 +53,12 @@ class State:
         self.out = self.in_ = self.aborted_rotated = 0
         self.period: Counter[int] = Counter()  # request -> rotations, this busy period
 
-    def log(self, msg: str) -> None:
+    def log(self, kind: str, fields: dict) -> None:
+        """One record per TP rank, as every rank's rotator logs its own."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         for rank in range(self.args.tp_size):
             tag = f" TP{rank}" if self.args.tp_size > 1 else ""
-            sys.stderr.write(f"[{stamp}{tag}] {msg}\n")
+            sys.stderr.write(f"[{stamp}{tag}] {format_record(kind, rank, 0, fields)}\n")
         sys.stderr.flush()
 
     def begin(self) -> int:
@@ -74,18 +80,22 @@ class State:
         total = self.args.max_total_tokens
         held = int(os.environ.get("FAKE_SGLANG_LEAK", "0"))
         counts = self.period.values()
-        self.log(f"rotasched idle check: device_free={total - held} device_total={total} "
-                 f"host_free={HOST_TOKENS} host_total={HOST_TOKENS} table=0 "
-                 f"rotations_out={self.out} rotated_reqs={len(counts)} "
-                 f"multi_rotated_reqs={sum(c > 1 for c in counts)} "
-                 f"max_per_req={max(counts, default=0)} "
-                 f"aborted_while_rotated={self.aborted_rotated}")
+        self.log("idle", {"device_free": total - held, "device_total": total,
+                          "host_free": HOST_TOKENS, "host_total": HOST_TOKENS, "table": 0,
+                          "rotations_out": self.out, "rotated_reqs": len(counts),
+                          "multi_rotated_reqs": sum(c > 1 for c in counts),
+                          "max_per_req": max(counts, default=0),
+                          "aborted_while_rotated": self.aborted_rotated, "check_error": None})
         self.period.clear()
 
     def stats(self) -> None:
-        self.log(f"rotasched stats: out={self.out} in={self.in_} d2h={self.out * 0.13:.2f}GB "
-                 f"h2d={self.in_ * 0.13:.2f}GB fallbacks=0 away={len(self.inflight) // 3} "
-                 "host_used=0")
+        self.log("stats", {"rotations_out": self.out, "rotations_in": self.in_, "fallbacks": 0,
+                           "aborted_while_rotated": self.aborted_rotated,
+                           "plans_decode_first": 0, "plans_head_blocked": 0,
+                           "bytes_d2h": self.out * BYTES_PER_ROTATION,
+                           "bytes_h2d": self.in_ * BYTES_PER_ROTATION, "bytes_d2h_saved": 0,
+                           "host_copies_evicted": 0, "bytes_written_through": 0,
+                           "away": len(self.inflight) // 3, "host_used": 0, "kept": 0})
 
 
 def output_ids(prompt: list[int], n: int) -> list[int]:
@@ -153,8 +163,8 @@ async def metrics(request: web.Request) -> web.Response:
             lab = f'{{tp_rank="{rank}"}}'
             lines += [f"superinfer:rotations_out_total{lab} {st.out}.0",
                       f"superinfer:rotations_in_total{lab} {st.in_}.0",
-                      f"superinfer:bytes_d2h_total{lab} {st.out * 1.3e8}",
-                      f"superinfer:bytes_h2d_total{lab} {st.in_ * 1.3e8}",
+                      f"superinfer:bytes_d2h_total{lab} {st.out * BYTES_PER_ROTATION}.0",
+                      f"superinfer:bytes_h2d_total{lab} {st.in_ * BYTES_PER_ROTATION}.0",
                       f"superinfer:host_tier_tokens_used{lab} 0.0",
                       f"superinfer:requests_rotated_out{lab} 0.0"]
     return web.Response(text="\n".join(lines) + "\n")
@@ -179,7 +189,11 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     if st.rota:
-        st.log("rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover StagingKVMover")
+        direct = args.page_size >= 64  # --rota-mover auto on Llama-3.1-8B-sized pages
+        st.log("start", {"policy": "slo", "host_kv_gb": 16.0, "host_tokens": HOST_TOKENS,
+                         "host_page": args.page_size if direct else 16,
+                         "mover": "DirectKVMover" if direct else "StagingKVMover",
+                         "path": "direct" if direct else "staging"})
         st.idle_check()
     await stats_loop(st)
 

@@ -13,7 +13,6 @@ import types
 from array import array
 
 import torch
-
 from sglang.srt.runtime_context import publish, reset_context
 from sglang.srt.server_args import ServerArgs
 
@@ -22,7 +21,8 @@ VOCAB = 1000
 
 
 def publish_cpu_server_args(**overrides) -> ServerArgs:
-    args = ServerArgs(model_path="dummy", device="cpu", attention_backend="torch_native", **overrides)
+    args = ServerArgs(model_path="dummy", device="cpu", attention_backend="torch_native",
+                      **overrides)
     reset_context()
     publish(args, role="scheduler")
     return args
@@ -32,7 +32,10 @@ class SchedulerParts:
     def __init__(self, size: int = 512, page_size: int = 1, radix: bool = True,
                  dtype: torch.dtype = torch.bfloat16, schedule_policy: str = "rotasched") -> None:
         from sglang.srt.managers.overlap_utils import FutureMap
-        from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
+        from sglang.srt.mem_cache.allocator import (
+            PagedTokenToKVPoolAllocator,
+            TokenToKVPoolAllocator,
+        )
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
         from sglang.srt.mem_cache.chunk_cache import ChunkCache
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
@@ -59,7 +62,8 @@ class SchedulerParts:
                                  page_size=page_size)
         self.tree_cache = RadixCache(params) if radix else ChunkCache(params)
         self.spec_algorithm = SpeculativeAlgorithm.NONE
-        self.future_map = FutureMap(torch.device("cpu"), self.spec_algorithm, self.req_to_token_pool,
+        self.future_map = FutureMap(torch.device("cpu"), self.spec_algorithm,
+                                    self.req_to_token_pool,
                                     needs_cpu_seq_lens=False)
         self.model_config = types.SimpleNamespace(vocab_size=VOCAB, is_encoder_decoder=False,
                                                   is_multimodal=False)
@@ -76,7 +80,8 @@ class SchedulerParts:
         self.ps = types.SimpleNamespace(tp_rank=0)
         self.sent: list = []  # what would go to the tokenizer
         self.ipc_channels = types.SimpleNamespace(
-            send_to_tokenizer=types.SimpleNamespace(send_output=lambda out, req=None: self.sent.append(out)))
+            send_to_tokenizer=types.SimpleNamespace(
+                send_output=lambda out, req=None: self.sent.append(out)))
         self.initial_free = self.free_tokens()
 
     # --- helpers standing in for the model and the event loop -----------------------------
@@ -104,17 +109,21 @@ class SchedulerParts:
         from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 
         running = running or self.empty_batch()
-        adder = PrefillAdder(self.page_size, self.tree_cache, self.token_to_kv_pool_allocator, running,
-                             self.new_token_ratio_tracker.current, self.max_prefill_tokens, chunk)
+        adder = PrefillAdder(self.page_size, self.tree_cache, self.token_to_kv_pool_allocator,
+                             running, self.new_token_ratio_tracker.current,
+                             self.max_prefill_tokens, chunk)
         for r in reqs:
             r.init_next_round_input(self.tree_cache)
-            if adder.add_one_req(r, has_chunked_req=False, truncation_align_size=None) != AddReqResult.CONTINUE:
+            added = adder.add_one_req(r, has_chunked_req=False, truncation_align_size=None)
+            if added != AddReqResult.CONTINUE:
                 break
         reqs = list(adder.can_run_list)
         if not reqs:
             return None
-        batch = ScheduleBatch.init_new(reqs, self.req_to_token_pool, self.token_to_kv_pool_allocator,
-                                       self.tree_cache, self.model_config, False, self.spec_algorithm)
+        batch = ScheduleBatch.init_new(reqs, self.req_to_token_pool,
+                                       self.token_to_kv_pool_allocator,
+                                       self.tree_cache, self.model_config, False,
+                                       self.spec_algorithm)
         batch.prepare_for_extend()
         batch.launch_ts = time.monotonic()  # what Scheduler.run_batch records
         self._write_random_kv(batch.out_cache_loc)
@@ -138,7 +147,7 @@ class SchedulerParts:
         batch.launch_ts = time.monotonic()
         self._write_random_kv(batch.out_cache_loc)
         tokens = torch.randint(100, VOCAB, (len(batch.reqs),))
-        for r, t in zip(batch.reqs, tokens.tolist()):
+        for r, t in zip(batch.reqs, tokens.tolist(), strict=False):
             r.output_ids.append(t)
         self.future_map.stash(batch.req_pool_indices, RelayPayload(bonus_tokens=tokens))
 
@@ -150,8 +159,9 @@ class SchedulerParts:
 
     def kv_of(self, req) -> torch.Tensor:
         slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_committed_len].long()
-        return torch.stack([torch.stack([self.kv_pool.k_buffer[l][slots], self.kv_pool.v_buffer[l][slots]])
-                            for l in range(LAYERS)]).clone()
+        return torch.stack([torch.stack([self.kv_pool.k_buffer[layer][slots],
+                                         self.kv_pool.v_buffer[layer][slots]])
+                            for layer in range(LAYERS)]).clone()
 
     def finish(self, batch, rids=None) -> None:
         """Finish requests of the batch the way SGLang's result processing does (release,

@@ -14,26 +14,30 @@ from superinfer.host_tier.torch_mover import TorchMover
 NUM_LAYERS, NUM_HEADS, HEAD_DIM = 3, 2, 5
 
 
-def make(dtype: torch.dtype, page_size: int, device_pages: int = 12, host_pages: int = 8, seed: int = 0,
-         **mover_args):
+def make(dtype: torch.dtype, page_size: int, device_pages: int = 12, host_pages: int = 8,
+         seed: int = 0, **mover_args):
     gen = torch.Generator().manual_seed(seed)
-    shape = (NUM_LAYERS, 2, device_pages * page_size + page_size, NUM_HEADS, HEAD_DIM)  # SGLang: size + page
+    # SGLang: size + page
+    shape = (NUM_LAYERS, 2, device_pages * page_size + page_size, NUM_HEADS, HEAD_DIM)
     if dtype == torch.uint8:
         kv = torch.randint(1, 256, shape, generator=gen, dtype=torch.uint8)
     else:
         kv = (torch.rand(shape, generator=gen) + 0.5).to(dtype)
     layout = KVLayout(NUM_LAYERS, NUM_HEADS, HEAD_DIM, kv.element_size())
-    host = HostKVPool(layout, host_pages * page_size, page_size, dtype, pin_memory=False, page_major=True)
+    host = HostKVPool(layout, host_pages * page_size, page_size, dtype, pin_memory=False,
+                      page_major=True)
     host.buffer.view(torch.uint8).fill_(0xA5)  # poison: an unwritten piece shows
     mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **mover_args)
     return kv, host, mover, gen
 
 
 def slots_of(pages: list[int], page_size: int, num_tokens: int) -> torch.Tensor:
-    return (torch.tensor(pages)[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:num_tokens]
+    slots = torch.tensor(pages)[:, None] * page_size + torch.arange(page_size)
+    return slots.reshape(-1)[:num_tokens]
 
 
-def host_page_view(host: HostKVPool, kv: torch.Tensor, device_page: int) -> tuple[torch.Tensor, torch.Tensor]:
+def host_page_view(host: HostKVPool, kv: torch.Tensor,
+                   device_page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: a device page in the page-major host layout [layers, 2, page, heads*dim]."""
     p = host.page_size
     ref = kv[:, :, device_page * p : (device_page + 1) * p].reshape(NUM_LAYERS, 2, p, -1)
@@ -53,7 +57,7 @@ def test_d2h_then_h2d_moves_exact_pages(dtype: torch.dtype, page_size: int, thre
     mover.synchronize()
     assert mover.poll().done_d2h == ["out"]
     used = host_slots[::page_size] // page_size
-    for hp, dp in zip(used.tolist(), out_pages):
+    for hp, dp in zip(used.tolist(), out_pages, strict=False):
         assert torch.equal(host.buffer[hp], host_page_view(host, kv, dp))
     untouched = torch.ones(host.num_pages, dtype=torch.bool)
     untouched[used] = False
@@ -64,7 +68,7 @@ def test_d2h_then_h2d_moves_exact_pages(dtype: torch.dtype, page_size: int, thre
     mover.submit_h2d("in", host_slots, slots_of(in_pages, page_size, num_tokens))
     mover.synchronize()
     assert mover.poll().done_h2d == ["in"]
-    for dp_out, dp_in in zip(out_pages, in_pages):
+    for dp_out, dp_in in zip(out_pages, in_pages, strict=False):
         a, b = dp_out * page_size, dp_in * page_size
         assert torch.equal(kv[:, :, b : b + page_size], before[:, :, a : a + page_size])
     others = [p for p in range(13) if p not in in_pages]
@@ -100,7 +104,8 @@ def test_jobs_report_in_order_and_empty_jobs_are_done(threaded: bool) -> None:
     kv, host, mover, _ = make(torch.bfloat16, 4, issue_thread=threaded)
     a, b = host.alloc(8), host.alloc(4)
     mover.submit_d2h("a", slots_of([1, 2], 4, 8), a, None)
-    mover.submit_d2h("empty", torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), None)
+    mover.submit_d2h("empty", torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
+                     None)
     mover.submit_d2h("b", slots_of([5], 4, 4), b, None)
     mover.synchronize()
     report = mover.poll()
@@ -135,7 +140,7 @@ def test_a_job_goes_out_in_slices_and_is_done_with_its_last(threaded: bool) -> N
     mover.submit_d2h("out", slots_of(pages, 4, 20), host_slots, None)
     mover.synchronize()
     assert mover.poll().done_d2h == ["out"]
-    for hp, dp in zip((host_slots[::4] // 4).tolist(), pages):
+    for hp, dp in zip((host_slots[::4] // 4).tolist(), pages, strict=False):
         assert torch.equal(host.buffer[hp], host_page_view(host, kv, dp))
 
 
@@ -193,8 +198,8 @@ def test_issuer_threads_under_interleaved_jobs_and_polls_keep_order_and_bytes() 
     """Both directions' threads busy at once, the caller polling in between: every job is
     reported once, in submission order per direction, with its exact bytes."""
     kv, host, _, gen = make(torch.bfloat16, 2, device_pages=64, host_pages=64, seed=3)
-    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, max_queued_pieces=10, slice_pieces=5,
-                          issue_thread=True)
+    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, max_queued_pieces=10,
+                          slice_pieces=5, issue_thread=True)
     pages = torch.randperm(64, generator=gen).tolist()
     out_pages, in_pages = pages[:32], pages[32:]
     host.buffer[32:] = (torch.rand(host.buffer[32:].shape, generator=gen) + 0.5).to(torch.bfloat16)
@@ -233,9 +238,8 @@ def test_a_process_ends_cleanly_with_a_mover_still_alive() -> None:
     from pathlib import Path
 
     script = (
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_direct_mover import make, slots_of\n"
+        "import torch\n"
+        "from tests.test_direct_mover import make, slots_of\n"
         "kv, host, mover, _ = make(torch.bfloat16, 4, issue_thread=True)\n"
         "mover.submit_d2h('out', slots_of([1], 4, 4), host.alloc(4), None)\n"
         "mover.submit_h2d('in', host.alloc(4), slots_of([2], 4, 4))\n"
@@ -243,5 +247,6 @@ def test_a_process_ends_cleanly_with_a_mover_still_alive() -> None:
         "KEEP = mover\n"
     )
     for _ in range(3):
-        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parents[1], check=False)
         assert run.returncode == 0, run.stderr[-2000:]

@@ -1,6 +1,6 @@
-"""eval/e2e_rotation.py without a GPU: log and metrics parsing, output comparison, the headline
-fields, server commands (checked by SGLang's own parser when it is installed), and the whole
-script against CPU stand-in servers (tests/fake_sglang_server.py)."""
+"""eval.e2e_rotation without a GPU: stats records and metrics parsing, output comparison, the
+headline fields, server commands (checked by SGLang's own parser when it is installed), and the
+whole script against CPU stand-in servers (tests/fake_sglang_server.py)."""
 
 from __future__ import annotations
 
@@ -8,47 +8,69 @@ import ast
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
+from eval import e2e_rotation as e2e
+from eval.e2e import outputs, probes, report, servers
+from eval.e2e import rotator_stats as rs
+from eval.lib import gpus
+from eval.lib.server import failure_text
+from eval.lib.traces import TraceRow
+from superinfer.adapters.sglang.stats import KINDS, RotationStats, format_record
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
-
-import e2e_rotation as e2e  # noqa: E402
-from traces import TraceRow  # noqa: E402
-
 FAKE = ROOT / "tests" / "fake_sglang_server.py"
+IDLE_KEYS = ("device_free", "device_total", "host_free", "host_total", "table", "rotations_out",
+             "rotated_reqs", "multi_rotated_reqs", "max_per_req", "aborted_while_rotated")
+D2H_BYTES = 655_000_000
 
 
-def rotator_formats() -> dict[str, str]:
-    """The rotator's own logger.info format strings for its stats and idle-check lines."""
+def rotator_record_fields() -> dict[str, set[str]]:
+    """The fields the rotator names in its own ``self._record(kind, ...)`` calls."""
     tree = ast.parse((ROOT / "src/superinfer/adapters/sglang/rotator.py").read_text())
-    found = {}
+    found: dict[str, set[str]] = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "info" and node.args:
-            fmt = node.args[0]
-            if isinstance(fmt, ast.Constant) and isinstance(fmt.value, str):
-                for mark in (e2e.STATS_MARK, e2e.IDLE_MARK, e2e.ROTATOR_MARK):
-                    if fmt.value.startswith(mark):
-                        found[mark] = fmt.value
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_record"
+                and node.args and isinstance(node.args[0], ast.Constant)):
+            found.setdefault(node.args[0].value, set()).update(
+                k.arg for k in node.keywords if k.arg is not None)
     return found
+
+
+def record_line(prefix: str, kind: str, fields: dict) -> str:
+    """A log line as SGLang's scheduler logger prints a record: the rank in the prefix's TPn tag
+    (none at TP=1) is the rank the record carries."""
+    tag = re.search(r"\bTP(\d+)\b", prefix)
+    return f"{prefix} " + format_record(kind, int(tag.group(1)) if tag else 0, 0, fields)
 
 
 def idle_line(prefix: str = "[2026-11-29 12:00:00]", **kw: int) -> str:
     vals = dict(device_free=12000, device_total=12000, host_free=122064, host_total=122064, table=0,
                 rotations_out=0, rotated_reqs=0, multi_rotated_reqs=0, max_per_req=0,
-                aborted_while_rotated=0)
+                aborted_while_rotated=0, check_error=None)
     vals.update(kw)
-    fmt = rotator_formats()[e2e.IDLE_MARK]
-    return f"{prefix} " + fmt % tuple(vals[k] for k in e2e.IDLE_KEYS)
+    return record_line(prefix, "idle", vals)
 
 
 def stats_line(prefix: str = "[2026-11-29 12:00:00]", out: int = 5, in_: int = 4) -> str:
-    fmt = rotator_formats()[e2e.STATS_MARK]
-    return f"{prefix} " + fmt % (out, in_, 0.655, 0.52, 0, 1, 1024, 3, 2, 0.25, 1, 0, 0.0)
+    return record_line(prefix, "stats", {
+        "rotations_out": out, "rotations_in": in_, "fallbacks": 0, "aborted_while_rotated": 0,
+        "plans_decode_first": 1, "plans_head_blocked": 3, "bytes_d2h": D2H_BYTES,
+        "bytes_h2d": 520_000_000, "bytes_d2h_saved": 0, "host_copies_evicted": 0,
+        "bytes_written_through": 0, "away": 1, "host_used": 1024, "kept": 0})
+
+
+def start_line(prefix: str = "[t]", host_page: int = 16, mover: str = "StagingKVMover",
+               path: str = "staging") -> str:
+    return record_line(prefix, "start", {"policy": "slo", "host_kv_gb": 16.0,
+                                         "host_tokens": 122064, "host_page": host_page,
+                                         "mover": mover, "path": path})
 
 
 def rec(idx: int, ids: list[int], n: int | None = None, error: str | None = None,
@@ -58,61 +80,65 @@ def rec(idx: int, ids: list[int], n: int | None = None, error: str | None = None
             "meta": {"num_retractions": retractions}}
 
 
-# --- log lines ------------------------------------------------------------------------------
+# --- stats records --------------------------------------------------------------------------
 def test_parser_reads_the_rotators_own_format():
-    assert set(rotator_formats()) == {e2e.STATS_MARK, e2e.IDLE_MARK, e2e.ROTATOR_MARK}
+    assert set(KINDS) == {"start", "stats", "idle"}  # every kind the rotator logs is read here
+    fields = rotator_record_fields()
+    assert set(fields) == set(KINDS)
+    assert {*IDLE_KEYS, "check_error"} <= fields["idle"] and "host_page" in fields["start"]
+    assert {"rotations_out", "rotations_in", "fallbacks"} <= set(RotationStats().as_dict())
     text = "\n".join([
         "[2026-11-29 12:00:00] Prefill batch, #new-seq: 3, #new-token: 900",
+        start_line("[2026-11-29 12:00:00]"),
         stats_line(out=7, in_=6),
         idle_line("[2026-11-29 12:00:01.123 TP1]", device_free=11990, rotations_out=7,
                   rotated_reqs=4, multi_rotated_reqs=2, max_per_req=3, aborted_while_rotated=1),
         idle_line("[2026-11-29 12:00:02 DP0 TP0]", rotations_out=7)[:-30],  # cut mid-line
-        "superinfer INFO rotasched idle check: device_free=1",  # not a complete line
+        "superinfer INFO rotasched idle check: device_free=1 device_total=1",  # old text: ignored
     ])
-    lines = e2e.parse_rota_lines(text)
-    assert [(x["kind"], x["rank"]) for x in lines] == [("stats", 0), ("idle", 1)]
-    assert lines[0]["out"] == 7 and lines[0]["in"] == 6 and lines[0]["d2h"] == pytest.approx(0.66)
+    lines = rs.rotation_records(text)
+    assert [(x["kind"], x["tp_rank"]) for x in lines] == [("stats", 0), ("idle", 1)]
+    assert lines[0]["rotations_out"] == 7 and lines[0]["rotations_in"] == 6
+    assert lines[0]["bytes_d2h"] == D2H_BYTES
     idle = lines[1]
     assert (idle["device_free"], idle["rotated_reqs"], idle["max_per_req"]) == (11990, 4, 3)
-    assert all(isinstance(idle[k], int) for k in e2e.IDLE_KEYS)
+    assert all(isinstance(idle[k], int) for k in IDLE_KEYS)
 
 
 def test_rotator_start_line_gives_the_host_page():
-    fmt = rotator_formats()[e2e.ROTATOR_MARK]
-    direct = fmt % ("slo", 16.0, 122048, 64, "DirectKVMover", "direct")
-    assert e2e.rotator_host_page(f"[t] warming up\n[t TP0] {direct}\n") == 64
-    old = "rotasched: policy=slo host tier 16.0 GB (122064 tokens), mover StagingKVMover"
-    assert e2e.rotator_host_page(f"[t] {old}") == 16  # logs from before the page size was logged
-    idle = {"device_total": 100, "device_free": 100, "host_total": 640, "host_free": 576, "table": 0}
-    assert e2e.leak_summary(idle, 64, host_page=64)["host_pages"] == 1
-    assert e2e.leak_summary(idle, 64)["host_pages"] == 4
+    direct = start_line("[t TP0]", host_page=64, mover="DirectKVMover", path="direct")
+    assert rs.rotator_host_page(f"[t] warming up\n{direct}\n") == 64
+    old = "rotasched: policy=slo host tier 16.0 GB (122048 tokens, 64-token pages), mover x"
+    assert rs.rotator_host_page(f"[t] {old}") == 16  # no start record: the staging path's page
+    idle = {"device_total": 100, "device_free": 100, "host_total": 640, "host_free": 576,
+            "table": 0}
+    assert rs.leak_summary(idle, 64, host_page=64)["host_pages"] == 1
+    assert rs.leak_summary(idle, 64)["host_pages"] == 4
 
 
 def test_rotator_start_line_gives_the_ranks():
-    fmt = rotator_formats()[e2e.ROTATOR_MARK]
-    line = fmt % ("slo", 16.0, 122064, 16, "StagingKVMover", "staging")
-    text = f"[t TP0] {line}\n[t TP1] {line}\n[t] unrelated"
-    assert e2e.rotator_ranks(text) == [0, 1]
-    assert e2e.rotator_ranks(f"[2026-11-29 12:00:00] {line}") == [0]
+    text = f"{start_line('[t TP0]')}\n{start_line('[t TP1]')}\n[t] unrelated"
+    assert rs.rotator_ranks(text) == [0, 1]
+    assert rs.rotator_ranks(start_line("[2026-11-29 12:00:00]")) == [0]
 
 
 def test_phase_rotations_subtract_cumulative_and_sum_busy_periods():
-    before = e2e.parse_rota_lines(idle_line(rotations_out=10, rotated_reqs=3,
+    before = rs.rotation_records(idle_line(rotations_out=10, rotated_reqs=3,
                                             aborted_while_rotated=2))
-    during = e2e.parse_rota_lines("\n".join([
+    during = rs.rotation_records("\n".join([
         stats_line(out=20, in_=18),
         idle_line(rotations_out=14, rotated_reqs=3, multi_rotated_reqs=1, max_per_req=2,
                   aborted_while_rotated=2),
         idle_line(device_free=11984, host_free=122048, table=1, rotations_out=25, rotated_reqs=6,
                   multi_rotated_reqs=2, max_per_req=4, aborted_while_rotated=5),
     ]))
-    r = e2e.phase_rotations(before, during, page_size=16)["0"]
+    r = rs.phase_rotations(before, during, page_size=16)["0"]
     counts = [r[k] for k in ("rotations_out", "rotated_reqs", "multi_rotated_reqs", "max_per_req")]
     assert counts == [15, 9, 3, 4]
     assert r["aborted_while_rotated"] == 3 and r["idle_checks"] == 2 and r["cumulative_in"] == 18
     assert r["leaks"] == {"device_tokens": 16, "host_tokens": 16, "device_pages": 1,
                           "host_pages": 1, "table": 1, "clean": False}
-    assert e2e.phase_rotations([], [], 1) == {}
+    assert rs.phase_rotations([], [], 1) == {}
 
 
 def test_phase_without_idle_check_falls_back_on_stats_lines():
@@ -120,59 +146,59 @@ def test_phase_without_idle_check_falls_back_on_stats_lines():
     # H200): the burst's rotations come from its stats lines, the soak's from its idle check
     # less the last counter logged before it.
     warmup = [idle_line("[2026-11-29 12:00:00]")]
-    burst = e2e.parse_rota_lines("\n".join([stats_line("[2026-11-29 12:00:05]", out=8, in_=7),
+    burst = rs.rotation_records("\n".join([stats_line("[2026-11-29 12:00:05]", out=8, in_=7),
                                             stats_line("[2026-11-29 12:00:10]", out=454, in_=441),
                                             "[2026-11-29 12:00:11] Cache flushed successfully!"]))
-    r = e2e.phase_rotations(e2e.parse_rota_lines(warmup[0]), burst, page_size=1)["0"]
+    r = rs.phase_rotations(rs.rotation_records(warmup[0]), burst, page_size=1)["0"]
     assert (r["source"], r["rotations_out"], r["cumulative_in"], r["idle_checks"]) == (
         "stats", 454, 441, 0)
     assert all(r[k] is None for k in ("rotated_reqs", "multi_rotated_reqs", "max_per_req",
                                       "aborted_while_rotated", "pools", "leaks"))
-    assert e2e.idle_leaks({"0": r}) is None
-    soak = e2e.parse_rota_lines("\n".join([
+    assert rs.idle_leaks({"0": r}) is None
+    soak = rs.rotation_records("\n".join([
         stats_line("[2026-11-29 12:00:15]", out=470, in_=460),
         idle_line("[2026-11-29 12:00:20]", rotations_out=511, rotated_reqs=140,
                   multi_rotated_reqs=112, max_per_req=12, aborted_while_rotated=23)]))
-    s = e2e.phase_rotations(e2e.parse_rota_lines(warmup[0]) + burst, soak, page_size=1)["0"]
+    s = rs.phase_rotations(rs.rotation_records(warmup[0]) + burst, soak, page_size=1)["0"]
     assert (s["source"], s["rotations_out"], s["carried_rotations"]) == ("idle", 57, 454)
     assert (s["rotated_reqs"], s["aborted_while_rotated"]) == (140, 23)
-    assert e2e.idle_leaks({"0": s}) == {"0": s["leaks"]} and s["leaks"]["clean"]
+    assert rs.idle_leaks({"0": s}) == {"0": s["leaks"]} and s["leaks"]["clean"]
     # the headline counts stats-line rotations; per-request counts are unknown
     corr = correctness(3)
     corr["rotations"] = r
     corr["rotations_by_rank"] = {"0": r}
-    head = e2e.overall(result_with(correctness={"rota_p1": corr},
+    head = report.overall(result_with(correctness={"rota_p1": corr},
                                    soak={"rota_p1": {"leaks": {"0": s["leaks"]},
                                                      "rotations_by_rank": {"0": s}}}))
     assert head["rotations"] == 454 and head["rotations_source"] == {"rota_p1": "stats"}
     assert head["rotated_requests"] is None and head["multi_rotated_requests"] is None
     assert head["soak_aborted_while_rotated"] == 23 and head["passed"]
-    unsoaked = e2e.overall(result_with(correctness={"rota_p1": corr}))
+    unsoaked = report.overall(result_with(correctness={"rota_p1": corr}))
     assert unsoaked["leaked_device_pages"] is None and not unsoaked["passed"]  # leaks unknown
 
 
 def test_leak_summary_rounds_up_to_pages():
     idle = {"device_total": 12000, "device_free": 11995, "host_total": 160, "host_free": 143,
             "table": 0}
-    assert e2e.leak_summary(idle, 16) == {"device_tokens": 5, "host_tokens": 17, "device_pages": 1,
+    assert rs.leak_summary(idle, 16) == {"device_tokens": 5, "host_tokens": 17, "device_pages": 1,
                                           "host_pages": 2, "table": 0, "clean": False}
     idle.update(device_free=12000, host_free=160)
-    assert e2e.leak_summary(idle, 1)["clean"]
+    assert rs.leak_summary(idle, 1)["clean"]
 
 
 def test_ranks_agree():
     same = [stats_line("[t TP0]"), stats_line("[t TP1]"), idle_line("[t TP0]", rotations_out=5),
             idle_line("[t TP0]", rotations_out=5), idle_line("[t TP1]", rotations_out=5)]
-    r = e2e.ranks_agree(e2e.parse_rota_lines("\n".join(same)))
+    r = rs.ranks_agree(rs.rotation_records("\n".join(same)))
     assert r["ranks"] == [0, 1] and r["identical"] and r["last_lines_equal"]
     assert r["lines"]["idle/TP0"] == 1  # the repeated line counts once
     differ = same + [idle_line("[t TP0]", rotations_out=6), idle_line("[t TP1]", rotations_out=7)]
-    r = e2e.ranks_agree(e2e.parse_rota_lines("\n".join(differ)))
+    r = rs.ranks_agree(rs.rotation_records("\n".join(differ)))
     assert r["identical"] is False and r["last_lines_equal"] is False
     d = r["first_difference"]
     assert (d["kind"], d["index"]) == ("idle", 1)
     assert (d["TP0"]["rotations_out"], d["TP1"]["rotations_out"]) == (6, 7)
-    assert e2e.ranks_agree(e2e.parse_rota_lines(stats_line()))["identical"] is None
+    assert rs.ranks_agree(rs.rotation_records(stats_line()))["identical"] is None
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -181,43 +207,44 @@ def test_compare_outputs():
            rec(4, [5, 5, 5], retractions=1)]
     got = [rec(0, [1, 2, 3]), rec(1, [4, 9, 6]), rec(2, [7, 8], n=3), rec(3, [1, 1]),
            rec(4, [5, 5, 6]), rec(5, [1]), rec(6, [2, 2], aborted=True)]
-    c = e2e.compare_outputs(ref, got)
+    c = outputs.compare_outputs(ref, got)
     assert (c["n"], c["n_compared"], c["n_equal"], c["n_mismatched"]) == (7, 3, 1, 2)
     assert c["mismatched_with_retraction"] == 1
     assert c["first_mismatch"] == {"idx": 1, "prompt_len": 10, "output_len": 3, "position": 1,
                                    "ref_ids": [5, 6], "got_ids": [9, 6], "retractions": [0, 0]}
-    assert e2e.compare_outputs(ref, ref[:3])["n_equal"] == 3
+    assert outputs.compare_outputs(ref, ref[:3])["n_equal"] == 3
 
 
 def test_record_counts_and_compact():
     recs = [rec(0, [1, 2]), rec(1, [1], n=2, error="cancelled: replay time limit"),
             rec(2, [3], n=2, aborted=True), rec(3, [], n=2, error="HTTP 400: bad"),
             rec(4, [1, 2], retractions=2)]
-    c = e2e.record_counts(recs)
+    c = outputs.record_counts(recs)
     keys = ("n", "complete", "client_aborted", "errors", "retracted", "tokens")
     assert [c[k] for k in keys] == [5, 2, 1, 2, 1, 6]
     assert c["error_kinds"] == {"cancelled": 1, "HTTP 400": 1}
-    small = e2e.compact(recs[0], keep_ids=False)
+    small = outputs.compact(recs[0], keep_ids=False)
     assert "output_ids" not in small and small["n_tokens"] == 2
-    assert e2e.compact(recs[0], keep_ids=True)["output_ids"] == [1, 2]
+    assert outputs.compact(recs[0], keep_ids=True)["output_ids"] == [1, 2]
 
 
 # --- HTTP answers and metrics ---------------------------------------------------------------
 def test_parse_generate_body():
     meta = {"completion_tokens": 3, "finish_reason": {"type": "length"}}
     plain = json.dumps({"output_ids": [1, 2, 3], "meta_info": meta})
-    assert e2e.parse_generate_body(plain, stream=False) == {
+    assert probes.parse_generate_body(plain, stream=False) == {
         "n_ids": 3, "finish_reason": {"type": "length"}, "error": None}
     refused = json.dumps({"error": {"message": "custom_params.ttft_slo must be positive"}})
-    assert "ttft_slo" in e2e.parse_generate_body(refused, stream=False)["error"]
+    assert "ttft_slo" in probes.parse_generate_body(refused, stream=False)["error"]
     abort = {"type": "abort", "message": "bad slo", "status_code": 400}
     sse = ("data: " + json.dumps({"output_ids": [], "meta_info": {"finish_reason": abort,
                                                                   "completion_tokens": 0}})
            + "\n\ndata: [DONE]\n\n")
-    assert e2e.parse_generate_body(sse, stream=True) == {"n_ids": 0, "finish_reason": abort,
+    assert probes.parse_generate_body(sse, stream=True) == {"n_ids": 0, "finish_reason": abort,
                                                          "error": None}
-    assert e2e.parse_generate_body(refused, stream=True)["error"]  # a stream refused as plain JSON
-    assert e2e.parse_generate_body("Internal Server Error", stream=False)["n_ids"] == 0
+    # a stream refused as plain JSON
+    assert probes.parse_generate_body(refused, stream=True)["error"]
+    assert probes.parse_generate_body("Internal Server Error", stream=False)["n_ids"] == 0
 
 
 PROM = """# HELP superinfer:rotations_out_total Requests rotated out to the host tier.
@@ -239,20 +266,22 @@ sglang:num_running_reqs{model_name="m",engine_type="unified"} 0.0
 
 
 def test_prometheus_parse_and_check():
-    series = e2e.parse_prometheus(PROM)
+    series = probes.parse_prometheus(PROM)
     assert series["superinfer:rotations_out_total"] == [({"tp_rank": "0"}, 42.0),
                                                         ({"tp_rank": "1"}, 42.0)]
     assert series["sglang:num_running_reqs"][0][0] == {"model_name": "m", "engine_type": "unified"}
-    m = e2e.check_metrics(series)
+    m = probes.check_metrics(series)
     assert m["ok"] and m["missing"] == [] and m["tp_ranks"] == ["0", "1"]
     assert m["sglang_series"] == 1
     assert m["values"]["superinfer:bytes_d2h_total"] == {"0": 5.5e9, "1": 5.5e9}
-    no_rot = e2e.parse_prometheus(PROM.replace("} 42.0", "} 0.0"))
-    assert not e2e.check_metrics(no_rot)["ok"]
-    rank1 = e2e.parse_prometheus("\n".join(l for l in PROM.splitlines() if 'rank="0"' not in l))
-    assert not e2e.check_metrics(rank1)["ok"]
-    missing = e2e.parse_prometheus("\n".join(l for l in PROM.splitlines() if "host_tier" not in l))
-    m = e2e.check_metrics(missing)
+    no_rot = probes.parse_prometheus(PROM.replace("} 42.0", "} 0.0"))
+    assert not probes.check_metrics(no_rot)["ok"]
+    rank1 = probes.parse_prometheus("\n".join(line for line in PROM.splitlines()
+                                              if 'rank="0"' not in line))
+    assert not probes.check_metrics(rank1)["ok"]
+    missing = probes.parse_prometheus("\n".join(line for line in PROM.splitlines()
+                                                if "host_tier" not in line))
+    m = probes.check_metrics(missing)
     assert not m["ok"] and m["missing"] == ["superinfer:host_tier_tokens_used"]
 
 
@@ -262,36 +291,36 @@ def args_for(*extra: str):
 
 
 def test_plans_default_tp2_and_gpu_placement():
-    plans, skipped = e2e.plan_servers(args_for(), 2, 50000)
-    assert [p.name for p in plans] == list(e2e.SINGLE) and skipped == []
+    plans, skipped = servers.plan_servers(args_for(), 2, 50000)
+    assert [p.name for p in plans] == list(servers.SINGLE) and skipped == []
     assert all(p.gpus == (0,) for p in plans)
-    plans, skipped = e2e.plan_servers(args_for("--tp2"), 2, 50000)
+    plans, skipped = servers.plan_servers(args_for("--tp2"), 2, 50000)
     by = {p.name: p for p in plans}
     assert by["baseline"].gpus == (1,) and by["rota_tp2"].gpus == (0, 1) and by["rota_tp2"].tp == 2
     assert by["rota_tp2"].reference == "baseline_tp2" and by["rota_p16"].reference == "baseline"
-    plans, skipped = e2e.plan_servers(args_for("--tp2"), 1, 50000)
-    assert [p.name for p in plans] == list(e2e.SINGLE) and plans[0].gpus == (0,)
-    assert [s["server"] for s in skipped] == list(e2e.TP2)
+    plans, skipped = servers.plan_servers(args_for("--tp2"), 1, 50000)
+    assert [p.name for p in plans] == list(servers.SINGLE) and plans[0].gpus == (0,)
+    assert [s["server"] for s in skipped] == list(servers.TP2)
     args = args_for("--servers", "baseline", "rota_p16", "--baseline-gpu", "1")
-    plans, _ = e2e.plan_servers(args, 1, 9)
+    plans, _ = servers.plan_servers(args, 1, 9)
     assert [p.name for p in plans] == ["baseline", "rota_p16"] and plans[0].gpus == (1,)
-    plans, _ = e2e.plan_servers(args_for("--servers", "baseline", "rota_p64"), 1, 9)
+    plans, _ = servers.plan_servers(args_for("--servers", "baseline", "rota_p64"), 1, 9)
     p64 = plans[1]
     assert p64.page_size == 64 and p64.reference == "baseline"
     assert p64.flags[p64.flags.index("--page-size") + 1] == "64"
-    keep = e2e.plan_servers(args_for("--servers", "baseline", "rota_p16_keep"), 1, 9)[0][1]
+    keep = servers.plan_servers(args_for("--servers", "baseline", "rota_p16_keep"), 1, 9)[0][1]
     assert "--rota-keep-host-copy" in keep.flags and keep.reference == "baseline"
-    wt = e2e.plan_servers(args_for("--servers", "baseline", "rota_p16_wt"), 1, 9)[0][1]
+    wt = servers.plan_servers(args_for("--servers", "baseline", "rota_p16_wt"), 1, 9)[0][1]
     assert "--rota-write-through" in wt.flags and wt.page_size == 16
 
 
 def test_server_commands():
     args = args_for("--tp2", "--cap", "9000", "--rota-extra", "--rota-tbt-slo 0.2",
                     "--server-extra", "--log-level info")
-    plans, _ = e2e.plan_servers(args, 2, 77777)
-    cmds = {p.name: e2e.server_cmd(args, p, 31000 + 10 * i, True) for i, p in enumerate(plans)}
+    plans, _ = servers.plan_servers(args, 2, 77777)
+    cmds = {p.name: servers.server_cmd(args, p, 31000 + 10 * i, True) for i, p in enumerate(plans)}
     joined = {n: " ".join(c) for n, c in cmds.items()}
-    for name, cmd in joined.items():
+    for cmd in joined.values():
         assert "--load-format dummy --skip-tokenizer-init --attention-backend triton" in cmd
         assert "--disable-prefill-cuda-graph" in cmd and "--disable-overlap" not in cmd
         assert "--enable-deterministic-inference" in cmd and cmd.endswith("--log-level info")
@@ -306,7 +335,7 @@ def test_server_commands():
                                                                 for c in cmds.values()]
     assert len(set(ports)) == len(ports)
     plan = plans[0]
-    assert "--enable-deterministic-inference" not in e2e.server_cmd(args, plan, 1, False)
+    assert "--enable-deterministic-inference" not in servers.server_cmd(args, plan, 1, False)
 
 
 def test_sglang_parser_accepts_every_command():
@@ -319,11 +348,11 @@ def test_sglang_parser_accepts_every_command():
 
     extend_server_args(sa)
     args = args_for("--tp2", "--rota-extra", "--rota-policy lvf")
-    plans, _ = e2e.plan_servers(args, 2, 80000)
+    plans, _ = servers.plan_servers(args, 2, 80000)
     for i, p in enumerate(plans):
         parser = argparse.ArgumentParser()
         sa.ServerArgs.add_cli_args(parser)
-        ns = parser.parse_args(e2e.server_cmd(args, p, 31000 + 10 * i, True)[3:])
+        ns = parser.parse_args(servers.server_cmd(args, p, 31000 + 10 * i, True)[3:])
         assert ns.enable_deterministic_inference and ns.load_format == "dummy"
         assert ns.tp_size == p.tp and ns.page_size == p.page_size
         assert ns.schedule_policy == ("rotasched" if p.rotasched else "fcfs")
@@ -334,11 +363,11 @@ def test_sglang_parser_accepts_every_command():
 
 
 def test_visible_devices_and_env():
-    assert e2e.visible_devices((0, 1), None) == "0,1"
-    assert e2e.visible_devices((1,), "4,5") == "5"
-    assert e2e.visible_count(8, "2,3") == 2 and e2e.visible_count(2, None) == 2
-    plans, _ = e2e.plan_servers(args_for("--tp2"), 2, 1)
-    env = e2e.server_env(next(p for p in plans if p.name == "rota_tp2"))
+    assert gpus.visible_devices((0, 1), None) == "0,1"
+    assert gpus.visible_devices((1,), "4,5") == "5"
+    assert gpus.visible_count(8, "2,3") == 2 and gpus.visible_count(2, None) == 2
+    plans, _ = servers.plan_servers(args_for("--tp2"), 2, 1)
+    env = servers.server_env(next(p for p in plans if p.name == "rota_tp2"))
     assert env["SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"] == "0"
     assert "PROMETHEUS_MULTIPROC_DIR" not in env
 
@@ -347,31 +376,31 @@ def test_failure_text_blames_determinism_only_in_the_error():
     warned = ("[t] Sampling backend is set to pytorch for deterministic inference.\n"
               "Traceback (most recent call last):\n  File \"model_runner.py\"\n"
               "torch.OutOfMemoryError: CUDA out of memory\n")
-    assert not e2e.blames_determinism(warned)
+    assert not servers.blames_determinism(warned)
     failed = warned + ("Traceback (most recent call last):\n  File \".../batch_invariant_ops.py\"\n"
                        "ImportError: deep_gemm\n")
-    assert e2e.blames_determinism(failed)
-    assert e2e.failure_text("a\nValueError: x\nb") == "ValueError: x"
+    assert servers.blames_determinism(failed)
+    assert failure_text("a\nValueError: x\nb") == "ValueError: x"
 
 
 def test_request_sets():
     rows = [TraceRow(0.1 * i, 100 + 37 * i, 5 + 13 * i) for i in range(100)]
     args = args_for("--num", "30", "--max-prompt", "1500", "--soak-rate", "40")
-    burst = e2e.burst_specs(rows, args)
+    burst = outputs.burst_specs(rows, args)
     assert len(burst) == 30 and all(s.arrival == 0.0 for s in burst)
     assert all(s.prompt_len <= 1500 and 32 <= s.output_len <= 256 for s in burst)
     assert {s.output_len for s in burst} >= {32, 256}
-    assert e2e.baseline_tokens(burst) == sum(s.prompt_len + s.output_len for s in burst) + 4096
-    soak = e2e.soak_specs(rows, 50, args)
+    assert outputs.baseline_tokens(burst) == sum(s.prompt_len + s.output_len for s in burst) + 4096
+    soak = outputs.soak_specs(rows, 50, args)
     assert [s.idx for s in soak] == list(range(30, 80))
-    assert soak[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in zip(soak, soak[1:]))
+    assert soak[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in pairwise(soak))
     assert all(32 <= s.output_len <= 256 for s in soak)
 
 
 # --- headline fields ------------------------------------------------------------------------
 def correctness(n_equal: int, rotations: int = 10, idle: bool = True,
                 device_free: int = 100) -> dict:
-    leaks = e2e.leak_summary({"device_total": 100, "device_free": device_free, "host_total": 64,
+    leaks = rs.leak_summary({"device_total": 100, "device_free": device_free, "host_total": 64,
                               "host_free": 64, "table": 0}, 1)
     return {"n": 3, "complete": 3, "idle_reached": idle, "reference": "baseline",
             "compare": {"n": 3, "n_compared": 3, "n_equal": n_equal},
@@ -390,28 +419,28 @@ def result_with(**parts) -> dict:
 
 
 def test_overall_passes_and_fails_for_the_right_reasons():
-    head = e2e.overall(result_with())
+    head = report.overall(result_with())
     assert head["passed"] and head["rotations"] == 10 and head["outputs_equal"]
     assert head["leaked_device_pages"] == 0 and head["leak_source"] == {"rota_p1": "correctness"}
     assert head["control_outputs_equal"] and head["bad_slo_status"] == {"rota_p1": 400}
     assert head["outputs_compared"] == {"rota_p1": "3/3 of 3"}
     corr = {"rota_p1": correctness(2)}
-    assert not e2e.overall(result_with(correctness=corr))["outputs_equal"]
+    assert not report.overall(result_with(correctness=corr))["outputs_equal"]
     no_rotation = {"rota_p1": correctness(3, rotations=0)}
-    assert not e2e.overall(result_with(correctness=no_rotation))["passed"]
-    leak = e2e.overall(result_with(correctness={"rota_p1": correctness(3, device_free=97)}))
+    assert not report.overall(result_with(correctness=no_rotation))["passed"]
+    leak = report.overall(result_with(correctness={"rota_p1": correctness(3, device_free=97)}))
     assert leak["leaked_device_tokens"] == 3 and not leak["passed"]
-    unknown = e2e.overall(result_with(correctness={"rota_p1": correctness(3, idle=False)}))
+    unknown = report.overall(result_with(correctness={"rota_p1": correctness(3, idle=False)}))
     assert unknown["leaked_device_pages"] is None and not unknown["passed"]
     held = correctness(3, device_free=96)["rotations_by_rank"]["0"]["leaks"]
     soaked = {"rota_p1": {"leaks": {"0": held}}}
-    head = e2e.overall(result_with(soak=soaked))
+    head = report.overall(result_with(soak=soaked))
     assert head["leaked_device_tokens"] == 4 and head["leak_source"] == {"rota_p1": "soak"}
     tp2 = dict(result_with()["correctness"], rota_tp2=correctness(3))
-    assert e2e.overall(result_with(correctness=tp2, tp2={"identical": True}))["tp2_ran"]
-    assert not e2e.overall(result_with(correctness=tp2, tp2={"identical": False}))["passed"]
+    assert report.overall(result_with(correctness=tp2, tp2={"identical": True}))["tp2_ran"]
+    assert not report.overall(result_with(correctness=tp2, tp2={"identical": False}))["passed"]
     refused_not = {"rota_p1": {"passed": False, "bad_slo": {"status": 200}}}
-    assert not e2e.overall(result_with(checks=refused_not))["passed"]
+    assert not report.overall(result_with(checks=refused_not))["passed"]
 
 
 # --- the whole script against stand-in servers ----------------------------------------------
@@ -421,14 +450,14 @@ def run_script(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -
             for i in range(120)]
     csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
     out = tmp_path / "e2e.json"
-    cmd = [sys.executable, str(ROOT / "eval/e2e_rotation.py"),
+    cmd = [sys.executable, "-m", "eval.e2e_rotation",
            "--launcher", f"{sys.executable} {FAKE}", "--trace", str(csv), "--num", "16",
            "--max-output", "48", "--soak-num", "40", "--soak-rate", "40", "--soak-seconds", "1",
            "--soak-tail", "1", "--budget", "400",
            "--port", str(random.randrange(20000, 60000, 100)), "--out", str(out),
            "--out-dir", str(tmp_path / "raw"), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, check=False)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.returncode, json.loads(out.read_text())
 
@@ -464,14 +493,14 @@ def write_run_dir(d: Path) -> None:
     check, a soak, progress.log across midnight (server logs carry the date, it does not)."""
     d.mkdir()
     ids = {i: [100 + i, 200 + i, 300 + i] for i in range(3)}
-    burst = [dict(e2e.compact(rec(i, ids[i]), keep_ids=True)) for i in range(3)]
+    burst = [dict(outputs.compact(rec(i, ids[i]), keep_ids=True)) for i in range(3)]
     for name in ("baseline", "rota_p1"):
         (d / f"correctness_{name}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in burst))
     soak = [rec(10, [1, 2]), rec(11, [1], n=2, error="cancelled: replay time limit"),
             rec(12, [1], n=2, aborted=True)]
     (d / "soak_rota_p1.jsonl").write_text(
-        "".join(json.dumps(e2e.compact(r, keep_ids=False)) + "\n" for r in soak))
+        "".join(json.dumps(outputs.compact(r, keep_ids=False)) + "\n" for r in soak))
     (d / "progress.log").write_text("\n".join([
         "[23:59:50 +   0s] 2 servers on 1 GPU(s) (H200), budget 400s, logs in /gone",
         "[23:59:58 +   8s] correctness: 3 requests at once to baseline, rota_p1 (limit 100s)",
@@ -481,9 +510,9 @@ def write_run_dir(d: Path) -> None:
         "[00:00:20 +  30s] soak: rota_p1: 1/3 complete, 1 aborted by the client",
         "[00:00:21 +  31s] checks: rota_p1: normal 200/200, bad SLO -> HTTP 400",
     ]) + "\n")
-    start = rotator_formats()[e2e.ROTATOR_MARK] % ("slo", 16.0, 122064, 16, "StagingKVMover", "staging")
+    start = start_line("[2026-11-29 23:59:40]")
     (d / "server_rota_p1.log").write_text("\n".join([
-        f"[2026-11-29 23:59:40] {start}",
+        start,
         idle_line("[2026-11-29 23:59:40]"),  # warm-up
         stats_line("[2026-11-29 23:59:57]", out=1, in_=0),  # before the burst: subtracted
         stats_line("[2026-11-30 00:00:04]", out=7, in_=6),
@@ -500,7 +529,7 @@ def write_run_dir(d: Path) -> None:
                    "log": f"/gone/server_{n}.log", "attempts": []}
                for i, n in enumerate(("baseline", "rota_p1"))}
     orig = {
-        "command": "python3 eval/e2e_rotation.py --gpus 1 --servers baseline rota_p1 --num 3 "
+        "command": "python -m eval.e2e_rotation --gpus 1 --servers baseline rota_p1 --num 3 "
                    "--out-dir /gone --out /gone/e2e_h200.json",
         "date": "2026-11-29T23:59:50+00:00", "gpu": ["NVIDIA H200, 143771 MiB"],
         "settings": {"baseline_tokens": 5000}, "notes": ["n"], "servers": servers,
@@ -543,8 +572,9 @@ def test_reanalyze_rebuilds_the_result_from_a_run_dir(tmp_path):
     # a leak in the soak's idle check, and a mismatched output, fail it
     log = run_dir / "server_rota_p1.log"
     text = log.read_text()
-    i = text.rindex("host_free=122064")  # the soak's idle check: 64 tokens still held
-    log.write_text(text[:i] + "host_free=122000" + text[i + len("host_free=122064"):])
+    held = '"host_free":122064'
+    i = text.rindex(held)  # the soak's idle record: 64 tokens still held
+    log.write_text(text[:i] + '"host_free":122000' + text[i + len(held):])
     recs = [json.loads(x) for x in (run_dir / "correctness_rota_p1.jsonl").read_text()
             .splitlines()]
     recs[1]["output_ids"][2] += 1

@@ -1,4 +1,4 @@
-"""eval/bench_duplexkv.py on the CPU: the script runs end to end, and its summary rules hold on
+"""eval.bench_duplexkv on the CPU: the script runs end to end, and its summary rules hold on
 the committed H200 runs (headline = rotasched's own default path, per-page baselines by size)."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[1] / "eval"
-RESULTS = EVAL / "results"
-sys.path.insert(0, str(EVAL))
-import bench_duplexkv as bench
+from eval import bench_duplexkv as bench
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "eval" / "results"
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EVAL / "bench_duplexkv.py"), *args],
+    return subprocess.run([sys.executable, "-m", "eval.bench_duplexkv", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -27,8 +27,8 @@ def test_smoke_run_writes_every_issue_key_and_a_plot(tmp_path: Path) -> None:
                     "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     doc = json.loads(out.read_text())
-    for key in ("gpu", "duplex_gbps", "d2h_gbps", "h2d_gbps", "per_page_copy_gbps", "decode_slowdown",
-                "command", "date"):
+    for key in ("gpu", "duplex_gbps", "d2h_gbps", "h2d_gbps", "per_page_copy_gbps",
+                "decode_slowdown", "command", "date"):
         assert key in doc, key
     assert doc["verified"] and all(doc["verified"].values())  # bytes checked after each path
     assert doc["default_config"] == doc["measured_best"]  # smoke runs lack staging: best stands in
@@ -41,8 +41,8 @@ def test_resummarize_reproduces_the_committed_headline(tmp_path: Path) -> None:
     run = run_bench("--resummarize", str(RESULTS / "duplexkv_h200.json"), "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     again = json.loads(out.read_text())
-    for key in ("default_config", "duplex_gbps", "decode_slowdown", "speedup_vs_per_page", "goals_met",
-                "by_page_size", "measured_best"):
+    for key in ("default_config", "duplex_gbps", "decode_slowdown", "speedup_vs_per_page",
+                "goals_met", "by_page_size", "measured_best"):
         assert again[key] == committed[key], key
     assert again["resummarized"]["from"].endswith("duplexkv_h200.json")
 
@@ -62,7 +62,8 @@ def test_bigger_pages_are_compared_with_per_page_copies_of_their_own_size() -> N
     per_page64 = max(by_page["64"]["d2h_gbps"], by_page["64"]["h2d_gbps"])
     assert direct64["per_page_copy_gbps"] == per_page64
     assert direct64["speedup_vs_per_page"] == pytest.approx(
-        min(direct64["d2h_gbps"] / by_page["64"]["d2h_gbps"], direct64["h2d_gbps"] / by_page["64"]["h2d_gbps"]))
+        min(direct64["d2h_gbps"] / by_page["64"]["d2h_gbps"],
+            direct64["h2d_gbps"] / by_page["64"]["h2d_gbps"]))
 
 
 def test_parse_config_names_and_rejects() -> None:
@@ -83,7 +84,8 @@ def test_a_run_without_16_token_pages_is_summarized_and_an_empty_one_raises(tmp_
     bench.write_summary(summary, tmp_path / "only64.json")
     assert (tmp_path / "only64.png").stat().st_size > 0
     assert summary["by_page_size"]["direct/page64"]["speedup_vs_per_page"] == pytest.approx(
-        raw["detail"]["direct/page64"][-1]["d2h_gbps"] / raw["per_page_copy_by_page"]["64"]["d2h_gbps"],
-        rel=0.05)
+        raw["detail"]["direct/page64"][-1]["d2h_gbps"]
+        / raw["per_page_copy_by_page"]["64"]["d2h_gbps"], rel=0.05)
     with pytest.raises(ValueError, match="no configuration ran"):
-        bench.summarize({**raw, "detail": {}, "decode": {}, "failed_configs": {"direct/page64": "boom"}})
+        bench.summarize({**raw, "detail": {}, "decode": {},
+                         "failed_configs": {"direct/page64": "boom"}})

@@ -1,4 +1,4 @@
-"""The SLO metric definitions of eval/metrics.py on hand-built records.
+"""The SLO metric definitions of eval/lib/metrics.py on hand-built records.
 
 Each case is chosen so that a plausible wrong definition (per-gap instead of paced TBT, TTFT
 from arrival instead of send, errors not counted as misses) gives a different number.
@@ -6,14 +6,9 @@ from arrival instead of send, errors not counted as misses) gives a different nu
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-
-from metrics import gaps, meets_tbt, meets_ttft, slo_goal, summarize, ttft  # noqa: E402
+from eval.lib.metrics import gaps, meets_tbt, meets_ttft, slo_goal, summarize, ttft
 
 
 def rec(send: float | None, times: list[float], error: str | None = None,
@@ -86,7 +81,8 @@ def test_empty_input_has_no_fractions():
 
 def _result(rates, **systems):
     keys = ("ttft_attainment", "tbt_attainment", "throughput_tok_s")
-    return {"rates": rates, "systems": {n: dict(zip(keys, v)) for n, v in systems.items()}}
+    return {"rates": rates,
+            "systems": {n: dict(zip(keys, v, strict=False)) for n, v in systems.items()}}
 
 
 def test_slo_goal_is_judged_at_the_first_rate_where_every_baseline_is_below_half():
@@ -103,6 +99,7 @@ def test_slo_goal_is_judged_at_the_first_rate_where_every_baseline_is_below_half
 
 
 def test_slo_goal_is_none_when_no_rate_puts_every_baseline_below_half():
-    res = _result([10], fcfs=([0.4], [1.0], [1]), lpm=([0.6], [1.0], [1]), rotasched=([1.0], [1.0], [1]))
+    res = _result([10], fcfs=([0.4], [1.0], [1]), lpm=([0.6], [1.0], [1]),
+                  rotasched=([1.0], [1.0], [1]))
     assert slo_goal(res) is None
     assert slo_goal(_result([10], fcfs=([0.4], [1.0], [1]))) is None  # ours missing

@@ -1,4 +1,4 @@
-"""eval/replay.py end to end against a loopback HTTP peer that streams like SGLang's /generate.
+"""eval/lib/replay.py end to end against a loopback HTTP peer that streams like SGLang's /generate.
 
 The fake peer reproduces the wire format of sglang 0.5.17 with --skip-tokenizer-init
 (http_server.generate_request + tokenizer_manager._handle_batch_output): SSE ``data: {...}``
@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
-from pathlib import Path
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-
-from metrics import summarize  # noqa: E402
-from replay import read_jsonl, replay, write_jsonl  # noqa: E402
-from traces import RequestSpec, prompt_ids  # noqa: E402
+from eval.lib.jsonfiles import read_jsonl, write_jsonl
+from eval.lib.metrics import summarize
+from eval.lib.replay import replay
+from eval.lib.traces import RequestSpec, prompt_ids
 
 HTTP_400, STREAM_ERROR, SERVER_ABORT = 13, 17, 19  # prompt lengths that trigger failures
 INCREMENTAL = web.AppKey("incremental", bool)
@@ -115,7 +112,7 @@ def test_replay_records_every_token_in_both_stream_modes(incremental, tmp_path):
             return await replay(url, specs, salt=3, extra=extra, progress=False), bodies
 
     records, bodies = run(go())
-    for spec, r in zip(specs, records):
+    for spec, r in zip(specs, records, strict=False):
         assert r["error"] is None and not r["aborted"]
         assert r["output_ids"] == [token(j) for j in range(spec.output_len)]
         assert len(r["token_times"]) == spec.output_len
@@ -126,7 +123,7 @@ def test_replay_records_every_token_in_both_stream_modes(incremental, tmp_path):
         assert sizes == chunk_sizes(spec.output_len)
         assert r["meta"]["finish_reason"]["type"] == "length"
     sent = sorted(bodies, key=lambda b: len(b["input_ids"]))
-    for spec, body in zip(specs, sent):
+    for spec, body in zip(specs, sent, strict=False):
         assert body["input_ids"] == prompt_ids(spec.idx, spec.prompt_len, salt=3)
         sp = body["sampling_params"]
         assert (sp["max_new_tokens"], sp["ignore_eos"], sp["temperature"]) == (

@@ -1,18 +1,13 @@
-"""eval/sglang_host_pool.py: SGLang's HiCache pools built for the bench's shape; on the CPU
+"""eval.sglang_host_pool: SGLang's HiCache pools built for the bench's shape; on the CPU
 (its transfer kernels are CUDA-only) it says why it measured nothing instead of failing."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-import sglang_host_pool  # noqa: E402
-
-from superinfer.host_tier.interface import KVLayout  # noqa: E402
+from eval import sglang_host_pool
+from superinfer.host_tier.interface import KVLayout
 
 LAYOUT = KVLayout(3, 2, 8, 2)
 
@@ -22,7 +17,8 @@ def test_verify_reads_the_host_pool_in_its_own_layout(host_layout):
     dev, host = sglang_host_pool.build(LAYOUT, 256, 128, 16, "cpu", host_layout)
     assert host.size >= 128 and dev.k_buffer[0].shape[1:] == (2, 8)
     assert all(bool((b != 0).all()) for b in dev.k_buffer + dev.v_buffer)  # random, never zeros
-    host_idx, dev_idx = torch.arange(16, 48), torch.cat([torch.arange(32, 48), torch.arange(96, 112)])
+    host_idx = torch.arange(16, 48)
+    dev_idx = torch.cat([torch.arange(32, 48), torch.arange(96, 112)])
     for layer in range(3):  # what backup_from_device_all_layer would write, by hand
         for host_buf, dev_buf in ((host.k_buffer, dev.k_buffer), (host.v_buffer, dev.v_buffer)):
             if host_layout == "layer_first":

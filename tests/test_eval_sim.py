@@ -1,4 +1,4 @@
-"""eval/sim_policy.py: the policy replayed on a modelled GPU finishes every request, leaks
+"""eval.sim_policy: the policy replayed on a modelled GPU finishes every request, leaks
 nothing, and beats SGLang's fcfs rule where KV memory is what runs out."""
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[1] / "eval"
-sys.path.insert(0, str(EVAL))
+from eval.lib.traces import load_azure, make_specs
+from eval.sim_policy import GpuModel, simulate
 
-from sim_policy import GpuModel, simulate  # noqa: E402
-from traces import load_azure, make_specs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
-CONV = Path(__file__).resolve().parents[2] / "shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
+CONV = ROOT.parent / "shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 pytestmark = pytest.mark.skipif(not CONV.exists(), reason="needs ../shared/data/azure_llm_2023")
 
 
@@ -57,14 +56,15 @@ def test_write_through_leaves_rotate_outs_little_to_copy(overload):
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    run = subprocess.run([sys.executable, str(EVAL / "sim_policy.py"), "--trace", str(CONV), "--cap", "0",
-                          "--rates", "10"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "eval.sim_policy", "--trace", str(CONV),
+                          "--cap", "0", "--rates", "10"],
+                         capture_output=True, text=True, cwd=ROOT, check=False)
     assert run.returncode == 2 and "must be positive" in run.stderr
 
 
 def test_interference_model_reproduces_the_measured_decode_costs():
     """The model's charge for both directions at full rate is what the H200 measured."""
-    results = EVAL / "results"
+    results = ROOT / "eval" / "results"
     diag = json.loads((results / "diag_interference_h200.json").read_text())
     bench = json.loads((results / "duplexkv_h200.json").read_text())
     staging = diag["scenarios"]["graph/staging_mover"]["slowdown"]
@@ -74,13 +74,15 @@ def test_interference_model_reproduces_the_measured_decode_costs():
     for mover in ("staging", "direct"):
         g = GpuModel(mover=mover)
         assert g.copy_slowdown(False, False) == 0.0
-        assert 0 < g.copy_slowdown(True, False) < g.copy_slowdown(False, True) < g.copy_slowdown(True, True)
+        one_way = (g.copy_slowdown(True, False), g.copy_slowdown(False, True))
+        assert 0 < one_way[0] < one_way[1] < g.copy_slowdown(True, True)
 
 
 def test_cli_writes_a_result_plot_slo_can_draw(tmp_path):
     out = tmp_path / "sim.json"
-    run = subprocess.run([sys.executable, str(EVAL / "sim_policy.py"), "--trace", str(CONV), "--cap", "10000",
-                          "--rates", "16", "--num", "40", "--seeds", "2", "--systems", "fcfs", "rotasched",
+    run = subprocess.run([sys.executable, "-m", "eval.sim_policy", "--trace", str(CONV),
+                          "--cap", "10000", "--rates", "16", "--num", "40", "--seeds", "2",
+                          "--systems", "fcfs", "rotasched",
                           "--out", str(out), "--raw-dir", str(tmp_path / "raw")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -90,7 +92,8 @@ def test_cli_writes_a_result_plot_slo_can_draw(tmp_path):
     assert doc["seeds"] == 2 and len(seeds) == 2
     assert rota["ttft_attainment"][0] == pytest.approx(sum(r["ttft_attainment"] for r in seeds) / 2)
     assert len((tmp_path / "raw" / "rotasched_rate16.jsonl").read_text().splitlines()) == 40
-    plot = subprocess.run([sys.executable, str(EVAL / "plot_slo.py"), str(out)], capture_output=True, text=True)
+    plot = subprocess.run([sys.executable, "-m", "eval.plot_slo", str(out)], capture_output=True,
+                          text=True, cwd=ROOT, check=False)
     assert plot.returncode == 0, plot.stderr
     for name in ("attainment", "throughput", "ttft_cdf"):
         assert (tmp_path / f"sim_{name}.png").stat().st_size > 10_000

@@ -1,15 +1,10 @@
-"""eval/slot_runs.py: run lengths, and a replay through SGLang's real allocator."""
+"""eval/diagnostics/slot_runs.py: run lengths, and a replay through SGLang's real allocator."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-
-from slot_runs import replay, run_lengths  # noqa: E402
+from eval.diagnostics.slot_runs import replay, run_lengths
 
 
 def test_run_lengths_split_at_every_gap_and_descent():

@@ -1,17 +1,15 @@
-"""eval/sweep_plan.py: plan checks, the per-item commands, and the merge of queue parts."""
+"""eval.sweep_plan: plan checks, the per-item commands, and the merge of queue parts."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[1] / "eval"
-sys.path.insert(0, str(EVAL))
+from eval import sweep_plan
 
-import sweep_plan  # noqa: E402
+EVAL = Path(__file__).resolve().parents[1] / "eval"
 
 PLAN = {
     "gpu": "h200",
@@ -30,7 +28,7 @@ def write_plan(tmp_path: Path, plan: dict) -> Path:
 
 
 def test_the_shipped_plan_is_valid():
-    plan = sweep_plan.load_plan(EVAL / "plans" / "h200_slo.json")
+    plan = sweep_plan.load_plan(EVAL / "plans" / "h200_poisson_all_systems.json")
     items = [i for q in plan["queues"] for i in q]
     assert len(items) == len(set(items)) == 10  # five systems on each of two traces, once
 
@@ -59,7 +57,7 @@ def test_parts_of_a_workload_merge_into_one_result(tmp_path):
         part = {"rates": [1, 2], "num_requests": [10, 10], "command": f"q{q}", "skipped": [],
                 "systems": {system: {"ttft_attainment": [1.0, 0.5]}}}
         (tmp_path / f"conv.part{q}.json").write_text(json.dumps(part))
-    [path] = sweep_plan.merge_workloads(PLAN, tmp_path, 0.0)
+    [path] = sweep_plan.merge_workloads(PLAN, tmp_path)
     merged = json.loads(path.read_text())
     assert path.name == "slo_h200_conv.json"
     assert set(merged["systems"]) == {"fcfs", "rotasched"} and merged["plan"] == PLAN
@@ -73,7 +71,7 @@ def _part(systems: dict, date: str, cap: int = 600) -> dict:
 
 
 def test_picked_systems_keep_the_run_they_came_from():
-    from merge_slo import pick
+    from eval.merge_slo import pick
 
     run1 = _part({"fcfs": [1.0, 0.4], "rotasched": [0.9, 0.3]}, "day1")
     run2 = _part({"rotasched": [1.0, 1.0], "lpm": [1.0, None]}, "day2")
@@ -81,7 +79,8 @@ def test_picked_systems_keep_the_run_they_came_from():
     assert list(res["systems"]) == ["rotasched", "fcfs", "lpm"]
     rot = res["systems"]["rotasched"]
     assert rot["ttft_attainment"] == [1.0, 1.0]  # run 2's, not run 1's
-    assert (rot["commit"], rot["date"], rot["command"]) == ("bbb", "day2", "sweep_slo.py --systems rotasched --rates 1 2")
+    assert (rot["commit"], rot["date"], rot["command"]) == (
+        "bbb", "day2", "sweep_slo.py --systems rotasched --rates 1 2")
     assert res["systems"]["fcfs"]["commit"] == "aaa"
     assert res["skipped"] == [{"system": "lpm", "rate": 2}]  # only the picked system's skips
     with pytest.raises(SystemExit, match="not in that part"):

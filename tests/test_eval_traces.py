@@ -1,16 +1,13 @@
-"""eval/traces.py: the real Azure CSVs load as documented; arrivals and ids are as specified."""
+"""eval/lib/traces.py: the real Azure CSVs load as documented; arrivals and ids are as specified."""
 
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-
-from traces import (  # noqa: E402
+from eval.lib.traces import (
     TOKEN_HI,
     TOKEN_LO,
     TraceRow,
@@ -46,7 +43,7 @@ def test_conv_trace_matches_its_readme():
     assert rows[0] == TraceRow(0.0, 374, 44)
     # 18:15:50.9951690 - 18:15:46.6805900 (7 fractional digits in the CSV).
     assert rows[1].t == pytest.approx(4.314579, abs=1e-6)
-    assert all(a.t <= b.t for a, b in zip(rows, rows[1:]))
+    assert all(a.t <= b.t for a, b in zip(rows, rows[1:], strict=False))
     assert 55 * 60 < rows[-1].t < 60 * 60  # "58 min"
     assert statistics.fmean(r.prompt_len for r in rows) == pytest.approx(1155, abs=1)
     assert statistics.fmean(r.output_len for r in rows) == pytest.approx(211, abs=1)
@@ -65,8 +62,8 @@ def test_code_trace_loads_and_rescales_to_a_rate():
 def test_rescaling_keeps_the_traces_burstiness():
     rows = _rows([1.0, 0.1, 0.1, 3.0, 0.2, 0.5])
     specs = make_specs(rows, arrival="trace", rate=12.0)
-    gaps = [b.arrival - a.arrival for a, b in zip(specs, specs[1:])]
-    orig = [b.t - a.t for a, b in zip(rows, rows[1:])]
+    gaps = [b.arrival - a.arrival for a, b in zip(specs, specs[1:], strict=False)]
+    orig = [b.t - a.t for a, b in zip(rows, rows[1:], strict=False)]
     scale = trace_rate(rows) / 12.0
     assert gaps == pytest.approx([g * scale for g in orig])
     assert _cv(gaps) == pytest.approx(_cv(orig))
@@ -77,7 +74,7 @@ def test_poisson_and_gamma_hit_rate_and_burstiness_deterministically():
     rows = _rows([1.0] * 19999)
     for arrival, cv in (("poisson", 1.0), ("gamma", 3.0), ("gamma", 0.5)):
         specs = make_specs(rows, arrival=arrival, rate=16.0, cv=cv, seed=7)
-        gaps = [b.arrival - a.arrival for a, b in zip(specs, specs[1:])]
+        gaps = [b.arrival - a.arrival for a, b in zip(specs, specs[1:], strict=False)]
         assert len(gaps) / specs[-1].arrival == pytest.approx(16.0, rel=0.08)
         assert _cv(gaps) == pytest.approx(cv, rel=0.1)
         assert specs == make_specs(rows, arrival=arrival, rate=16.0, cv=cv, seed=7)

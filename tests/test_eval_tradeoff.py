@@ -1,4 +1,4 @@
-"""eval/plot_duplexkv_tradeoff.py: the HBM-traffic model behind the DuplexKV default."""
+"""eval.plot_duplexkv_tradeoff: the HBM-traffic model behind the DuplexKV default."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-import plot_duplexkv_tradeoff as tradeoff  # noqa: E402
+from eval import plot_duplexkv_tradeoff as tradeoff
 
 
 def write_diag(folder: Path, name: str, scenarios: dict) -> None:
@@ -20,7 +19,8 @@ def test_traffic_counts_each_pass_over_hbm() -> None:
     lanes = {"lane_gbps": {"d2h": 10.0, "h2d": 20.0}}
     assert tradeoff.hbm_traffic("direct", lanes) == (10.0, 20.0)
     assert tradeoff.hbm_traffic("staging", lanes) == (2 * 10 + 20, 10 + 2 * 20)
-    assert tradeoff.hbm_traffic("gather kernel only", {"lane_gbps": {"gather_g8": 7.0}}) == (7.0, 7.0)
+    gather = {"lane_gbps": {"gather_g8": 7.0}}
+    assert tradeoff.hbm_traffic("gather kernel only", gather) == (7.0, 7.0)
     assert tradeoff.hbm_traffic("direct", {"lane_gbps": {"d2h0": 1.0, "d2h1": 2.0}}) == (3.0, 0.0)
     assert tradeoff.hbm_traffic("staging", {"lane_gbps": None}) is None
 
@@ -34,7 +34,8 @@ def test_fit_prices_reads_and_writes_from_one_way_dmas(tmp_path: Path) -> None:
     assert fit["per_gbps_write"] == pytest.approx(0.0006)
     # 92 GB/s both ways = 46 each way; a copy engine path touches HBM once, staging three times.
     assert fit["copy_engine_predicted_at_goal"] == pytest.approx(46 * 0.0002 + 46 * 0.0006)
-    assert fit["staging_predicted_at_goal"] == pytest.approx(3 * fit["copy_engine_predicted_at_goal"])
+    copy_engine = fit["copy_engine_predicted_at_goal"]
+    assert fit["staging_predicted_at_goal"] == pytest.approx(3 * copy_engine)
     assert fit["staging_max_duplex_gbps_under_goal"] == pytest.approx(0.05 / (3 * 0.0004))
     point = {"hbm_read_write_gbps": (50.0, 0.0)}
     assert tradeoff.predicted(point, fit) == pytest.approx(0.01)  # the fit point itself

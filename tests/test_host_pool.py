@@ -131,7 +131,8 @@ def test_pinning_without_cuda_fails_clearly() -> None:
 
 
 def test_dma_runs_never_cross_a_pinned_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("superinfer.host_tier.pool._REGISTER_CHUNK_BYTES", 3 * 4 * LAYOUT.bytes_per_token)
+    monkeypatch.setattr("superinfer.host_tier.pool._REGISTER_CHUNK_BYTES",
+                        3 * 4 * LAYOUT.bytes_per_token)
     pool = make_pool(num_tokens=64, page_size=4)
     assert pool.dma_chunk_tokens == 12
     slots = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 13, 30, 2, 3])

@@ -13,5 +13,6 @@ MODULES = [
 
 def test_imports_with_sglang_blocked() -> None:
     code = "import sys; sys.modules['sglang'] = None\n" + "\n".join(f"import {m}" for m in MODULES)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
 from superinfer.triton_kernels.reference import gather_kv_ref, scatter_kv_ref
 
@@ -23,7 +22,8 @@ SHAPES = [
 def random_buffers(dtype, num_layers, heads, head_dim, num_slots, gen):
     def one() -> torch.Tensor:
         if dtype == torch.uint8:
-            t = torch.randint(1, 256, (num_slots, heads, head_dim), generator=gen, dtype=torch.uint8)
+            t = torch.randint(1, 256, (num_slots, heads, head_dim), generator=gen,
+                              dtype=torch.uint8)
         else:
             t = (torch.rand(num_slots, heads, head_dim, generator=gen) + 0.5).to(dtype)
         return t.to(DEVICE)
@@ -48,7 +48,8 @@ def poisoned(shape, dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype, num_layers, heads, head_dim", SHAPES)
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("num_tokens", [1, 37])
-def test_gather_matches_reference(dtype, num_layers, heads, head_dim, page_size, num_tokens) -> None:
+def test_gather_matches_reference(dtype, num_layers, heads, head_dim, page_size,
+                                  num_tokens) -> None:
     gen = torch.Generator().manual_seed(num_tokens * 31 + page_size)
     k, v = random_buffers(dtype, num_layers, heads, head_dim, 128, gen)
     slots = random_slots(num_tokens, 128, page_size, gen)
@@ -59,7 +60,8 @@ def test_gather_matches_reference(dtype, num_layers, heads, head_dim, page_size,
 
 @pytest.mark.parametrize("dtype, num_layers, heads, head_dim", SHAPES)
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_scatter_matches_reference_and_touches_nothing_else(dtype, num_layers, heads, head_dim, page_size) -> None:
+def test_scatter_matches_reference_and_touches_nothing_else(dtype, num_layers, heads, head_dim,
+                                                            page_size) -> None:
     gen = torch.Generator().manual_seed(7 + page_size)
     k, v = random_buffers(dtype, num_layers, heads, head_dim, 96, gen)
     expect_k, expect_v = [t.clone() for t in k], [t.clone() for t in v]
@@ -68,7 +70,7 @@ def test_scatter_matches_reference_and_touches_nothing_else(dtype, num_layers, h
     src = src_k[0].reshape(29, num_layers, 2, heads * head_dim)
     scatter_kv(make_kv_table(k, v), slots.to(torch.int32), src, page_size=page_size)
     scatter_kv_ref(expect_k, expect_v, slots, src)
-    assert all(torch.equal(a, b) for a, b in zip(k + v, expect_k + expect_v))
+    assert all(torch.equal(a, b) for a, b in zip(k + v, expect_k + expect_v, strict=False))
 
 
 @pytest.mark.parametrize("num_programs", [1, 3, None])
@@ -94,7 +96,7 @@ def test_indexed_rows_round_trip(num_programs) -> None:
     assert torch.equal(gather_kv_ref(k, v, dst_slots), gather_kv_ref(k, v, src_slots))
     others = torch.ones(64, dtype=torch.bool, device=DEVICE)
     others[dst_slots] = False
-    assert all(torch.equal(a[others], b[others]) for a, b in zip(k + v, before))
+    assert all(torch.equal(a[others], b[others]) for a, b in zip(k + v, before, strict=False))
 
 
 def test_empty_batch_is_a_no_op() -> None:
@@ -108,7 +110,8 @@ def test_rejects_a_buffer_of_the_wrong_width() -> None:
     gen = torch.Generator().manual_seed(5)
     k, v = random_buffers(torch.bfloat16, 2, 1, 8, 16, gen)
     with pytest.raises(AssertionError):
-        gather_kv(make_kv_table(k, v), torch.arange(4, device=DEVICE), poisoned((4, 2, 2, 4), torch.bfloat16))
+        gather_kv(make_kv_table(k, v), torch.arange(4, device=DEVICE),
+                  poisoned((4, 2, 2, 4), torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -151,7 +151,8 @@ def make_direct(page: int = PAGE, dtype=torch.bfloat16, **mover_args):
     from superinfer.host_tier.direct import DirectKVMover
 
     gen = torch.Generator(device="cuda").manual_seed(1)
-    kv = (torch.rand((LAYERS, 2, SLOTS + page, HEADS, HEAD_DIM), generator=gen, device="cuda") + 0.5).to(dtype)
+    kv = (torch.rand((LAYERS, 2, SLOTS + page, HEADS, HEAD_DIM), generator=gen,
+                     device="cuda") + 0.5).to(dtype)
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, kv.element_size())
     host = HostKVPool(layout, 4096, page, dtype, pin_memory=True, page_major=True)
     host.buffer.view(torch.uint8).fill_(0xA5)
@@ -165,7 +166,8 @@ def token_rows(host: HostKVPool, host_slots: torch.Tensor) -> torch.Tensor:
     return b.permute(0, 3, 1, 2, 4).reshape(host.size, *b.shape[1:3], b.shape[-1])[host_slots]
 
 
-def wait_done(mover, d2h: tuple[str, ...] = (), h2d: tuple[str, ...] = (), timeout_s: float = 10.0) -> None:
+def wait_done(mover, d2h: tuple[str, ...] = (), h2d: tuple[str, ...] = (),
+              timeout_s: float = 10.0) -> None:
     """Poll until every named job has been reported (a report covers both directions)."""
     import time
 

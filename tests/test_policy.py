@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 
 from superinfer.config import ConfigError, RotaConfig
-from superinfer.policy import (Capacity, CostModel, LvfPolicy, Phase, SloPolicy, StepSnapshot,
-                               TierReport, create_policy)
-from superinfer.policy import deadlines
+from superinfer.policy import (
+    Capacity,
+    CostModel,
+    LvfPolicy,
+    Phase,
+    SloPolicy,
+    StepSnapshot,
+    TierReport,
+    create_policy,
+    deadlines,
+)
 from superinfer.policy import events as ev
 from superinfer.policy.costs import DEFAULT_COSTS
 
@@ -331,7 +339,8 @@ def test_small_prefill_budget_waits_for_a_decode_step_instead():
     running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05
     add(p, "new", 0.9, 700, 1.0, 0.1, 10)
     # (1.05 - 1.0 - 0.02 - 0.015) / 2e-5 = 750 tokens: just worth it
-    assert plan_at(p, 1.0, cap(100_000), costs, 16384).prefill_token_budget == pytest.approx(750, abs=1)
+    budget = plan_at(p, 1.0, cap(100_000), costs, 16384).prefill_token_budget
+    assert budget == pytest.approx(750, abs=1)
     assert plan_at(p, 1.002, cap(100_000), costs, 16384).prefill_token_budget == 0
 
 
@@ -344,7 +353,8 @@ def test_head_prompt_must_fit_the_budget_whole():
     plan = plan_at(p, 1.0, cap(100_000), COSTS, 16384)
     assert plan.admit == ["big"] and plan.prefill_token_budget == 0
     # A prompt longer than SGLang's batch limit only needs its first batch to fit.
-    assert plan_at(p, 1.0, cap(100_000), COSTS, 1024).prefill_token_budget == pytest.approx(1500, abs=1)
+    budget = plan_at(p, 1.0, cap(100_000), COSTS, 1024).prefill_token_budget
+    assert budget == pytest.approx(1500, abs=1)
 
 
 def test_config_validation():
@@ -380,7 +390,8 @@ def _simulate(seed: int, policy_name: str, steps: int = 300) -> list[tuple]:
             free, host = free + k, host - k
         for rid in plan.rotate_in:
             k = p.view(rid).num_tokens
-            p.update([ev.RotationStarted(rid, now, False), TierReport(now_s=now, finished_in=[rid])])
+            p.update([ev.RotationStarted(rid, now, False),
+                      TierReport(now_s=now, finished_in=[rid])])
             free, host = free - k, host + k
         for rid in plan.admit:
             need = p.view(rid).num_prompt_tokens
@@ -431,7 +442,8 @@ def test_prefill_budget_follows_the_least_slack_of_on_pace_streams():
     assert plan.prefill_token_budget == pytest.approx(1500, abs=1)
     assert plan.admit == ["n0"]
     # Too little slack left on an on-time stream for a worthwhile chunk: decode first.
-    assert plan_at(p, 1.025, cap(100_000), COSTS, 16384).prefill_token_budget == 0  # 5 ms: 250 tokens
+    # 5 ms: 250 tokens
+    assert plan_at(p, 1.025, cap(100_000), COSTS, 16384).prefill_token_budget == 0
     off = SloPolicy(RotaConfig(prefill_pacing=False))
     running(off, "tight", tokens=100, first_s=0.95, out=1)
     assert plan_at(off, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
@@ -443,7 +455,8 @@ def test_prefill_budget_counts_from_the_batches_in_flight():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05
     # No batch in flight: (1.05 - 1.0 - 0.02) / 2e-5.
-    assert plan_at(p, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget == pytest.approx(1500, abs=1)
+    budget = plan_at(p, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget
+    assert budget == pytest.approx(1500, abs=1)
     # Its token #1 is in a decode batch that ends at 1.02: the next batch risks token #2 (1.15).
     p.update([ev.InFlight({"s": 1})])
     plan = plan_at(p, 1.0, cap(100_000), COSTS, 16384, gpu_free_at_s=1.02)

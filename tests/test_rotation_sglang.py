@@ -179,7 +179,8 @@ def test_policy_driven_rotation_under_memory_pressure():
                 running = admitted if running.is_empty() else running
         if not running.is_empty():
             parts.decode_step(running)
-            done = {r.rid for r in running.reqs if len(r.output_ids) >= r.sampling_params.max_new_tokens}
+            done = {r.rid for r in running.reqs
+                    if len(r.output_ids) >= r.sampling_params.max_new_tokens}
             parts.finish(running, done)
             rot.on_batch_result(running)
             running.filter_batch()
@@ -198,7 +199,8 @@ def test_bad_per_request_slo_is_rejected_with_400():
     parts, rot, _ = setup(1, True)
     parts._superinfer_rotator = rot
     streamed = []
-    parts.output_streamer = type("S", (), {"stream_output": lambda self, reqs, lp: streamed.extend(reqs)})()
+    parts.output_streamer = type("S", (),
+                                 {"stream_output": lambda self, reqs, lp: streamed.extend(reqs)})()
     bad = parts.make_req("bad", 10, custom_params={"ttft_slo": -1})
     ok = parts.make_req("ok", 10, custom_params={"ttft_slo": 0.25, "tbt_slo": 0.05})
 
@@ -252,7 +254,8 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
         rot.on_idle()
     idle = [r for r in parse_records(caplog.text) if r["kind"] == "idle"]
     assert len(idle) == 2
-    assert idle[0]["device_free"] == 1024 and idle[0]["device_total"] == 1024 and idle[0]["table"] == 0
+    assert idle[0]["device_free"] == 1024 and idle[0]["device_total"] == 1024
+    assert idle[0]["table"] == 0
 
 
 def test_chunked_prefill_request_is_never_a_victim():
@@ -264,10 +267,12 @@ def test_chunked_prefill_request_is_never_a_victim():
     rot.on_batch_result(batch)
     assert rot.policy.table.phase_of("short") is Phase.RUNNING
     assert rot.policy.table.phase_of("long") is Phase.PREFILLING
-    rot.policy.table.first_token_s[:] += 5.0  # everyone far ahead of pace: only phase protects "long"
+    # everyone far ahead of pace: only phase protects "long"
+    rot.policy.table.first_token_s[:] += 5.0
     parts.waiting_queue = []
     enqueue(parts, rot, parts.make_req("new", 900))
-    cap = Capacity(parts.free_tokens(), 1024, rot.tier.pages.available_size(), rot.tier_spec.bytes_per_token)
+    cap = Capacity(parts.free_tokens(), 1024, rot.tier.pages.available_size(),
+                   rot.tier_spec.bytes_per_token)
     plan = rot.policy.plan(StepSnapshot(rot.now_s, cap, rot.costs.costs(), 16384))
     assert plan.rotate_out == ["short"]
 
@@ -307,7 +312,8 @@ def test_paced_prefill_shows_sglang_only_the_admitted_requests():
         parts.waiting_queue = [c]  # SGLang took a
         parts.waiting_queue.append(late := parts.make_req("late", 10))
     assert parts.waiting_queue == [c, b, d, late]
-    rot.pacer.prefill_budget, rot.pacer.admitted = None, ["d"]  # no pacing: the admissions still bound it
+    # no pacing: the admissions still bound it
+    rot.pacer.prefill_budget, rot.pacer.admitted = None, ["d"]
     parts.waiting_queue = [b, d]
     with rot.pacer.paced_prefill(batch):
         assert parts.waiting_queue == [d]
@@ -381,7 +387,8 @@ def test_sglang_retraction_puts_the_request_back_to_waiting():
         assert view.num_prompt_tokens == len(req.origin_input_ids) + len(req.output_ids)
     parts.waiting_queue.clear()
     for req in retracted:
-        rot.policy.update([Finished(req.rid)])  # (they would be re-prefilled; not part of this test)
+        # (they would be re-prefilled; not part of this test)
+        rot.policy.update([Finished(req.rid)])
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
 
@@ -433,7 +440,8 @@ def test_rotate_in_leaves_room_for_the_chunked_prompt_remainder():
 
 def test_mover_path_auto_rule_and_cpu_fallback():
     llama_row = 8 * 128 * 2  # bytes of one token's K in one layer (Llama-3.1-8B, bf16)
-    assert mover_path("auto", True, 64 * llama_row) == "direct"  # 128 KiB: copy engines reach full duplex
+    # 128 KiB: copy engines reach full duplex
+    assert mover_path("auto", True, 64 * llama_row) == "direct"
     assert mover_path("auto", True, 16 * llama_row) == "staging"
     assert mover_path("zerocopy", True, 64 * llama_row) == "zerocopy"  # an explicit choice stands
     assert mover_path("auto", False, 64 * llama_row) == "torch"  # no CUDA: plain torch copies
@@ -466,7 +474,8 @@ def test_kept_host_copy_moves_only_the_tail_written_since(page_size, radix, move
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     kept = rot.kv.kv_len(r1) // page * page  # whole host pages; a partial last one is freed
     assert kept > 0 and rot.tier.host_tokens("r1") == kept
-    assert rot.policy.table.out_tokens(np.array([rot.policy.table.row("r1")])).tolist() == [rot.kv.kv_len(r1) - kept]
+    table = rot.policy.table
+    assert table.out_tokens(np.array([table.row("r1")])).tolist() == [rot.kv.kv_len(r1) - kept]
     rot.check()
     decode(parts, rot, batch, page + 3)  # past a page boundary: the tail spans a new page
     before, d2h_before = parts.kv_of(r1), rot.tier.stats.bytes_d2h
@@ -497,7 +506,9 @@ def test_kept_copies_give_way_when_the_host_tier_is_short():
     batch = rot.rotate_out(batch, {"r1"})  # needs 4 pages, 2 are free: r0's copy is evicted
     assert rot.tier.stats.host_copies_evicted == 1 and rot.stats.fallbacks == 0
     assert rot.tier.num_kept() == 0
-    assert rot.policy.table.out_tokens(np.array([rot.policy.table.row("r0")])).tolist() == [rot.kv.kv_len(batch.reqs[0])]
+    table = rot.policy.table
+    assert table.out_tokens(np.array([table.row("r0")])).tolist() == [
+        rot.kv.kv_len(batch.reqs[0])]
     batch = rot.step(batch)
     batch = rot.step(batch)
     finish_and_check_pools(parts, rot, batch)
@@ -539,7 +550,8 @@ def test_a_rotate_out_without_host_room_keeps_its_copy_for_later():
     batch = rot.rotate_out(batch, {"r0"})
     assert [r.rid for r in batch.reqs] == ["r0"] and rot.stats.fallbacks == 1
     assert rot.tier.host_tokens("r0") == 48  # put back, and the policy still sees it
-    assert rot.policy.table.out_tokens(np.array([rot.policy.table.row("r0")])).tolist() == [rot.kv.kv_len(r0) - 48]
+    table = rot.policy.table
+    assert table.out_tokens(np.array([table.row("r0")])).tolist() == [rot.kv.kv_len(r0) - 48]
     rot.check()
     finish_and_check_pools(parts, rot, batch)
 
@@ -562,8 +574,10 @@ def host_copy_is_true(parts, rot, req) -> bool:
 
 
 @pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
-def test_write_through_saves_full_pages_so_a_rotate_out_moves_only_the_rest(page_size, radix, mover):
-    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=0.0004, mover=mover, write_through=True)
+def test_write_through_saves_full_pages_so_a_rotate_out_moves_only_the_rest(page_size, radix,
+                                                                            mover):
+    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=0.0004, mover=mover,
+                       write_through=True)
     reqs = [parts.make_req(f"r{i}", 40 + 7 * i, max_new_tokens=64) for i in range(3)]
     batch = prefill_and_decode(parts, rot, reqs, steps=3)
     page, bpt = rot.tier.pages.page_size, rot.tier_spec.bytes_per_token
@@ -591,7 +605,8 @@ def test_write_through_saves_full_pages_so_a_rotate_out_moves_only_the_rest(page
     kv_len = rot.kv.kv_len(r1)
     assert written_through(rot, "r1") == kv_len // page * page > kept
     assert all(host_copy_is_true(parts, rot, r) for r in batch.reqs)
-    before, d2h_before, saved = parts.kv_of(r1), rot.tier.stats.bytes_d2h, written_through(rot, "r1")
+    before, d2h_before = parts.kv_of(r1), rot.tier.stats.bytes_d2h
+    saved = written_through(rot, "r1")
     batch = rotate_round_trip(parts, rot, batch, "r1")
     r1 = next(r for r in batch.reqs if r.rid == "r1")
     assert rot.tier.stats.bytes_d2h - d2h_before == (kv_len - saved) * bpt

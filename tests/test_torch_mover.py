@@ -37,7 +37,8 @@ def poison(t: torch.Tensor) -> None:
 
 def host_rows_of(kv: torch.Tensor, device_slots: torch.Tensor) -> torch.Tensor:
     """Reference: token-major [n, layers, 2, heads*dim] rows for ``device_slots``."""
-    return kv[:, :, device_slots].permute(2, 0, 1, 3, 4).reshape(len(device_slots), NUM_LAYERS, 2, -1)
+    rows = kv[:, :, device_slots].permute(2, 0, 1, 3, 4)
+    return rows.reshape(len(device_slots), NUM_LAYERS, 2, -1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.uint8])
@@ -91,7 +92,8 @@ def test_poll_reports_each_job_once_in_submission_order() -> None:
     mover.submit_h2d("c", a, torch.arange(10, 13))
     report = mover.poll()
     assert report.done_d2h == ["a", "b"] and report.done_h2d == ["c"]
-    assert report.bytes_d2h == 8 * host.bytes_per_token and report.bytes_h2d == 3 * host.bytes_per_token
+    assert report.bytes_d2h == 8 * host.bytes_per_token
+    assert report.bytes_h2d == 3 * host.bytes_per_token
     assert mover.poll().done_d2h == []
     mover.fence_compute(None)
     mover.synchronize()

@@ -136,10 +136,9 @@ class RotaConfig:
     # Smallest paced prefill worth a forward (the fitted overhead can raise it): below it,
     # decode first instead.
     min_prefill_chunk: int = _internal(256, AT_LEAST_1)
-    # The share applies over the time since the last plan. The staging copy's gather kernels
-    # take SMs from the model: on an H200 a CUDA-graph decode step ran 11.6% slower at the full
-    # rate, 5.4% at half, 2.7% at a quarter (eval/diag_interference.py); the direct path (big
-    # pages) ~3.7% at the full rate.
+    # The share applies over the time since the last plan. Copies slow the model's decode
+    # steps (HBM traffic; the staging path's gather kernels also take SMs), roughly in
+    # proportion to the rate: README's DuplexKV section has the measured trade-off.
     link_share: float = _flag(
         "--rota-link-share", 0.4,
         "share of the host link's measured rate that rotations may use, each way (bounds the "

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .cli import is_rotasched, rota_config
 

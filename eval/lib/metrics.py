@@ -1,6 +1,6 @@
 """SLO metrics, defined once here and used by every script and test.
 
-A record (one request, as written by replay.py) has ``send`` and ``token_times`` on one clock
+A record (one request, as written by eval.lib.replay) has ``send`` and ``token_times`` on one clock
 (seconds), ``error`` (None or a message) and ``aborted`` (the client hung up on purpose).
 Token k = 0 is the first output token.
 
@@ -20,9 +20,9 @@ Token k = 0 is the first output token.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Iterable
+import itertools
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def meets_tbt(rec: Record, tbt_slo: float) -> bool:
 
 def gaps(rec: Record) -> list[float]:
     times = rec["token_times"]
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def _pct(values: Iterable[float], q: float) -> float | None:
@@ -95,18 +95,6 @@ def summarize(records: list[Record], ttft_slo: float, tbt_slo: float) -> dict[st
     }
 
 
-def write_jsonl(path: str | Path, records: list[Record]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[Record]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def slo_goal(result: dict[str, Any], ours: str = "rotasched",
              baselines: tuple[str, ...] = ("fcfs", "lpm", "hicache")) -> dict[str, Any] | None:
     """The evaluation's headline check: at the lowest rate where the best baseline's TTFT
@@ -124,13 +112,15 @@ def slo_goal(result: dict[str, Any], ours: str = "rotasched",
             continue
         best = max(present, key=lambda b: ttfts[b])
         mine, theirs = systems[ours], systems[best]
-        values = [s[k][i] for s in (mine, theirs) for k in ("ttft_attainment", "tbt_attainment", "throughput_tok_s")]
+        keys = ("ttft_attainment", "tbt_attainment", "throughput_tok_s")
+        values = [s[k][i] for s in (mine, theirs) for k in keys]
         if any(v is None for v in values):
             return None
         ttft_gain = 100 * (mine["ttft_attainment"][i] - theirs["ttft_attainment"][i])
         tbt_diff = 100 * (mine["tbt_attainment"][i] - theirs["tbt_attainment"][i])
         tput = mine["throughput_tok_s"][i] / theirs["throughput_tok_s"][i] - 1
-        return {"rate": rate, "best_baseline": best, "ttft_points": ttft_gain, "tbt_points": tbt_diff,
+        return {"rate": rate, "best_baseline": best, "ttft_points": ttft_gain,
+                "tbt_points": tbt_diff,
                 "throughput_change": tput,
                 "met": ttft_gain >= 50 and tbt_diff >= -2 and tput >= -0.05}
     return None

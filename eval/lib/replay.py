@@ -6,7 +6,11 @@ max_new_tokens) and ``stream: true``. SGLang answers with SSE lines ``data: {...
 a delta with --incremental-streaming-output; ``meta_info.completion_tokens`` is cumulative in
 both, so it says how many tokens a chunk added and the new ids are always the list's tail.
 
-Stdlib + aiohttp + numpy only: this runs on the GPU machine.
+Stdlib + aiohttp + numpy only: this runs on the GPU machine. As a script it replays a trace
+against a server that is already up:
+
+    python -m eval.lib.replay --url http://127.0.0.1:30000 --trace CONV.csv --rate 10 --num 200 \\
+        --out /tmp/records.jsonl
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import Any
 
 import aiohttp
 
-from metrics import Record, read_jsonl, summarize, write_jsonl  # noqa: F401 (re-exported)
-from traces import ARRIVALS, RequestSpec, load_azure, make_specs, prompt_ids
+from eval.lib.jsonfiles import write_jsonl
+from eval.lib.metrics import Record, summarize
+from eval.lib.traces import ARRIVALS, RequestSpec, load_azure, make_specs, prompt_ids
 
 META_KEYS = ("finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
              "num_retractions")
@@ -109,7 +114,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: bytes, rec: Re
 
 
 async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, body: bytes,
-               rec: Record, clock: float, abort_after: int | None, progress: "_Progress") -> None:
+               rec: Record, clock: float, abort_after: int | None, progress: _Progress) -> None:
     await asyncio.sleep(max(0.0, spec.arrival - (time.perf_counter() - clock)))
     rec["send"] = time.perf_counter() - clock
     progress.sent += 1
@@ -185,7 +190,7 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
                                      timeout=timeout) as session:
         clock = time.perf_counter()
         tasks = [asyncio.create_task(_one(session, gen_url, s, b, r, clock, a, prog))
-                 for s, b, r, a in zip(specs, bodies, records, aborts)]
+                 for s, b, r, a in zip(specs, bodies, records, aborts, strict=False)]
         ticker = asyncio.create_task(prog.run(1.0 if prog.tty else 10.0)) if progress else None
         _, pending = await asyncio.wait(tasks, timeout=time_limit)
         for t in pending:

@@ -9,7 +9,8 @@ pattern. Samples every running request every ``--sample-every`` steps. ``--page-
 replays SGLang's paged allocator instead: would merging adjacent pages give the direct path
 (eval/results/duplexkv_h200.json) bigger pieces?
 
-    python3 eval/slot_runs.py --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
+    python -m eval.diagnostics.slot_runs \\
+        --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
         --cap 60000 --num 600 --out eval/results/slot_runs_azure_conv.json   # --page-size 16 / 64
 """
 
@@ -17,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from traces import load_azure  # noqa: E402
-
-from superinfer.host_tier.jobs import contiguous_runs  # noqa: E402
+from eval.lib.traces import load_azure
+from superinfer.host_tier.jobs import contiguous_runs
 
 RUN_BUCKETS = (1, 16, 256, 2048)  # report the share of tokens in runs of at least this length
 
@@ -72,7 +69,7 @@ def replay(rows: list[tuple[int, int]], cap: int, max_running: int, sample_every
             reserved += pages(prompt + out) * page_size
         if page_size == 1:
             new = alloc.alloc(len(running))  # one slot per running request, in batch order
-            for r, s in zip(running, new.split(1)):
+            for r, s in zip(running, new.split(1), strict=False):
                 r["slots"].append(s)
         else:
             for r in running:  # a new page for each request whose next token starts one
@@ -98,7 +95,8 @@ def replay(rows: list[tuple[int, int]], cap: int, max_running: int, sample_every
     runs = torch.tensor(runs_per_req, dtype=torch.float64)
     return {"steps": step, "samples": len(runs_per_req), "page_size": page_size,
             "token_share_in_runs_at_least": {str(b): tokens_in[b] / total for b in RUN_BUCKETS},
-            "runs_per_request_p50": float(runs.median()), "runs_per_request_mean": float(runs.mean()),
+            "runs_per_request_p50": float(runs.median()),
+            "runs_per_request_mean": float(runs.mean()),
             "mean_tokens_per_run": total / float(runs.sum())}
 
 
@@ -109,7 +107,8 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=600, help="first N requests of the trace")
     ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--sample-every", type=int, default=50)
-    ap.add_argument("--page-size", type=int, default=1, help="SGLang --page-size (1: token allocator)")
+    ap.add_argument("--page-size", type=int, default=1,
+                    help="SGLang --page-size (1: token allocator)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = [(r.prompt_len, r.output_len) for r in load_azure(args.trace)[: args.num]]

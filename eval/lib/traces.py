@@ -108,7 +108,7 @@ def make_specs(rows: list[TraceRow], *, num: int | None = None, start: int = 0,
         raise ValueError(f"no rows in [{start}, {start}+{num})")
     times = _arrivals(chosen, arrival, rate, cv, seed)
     specs = []
-    for i, (r, t) in enumerate(zip(chosen, times)):
+    for i, (r, t) in enumerate(zip(chosen, times, strict=False)):
         p = r.prompt_len if max_prompt is None else min(r.prompt_len, max_prompt)
         o = r.output_len if max_output is None else min(r.output_len, max_output)
         specs.append(RequestSpec(start + i, t, max(1, p), max(1, o)))

@@ -1,7 +1,7 @@
 #!/bin/bash
 # On the GPU machine, after the sglang kit is installed into /tmp/site (../shared/gpu/README.md):
 # install superinfer into the interpreter's site-packages (its .pth hook needs a real site dir)
-# and run the given command with the kit's environment.   usage: bash eval/gpu_env.sh CMD...
+# and run the given command with the kit's environment.   usage: bash eval/gpu/env.sh CMD...
 set -e
 export PYTHONPATH=/tmp/site CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . > /dev/null

@@ -3,7 +3,7 @@
 GPU, by host memory kind (a ``HostKVPool`` registered with cudaHostRegister, as the package
 pins it, vs torch's ``pin_memory=True`` cudaHostAlloc) and pieces per call, one direction.
 
-    python3 eval/diag_direct_submit.py --out eval/results/diag_direct_submit_h200.json
+    python -m eval.diagnostics.diag_direct_submit --out eval/results/diag_direct_submit_h200.json
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from eval.lib.jsonfiles import command_line
 from superinfer.host_tier.cudart import runtime
 from superinfer.host_tier.interface import KVLayout
 from superinfer.host_tier.pool import HostKVPool
@@ -28,7 +29,8 @@ def host_buffer(kind: str, num_bytes: int, page_tokens: int) -> tuple[torch.Tens
     if kind == "registered":
         layout = KVLayout(32, 8, 128, 2)
         tokens = num_bytes // layout.bytes_per_token // page_tokens * page_tokens
-        pool = HostKVPool(layout, tokens, page_tokens, torch.bfloat16, pin_memory=True, page_major=True)
+        pool = HostKVPool(layout, tokens, page_tokens, torch.bfloat16, pin_memory=True,
+                          page_major=True)
         return pool.buffer.view(-1).view(torch.uint8), pool
     return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True), None
 
@@ -67,7 +69,8 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     largest = max(args.pieces) * max(args.piece_kib) * 1024
     dev = torch.empty(2 * largest, dtype=torch.uint8, device="cuda")
-    results = {"gpu": torch.cuda.get_device_name(), "command": " ".join(["python3", *sys.argv]),
+    results = {"gpu": torch.cuda.get_device_name(),
+               "command": command_line("eval.diagnostics.diag_direct_submit"),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "runs": []}
     for kind in ("hostalloc", "registered"):

@@ -1,6 +1,6 @@
 """Why does KV rotation slow a decode step? A diagnostic that separates the causes.
 
-``eval/bench_duplexkv.py`` found that any copy-engine rotation path (Triton staging mover at any
+``eval.bench_duplexkv`` found that any copy-engine rotation path (Triton staging mover at any
 grid, plain torch copies) costs its decode stand-in 31-38%. Three suspects:
 
 1. SM theft: gather/scatter kernels hold SMs, so each GEMM of the step needs an extra wave.
@@ -41,6 +41,9 @@ zero data):
 Every scenario runs with the step replayed from a CUDA graph (``graph/...``); the baseline and
 the full-rate staging mover also run eagerly (``eager/...``). One failing scenario records its
 traceback and the rest go on; the JSON is rewritten after each scenario.
+
+    python -m eval.diagnostics.diag_interference --out /tmp/diag.json --only graph/baseline \\
+        memcpy_batch --budget-s 170
 """
 
 from __future__ import annotations
@@ -57,19 +60,23 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_duplexkv import PAGE, Bench, DecodeStandIn, capture_step, log  # noqa: E402
-
-from superinfer.host_tier.cudart import CudaRuntime as BaseRuntime  # noqa: E402
-from superinfer.host_tier.cudart import (  # noqa: E402
-    LOC_DEVICE, LOC_HOST, SRC_ACCESS_ORDER_STREAM, MemcpyAttributes, MemLocation)
-from superinfer.host_tier.interface import KVLayout  # noqa: E402
+from eval.bench_duplexkv import PAGE, Bench, DecodeStandIn, capture_step, log
+from eval.lib.jsonfiles import command_line
+from superinfer.host_tier.cudart import (
+    LOC_DEVICE,
+    LOC_HOST,
+    SRC_ACCESS_ORDER_STREAM,
+    MemcpyAttributes,
+    MemLocation,
+)
+from superinfer.host_tier.cudart import CudaRuntime as BaseRuntime
+from superinfer.host_tier.interface import KVLayout
 
 MiB = 1 << 20
 LAYOUT = KVLayout(32, 8, 128, 2)  # Llama-3.1-8B on one rank: 128 KiB of KV per token
@@ -179,7 +186,7 @@ class LoadRunner:
     def submit_round_robin(self, counts: list[int]) -> None:
         """Interleave submissions so the lanes start together."""
         for i in range(max(counts)):
-            for lane, n in zip(self.lanes, counts):
+            for lane, n in zip(self.lanes, counts, strict=False):
                 if i < n:
                     lane.submit_unit()
 
@@ -281,7 +288,7 @@ def loaded_scenario(decode: Decode, runner: LoadRunner, steps: int, trials: int)
     }
 
 
-def capped_scenario(decode: Decode, res: "Resources", fraction: float, steps: int,
+def capped_scenario(decode: Decode, res: Resources, fraction: float, steps: int,
                     trials: int) -> dict:
     """The staging mover gated to one batch per decode step (both ways), sized so that at its
     alone rate it is busy ~``fraction`` of a step; each batch waits for its step to start."""
@@ -309,7 +316,7 @@ def capped_scenario(decode: Decode, res: "Resources", fraction: float, steps: in
     }
 
 
-def capped_window(decode: Decode, res: "Resources", tokens: int, steps: int) -> dict:
+def capped_window(decode: Decode, res: Resources, tokens: int, steps: int) -> dict:
     torch.cuda.synchronize()
     res.mover.poll()
     bench, mover = res.bench, res.mover
@@ -390,11 +397,13 @@ class CudaRuntime(BaseRuntime):
         """``cudaMemcpy2DAsync`` with ``cudaMemcpyDefault`` (unified addressing picks the way)."""
         err = self._2d(dst, dpitch, src, spitch, width, height, MEMCPY_DEFAULT, stream.cuda_stream)
         if err != 0:
-            raise RuntimeError(f"cudaMemcpy2DAsync: error {err} ({self.lib.cudaGetErrorString(err).decode()})")
+            name = self.lib.cudaGetErrorString(err).decode()
+            raise RuntimeError(f"cudaMemcpy2DAsync: error {err} ({name})")
 
     def device_attr(self, attr: int) -> int:
         value = ctypes.c_int(0)
-        err = self.lib.cudaDeviceGetAttribute(ctypes.byref(value), attr, torch.cuda.current_device())
+        err = self.lib.cudaDeviceGetAttribute(ctypes.byref(value), attr,
+                                              torch.cuda.current_device())
         if err != 0:
             raise RuntimeError(f"cudaDeviceGetAttribute({attr}): error {err}")
         return value.value
@@ -414,7 +423,8 @@ class CudaRuntime(BaseRuntime):
                                           ACCESS_PERSISTING, ACCESS_NORMAL)
         for stream in streams:
             err = self.lib.cudaStreamSetAttribute(ctypes.c_void_p(stream.cuda_stream),
-                                                  STREAM_ATTR_ACCESS_POLICY_WINDOW, ctypes.byref(value))
+                                                  STREAM_ATTR_ACCESS_POLICY_WINDOW,
+                                                  ctypes.byref(value))
             if err != 0:
                 raise RuntimeError(f"cudaStreamSetAttribute(access policy window): error {err}")
         return {"l2_bytes": self.device_attr(ATTR_L2_SIZE), "max_persisting_l2": max_persist,
@@ -434,7 +444,8 @@ class PageBatchCopier:
         self.page_tokens = page_tokens
         self.row = lay.num_heads * lay.head_dim
         self.page_bytes = page_tokens * self.row * lay.itemsize
-        self.ptrs = torch.tensor([b.data_ptr() for kv in zip(bench.k, bench.v) for b in kv],
+        self.ptrs = torch.tensor([b.data_ptr() for kv in zip(bench.k, bench.v, strict=False)
+                                  for b in kv],
                                  dtype=torch.int64)  # k0, v0, k1, v1, ...: the host order too
         shape = (pages_per_unit, lay.num_layers, 2, page_tokens, self.row)
         self.host_out = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
@@ -442,7 +453,8 @@ class PageBatchCopier:
         fill = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(0.5, 1.5)
         self.host_in.copy_(fill)  # never zeros: a missed copy must show
         if page_tokens == PAGE:
-            out_pages, in_pages = ((s[::PAGE] // PAGE).cpu() for s in (bench.out_slots, bench.in_slots))
+            out_pages, in_pages = ((s[::PAGE] // PAGE).cpu()
+                                   for s in (bench.out_slots, bench.in_slots))
         else:  # bigger pages (64 KiB+ pieces): their own random disjoint sets
             pages = torch.randperm((bench.k[0].shape[0] - PAGE) // page_tokens)
             n = bench.out_slots.numel() // page_tokens
@@ -501,7 +513,7 @@ class PageBatchCopier:
         idx = pages.to("cuda")
         per_layer = [torch.stack([buf[: buf.shape[0] // self.page_tokens * self.page_tokens]
                                   .view(-1, self.page_tokens, self.row)[idx] for buf in kv])
-                     for kv in zip(self.bench.k, self.bench.v)]
+                     for kv in zip(self.bench.k, self.bench.v, strict=False)]
         return torch.stack(per_layer).permute(2, 0, 1, 3, 4)  # [pages, layers, 2, PAGE, row]
 
     @staticmethod
@@ -532,7 +544,8 @@ class RunCopier2D:
         self.row = lay.num_heads * lay.head_dim * lay.itemsize
         self.pitch = lay.bytes_per_token
         pool = bench.k[0].shape[0] - PAGE
-        starts = torch.randperm(pool // run_tokens)[: 2 * (bench.host.size // 2 // run_tokens)] * run_tokens
+        runs = 2 * (bench.host.size // 2 // run_tokens)
+        starts = torch.randperm(pool // run_tokens)[:runs] * run_tokens
         half = starts.numel() // 2
         self.out_starts, self.in_starts = starts[:half].tolist(), starts[half:].tolist()
         self.runs_per_unit = unit_tokens // run_tokens
@@ -558,9 +571,11 @@ class RunCopier2D:
                 for kv in (0, 1):
                     dev, host = self._ptrs(to_host, run, layer, kv)
                     if to_host:
-                        self.rt.memcpy2d(host, self.pitch, dev, self.row, self.row, self.run, stream)
+                        self.rt.memcpy2d(host, self.pitch, dev, self.row, self.row, self.run,
+                                         stream)
                     else:
-                        self.rt.memcpy2d(dev, self.row, host, self.pitch, self.row, self.run, stream)
+                        self.rt.memcpy2d(dev, self.row, host, self.pitch, self.row, self.run,
+                                         stream)
         return self.unit_bytes
 
     def verify(self, stream: torch.cuda.Stream) -> dict:
@@ -605,10 +620,12 @@ class PageLayers2D:
         shape = (per_unit, lay.num_layers, 2, PAGE, self.row)
         self.host_out = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
         self.host_in = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
-        self.host_in.copy_(torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(0.5, 1.5))
+        fill = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(0.5, 1.5)
+        self.host_in.copy_(fill)
         pages = torch.randperm(tokens // PAGE)
         units = (pages.numel() // 2) // per_unit
-        self.units = {True: [pages[i * per_unit : (i + 1) * per_unit].tolist() for i in range(units)],
+        self.units = {True: [pages[i * per_unit : (i + 1) * per_unit].tolist()
+                             for i in range(units)],
                       False: [pages[(units + i) * per_unit : (units + i + 1) * per_unit].tolist()
                               for i in range(units)]}
         self.unit_bytes = per_unit * 2 * lay.num_layers * self.piece
@@ -626,9 +643,11 @@ class PageLayers2D:
                 dev = base + kv * self.L * self.layer_pitch + page * self.piece
                 hst = host + j * page_bytes + kv * self.piece
                 if to_host:
-                    self.rt.memcpy2d(hst, 2 * self.piece, dev, self.layer_pitch, self.piece, self.L, stream)
+                    self.rt.memcpy2d(hst, 2 * self.piece, dev, self.layer_pitch, self.piece, self.L,
+                                     stream)
                 else:
-                    self.rt.memcpy2d(dev, self.layer_pitch, hst, 2 * self.piece, self.piece, self.L, stream)
+                    self.rt.memcpy2d(dev, self.layer_pitch, hst, 2 * self.piece, self.piece, self.L,
+                                     stream)
         return self.unit_bytes
 
     def verify(self, stream: torch.cuda.Stream) -> dict:
@@ -640,7 +659,8 @@ class PageLayers2D:
         ok = {}
         for to_host, host in ((True, self.host_out), (False, self.host_in)):
             idx = torch.tensor(self.units[to_host][0], device="cuda")
-            view = self.pool.view(2, self.L, -1, PAGE, self.row)[:, :, idx]  # [2, L, pages, PAGE, row]
+            # [2, L, pages, PAGE, row]
+            view = self.pool.view(2, self.L, -1, PAGE, self.row)[:, :, idx]
             ok["d2h_equal" if to_host else "h2d_equal"] = torch.equal(
                 view.permute(2, 1, 0, 3, 4).contiguous(), host.to("cuda"))
         return ok
@@ -656,9 +676,10 @@ class GraphPipeline:
     kernels mark the ring persisting in L2. Chunk i's kernel waits for the DMA of chunk i-2
     (buffer reuse) and the DMA of chunk i for kernel i (d2h; the reverse for h2d)."""
 
-    def __init__(self, res: "Resources", chunk: int, l2: bool, programs: int = 32) -> None:
-        from superinfer.host_tier.jobs import contiguous_runs
+    def __init__(self, res: Resources, chunk: int, l2: bool, programs: int = 32) -> None:
         from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
+
+        from superinfer.host_tier.jobs import contiguous_runs
 
         b, n = res.bench, res.unit_tokens
         host = b.host
@@ -695,7 +716,8 @@ class GraphPipeline:
                     runs = contiguous_runs(hst[start : start + chunk], host.dma_chunk_tokens)
                     if to_host:
                         with torch.cuda.stream(ks):
-                            gather_kv(table, dev[start : start + chunk], staged, num_programs=programs)
+                            gather_kv(table, dev[start : start + chunk], staged,
+                                      num_programs=programs)
                         ds.wait_stream(ks)
                         with torch.cuda.stream(ds):
                             for off, h0, length in runs:
@@ -708,7 +730,8 @@ class GraphPipeline:
                                                                  non_blocking=True)
                         ks.wait_stream(ds)
                         with torch.cuda.stream(ks):
-                            scatter_kv(table, dev[start : start + chunk], staged, num_programs=programs)
+                            scatter_kv(table, dev[start : start + chunk], staged,
+                                       num_programs=programs)
                     free[i % 2] = second.record_event()
                 first.wait_stream(second)
             self.graphs[to_host] = graph
@@ -756,7 +779,8 @@ class Resources:
         if self._mover is None:
             from superinfer.host_tier.staging import StagingKVMover
 
-            self._mover = StagingKVMover(self.bench.k, self.bench.v, self.bench.host, path="staging")
+            self._mover = StagingKVMover(self.bench.k, self.bench.v, self.bench.host,
+                                         path="staging")
         return self._mover
 
     def small_chunk_mover(self, chunk_tokens: int, l2: bool):
@@ -777,8 +801,10 @@ class Resources:
             mover._d2h_staging._bufs, mover._h2d_staging._bufs = bufs[:2], bufs[2:]
             info = {"ring_mib": ring.numel() * ring.element_size() / MiB}
             if l2:
-                info.update(self.runtime().l2_persist([mover._d2h_stream, mover._h2d_scatter_stream],
-                                                      ring.data_ptr(), ring.numel() * ring.element_size()))
+                info.update(self.runtime().l2_persist([mover._d2h_stream,
+                                                       mover._h2d_scatter_stream],
+                                                      ring.data_ptr(),
+                                                      ring.numel() * ring.element_size()))
             log(f"small-chunk mover {key}: {info}")
             self.small_movers[key] = (mover, ring, info)
         return self.small_movers[key][0]
@@ -890,7 +916,8 @@ class Resources:
 
 
 def copy_lanes(copy: Callable[[bool, torch.cuda.Stream], int], d2h: bool, h2d: bool) -> list[Lane]:
-    """One lane per direction asked for, each on its own stream, submitting ``copy(to_host, stream)``."""
+    """One lane per direction asked for, each on its own stream, submitting
+    ``copy(to_host, stream)``."""
     lanes = []
     for on, to_host, name in ((d2h, True, "d2h"), (h2d, False, "h2d")):
         if on:
@@ -939,7 +966,8 @@ def scenario_plan(res: Resources, graph: Decode, eager: Decode,
             (f"graph/staging_c{n}{'_l2' if l2 else ''}", lambda n=n, l2=l2: loaded_scenario(
                 graph, LoadRunner(res.mover_lanes(res.small_chunk_mover(n, l2)),
                                   on_poll=res.small_chunk_mover(n, l2).poll), s, t)),)),
-        *(item for n in args.pipe_chunks for l2 in ((False, True) if n <= 64 else (False,)) for item in (
+        *(item for n in args.pipe_chunks for l2 in ((False, True) if n <= 64 else (False,))
+          for item in (
             (f"graph/pipe_c{n}{'_l2' if l2 else ''}",
              loaded(graph, lambda n=n, l2=l2: res.pipeline(n, l2).lanes())),)),
         ("graph/pages2d_verify", lambda: res.pages2d().verify(torch.cuda.Stream())),
@@ -950,11 +978,13 @@ def scenario_plan(res: Resources, graph: Decode, eager: Decode,
         ("graph/memcpy_batch", loaded(graph, lambda: res.batch_lanes(True, True))),
         ("graph/memcpy_batch_d2h_only", loaded(graph, lambda: res.batch_lanes(True, False))),
         ("graph/memcpy_batch_h2d_only", loaded(graph, lambda: res.batch_lanes(False, True))),
-        *((f"graph/memcpy_batch_x{n}streams", loaded(graph, lambda n=n: res.batch_lanes(True, True, streams=n)))
+        *((f"graph/memcpy_batch_x{n}streams",
+           loaded(graph, lambda n=n: res.batch_lanes(True, True, streams=n)))
           for n in (2, 4, 8)),
         ("graph/memcpy_batch_order_any", loaded(
             graph, lambda: res.batch_lanes(True, True, order=SRC_ACCESS_ORDER_ANY))),
-        *((f"graph/memcpy_batch_page{p}", loaded(graph, lambda p=p: res.batch_lanes(True, True, page_tokens=p)))
+        *((f"graph/memcpy_batch_page{p}",
+           loaded(graph, lambda p=p: res.batch_lanes(True, True, page_tokens=p)))
           for p in (32, 64)),
         ("graph/memcpy_batch_d2h_dma_h2d", loaded(
             graph, lambda: res.batch_lanes(True, False) + res.dma_lanes(False, True))),
@@ -965,8 +995,10 @@ def scenario_plan(res: Resources, graph: Decode, eager: Decode,
         *(item for n in args.run2d_tokens for item in (
             (f"graph/run2d_{n}_verify", lambda n=n: res.run2d(n).verify(torch.cuda.Stream())),
             (f"graph/run2d_{n}", loaded(graph, lambda n=n: res.run2d_lanes(n, True, True))),
-            (f"graph/run2d_{n}_d2h_only", loaded(graph, lambda n=n: res.run2d_lanes(n, True, False))),
-            (f"graph/run2d_{n}_h2d_only", loaded(graph, lambda n=n: res.run2d_lanes(n, False, True))),
+            (f"graph/run2d_{n}_d2h_only",
+             loaded(graph, lambda n=n: res.run2d_lanes(n, True, False))),
+            (f"graph/run2d_{n}_h2d_only",
+             loaded(graph, lambda n=n: res.run2d_lanes(n, False, True))),
         )),
     ]
     return [(name, fn) for name, fn in plan if not args.only or any(o in name for o in args.only)]
@@ -1022,7 +1054,8 @@ def main() -> None:
     ap.add_argument("--gather-grids", type=int, nargs="+", default=[8, 32, 132])
     ap.add_argument("--cap-fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     ap.add_argument("--run2d-tokens", type=int, nargs="*", default=[16, 256, 4096],
-                    help="run lengths (consecutive device slots) for the cudaMemcpy2DAsync scenarios")
+                    help="run lengths (consecutive device slots) for the cudaMemcpy2DAsync "
+                         "scenarios")
     ap.add_argument("--small-chunks", type=int, nargs="*", default=[32, 64],
                     help="staging chunk sizes (tokens) for the L2-resident staging scenarios")
     ap.add_argument("--pipe-chunks", type=int, nargs="*", default=[32, 64, 2048],
@@ -1046,7 +1079,7 @@ def main() -> None:
                "cudart_path": None, "torch_cuda": torch.version.cuda,
                "num_sms": torch.cuda.get_device_properties(0).multi_processor_count,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "command": command_line("eval.diagnostics.diag_interference"),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "scenarios": {}}
     log(f"{gpu}, {summary['num_sms']} SMs, torch {torch.__version__}")

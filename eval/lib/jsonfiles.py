@@ -1,0 +1,36 @@
+"""Result files: one JSON document per run, JSON lines for per-request records, and the
+command line a result records."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | Path, doc: Any) -> None:
+    """Write ``doc`` through a temporary file, so a run killed mid-write keeps its last result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """How a run was started, recorded in its result: the command that repeats it from the
+    repository root (``argv`` defaults to this process's arguments)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])

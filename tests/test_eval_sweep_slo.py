@@ -1,0 +1,39 @@
+"""eval.sweep_slo end to end against CPU stand-in servers (tests/fake_sglang_server.py): every
+system starts, serves every rate, drains and stops, and the result has a summary per rate."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from superinfer.adapters.sglang.stats import parse_records
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = ROOT / "tests" / "fake_sglang_server.py"
+
+
+def test_sweep_runs_every_system_and_rate(tmp_path: Path) -> None:
+    csv = tmp_path / "conv.csv"
+    rows = [f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{50 + 13 * i},{10 + 7 * i % 40}"
+            for i in range(40)]
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "slo.json"
+    cmd = [sys.executable, "-m", "eval.sweep_slo", "--trace", str(csv), "--rates", "20", "40",
+           "--num", "12", "--systems", "fcfs", "rotasched", "--tail", "10", "--budget", "300",
+           "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
+           "--raw-dir", str(tmp_path / "raw"), "--port", str(random.randrange(20000, 60000, 100))]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["skipped"] == [] and doc["command"].startswith("python -m eval.sweep_slo")
+    for name in ("fcfs", "rotasched"):
+        system = doc["systems"][name]
+        assert system["status"] == "ok" and system["startup_s"] is not None
+        assert [s["n"] for s in system["summaries"]] == [12, 12]
+        assert system["errors"] == [0, 0] and all(system["ttft_attainment"])
+        assert Path(system["server_log"]).exists()
+    rota_log = Path(doc["systems"]["rotasched"]["server_log"]).read_text()
+    assert [r["kind"] for r in parse_records(rota_log)][0] == "start"  # the server's own log
