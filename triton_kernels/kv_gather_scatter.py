@@ -1,4 +1,5 @@
-"""Gather / scatter the KV of token slots between SGLang's layer-first buffers and a token-major one.
+"""Gather / scatter the KV of token slots between SGLang's layer-first buffers and a
+token-major one.
 
 Device side: per layer ``k_buffer[l]`` / ``v_buffer[l]`` of ``[slots, heads, head_dim]``, reached
 through a pointer table (the pattern of sglang's ``kvcache/cache_move.py``), so one launch covers
@@ -136,7 +137,8 @@ def _launch_config(table: KVTable, num_tokens: int, num_programs: int | None) ->
     block_w = min(triton.next_power_of_2(table.row_words), max(1, 4096 // word))
     # NOTE: independent of num_tokens, so a short last chunk does not compile another variant.
     block_t = max(1, 16384 // (block_w * word))
-    num_items = triton.cdiv(num_tokens, block_t) * table.num_rows * triton.cdiv(table.row_words, block_w)
+    num_items = (triton.cdiv(num_tokens, block_t) * table.num_rows
+                 * triton.cdiv(table.row_words, block_w))
     if num_programs is None:
         kv_device = table.ptrs.device
         num_sms = (
@@ -179,7 +181,8 @@ def _gather_kernel(table_ptr, slots_ptr, out_ptr, out_rows_ptr, num_tokens,
     W_TILES: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     num_items = tl.cdiv(num_tokens, BLOCK_T) * NUM_ROWS * W_TILES
     for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
-        row, toks, tok_mask, cols, mask = _tile(item, num_tokens, ROW_WORDS, NUM_ROWS, BLOCK_T, BLOCK_W)
+        row, toks, tok_mask, cols, mask = _tile(item, num_tokens, ROW_WORDS, NUM_ROWS, BLOCK_T,
+                                                BLOCK_W)
         slots = _slots(slots_ptr, toks, tok_mask, PAGE)
         base = tl.cast(tl.load(table_ptr + row), tl.pointer_type(out_ptr.dtype.element_ty))
         vals = tl.load(base + slots[:, None] * ROW_WORDS + cols[None, :], mask=mask)
@@ -198,7 +201,8 @@ def _scatter_kernel(table_ptr, slots_ptr, src_ptr, src_rows_ptr, num_tokens,
     W_TILES: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     num_items = tl.cdiv(num_tokens, BLOCK_T) * NUM_ROWS * W_TILES
     for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0)):
-        row, toks, tok_mask, cols, mask = _tile(item, num_tokens, ROW_WORDS, NUM_ROWS, BLOCK_T, BLOCK_W)
+        row, toks, tok_mask, cols, mask = _tile(item, num_tokens, ROW_WORDS, NUM_ROWS, BLOCK_T,
+                                                BLOCK_W)
         if ROWS_INDEXED:
             src_tok = tl.load(src_rows_ptr + toks, mask=tok_mask, other=0).to(tl.int64)
         else:

@@ -46,8 +46,8 @@ class CudaRuntime:
         self.version = self._int_query("cudaRuntimeGetVersion")
         self.driver_version = self._int_query("cudaDriverGetVersion")
         if self.version < MIN_RUNTIME or not hasattr(self.lib, "cudaMemcpyBatchAsync"):
-            raise RuntimeError(f"the direct KV path needs cudaMemcpyBatchAsync (CUDA runtime >= 12.8); "
-                               f"{self.path} is version {self.version}")
+            raise RuntimeError("the direct KV path needs cudaMemcpyBatchAsync (CUDA runtime "
+                               f">= 12.8); {self.path} is version {self.version}")
         self._batch = self.lib.cudaMemcpyBatchAsync
         self.has_fail_idx = self.version < 13000
         self._batch.restype = ctypes.c_int

@@ -43,8 +43,9 @@ from superinfer.host_tier.stream_mover import StreamMover
 # Pieces of at least this size reached full duplex with the copy engines alone in the DuplexKV
 # bench; below it, staging is the default.
 DIRECT_MIN_PIECE_BYTES = 128 << 10
-# A call that queues ~65k pieces blocks until most of them are copied, so jobs go out in
-# slices, and only so many pieces are queued on a direction's stream at once.
+# One call that queues a large job's pieces blocks the host until most of them are copied
+# (eval/diagnostics/diag_direct_submit.py), so jobs go out in slices, and only so many pieces
+# are queued on a direction's stream at once.
 SLICE_PIECES = 4096
 MAX_QUEUED_PIECES = 16384
 
@@ -87,27 +88,31 @@ class DirectKVMover(StreamMover):
         slice_pieces: int = SLICE_PIECES,
         issue_thread: bool = False,
     ) -> None:
-        """``issue_thread``: on the CPU too, issue from a thread per direction as on CUDA (tests)."""
+        """``issue_thread`` (tests): on the CPU too, issue from a thread per direction."""
         super().__init__(k_buffers, v_buffers, host)
         if not 0 < slice_pieces <= max_queued_pieces:
-            raise ValueError(f"need 0 < slice_pieces <= max_queued_pieces, got {slice_pieces}, {max_queued_pieces}")
+            raise ValueError("need 0 < slice_pieces <= max_queued_pieces, "
+                             f"got {slice_pieces}, {max_queued_pieces}")
         self.max_queued_pieces, self.slice_pieces = max_queued_pieces, slice_pieces
         self.page_size = host.page_size
         row_bytes = k_buffers[0][0].numel() * k_buffers[0].element_size()
         self.piece_bytes = self.page_size * row_bytes
         self.device_pages = k_buffers[0].shape[0] // self.page_size
         # k0, v0, k1, v1, ...: the order of (layer, K/V) inside a page-major host page too.
-        self._layer_ptrs = torch.tensor([b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv],
-                                        dtype=torch.int64)
+        # (equal lengths: the base class checked the buffers)
+        ptrs = [b.data_ptr() for kv in zip(k_buffers, v_buffers, strict=True) for b in kv]
+        self._layer_ptrs = torch.tensor(ptrs, dtype=torch.int64)
         if self._on_cuda:
             if not host.pinned:
                 raise ValueError("DirectKVMover on CUDA needs a pinned HostKVPool")
             from superinfer.host_tier.cudart import runtime
 
             self._runtime = runtime()  # raises a clear RuntimeError before CUDA 12.8
-            self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._device_index = (self.device.index if self.device.index is not None
+                                  else torch.cuda.current_device())
         threaded = self._on_cuda or issue_thread
-        self._issuers = {to_host: _Issuer(self, to_host) for to_host in (True, False)} if threaded else None
+        self._issuers = ({to_host: _Issuer(self, to_host) for to_host in (True, False)}
+                         if threaded else None)
         for issuer in (self._issuers or {}).values():
             weakref.finalize(self, issuer.stop)  # threads end with the mover (and free its pool)
 
@@ -134,7 +139,8 @@ class DirectKVMover(StreamMover):
             return 0
         host_pages = pages_of(host_slots, self.page_size, "host")
         if int(host_pages.max()) >= self.host.num_pages:
-            raise ValueError(f"host page {int(host_pages.max())} out of range [0, {self.host.num_pages})")
+            raise ValueError(
+                f"host page {int(host_pages.max())} out of range [0, {self.host.num_pages})")
         job = Job(job_id, host_slots.numel() * self.host.bytes_per_token, None, issued=False)
         pending = _Pending(job, host_pages)
         if not device_slots.is_cuda:  # checked now: a bad job must not reach the queue
@@ -163,9 +169,11 @@ class DirectKVMover(StreamMover):
     def _device_pages(self, slots: torch.Tensor, host_pages: torch.Tensor) -> torch.Tensor:
         dev_pages = pages_of(slots, self.page_size, "device")
         if int(dev_pages.max()) >= self.device_pages:
-            raise ValueError(f"device page {int(dev_pages.max())} out of range [0, {self.device_pages})")
+            raise ValueError(
+                f"device page {int(dev_pages.max())} out of range [0, {self.device_pages})")
         if dev_pages.numel() != host_pages.numel():
-            raise ValueError(f"{dev_pages.numel()} device pages but {host_pages.numel()} host pages")
+            raise ValueError(
+                f"{dev_pages.numel()} device pages but {host_pages.numel()} host pages")
         return dev_pages
 
     def _issue(self, to_host: bool, pending: _Pending, issuer: _Issuer | None) -> None:
@@ -191,7 +199,8 @@ class DirectKVMover(StreamMover):
         pending.job.event = event
         pending.job.issued = True  # after the event: the scheduler thread reads them in this order
 
-    def _copy_slice(self, to_host: bool, dsts: torch.Tensor, srcs: torch.Tensor) -> torch.cuda.Event | None:
+    def _copy_slice(self, to_host: bool, dsts: torch.Tensor,
+                    srcs: torch.Tensor) -> torch.cuda.Event | None:
         """One batch call on the direction's stream, and its end event; on the CPU, memmove
         now (no event: done)."""
         if not self._on_cuda:
@@ -304,8 +313,10 @@ def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:
     return first // page_size
 
 
-def piece_addresses(layer_ptrs: torch.Tensor, device_pages: torch.Tensor, host_base: int,
-                    host_pages: torch.Tensor, piece_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def piece_addresses(
+    layer_ptrs: torch.Tensor, device_pages: torch.Tensor, host_base: int,
+    host_pages: torch.Tensor, piece_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Start addresses of every (page, layer, K/V) piece on both sides, page by page.
 
     ``layer_ptrs`` are the device buffers in (layer, K/V) order; a page-major host page holds

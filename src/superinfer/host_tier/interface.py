@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
-    """Shape of the KV of one token on one rank: ``num_layers`` × (K, V) × ``num_heads`` × ``head_dim``."""
+    """Shape of the KV of one token on one rank:
+    ``num_layers`` × (K, V) × ``num_heads`` × ``head_dim``."""
 
     num_layers: int
     num_heads: int
@@ -56,9 +57,14 @@ class KVMover(abc.ABC):
 
     @abc.abstractmethod
     def submit_d2h(
-        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
+        self,
+        job_id: str,
+        device_slots: torch.Tensor,
+        host_slots: torch.Tensor,
+        ready: object | None,
     ) -> int:
-        """Queue device→host; ``ready`` is a ``torch.cuda.Event`` (or None on the CPU). Returns bytes."""
+        """Queue device→host; ``ready`` is a ``torch.cuda.Event`` (or None on the CPU).
+        Returns bytes."""
 
     @abc.abstractmethod
     def submit_h2d(

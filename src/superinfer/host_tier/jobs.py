@@ -76,7 +76,10 @@ def contiguous_runs(host_slots: torch.Tensor, boundary: int) -> list[tuple[int, 
 
 
 def check_device_buffers(
-    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], layout: KVLayout, dtype: torch.dtype
+    k_buffers: list[torch.Tensor],
+    v_buffers: list[torch.Tensor],
+    layout: KVLayout,
+    dtype: torch.dtype,
 ) -> None:
     """Raise ValueError unless the buffers are SGLang's layer-first ``[slots, heads, head_dim]``."""
     if len(k_buffers) != layout.num_layers or len(v_buffers) != layout.num_layers:
@@ -93,7 +96,8 @@ def check_device_buffers(
 
 def check_slots(device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
     """Raise ValueError unless the slot tensors pair up; host slots must be CPU int64."""
-    if device_slots.dim() != 1 or host_slots.dim() != 1 or device_slots.numel() != host_slots.numel():
+    if (device_slots.dim() != 1 or host_slots.dim() != 1
+            or device_slots.numel() != host_slots.numel()):
         raise ValueError("device_slots and host_slots must be 1-D and of equal length")
     if host_slots.device.type != "cpu" or host_slots.dtype != torch.int64:
         raise ValueError("host_slots must be a CPU int64 tensor (from HostKVPool.alloc)")

@@ -123,6 +123,9 @@ class HostTierManager:
         entry = self._entries.get(req_id)
         return int(entry.host_slots.numel()) if entry and entry.state is TierState.KEPT else 0
 
+    def kept_ids(self) -> list[str]:
+        return [r for r, e in self._entries.items() if e.state is TierState.KEPT]
+
     def num_kept(self) -> int:
         """Resident requests with a kept host copy."""
         return sum(self.host_tokens(r) > 0 for r in self._entries)
@@ -175,7 +178,8 @@ class HostTierManager:
         if tail is None:  # plan_out counted the room: a bug, not a full tier
             raise AssertionError(f"host tier: room for {tail_len} tokens vanished")
         job_id = self._job(req_id, to_host=True)
-        nbytes = self.mover.submit_d2h(job_id, device_slots[kept.numel():], tail, ready) if tail_len else 0
+        nbytes = (self.mover.submit_d2h(job_id, device_slots[kept.numel():], tail, ready)
+                  if tail_len else 0)
         self._entries[req_id] = HostEntry(TierState.ROTATING_OUT, torch.cat([kept, tail]), kv_len,
                                           now_s, nbytes, version=next(self._ids))
         self.stats.bytes_d2h += nbytes
@@ -269,7 +273,8 @@ class HostTierManager:
             count += 1
         return count
 
-    def poll(self, now_s: float, num_d2h: int | None = None, num_h2d: int | None = None) -> TierReport:
+    def poll(self, now_s: float, num_d2h: int | None = None,
+             num_h2d: int | None = None) -> TierReport:
         """Finish the first ``num_d2h``/``num_h2d`` collected jobs (all by default: one rank)."""
         if num_d2h is None or num_h2d is None:
             local = self.collect()
@@ -337,7 +342,8 @@ class HostTierManager:
 
     # --- internals ------------------------------------------------------------------------
     def _job(self, req_id: str, to_host: bool, **kw: object) -> str:
-        job_id = f"{'wt' if kw.get('write_through') else 'd2h' if to_host else 'h2d'}:{next(self._ids)}"
+        kind = "wt" if kw.get("write_through") else "d2h" if to_host else "h2d"
+        job_id = f"{kind}:{next(self._ids)}"
         self._jobs[job_id] = _Job(req_id, to_host, **kw)  # type: ignore[arg-type]
         self._order[to_host].append(job_id)
         return job_id
@@ -345,7 +351,8 @@ class HostTierManager:
     def _anchor(self, req_id: str) -> HostEntry:
         entry = self._entries.get(req_id)
         if entry is None:
-            entry = self._entries[req_id] = HostEntry(TierState.KEPT, _EMPTY, 0, version=next(self._ids))
+            entry = HostEntry(TierState.KEPT, _EMPTY, 0, version=next(self._ids))
+            self._entries[req_id] = entry
         return entry
 
     def _alloc(self, num_tokens: int) -> torch.Tensor | None:

@@ -38,7 +38,8 @@ class HostPages:
 
     def __init__(self, num_tokens: int, page_size: int) -> None:
         if page_size < 1 or num_tokens < page_size or num_tokens % page_size:
-            raise ValueError(f"num_tokens={num_tokens} must be a positive multiple of page_size={page_size}")
+            raise ValueError(
+                f"num_tokens={num_tokens} must be a positive multiple of page_size={page_size}")
         self.size = num_tokens
         self.page_size = page_size
         self.num_pages = num_tokens // page_size
@@ -125,7 +126,8 @@ class HostKVPool(HostPages):
         super().__init__(num_tokens, page_size)
         itemsize = torch.empty((), dtype=dtype).element_size()
         if itemsize != layout.itemsize:
-            raise ValueError(f"dtype {dtype} has {itemsize} bytes per element, layout says {layout.itemsize}")
+            raise ValueError(
+                f"dtype {dtype} has {itemsize} bytes per element, layout says {layout.itemsize}")
         self.layout = layout
         self.page_major = page_major
         # Whole pages per pinned registration; a DMA never spans two (see ``dma_chunk_tokens``).
@@ -163,7 +165,8 @@ def _pin(buffer: torch.Tensor, chunk_bytes: int) -> None:
     up to a power of two, which can nearly double a pool of hundreds of GiB.
     """
     if not torch.cuda.is_available():
-        raise RuntimeError("HostKVPool(pin_memory=True) needs CUDA; pass pin_memory=False on the CPU")
+        raise RuntimeError(
+            "HostKVPool(pin_memory=True) needs CUDA; pass pin_memory=False on the CPU")
     cudart = torch.cuda.cudart()
     base, total = buffer.data_ptr(), _nbytes(buffer)
     for offset in range(0, total, chunk_bytes):
@@ -172,7 +175,8 @@ def _pin(buffer: torch.Tensor, chunk_bytes: int) -> None:
             _unregister(base, offset, chunk_bytes)
             raise RuntimeError(
                 f"cannot pin {total / 2**30:.1f} GiB of host memory for the KV host pool "
-                f"(cudaHostRegister: {cudart.cudaGetErrorString(err)} after {offset / 2**30:.1f} GiB); "
+                f"(cudaHostRegister: {cudart.cudaGetErrorString(err)} "
+                f"after {offset / 2**30:.1f} GiB); "
                 "make the host pool smaller or raise the locked-memory limit (ulimit -l)"
             )
 

@@ -6,8 +6,8 @@ Two data paths, picked by ``path``:
   copy engine DMAs it to pinned host memory (h2d: DMA, then scatter). Two staging buffers per
   direction and a second stream let the kernel of chunk i+1 overlap the DMA of chunk i::
 
-      d2h  gather stream :  [g0][g1]      [g2]      [g3] ...      (g_i waits for DMA i-2: buffer reuse)
-           DMA stream    :      [ d0 ][ d1 ][ d2 ][ d3 ] ...      (d_i waits for g_i)
+      d2h  gather stream :  [g0][g1]      [g2]      [g3] ...   (g_i waits for DMA i-2: buffer reuse)
+           DMA stream    :      [ d0 ][ d1 ][ d2 ][ d3 ] ...   (d_i waits for g_i)
 
   Copy engines do the PCIe work, so SMs stay free for the model; each direction has its own engine.
 - ``"zerocopy"``: the Triton kernel reads/writes pinned host memory itself (unified addressing),
@@ -55,10 +55,12 @@ class StagingKVMover(CopyMover):
         if not host.pinned:
             raise ValueError("StagingKVMover needs a pinned HostKVPool")
         self.path = path
-        self.max_chunk_tokens = max_chunk_tokens or max(1, DEFAULT_CHUNK_BYTES // host.bytes_per_token)
+        self.max_chunk_tokens = (max_chunk_tokens
+                                 or max(1, DEFAULT_CHUNK_BYTES // host.bytes_per_token))
         # NOTE: None on the zero-copy path means the kernel's own default (2 programs per SM):
         # there the kernel is the transfer, and fewer programs cannot cover PCIe latency.
-        self.num_programs = num_programs or (DEFAULT_STAGING_PROGRAMS if path == "staging" else None)
+        self.num_programs = num_programs or (
+            DEFAULT_STAGING_PROGRAMS if path == "staging" else None)
         self._table = make_kv_table(k_buffers, v_buffers)
         if path == "staging":
             self._d2h_dma_stream = torch.cuda.Stream(self.device, priority=D2H_PRIORITY)
@@ -96,7 +98,8 @@ class StagingKVMover(CopyMover):
     def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
         if self.path == "zerocopy":
             return self._zerocopy(scatter_kv, device_slots, host_slots)
-        dma_stream, scatter_stream = torch.cuda.current_stream(self.device), self._h2d_scatter_stream
+        dma_stream = torch.cuda.current_stream(self.device)
+        scatter_stream = self._h2d_scatter_stream
         done = None
         for start in self._chunks(host_slots.numel()):
             chunk = slice(start, start + self.max_chunk_tokens)

@@ -27,7 +27,8 @@ D2H_PRIORITY = 0
 
 
 class StreamMover(KVMover):
-    """d2h on a low-priority stream, h2d on a high-priority one; on the CPU everything is synchronous."""
+    """d2h on a low-priority stream, h2d on a high-priority one; on the CPU everything is
+    synchronous."""
 
     HOST_PAGE_MAJOR = False  # the host layout this mover reads and writes (see pool.py)
 
@@ -48,7 +49,11 @@ class StreamMover(KVMover):
         self._d2h_jobs, self._h2d_jobs = JobQueue(), JobQueue()
 
     def submit_d2h(
-        self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor, ready: object | None
+        self,
+        job_id: str,
+        device_slots: torch.Tensor,
+        host_slots: torch.Tensor,
+        ready: object | None,
     ) -> int:
         return self._submit(True, job_id, device_slots, host_slots, ready)
 
@@ -95,7 +100,8 @@ class StreamMover(KVMover):
     def fence_compute(self, stream: object | None) -> None:
         last = self._h2d_jobs.last_event()
         if last is not None:
-            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(last)
+            waiter = stream if stream is not None else torch.cuda.current_stream(self.device)
+            waiter.wait_event(last)
 
     def synchronize(self) -> None:
         if self._on_cuda:

@@ -18,7 +18,9 @@ class TorchMover(CopyMover):
 
     def _staging(self, num_tokens: int) -> torch.Tensor:
         return torch.empty(
-            (num_tokens, *self.host.buffer.shape[1:]), dtype=self.host.buffer.dtype, device=self.device
+            (num_tokens, *self.host.buffer.shape[1:]),
+            dtype=self.host.buffer.dtype,
+            device=self.device,
         )
 
     def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:

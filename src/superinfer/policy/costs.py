@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .types import Costs
 
 DEFAULT_COSTS = Costs(
-    prefill_s_per_token=25e-6,  # ~40k tokens/s: an 8B model on one Hopper GPU
+    prefill_s_per_token=25e-6,  # a guess for an 8B model on one Hopper GPU, until fitted
     decode_step_s=0.025,
     d2h_bytes_per_s=25e9,  # conservative PCIe Gen5 figure until a transfer is measured
     h2d_bytes_per_s=25e9,

@@ -22,11 +22,13 @@ class LvfPolicy(Policy):
         cap, max_prefill_tokens = snapshot.capacity, snapshot.max_prefill_tokens
         plan = StepPlan()
         t = self._table
-        host_total = cap.free_host_tokens + int(t.num_tokens[t.rows_in(Phase.ON_HOST, Phase.ROTATING_OUT)].sum())
+        away = t.rows_in(Phase.ON_HOST, Phase.ROTATING_OUT)
+        host_total = cap.free_host_tokens + int(t.num_tokens[away].sum())
         host_used_frac = 1.0 - cap.free_host_tokens / host_total if host_total else 1.0
         running = t.rows_in(Phase.RUNNING)
         resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING)
-        free = cap.available_device_tokens - int(t.decode_reservation(resident, cap.new_token_ratio).sum())
+        reserved = int(t.decode_reservation(resident, cap.new_token_ratio).sum())
+        free = cap.available_device_tokens - reserved
         self._fifo(plan, free, host_used_frac > 0.90, max_prefill_tokens)
         waiting = t.rows_in(Phase.WAITING)
         demand = running.size + int(t.num_prompt_tokens[waiting].sum())

@@ -53,7 +53,8 @@ class SloPolicy(Policy):
 
     def _link_tokens(self, bytes_per_s: float, window_s: float, cap: Capacity) -> int:
         """KV tokens one direction may move in this plan: ``link_share`` of the window."""
-        return deadlines.link_tokens(self.config.link_share, bytes_per_s, window_s, cap.bytes_per_token)
+        return deadlines.link_tokens(self.config.link_share, bytes_per_s, window_s,
+                                     cap.bytes_per_token)
 
     def plan(self, snapshot: StepSnapshot) -> StepPlan:
         now_s, cap, costs = snapshot.now_s, snapshot.capacity, snapshot.costs
@@ -70,13 +71,15 @@ class SloPolicy(Policy):
                 - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
         budget = None
         if cfg.prefill_pacing:
-            budget = self._prefill_budget(max(now_s, gpu_free_at_s or now_s), cap.bytes_per_token, costs)
+            start_s = max(now_s, gpu_free_at_s or now_s)
+            budget = self._prefill_budget(start_s, cap.bytes_per_token, costs)
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         window = self._link_window_s(now_s, costs)
-        batch_limit = max_prefill_tokens if budget is None else min(max_prefill_tokens, max(budget, 1))
-        used, deficit, wait_s, urgent = self._admit(plan, now_s, free, cap, costs, batch_limit, reserve,
-                                                    window)
+        batch_limit = (max_prefill_tokens if budget is None
+                       else min(max_prefill_tokens, max(budget, 1)))
+        used, deficit, wait_s, urgent = self._admit(plan, now_s, free, cap, costs, batch_limit,
+                                                    reserve, window)
         if budget and plan.admit:
             # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
             # back to back, decode waiting: so the head's whole first batch must fit, or a
@@ -88,9 +91,11 @@ class SloPolicy(Policy):
         blocked_new = deficit is not None and not urgent
         why = "bring back an urgent stream" if urgent else "make room for the EDF head"
         if deficit is None:
-            deficit, wait_s, why = reserve - (free - used), cfg.reserve_window_s, "keep the free reserve"
+            deficit, wait_s = reserve - (free - used), cfg.reserve_window_s
+            why = "keep the free reserve"
         if deficit > 0:
-            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window, grows_away=not urgent)
+            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window,
+                             grows_away=not urgent)
         plan.head_blocked = blocked_new and not plan.rotate_out
         if plan.head_blocked:
             # The new head waits (no room can be made for it now), but a rotated-out stream due
@@ -115,7 +120,8 @@ class SloPolicy(Policy):
         run = run[~np.isnan(t.first_token_s[run])]
         if run.size == 0:
             return None
-        deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
+        deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run),
+                                                 t.tbt_slo_s[run])
         slack = deadlines.slack_s(deadline, start_s, costs)
         away = t.phase[run] == _ON_HOST
         late = away & (deadline < start_s)  # not waited for: decode steps would not bring it back
@@ -135,7 +141,8 @@ class SloPolicy(Policy):
                          int(costs.prefill_overhead_s / costs.prefill_s_per_token))
         return budget if budget >= worthwhile else 0
 
-    def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rank(self, now_s: float, cap: Capacity, costs: Costs,
+              depth: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``depth`` candidate rows in admission order, and their EDF keys.
 
         Only the head of the order is ever walked, so it is selected in O(n) with
@@ -156,7 +163,8 @@ class SloPolicy(Policy):
         return cand[order], key[order]
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
-               max_prefill_tokens: int, reserve: int, window_s: float) -> tuple[int, int | None, float, bool]:
+               max_prefill_tokens: int, reserve: int,
+               window_s: float) -> tuple[int, int | None, float, bool]:
         """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
         head or None, how long a victim would wait for that head, whether the head is a
         rotated-out stream that must come back now).
@@ -207,7 +215,8 @@ class SloPolicy(Policy):
             order, key = self._rank(now_s, cap, costs, depth)
         for s in deferred:  # room to spare: bring streams back early, never past the reserve
             need = self._return_need(s, cap)
-            if need > free - used - reserve or (h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in):
+            if (need > free - used - reserve
+                    or (h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in)):
                 break
             h2d += self._take_return(plan, s, "rotate-in")
             used += need
@@ -223,7 +232,8 @@ class SloPolicy(Policy):
         if away.size == 0:
             return
         key = self._return_key(away, cap, costs)
-        due = key <= now_s + deadlines.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token, costs)
+        lag_s = deadlines.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token, costs)
+        due = key <= now_s + lag_s
         away, key = away[due], key[due]
         h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
         h2d = sum(int(t.num_tokens[t.row(r)]) for r in plan.rotate_in)
@@ -243,8 +253,10 @@ class SloPolicy(Policy):
     def _return_key(self, rows: np.ndarray, cap: Capacity, costs: Costs) -> np.ndarray:
         """EDF key of rotated-out streams: the next token's deadline minus the copy back."""
         t = self._table
-        deadline = deadlines.next_token_deadline(t.first_token_s[rows], t.next_token_index(rows), t.tbt_slo_s[rows])
-        return deadline - deadlines.transfer_s(t.num_tokens[rows], cap.bytes_per_token, costs.h2d_bytes_per_s)
+        deadline = deadlines.next_token_deadline(t.first_token_s[rows], t.next_token_index(rows),
+                                                 t.tbt_slo_s[rows])
+        return deadline - deadlines.transfer_s(t.num_tokens[rows], cap.bytes_per_token,
+                                               costs.h2d_bytes_per_s)
 
     def _take_return(self, plan: StepPlan, row: int, why: str) -> int:
         """Plan a rotated-out stream's return; returns the tokens it moves host→device."""
@@ -272,16 +284,19 @@ class SloPolicy(Policy):
         largest = int(t.num_tokens[run].max())
         # Decoding, and not about to finish: a request that finishes in the step in flight
         # is released by SGLang itself.
-        run = run[~np.isnan(t.first_token_s[run]) & (t.max_new_tokens[run] - t.num_output_tokens[run] > 2)]
+        run = run[~np.isnan(t.first_token_s[run])
+                  & (t.max_new_tokens[run] - t.num_output_tokens[run] > 2)]
         if run.size == 0:
             return
         tokens, out = t.num_tokens[run], t.out_tokens(run)
-        deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run), t.tbt_slo_s[run])
+        deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run),
+                                                 t.tbt_slo_s[run])
         slack = deadlines.slack_s(deadline, now_s, costs)
         # Enough for the round trip (with margin) and, since its return may need room made in
         # turn, the lead time of an urgent return.
         need_slack = (self.config.slack_margin
-                      * deadlines.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s, out_tokens=out)
+                      * deadlines.round_trip_s(tokens, cap.bytes_per_token, costs, wait_s,
+                                               out_tokens=out)
                       + deadlines.make_room_lag_s(tokens, cap.bytes_per_token, costs))
         ok = slack >= need_slack
         run, tokens, out, slack = run[ok], tokens[ok], out[ok], slack[ok]
@@ -318,6 +333,8 @@ class SloPolicy(Policy):
         away = len(t.rows_in(Phase.ROTATING_OUT, Phase.ON_HOST, Phase.ROTATING_IN))
         if resident.size == 0:
             return 0
-        prefill_share = costs.arrival_rate_per_s * costs.mean_prompt_tokens * costs.prefill_s_per_token
-        gain = deadlines.slack_gain(float(t.tbt_slo_s[resident].min()), costs.decode_step_s, prefill_share)
+        prefill_share = (costs.arrival_rate_per_s * costs.mean_prompt_tokens
+                         * costs.prefill_s_per_token)
+        gain = deadlines.slack_gain(float(t.tbt_slo_s[resident].min()), costs.decode_step_s,
+                                    prefill_share)
         return deadlines.max_extra_away(len(resident), away, gain / self.config.slack_margin)

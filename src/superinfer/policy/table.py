@@ -23,9 +23,10 @@ _ALLOWED = {  # phase transitions; anything else is a bug in the caller
     Phase.ROTATING_IN: {Phase.RUNNING, Phase.ON_HOST},
 }
 CLIP_NEW_TOKENS = 4096  # mirrors SGLang's SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION default
-_FLOAT_COLS = ("arrival_s", "ttft_slo_s", "tbt_slo_s", "first_token_s", "resident_since_s", "rotated_at_s")
-_INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "max_new_tokens", "seq",
-             "tokens_in_flight", "host_tokens")
+_FLOAT_COLS = ("arrival_s", "ttft_slo_s", "tbt_slo_s", "first_token_s", "resident_since_s",
+               "rotated_at_s")
+_INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "max_new_tokens",
+             "seq", "tokens_in_flight", "host_tokens")
 
 
 class RequestTable:
@@ -69,8 +70,8 @@ class RequestTable:
             case ev.RotationStarted():
                 if event.to_host:
                     self.set_counts(event.req_id, event.num_tokens, event.num_output_tokens)
-                self.set_phase(event.req_id, Phase.ROTATING_OUT if event.to_host else Phase.ROTATING_IN,
-                               event.now_s)
+                phase = Phase.ROTATING_OUT if event.to_host else Phase.ROTATING_IN
+                self.set_phase(event.req_id, phase, event.now_s)
             case TierReport():
                 self._tier_report(event)
             case _:
@@ -79,7 +80,8 @@ class RequestTable:
     def _tier_report(self, report: TierReport) -> None:
         """Copies that landed move their requests on; unknown ids (finished meanwhile) are
         skipped. Kept-copy sizes are set afresh, so a dropped copy reads as 0."""
-        for req_ids, new in ((report.finished_out, Phase.ON_HOST), (report.finished_in, Phase.RUNNING)):
+        landed = ((report.finished_out, Phase.ON_HOST), (report.finished_in, Phase.RUNNING))
+        for req_ids, new in landed:
             for req_id in req_ids:
                 if req_id in self._row_of:
                     self.set_phase(req_id, new, report.now_s)
@@ -147,7 +149,8 @@ class RequestTable:
         if counts:
             row_of = self._row_of
             rows = np.array([row_of[r] for r in counts], dtype=np.int64)
-            self.tokens_in_flight[rows] = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+            self.tokens_in_flight[rows] = np.fromiter(counts.values(), dtype=np.int64,
+                                                      count=len(counts))
 
     def prefill_done(self, req_id: str, num_tokens: int, now_s: float) -> None:
         """The prefill produced the first output token: the TBT pace starts now (replacing the
@@ -194,7 +197,8 @@ class RequestTable:
     def decode_reservation(self, rows: np.ndarray, ratio: float) -> np.ndarray:
         """Tokens SGLang's admission keeps free for these requests' future output: the
         remaining output (clipped like SGLang's CLIP_MAX_NEW_TOKENS) times ``ratio``."""
-        remaining = np.minimum(self.max_new_tokens[rows] - self.num_output_tokens[rows], CLIP_NEW_TOKENS)
+        remaining = np.minimum(self.max_new_tokens[rows] - self.num_output_tokens[rows],
+                               CLIP_NEW_TOKENS)
         return np.maximum(remaining, 0) * ratio
 
     def rows_in(self, *phases: Phase) -> np.ndarray:
@@ -225,7 +229,8 @@ class RequestTable:
             num_output_tokens=int(self.num_output_tokens[s]),
             max_new_tokens=int(self.max_new_tokens[s]),
             first_token_s=None if np.isnan(first) else first,
-            resident_since_s=float(self.resident_since_s[s]), rotated_at_s=float(self.rotated_at_s[s]),
+            resident_since_s=float(self.resident_since_s[s]),
+            rotated_at_s=float(self.rotated_at_s[s]),
         )
 
     def _grow(self) -> None:

@@ -17,8 +17,8 @@ Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from .cli import is_rotasched, rota_config
@@ -45,7 +45,8 @@ def _init_schedule_policy(original: Callable, self: Any, *args: Any, **kwargs: A
     return result
 
 
-def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *args: Any, **kwargs: Any) -> Any:
+def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *args: Any,
+                           **kwargs: Any) -> Any:
     rot = _rotator(self)
     if rot is None:
         return original(self, running_batch, *args, **kwargs)

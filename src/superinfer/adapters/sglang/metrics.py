@@ -33,12 +33,18 @@ class RotationMetrics:
         from prometheus_client import Counter, Gauge
 
         labels = {"tp_rank": str(tp_rank)}
-        self._counters = {n: Counter(f"superinfer:{n}_total", doc, labelnames=list(labels)).labels(**labels)
-                          for n, doc in _COUNTERS.items()}
-        self._host_used = Gauge("superinfer:host_tier_tokens_used", "Host tier tokens in use.",
-                                labelnames=list(labels), multiprocess_mode="mostrecent").labels(**labels)
-        self._rotated = Gauge("superinfer:requests_rotated_out", "Requests currently away from the device.",
-                              labelnames=list(labels), multiprocess_mode="mostrecent").labels(**labels)
+        self._counters = {
+            n: Counter(f"superinfer:{n}_total", doc, labelnames=list(labels)).labels(**labels)
+            for n, doc in _COUNTERS.items()
+        }
+        self._host_used = Gauge(
+            "superinfer:host_tier_tokens_used", "Host tier tokens in use.",
+            labelnames=list(labels), multiprocess_mode="mostrecent",
+        ).labels(**labels)
+        self._rotated = Gauge(
+            "superinfer:requests_rotated_out", "Requests currently away from the device.",
+            labelnames=list(labels), multiprocess_mode="mostrecent",
+        ).labels(**labels)
 
     def publish(self, stats: RotationStats, tier_stats: TierStats, host_tokens_used: int,
                 num_rotated: int) -> None:

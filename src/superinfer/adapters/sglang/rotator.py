@@ -53,9 +53,9 @@ class Rotator:
         self.stats = RotationStats()
         kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
         if not (hasattr(kv_pool, "k_buffer") and hasattr(kv_pool, "v_buffer")):
-            raise RuntimeError(f"--schedule-policy rotasched needs an MHA KV pool (k_buffer/v_buffer); "
-                               f"this model uses {type(kv_pool).__name__} (MLA/hybrid pools are not "
-                               f"supported yet)")
+            raise RuntimeError(
+                "--schedule-policy rotasched needs an MHA KV pool (k_buffer/v_buffer); this model "
+                f"uses {type(kv_pool).__name__} (MLA/hybrid pools are not supported yet)")
         self.tier, self.tier_spec = build_host_tier(
             kv_pool.k_buffer, kv_pool.v_buffer, self.kv.page_size, config.host_kv_gb, config.mover,
             config.keep_host_copy, config.host_numa_node)
@@ -93,9 +93,9 @@ class Rotator:
         if len(self.policy) == 0:
             return running
         s = self.scheduler
+        device_free = self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
         cap = Capacity(
-            available_device_tokens=(self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
-                                     - self.pacer.chunked_remainder()),
+            available_device_tokens=device_free - self.pacer.chunked_remainder(),
             total_device_tokens=s.max_total_num_tokens,
             free_host_tokens=self.tier.free_tokens(),
             bytes_per_token=self.tier_spec.bytes_per_token,
@@ -119,7 +119,8 @@ class Rotator:
                                  self.tier_spec.bytes_per_token)
             resident = [(r.rid, self.kv.kv_len(r)) for r in running.reqs
                         if not r.finished() and r.rid in self.policy]
-            self.tier.write_through(resident, self._device_slots(running), budget, self._forward_event())
+            self.tier.write_through(resident, self._device_slots(running), budget,
+                                    self._forward_event())
         return running
 
     def _apply(self, events: Iterable[ev.Event]) -> None:
@@ -250,8 +251,10 @@ class Rotator:
         elif batch.forward_mode.is_extend():
             self._last_decode_launch = None  # a decode step's cost must not include this one
             if batch.launch_ts is not None:
-                self.costs.observe_prefill(batch.extend_num_tokens or 0, time.monotonic() - batch.launch_ts)
-            self._apply(translate.extended(batch, self.scheduler.chunked_req, self.now_s, self.policy))
+                self.costs.observe_prefill(batch.extend_num_tokens or 0,
+                                           time.monotonic() - batch.launch_ts)
+            self._apply(
+                translate.extended(batch, self.scheduler.chunked_req, self.now_s, self.policy))
 
     def on_abort(self, rid_prefix: str, abort_all: bool) -> None:
         def hit(rid: str) -> bool:
@@ -273,13 +276,16 @@ class Rotator:
 
     def _reconcile(self, running: list[Req]) -> None:
         """Finish what SGLang no longer holds anywhere (paths no hook sees, e.g. timeouts)."""
+        self._apply(translate.gone(self._live_rids(running), self.policy))
+
+    def _live_rids(self, running: list[Req]) -> set[str]:
         s = self.scheduler
         live = {r.rid for r in s.waiting_queue} | {r.rid for r in running} | set(self.away)
         if s.last_batch is not None:
             live |= {r.rid for r in s.last_batch.reqs}
         if s.chunked_req is not None:
             live.add(s.chunked_req.rid)
-        self._apply(translate.gone(live, self.policy))
+        return live
 
     # --- streams --------------------------------------------------------------------------
     def _forward_stream(self) -> object | None:
@@ -316,7 +322,10 @@ class Rotator:
             return
         self._idle_checked = True
         running = getattr(self.scheduler, "running_batch", None)
-        self._reconcile(running.reqs if running is not None else [])  # free stale kept copies
+        live = self._live_rids(running.reqs if running is not None else [])
+        for rid in self.tier.kept_ids():  # requests finished on paths no hook sees
+            if rid not in live:
+                self.tier.drop(rid)
         error = None
         try:
             self.check()
@@ -325,9 +334,11 @@ class Rotator:
             logger.error("rotasched idle check failed: %s", e)
         self._report()
         counts = self.times_rotated.values()
-        self._record("idle", device_free=self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size(),
+        device_free = self.kv.allocator.available_size() + self.kv.tree_cache.evictable_size()
+        self._record("idle", device_free=device_free,
                      device_total=self.scheduler.max_total_num_tokens,
-                     host_free=self.tier.pages.available_size(), host_total=self.initial_host_tokens,
+                     host_free=self.tier.pages.available_size(),
+                     host_total=self.initial_host_tokens,
                      table=len(self.policy), rotations_out=self.stats.rotations_out,
                      rotated_reqs=len(counts), multi_rotated_reqs=sum(c > 1 for c in counts),
                      max_per_req=max(counts, default=0),

@@ -35,7 +35,8 @@ def launched(batch: ScheduleBatch, chunked_req: Req | None, now_s: float, done_a
             for r in batch.reqs if policy.phase_of(r.rid) in (Phase.WAITING, Phase.PREFILLING)]
 
 
-def in_flight(batches: Iterable[ScheduleBatch], chunked_req: Req | None, policy: Policy) -> ev.InFlight:
+def in_flight(batches: Iterable[ScheduleBatch], chunked_req: Req | None,
+              policy: Policy) -> ev.InFlight:
     """The tokens on their way: one per request of every launched batch whose result is not
     processed yet (a prefill's first token unless its prompt was cut)."""
     counts: dict[str, int] = {}
