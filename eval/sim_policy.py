@@ -2,15 +2,24 @@
 
 Why: device time is scarce, and the policy's failures on the H200 were feedback loops (victims
 picked again every step, prefill chunks shrinking to 256 tokens, prefill storms once every
-stream was behind) that a cheap replay can show before a GPU run. This is not SGLang: it
-mirrors the parts of its scheduler that decide who runs (PrefillAdder's memory rule, chunked
-prefill, decode retraction, new_token_ratio decay) and feeds the real policy and cost model
-the observations the adapter would. It runs one batch at a time (no overlap scheduling) and
-moves KV over a link with a fixed rate per direction. Figures are model estimates only.
+stream was behind) that a cheap replay can show before a GPU run.
+
+What is modelled here (this is not SGLang): the parts of SGLang's scheduler that decide who
+runs (PrefillAdder's memory rule, chunked prefill, decode retraction, new_token_ratio decay),
+one batch at a time (no overlap scheduling); the GPU's prefill and decode costs and what a
+decode step pays while KV moves each way (``GpuModel``); a host link of a fixed rate per
+direction that moves no bytes (``eval.lib.modelled_mover.ModelledMover``).
+
+What is the product's own code: the policy and its cost model, fed only through
+``update(events)`` and ``plan(StepSnapshot)`` as the SGLang adapter feeds them; and everything
+host-side (host room, kept copies for rotasched-keep, write-through for rotasched-wt, eviction),
+which is ``superinfer.host_tier.manager.HostTierManager`` over page accounting without memory
+(``HostPages``), driven like the adapter drives it, except that copies are polled at
+their own end (``Simulator._collect``). Figures are model estimates only.
 
     python -m eval.sim_policy \\
         --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
-        --cap 60000 --rates 14 18 22 --num 300 --out eval/results/sim_conv.json
+        --cap 60000 --rates 14 18 22 --num 300 --out /tmp/sim_conv.json
 """
 
 from __future__ import annotations
@@ -23,11 +32,17 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from eval.lib.jsonfiles import command_line, write_jsonl
 from eval.lib.metrics import summarize
+from eval.lib.modelled_mover import ModelledMover
 from eval.lib.traces import RequestSpec, load_azure, make_specs
 from superinfer.config import RotaConfig
-from superinfer.policy import Capacity, CostModel, Phase, create_policy, deadlines
+from superinfer.host_tier.manager import HostTierManager, TierState, TierStats
+from superinfer.host_tier.pool import HostPages
+from superinfer.policy import Capacity, CostModel, Policy, StepSnapshot, create_policy, deadlines
+from superinfer.policy import events as ev
 from superinfer.policy.table import CLIP_NEW_TOKENS
 
 # --rota-keep-host-copy, --rota-write-through
@@ -83,25 +98,29 @@ class GpuModel:
 
 @dataclass
 class SimReq:
+    """A request as the modelled server holds it: SGLang's Req reduced to counts."""
+
     spec: RequestSpec
     rid: str
     prefilled: int = 0  # tokens of (prompt + recomputed output) with KV on the device
-    kv: int = 0  # device KV tokens held
+    kv: int = 0  # device KV tokens held (until its copy to the host is done, when rotated out)
     token_times: list[float] = field(default_factory=list)
-    kv_moving: int = 0  # tokens of the copy in flight, and how long it takes from its submission
-    copy_s: float = 0.0
-    host: int = 0  # host tokens held: the whole KV while away, a kept copy while running
-    epoch: int = 0  # bumped when the device KV leaves (rotate-out, retraction)
-    # write-through in flight: (tokens, copy size, epoch) at start
-    wt: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def out(self) -> int:
         return len(self.token_times)
 
+    @property
+    def done(self) -> bool:
+        return self.out >= self.spec.output_len
+
     def to_prefill(self) -> int:
         """Tokens a prefill must still compute (a retracted request recomputes its output)."""
         return self.spec.prompt_len + max(self.out - 1, 0) - self.prefilled
+
+    def device_slots(self) -> torch.Tensor:
+        """Stand-ins for its device KV slots: the modelled mover only counts them."""
+        return torch.arange(self.kv)
 
 
 class NewTokenRatio:
@@ -120,6 +139,10 @@ class NewTokenRatio:
 
 
 class Simulator:
+    """One replay of ``specs``. This class models the server (who runs, when, at what cost);
+    under rotasched the policy decides and the product's HostTierManager owns every host page,
+    both driven the way the SGLang adapter drives them (adapters/sglang/rotator.py)."""
+
     def __init__(self, specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel,
                  ttft_slo: float, tbt_slo: float, host_tokens: int, horizon_s: float) -> None:
         self.gpu, self.cap, self.horizon = gpu, cap, horizon_s
@@ -130,27 +153,31 @@ class Simulator:
         self.running: list[SimReq] = []
         self.chunked: SimReq | None = None
         self.admitted: set[str] = set()  # the last plan's admissions (the queue SGLang is shown)
-        self.copies: list[tuple[float, str, SimReq]] = []  # (done_s, "d2h"|"h2d", req)
-        self.link_free_s = {"d2h": 0.0, "h2d": 0.0}
-        self.parked: dict[str, SimReq] = {}
-        self.host_free = host_tokens
-        self.keep = system in ("rotasched-keep", "rotasched-wt")
-        self.write_through = system == "rotasched-wt"
-        self.host_tokens = host_tokens
-        self.kept: dict[str, SimReq] = {}  # running requests with a kept host copy, oldest first
+        self.away: dict[str, SimReq] = {}  # held by the tier: rotating out, on host, rotating in
         self.ratio = NewTokenRatio()
-        self.policy = None
-        if system != "fcfs":
-            cfg = RotaConfig(policy="lvf" if system == "rotasched-lvf" else "slo",
-                             ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo)
-            self.policy = create_policy(cfg)
         self.costs = CostModel()
         self.now = 0.0
+        self._poll_s: float | None = None  # the tier's clock while it is polled at a copy's end
         self.last_was_decode = False
-        self.stats = {"rotations_out": 0, "retractions": 0, "prefill_batches": 0,
-                      "prefill_tokens": 0,
-                      "decode_steps": 0, "decode_first": 0, "d2h_tokens": 0, "d2h_tokens_saved": 0,
-                      "kept_copies_evicted": 0, "written_through_tokens": 0}
+        self.stats = {"rotations_out": 0, "rotations_no_room": 0, "retractions": 0,
+                      "prefill_batches": 0, "prefill_tokens": 0, "decode_steps": 0,
+                      "decode_first": 0}
+        self.policy: Policy | None = None
+        self.mover: ModelledMover | None = None
+        self.tier: HostTierManager | None = None
+        self.write_through = False
+        if system != "fcfs":
+            cfg = RotaConfig(policy="lvf" if system == "rotasched-lvf" else "slo",
+                             ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo,
+                             keep_host_copy=system == "rotasched-keep",
+                             write_through=system == "rotasched-wt")
+            self.policy = create_policy(cfg)
+            self.write_through = cfg.write_through
+            self.mover = ModelledMover(self._tier_clock, gpu.link_bytes_per_s,
+                                       gpu.bytes_per_token)
+            pages = HostPages(host_tokens // HOST_PAGE * HOST_PAGE, HOST_PAGE)
+            self.tier = HostTierManager(pages, self.mover, gpu.bytes_per_token,
+                                        keep_copies=cfg.keep_host_copy)
 
     # --- memory as SGLang's PrefillAdder counts it --------------------------------------------
     def used(self) -> int:
@@ -160,163 +187,160 @@ class Simulator:
         return sum(min(r.spec.output_len - r.out, CLIP_NEW_TOKENS) * self.ratio.value
                    for r in self.running)
 
+    def all_stats(self) -> dict[str, int]:
+        """The simulator's counters plus the tier's, in tokens (its stats count bytes)."""
+        tier = self.tier.stats if self.tier is not None else TierStats()
+        bpt = self.gpu.bytes_per_token
+        return {**self.stats, "d2h_tokens": tier.bytes_d2h // bpt,
+                "d2h_tokens_saved": tier.bytes_d2h_saved // bpt,
+                "kept_copies_evicted": tier.host_copies_evicted,
+                "written_through_tokens": tier.bytes_written_through // bpt}
+
     # --- main loop -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
         done = 0
         while done < len(self.reqs) and self.now < self.horizon:
             self._arrivals()
-            self._finish_copies()
+            self._collect()
             budget = self._plan()
-            if not self._prefill(budget) and not self._decode():
-                nxt = [c[0] for c in self.copies] + ([self.pending[0].spec.arrival]
-                                                     if self.pending else [])
-                if not nxt:
-                    break
-                self.now = max(self.now, min(nxt))
-            done = sum(r.out >= r.spec.output_len for r in self.reqs)
-        while self.copies:  # write-through copies still landing after the last request finished
-            self.now = max(self.now, min(c[0] for c in self.copies))
-            self._finish_copies()
+            if not self._prefill(budget) and not self._decode() and not self._wait():
+                break
+            done = sum(r.done for r in self.reqs)
+        # write-through copies may still land after the last request finished
+        while self.mover is not None and (done_s := self.mover.next_done_s()) is not None:
+            self.now = max(self.now, done_s)
+            self._collect()
         return [{"send": r.spec.arrival, "token_times": r.token_times, "aborted": False,
-                 "error": None if r.out >= r.spec.output_len else "not finished in the horizon"}
+                 "error": None if r.done else "not finished in the horizon"}
                 for r in self.reqs]
+
+    def _wait(self) -> bool:
+        """Nothing to run: move the clock to the next arrival or copy end. False: nothing is
+        left that could ever happen."""
+        nxt = [self.pending[0].spec.arrival] if self.pending else []
+        if self.mover is not None and (done_s := self.mover.next_done_s()) is not None:
+            nxt.append(done_s)
+        if nxt:
+            self.now = max(self.now, min(nxt))
+            return True
+        # A rotate-out with nothing to copy (all of it kept) ends at the next poll.
+        return self.tier is not None and any(self.tier.collect())
+
+    def _apply(self, events: list[ev.Event]) -> None:
+        """Events to the policy, as the adapter's ``_apply``: a finished request's host state
+        (a kept copy) goes too."""
+        if self.policy is None or self.tier is None:
+            return
+        self.policy.update(events)
+        for e in events:
+            if isinstance(e, ev.Finished):
+                self.tier.drop(e.req_id)
 
     def _arrivals(self) -> None:
         while self.pending and self.pending[0].spec.arrival <= self.now:
             r = self.pending.popleft()
             self.waiting.append(r)
             self.costs.observe_arrival(self.now, r.spec.prompt_len)
-            if self.policy:
-                self.policy.table.add(r.rid, r.spec.arrival, r.spec.prompt_len, self.ttft_slo,
-                                      self.tbt_slo, r.spec.output_len)
+            self._apply([ev.Arrived(r.rid, r.spec.arrival, r.spec.prompt_len, self.ttft_slo,
+                                    self.tbt_slo, r.spec.output_len)])
 
-    def _finish_copies(self) -> None:
-        for c in sorted((c for c in self.copies if c[0] <= self.now), key=lambda c: c[:2]):
-            self.copies.remove(c)
-            _, way, r = c
-            t = self.policy.table
-            if way == "wt":
-                self._write_through_done(r)
-                continue
-            self.costs.observe_transfer(way, r.kv_moving * self.gpu.bytes_per_token, r.copy_s)
-            if way == "d2h":
-                r.kv = 0
-                t.set_phase(r.rid, Phase.ON_HOST, self.now)
-                self.parked[r.rid] = r
-            else:
-                keep = r.kv // HOST_PAGE * HOST_PAGE if self.keep else 0
-                self.host_free += r.host - keep
-                r.host = keep
-                if keep:
-                    self.kept[r.rid] = r
-                    t.set_host_tokens(r.rid, keep)
-                t.set_phase(r.rid, Phase.RUNNING, self.now)
-                self.running.append(r)
+    # --- the host tier -------------------------------------------------------------------------
+    def _tier_clock(self) -> float:
+        return self.now if self._poll_s is None else self._poll_s
 
-    def _copy(self, way: str, r: SimReq, tokens: int) -> None:
-        secs = tokens * self.gpu.bytes_per_token / self.gpu.link_bytes_per_s
-        link = "h2d" if way == "h2d" else "d2h"  # write-through shares the device->host link
-        start = max(self.now, self.link_free_s[link])
-        self.link_free_s[link] = start + secs
-        if way != "wt":
-            r.kv_moving, r.copy_s = tokens, start + secs - self.now
-        self.copies.append((start + secs, way, r))
+    def _collect(self) -> None:
+        """Copies that ended by now move their requests on. Each is polled at its own end, so
+        the cost model learns the copy's own duration. (The adapter polls once per iteration,
+        so its elapsed times include the rest of the step; with write-through's small tails
+        its d2h rate estimate then collapses. This models the link, not that measurement.)"""
+        if self.tier is None or self.mover is None:
+            return
+        while (done_s := self.mover.next_done_s()) is not None and done_s <= self.now:
+            self._poll(done_s)
+        self._poll(self.now)  # rotate-outs with nothing to copy end here, in their order
 
-    def _write_through(self) -> None:
-        """As the adapter: while nothing moves out, copy running requests' unsaved full pages,
-        most first, within one step's link share (the first past it), into the free half."""
-        c = self.costs.costs()
-        budget = deadlines.link_tokens(self.policy.config.link_share, self.gpu.link_bytes_per_s,
-                                       c.decode_step_s,
-                                 self.gpu.bytes_per_token)
-        room = self.host_free - self.host_tokens // 2
-        wants = sorted(((r.kv // HOST_PAGE * HOST_PAGE - r.host, r) for r in self.running
-                        if r.out < r.spec.output_len), key=lambda w: (-w[0], w[1].rid))
-        first = True
-        for want, r in wants:
-            if want < HOST_PAGE or want > room or (want > budget and not first):
-                continue
-            first = False
-            self.host_free -= want
-            room, budget = room - want, budget - want
-            r.wt = (want, r.host, r.epoch)
-            self._copy("wt", r, want)
-            self.stats["written_through_tokens"] += want
-
-    def _write_through_done(self, r: SimReq) -> None:
-        tokens, base, epoch = r.wt
-        if r in self.running and r.epoch == epoch and r.host == base:
-            r.host += tokens
-            self.kept[r.rid] = r
-            self.policy.table.set_host_tokens(r.rid, r.host)
-        else:
-            self.host_free += tokens
+    def _poll(self, at_s: float) -> None:
+        assert self.tier is not None and self.policy is not None
+        self._poll_s = at_s
+        try:
+            report = self.tier.poll(at_s)
+        finally:
+            self._poll_s = None
+        if report.cancelled:  # requests away neither finish nor get retracted here
+            raise AssertionError(f"dropped while a copy ran: {sorted(report.cancelled)}")
+        for t in report.transfers:
+            self.costs.observe_transfer("d2h" if t.to_host else "h2d", t.num_bytes, t.elapsed_s)
+        for rid in report.finished_out:
+            self.away[rid].kv = 0  # its device pages are released once the copy is done
+        for rid in report.finished_in:
+            self.running.append(self.away.pop(rid))
+        self.policy.update([report])
 
     def _plan(self) -> int | None:
         self.admitted = set()
-        if not self.policy or len(self.policy.table) == 0:
+        if self.policy is None or self.tier is None or len(self.policy) == 0:
             return None
-        t = self.policy.table
         chunk_left = self.chunked.to_prefill() if self.chunked else 0
         cap = Capacity(available_device_tokens=self.cap - self.used() - chunk_left,
-                       total_device_tokens=self.cap,
-                       free_host_tokens=self.host_free + sum(r.host for r in self.kept.values()),
+                       total_device_tokens=self.cap, free_host_tokens=self.tier.free_tokens(),
                        bytes_per_token=self.gpu.bytes_per_token,
                        new_token_ratio=self.ratio.value)
-        # as the adapter passes it
+        # as the adapter passes it; one batch at a time, so the GPU is free now
         limit = min(self.gpu.max_prefill_tokens, self.gpu.chunked_prefill_size)
-        plan = self.policy.plan(self.now, cap, self.costs.costs(), limit, None)
+        costs = self.costs.costs()
+        plan = self.policy.plan(StepSnapshot(self.now, cap, costs, limit))
         self.admitted = set(plan.admit)
-        for r in [r for r in self.running if r.rid in set(plan.rotate_out)]:
-            tail = r.kv - r.host
-            if r.out >= r.spec.output_len or not self._host_room(tail, r):
-                continue
-            self.running.remove(r)
-            self.kept.pop(r.rid, None)
-            r.epoch += 1
-            self.host_free -= tail
-            self.stats["d2h_tokens"] += tail
-            self.stats["d2h_tokens_saved"] += r.host
-            r.host = r.kv
-            t.set_counts(r.rid, r.kv, r.out)
-            t.set_host_tokens(r.rid, 0)
-            t.set_phase(r.rid, Phase.ROTATING_OUT, self.now)
-            self._copy("d2h", r, tail)
-            self.stats["rotations_out"] += 1
+        if plan.rotate_out:
+            self._rotate_out(set(plan.rotate_out))
         for rid in plan.rotate_in:
-            r = self.parked[rid]
-            need = r.spec.prompt_len + r.out - 1
-            if self.cap - self.used() - chunk_left < need:
-                continue
-            del self.parked[rid]
-            r.kv = need
-            t.set_phase(rid, Phase.ROTATING_IN, self.now)
-            self._copy("h2d", r, need)
-        if (self.write_through and not plan.rotate_out
-                and not any(w != "h2d" for _, w, _ in self.copies)):
-            self._write_through()
+            self._rotate_in(rid, chunk_left)
+        if self.write_through and not plan.rotate_out and not self._moving_out():
+            budget = deadlines.link_tokens(self.policy.config.link_share,
+                                           self.gpu.link_bytes_per_s, costs.decode_step_s,
+                                           self.gpu.bytes_per_token)
+            by_rid = {r.rid: r for r in self.running}
+            self.tier.write_through([(r.rid, r.kv) for r in self.running],
+                                    lambda rid: by_rid[rid].device_slots(), budget, None)
         if plan.admit:
             front = [r for rid in plan.admit for r in self.waiting if r.rid == rid]
             self.waiting = front + [r for r in self.waiting if r not in front]
         return plan.prefill_token_budget
 
-    def _host_room(self, tokens: int, mover: SimReq) -> bool:
-        """Room for ``tokens`` on the host, evicting other requests' kept copies (oldest first)."""
-        for rid in list(self.kept):
-            if self.host_free >= tokens:
-                break
-            if rid != mover.rid:
-                self._drop_kept(self.kept[rid])
-                self.stats["kept_copies_evicted"] += 1
-        return self.host_free >= tokens
+    def _rotate_out(self, victims: set[str]) -> None:
+        """Start the victims' copies to the host; their device KV stays held until it lands.
+        A victim the tier has no room for stays (SGLang's retraction would take over)."""
+        assert self.tier is not None
+        events: list[ev.Event] = []
+        for r in [r for r in self.running if r.rid in victims]:
+            if self.tier.start_out(r.rid, r.device_slots(), None, self.now) is None:
+                self.stats["rotations_no_room"] += 1
+                continue
+            self.running.remove(r)
+            self.away[r.rid] = r
+            events.append(ev.RotationStarted(r.rid, self.now, True, r.kv, r.out))
+            self.stats["rotations_out"] += 1
+        events.append(self.tier.report(self.now))  # kept copies taken or evicted for room
+        self._apply(events)
 
-    def _drop_kept(self, r: SimReq) -> None:
-        if self.kept.pop(r.rid, None) is not None:
-            self.host_free += r.host
-            r.host = 0
-            if self.policy and r.rid in self.policy.table:
-                self.policy.table.set_host_tokens(r.rid, 0)
+    def _rotate_in(self, rid: str, chunk_left: int) -> None:
+        """Allocate its device KV (if it fits beside the chunked prefill's rest) and start the
+        copy back; it rejoins the running batch when the copy lands."""
+        assert self.tier is not None
+        r = self.away[rid]
+        need = r.spec.prompt_len + r.out - 1
+        held = self.tier.away_kv_len(rid)
+        assert need == held, f"{rid}: KV length moved while rotated out ({held} -> {need})"
+        if self.cap - self.used() - chunk_left < need:
+            return
+        r.kv = need
+        self.tier.start_in(rid, r.device_slots(), 0, None, self.now)
+        self._apply([ev.RotationStarted(rid, self.now, False)])
 
+    def _moving_out(self) -> bool:
+        assert self.tier is not None
+        return any(self.tier.state(rid) is TierState.ROTATING_OUT for rid in self.away)
+
+    # --- the server's batches ------------------------------------------------------------------
     def _prefill(self, budget: int | None) -> bool:
         """One prefill batch the way SGLang's PrefillAdder forms it with chunked prefill on: the
         chunked request first (even without memory to spare), then the queue in order while
@@ -360,6 +384,7 @@ class Simulator:
         self.stats["prefill_batches"] += 1
         self.stats["prefill_tokens"] += tokens
         self.chunked = None
+        events: list[ev.Event] = []
         for r, take in batch:
             r.prefilled += take
             r.kv += take
@@ -367,14 +392,13 @@ class Simulator:
                 self.waiting.remove(r)
             if r.to_prefill() > 0:
                 self.chunked = r
-                if self.policy and self.policy.table.phase_of(r.rid) is Phase.WAITING:
-                    self.policy.table.prefill_launched(r.rid, self.now, None)
+                events.append(ev.PrefillChunked(r.rid, self.now))
                 continue
             if not r.token_times:
                 r.token_times.append(self.now)
-            if self.policy:
-                self.policy.table.prefill_done(r.rid, r.kv, self.now)
-            self._after_token(r)
+            events.append(ev.PrefillDone(r.rid, self.now, r.kv, r.out))
+            events += self._after_token(r)
+        self._apply(events)
         return True
 
     def _decode(self) -> bool:
@@ -383,21 +407,19 @@ class Simulator:
         while self.running and self.cap - self.used() < len(self.running):
             victim = max(self.running, key=lambda r: r.out)  # SGLang retracts the longest output
             self.running.remove(victim)
-            self._drop_kept(victim)  # its KV is recomputed: the copy would be stale
-            victim.epoch += 1
             victim.kv, victim.prefilled = 0, 0
             self.waiting.insert(0, victim)
             self.ratio.retracted()
             self.stats["retractions"] += 1
-            if self.policy:
-                self.policy.table.set_phase(victim.rid, Phase.WAITING, self.now)
-                self.policy.table.set_prompt_tokens(victim.rid, victim.to_prefill())
+            if self.tier is not None:
+                self.tier.drop(victim.rid)  # its KV is recomputed: a kept copy would be stale
+            self._apply([ev.Requeued(victim.rid, self.now, victim.to_prefill(), victim.out)])
         if not self.running:
             return False
-        ways = {way for _, way, _ in self.copies}
-        dur = self.gpu.decode_s(len(self.running),
-                                sum(r.kv for r in self.running), bool(ways - {"h2d"}),
-                                "h2d" in ways)
+        mover = self.mover
+        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running),
+                                d2h=mover is not None and mover.busy(True),
+                                h2d=mover is not None and mover.busy(False))
         self.now += dur
         if self.last_was_decode:
             self.costs.observe_decode(dur)
@@ -405,35 +427,38 @@ class Simulator:
         self.ratio.decode()
         self.stats["decode_steps"] += 1
         batch = list(self.running)
-        if self.policy:
-            self.policy.table.advance([r.rid for r in batch])
+        events: list[ev.Event] = [ev.Decoded(tuple(r.rid for r in batch))]
         for r in batch:
             r.kv += 1
             r.token_times.append(self.now)
-            self._after_token(r)
+            events += self._after_token(r)
+        self._apply(events)
         return True
 
-    def _after_token(self, r: SimReq) -> None:
-        if r.out >= r.spec.output_len:
+    def _after_token(self, r: SimReq) -> list[ev.Event]:
+        """A finished request leaves (its events); an unfinished one decodes from now on."""
+        if r.done:
             if r in self.running:
                 self.running.remove(r)
-            self._drop_kept(r)
             r.kv = 0
-            if self.policy:
-                self.policy.table.remove(r.rid)
-        elif r not in self.running:
+            return [ev.Finished(r.rid)]
+        if r not in self.running:
             self.running.append(r)
+        return []
 
 
 def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttft_slo: float,
              tbt_slo: float, host_tokens: int, horizon_s: float) -> dict:
     sim = Simulator(specs, system, cap, gpu, ttft_slo, tbt_slo, host_tokens, horizon_s)
     records = sim.run()
+    if sim.tier is not None:
+        sim.tier.check()  # every host page has one owner
     # What is still held once every request is done: anything but zeros is a leak.
-    held = {"device_tokens": sim.used(), "host_tokens": host_tokens - sim.host_free,
-            "table_entries": len(sim.policy.table) if sim.policy else 0}
+    held = {"device_tokens": sim.used(),
+            "host_tokens": sim.tier.used_tokens() if sim.tier is not None else 0,
+            "table_entries": len(sim.policy) if sim.policy is not None else 0}
     return {"summary": summarize(records, ttft_slo, tbt_slo),
-            "stats": {**sim.stats, "held_at_end": held},
+            "stats": {**sim.all_stats(), "held_at_end": held},
             "sim_seconds": round(sim.now, 2), "records": records}
 
 
@@ -478,6 +503,8 @@ def main() -> None:
     rows = load_azure(args.trace)
     gpu = GpuModel(mover=args.mover)
     host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
+    if host_tokens < HOST_PAGE:
+        ap.error(f"--host-kv-gb must hold at least one host page ({HOST_PAGE} tokens)")
     # Same keys as sweep_slo.py's results, so plot_slo.py draws it too.
     trace = Path(args.trace).stem.replace("AzureLLMInferenceTrace_", "azure_")
     result = {"trace": trace + " (simulated)", "trace_path": args.trace, "gpu": "modelled h200",

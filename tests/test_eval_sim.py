@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from eval.lib.traces import load_azure, make_specs
-from eval.sim_policy import GpuModel, simulate
+from eval.lib.traces import RequestSpec, load_azure, make_specs
+from eval.sim_policy import GpuModel, Simulator, simulate
+from superinfer.policy import Phase
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,30 @@ def test_write_through_leaves_rotate_outs_little_to_copy(overload):
     keep, wt = overload["rotasched-keep"]["stats"], overload["rotasched-wt"]["stats"]
     assert keep["written_through_tokens"] == 0 and wt["written_through_tokens"] > 0
     assert wt["d2h_tokens"] / wt["rotations_out"] < keep["d2h_tokens"] / keep["rotations_out"]
+
+
+def test_a_rotate_out_with_nothing_to_copy_still_lands():
+    """A request whose whole KV is kept on the host rotates out without a copy. With nothing
+    else to wait for, the simulator must still poll it through instead of stopping."""
+    sim = Simulator([RequestSpec(0, 0.0, 32, 100)], "rotasched-keep", 10_000, GpuModel(), 1.0,
+                    0.1, 1024, 60.0)
+    sim._arrivals()
+    assert sim._prefill(None)
+    r = sim.running[0]
+    sim._rotate_out({r.rid})  # 32 tokens out...
+    assert sim._wait()
+    sim._collect()
+    sim._rotate_in(r.rid, 0)  # ...and back, keeping the copy's two whole pages
+    assert sim._wait()
+    sim._collect()
+    assert sim.running == [r] and sim.tier.host_tokens(r.rid) == 32
+    sim._rotate_out({r.rid})
+    assert sim.mover.next_done_s() is None and sim._wait()
+    sim._collect()
+    assert sim.policy.phase_of(r.rid) is Phase.ON_HOST and r.kv == 0
+    stats = sim.all_stats()
+    assert stats["rotations_out"] == 2 and stats["d2h_tokens"] == 32
+    assert stats["d2h_tokens_saved"] == 32
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

@@ -61,7 +61,8 @@ def test_kept_copy_moves_only_the_tail_and_is_evicted_oldest_first():
     assert tier.plan_out("a", 49) == 17
     assert tier.start_out("a", a, None, 1.0) == 17 * tier.bytes_per_token
     assert tier.stats.bytes_d2h_saved == 32 * tier.bytes_per_token
-    tier.poll(1.0)
+    # the cost model hears of the whole KV the copy stands for (the policy prices whole KV)
+    assert tier.poll(1.0).transfers[0].num_bytes == 49 * tier.bytes_per_token
     # c needs 64 tokens (4 pages); 1 is free: b's kept copy (3 pages) goes, a is away
     assert tier.pages.available_size() == 16
     tier.start_out("c", torch.arange(180, 244), None, 1.0)

@@ -26,7 +26,10 @@ case "$1" in
     timeout 400 "${run[@]}" python3 -m pytest -m gpu tests -q -p no:cacheprovider \
       2>&1 | tee "$out/gpu_tests.log" | tail -15 ;;
   e2e)
+    # Three servers share one GPU: a 100-request burst keeps the uncapped baseline inside an
+    # 80 GB card (300 requests did not fit beside two rotasched servers on an H100).
     timeout 580 "${run[@]}" python3 -m eval.e2e_rotation --servers baseline rota_p1 rota_p64 \
+      --num 100 --max-prompt 1000 --max-output 128 \
       --model-path .gpu/models/llama-3.1-8b --trace "$trace" --budget 540 \
       --out "$out/e2e.json" --out-dir /tmp/e2e_raw 2>&1 | tee "$out/e2e.log" | tail -40
     tar czf "$out/e2e_raw.tgz" -C /tmp e2e_raw ;;

@@ -280,7 +280,7 @@ class HostTierManager:
             local = self.collect()
             num_d2h = local[0] if num_d2h is None else num_d2h
             num_h2d = local[1] if num_h2d is None else num_h2d
-        report = self.report(now_s)
+        report = TierReport(now_s=now_s)
         for to_host, count in ((True, num_d2h), (False, num_h2d)):
             for _ in range(count):
                 job_id = self._order[to_host].popleft()
@@ -307,8 +307,10 @@ class HostTierManager:
             return
         entry = self._entries[job.req_id]
         elapsed = max(now_s - entry.submitted_s, 1e-6)
-        if entry.num_bytes:
-            report.transfers.append(Transfer(job.to_host, entry.num_bytes, elapsed))
+        # NOTE: priced by the whole KV the copy stands for, not the bytes it moved: the policy
+        # prices a request's return by its whole KV, so a radix hit or a kept copy reads as a
+        # faster link (and a copy of nothing still times the round of polling it took).
+        report.transfers.append(Transfer(job.to_host, entry.kv_len * self.bytes_per_token, elapsed))
         (report.finished_out if job.to_host else report.finished_in).append(job.req_id)
         if entry.dropped:
             report.cancelled.add(job.req_id)

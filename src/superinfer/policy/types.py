@@ -74,8 +74,8 @@ class Transfer:
     """One finished rotation copy, for the cost model."""
 
     to_host: bool
-    num_bytes: int
-    elapsed_s: float
+    num_bytes: int  # the KV the copy stands for (a request's whole KV), not the bytes it moved
+    elapsed_s: float  # from submission to the poll that saw it done
 
 
 @dataclass(slots=True)
