@@ -3,6 +3,7 @@ pool in whole pages of that path, and wires the mover into a ``HostTierManager``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from .direct import DIRECT_MIN_PIECE_BYTES, mover_path
 from .interface import KVLayout, KVMover
 from .manager import HostTierManager
 from .pool import HostKVPool
+from .sizing import HostMemory, check_host_tier_size, read_host_memory
 
 logger = logging.getLogger("superinfer")
 TOKEN_MAJOR_PAGE = 16  # host page of the token-major paths (torch, staging, zerocopy)
@@ -30,10 +32,12 @@ class TierSpec:
 
 def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
                     device_page_size: int, host_kv_gb: float, mover_flag: str,
-                    keep_copies: bool, numa_node: int | None = None
-                    ) -> tuple[HostTierManager, TierSpec]:
+                    keep_copies: bool, numa_node: int | None = None, ranks_on_host: int = 1,
+                    memory: HostMemory | None = None) -> tuple[HostTierManager, TierSpec]:
     """A host tier of about ``host_kv_gb`` GB beside SGLang's layer-first ``k_buffers`` /
-    ``v_buffers`` (one tensor per layer, ``[slots, heads, head_dim]``)."""
+    ``v_buffers`` (one tensor per layer, ``[slots, heads, head_dim]``). Raises
+    HostTierSizeError, before anything is pinned, if ``ranks_on_host`` such tiers do not fit
+    the host's ``memory`` (read from this machine by default)."""
     k0 = k_buffers[0]
     layout = KVLayout(len(k_buffers), k0.shape[1], k0.shape[2], k0.element_size())
     piece = device_page_size * k0[0].numel() * k0.element_size()  # one page, one layer's K
@@ -44,6 +48,10 @@ def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]
     if num_tokens < page:
         raise ValueError(f"--rota-host-kv-gb {host_kv_gb} holds less than one {page}-token page "
                          f"({layout.bytes_per_token} bytes per token)")
+    memory = memory if memory is not None else read_host_memory(numa_node)
+    if not k0.is_cuda:  # nothing is pinned, so the locked-memory limit does not apply
+        memory = dataclasses.replace(memory, memlock_limit=None)
+    check_host_tier_size(num_tokens * layout.bytes_per_token, ranks_on_host, memory)
     pool = HostKVPool(layout, num_tokens, page, k0.dtype, pin_memory=k0.is_cuda,
                       numa_node=numa_node, page_major=path == "direct")
     mover = _make_mover(path, k_buffers, v_buffers, pool)

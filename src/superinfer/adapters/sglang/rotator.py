@@ -58,7 +58,8 @@ class Rotator:
                 f"uses {type(kv_pool).__name__} (MLA/hybrid pools are not supported yet)")
         self.tier, self.tier_spec = build_host_tier(
             kv_pool.k_buffer, kv_pool.v_buffer, self.kv.page_size, config.host_kv_gb, config.mover,
-            config.keep_host_copy, config.host_numa_node)
+            config.keep_host_copy, config.host_numa_node,
+            ranks_on_host=ranks_on_host(scheduler.server_args))
         self.pacer = PrefillPacer(scheduler, self.policy, config.min_prefill_chunk)
         group = scheduler.tp_cpu_group if scheduler.server_args.tp_size > 1 else None
         self.tp = tp if tp is not None else TpAgreement(group)
@@ -356,3 +357,14 @@ class Rotator:
         if set(self.tier.away_ids()) != set(self.away):
             raise AssertionError(f"tier holds {sorted(self.tier.away_ids())} away, "
                                  f"rotator {sorted(self.away)}")
+
+
+def ranks_on_host(server_args: object) -> int:
+    """Scheduler processes on this host, each with its own host tier: TP x PP ranks, times DP
+    replicas unless DP attention shares the TP ranks, over the nodes."""
+    tp = getattr(server_args, "tp_size", 1) or 1
+    pp = getattr(server_args, "pp_size", 1) or 1
+    dp = getattr(server_args, "dp_size", 1) or 1
+    if getattr(server_args, "enable_dp_attention", False):
+        dp = 1
+    return max(tp * pp * dp // max(getattr(server_args, "nnodes", 1) or 1, 1), 1)
