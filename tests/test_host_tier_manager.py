@@ -132,3 +132,53 @@ def test_check_catches_a_leaked_page():
     tier.pages.alloc(16)  # owned by nobody
     with pytest.raises(AssertionError, match="leak"):
         tier.check()
+
+
+def test_injected_copy_failures_free_the_pages_and_say_which_way_failed():
+    kv, tier = make(keep=True)
+    tier._fail_copies = {True: frozenset({2}), False: frozenset({1})}
+    tier.start_out("a", torch.arange(0, 20), None, 0.0)
+    tier.start_out("b", torch.arange(30, 50), None, 0.0)  # the 2nd rotate-out copy fails
+    report = tier.poll(0.0)
+    assert report.finished_out == ["a"] and report.failed_out == ["b"]
+    assert tier.state("b") is None and tier.stats.copies_failed_d2h == 1
+    tier.start_in("a", torch.arange(60, 80), 0, None, 0.0)  # the 1st rotate-in copy fails
+    report = tier.poll(0.0)
+    assert report.finished_in == [] and report.failed_in == ["a"] and held(tier) == 0
+    assert tier.stats.copies_failed_h2d == 1 and tier.state("a") is None
+    tier.check()
+
+
+def test_a_failed_copy_of_a_dropped_request_is_just_a_cancellation():
+    kv, tier = make()
+    tier._fail_copies = {True: frozenset({1})}
+    tier.start_out("a", torch.arange(0, 20), None, 0.0)
+    tier.poll(0.0, num_d2h=0, num_h2d=0)
+    tier.drop("a")
+    report = tier.poll(0.0)
+    assert report.failed_out == [] and report.cancelled == {"a"} and held(tier) == 0
+
+
+def test_a_mover_fault_stops_with_a_clear_error():
+    from superinfer.host_tier.manager import HostTierFault
+
+    kv, tier = make()
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    tier.mover.poll = broken
+    with pytest.raises(HostTierFault, match="illegal memory access.*stopping"):
+        tier.collect()
+
+
+def test_the_fault_switch_parses_and_rejects_nonsense():
+    from superinfer.config import ConfigError
+    from superinfer.env import TEST_FAIL_COPY, test_fail_copies
+
+    assert test_fail_copies({}) == {}
+    assert test_fail_copies({TEST_FAIL_COPY: "d2h:3, h2d:1,d2h:5"}) == {
+        True: frozenset({3, 5}), False: frozenset({1})}
+    for bad in ("d2h", "up:1", "h2d:0", "d2h:x"):
+        with pytest.raises(ConfigError, match=TEST_FAIL_COPY):
+            test_fail_copies({TEST_FAIL_COPY: bad})

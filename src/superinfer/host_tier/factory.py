@@ -33,7 +33,9 @@ class TierSpec:
 def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
                     device_page_size: int, host_kv_gb: float, mover_flag: str,
                     keep_copies: bool, numa_node: int | None = None, ranks_on_host: int = 1,
-                    memory: HostMemory | None = None) -> tuple[HostTierManager, TierSpec]:
+                    memory: HostMemory | None = None,
+                    fail_copies: dict[bool, frozenset[int]] | None = None
+                    ) -> tuple[HostTierManager, TierSpec]:
     """A host tier of about ``host_kv_gb`` GB beside SGLang's layer-first ``k_buffers`` /
     ``v_buffers`` (one tensor per layer, ``[slots, heads, head_dim]``). Raises
     HostTierSizeError, before anything is pinned, if ``ranks_on_host`` such tiers do not fit
@@ -59,7 +61,7 @@ def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]
         logger.warning("rotasched: --rota-mover direct with %.0f KiB page pieces: copy engines "
                        "move far less than full duplex with small pieces; a larger --page-size "
                        "or --rota-mover staging moves more", piece / 1024)
-    manager = HostTierManager(pool, mover, layout.bytes_per_token, keep_copies)
+    manager = HostTierManager(pool, mover, layout.bytes_per_token, keep_copies, fail_copies)
     return manager, TierSpec(path, type(mover).__name__, page, num_tokens, layout.bytes_per_token)
 
 

@@ -35,6 +35,10 @@ from .interface import KVMover
 from .pool import HostPages
 
 
+class HostTierFault(RuntimeError):
+    """A copy failed in a way that leaves the device state unknown: the server must stop."""
+
+
 class TierState(IntEnum):
     KEPT = 0  # resident on the device, with a host copy of its first whole pages
     ROTATING_OUT = 1  # device->host copy in flight; the device KV is still allocated
@@ -65,6 +69,7 @@ class _Job:
     version: int = 0  # write-through: the KEPT entry's version it extends...
     base_len: int = 0  # ...and its length then
     host_slots: torch.Tensor = _EMPTY  # write-through: the pages being filled
+    fails: bool = False  # reported as failed when it lands (fault injection)
 
 
 @dataclass(slots=True)
@@ -74,6 +79,8 @@ class TierStats:
     bytes_d2h_saved: int = 0  # not copied out: already on the host in a kept copy
     host_copies_evicted: int = 0  # kept copies dropped to make host room
     bytes_written_through: int = 0
+    copies_failed_d2h: int = 0  # rotate-outs whose copy failed: the request stayed on the device
+    copies_failed_h2d: int = 0  # rotate-ins whose copy failed: the request failed with an error
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -81,7 +88,9 @@ class TierStats:
 
 class HostTierManager:
     def __init__(self, pages: HostPages, mover: KVMover, bytes_per_token: int,
-                 keep_copies: bool) -> None:
+                 keep_copies: bool, fail_copies: dict[bool, frozenset[int]] | None = None) -> None:
+        """``fail_copies`` (tests only): per direction (keyed by to_host), the 1-based numbers
+        of the rotation copies to report as failed (see superinfer.env)."""
         self.pages, self.mover = pages, mover
         self.bytes_per_token = bytes_per_token
         self.keep_copies = keep_copies
@@ -94,6 +103,8 @@ class HostTierManager:
         self._order: dict[bool, deque[str]] = {True: deque(), False: deque()}
         self._finished: set[str] = set()
         self._ids = itertools.count()
+        self._fail_copies = fail_copies or {}
+        self._num_copies = {True: 0, False: 0}  # rotation copies submitted, per direction
 
     # --- queries --------------------------------------------------------------------------
     def state(self, req_id: str) -> TierState | None:
@@ -260,7 +271,11 @@ class HostTierManager:
     def collect(self) -> tuple[int, int]:
         """Take the mover's finished jobs. Returns how many are done on this rank and not yet
         reported, per direction (d2h, h2d): under TP, ``poll`` reports only the agreed counts."""
-        report = self.mover.poll()
+        try:
+            report = self.mover.poll()
+        except Exception as e:  # a copy engine or kernel fault: the CUDA context is suspect
+            raise HostTierFault(f"a DuplexKV copy failed ({e}); KV of the requests in flight is "
+                                "lost and the CUDA context may be unusable: stopping") from e
         self._finished.update(report.done_d2h)
         self._finished.update(report.done_h2d)
         return self._finished_prefix(True), self._finished_prefix(False)
@@ -311,6 +326,9 @@ class HostTierManager:
         # prices a request's return by its whole KV, so a radix hit or a kept copy reads as a
         # faster link (and a copy of nothing still times the round of polling it took).
         report.transfers.append(Transfer(job.to_host, entry.kv_len * self.bytes_per_token, elapsed))
+        if job.fails and not entry.dropped:
+            self._fail(job, entry, report)
+            return
         (report.finished_out if job.to_host else report.finished_in).append(job.req_id)
         if entry.dropped:
             report.cancelled.add(job.req_id)
@@ -320,6 +338,19 @@ class HostTierManager:
             entry.state = TierState.ON_HOST
         else:
             self._keep_or_free(job.req_id, entry)
+
+    def _fail(self, job: _Job, entry: HostEntry, report: TierReport) -> None:
+        """A rotation copy failed. Out: the device KV was never released, so the request goes
+        on from there (its host copy, kept part included, is dropped). In: the host copy may
+        be fine but the device KV is not; the adapter discards it and fails the request."""
+        del self._entries[job.req_id]
+        self.pages.free(entry.host_slots)
+        if job.to_host:
+            report.failed_out.append(job.req_id)
+            self.stats.copies_failed_d2h += 1
+        else:
+            report.failed_in.append(job.req_id)
+            self.stats.copies_failed_h2d += 1
 
     def _keep_or_free(self, req_id: str, entry: HostEntry) -> None:
         """Back on the device: keep the copy's whole pages (if asked), free the rest."""
@@ -346,7 +377,10 @@ class HostTierManager:
     def _job(self, req_id: str, to_host: bool, **kw: object) -> str:
         kind = "wt" if kw.get("write_through") else "d2h" if to_host else "h2d"
         job_id = f"{kind}:{next(self._ids)}"
-        self._jobs[job_id] = _Job(req_id, to_host, **kw)  # type: ignore[arg-type]
+        job = self._jobs[job_id] = _Job(req_id, to_host, **kw)  # type: ignore[arg-type]
+        if not job.write_through:
+            self._num_copies[to_host] += 1
+            job.fails = self._num_copies[to_host] in self._fail_copies.get(to_host, ())
         self._order[to_host].append(job_id)
         return job_id
 

@@ -78,9 +78,11 @@ class RequestTable:
                 raise TypeError(f"not a policy event: {event!r}")
 
     def _tier_report(self, report: TierReport) -> None:
-        """Copies that landed move their requests on; unknown ids (finished meanwhile) are
+        """Copies that landed move their requests on (a failed rotate-out back to running; a
+        failed rotate-in is finished by the adapter); unknown ids (finished meanwhile) are
         skipped. Kept-copy sizes are set afresh, so a dropped copy reads as 0."""
-        landed = ((report.finished_out, Phase.ON_HOST), (report.finished_in, Phase.RUNNING))
+        landed = ((report.finished_out, Phase.ON_HOST), (report.finished_in, Phase.RUNNING),
+                  (report.failed_out, Phase.RUNNING))
         for req_ids, new in landed:
             for req_id in req_ids:
                 if req_id in self._row_of:

@@ -93,6 +93,10 @@ class TierReport:
     finished_out: list[str] = field(default_factory=list)
     finished_in: list[str] = field(default_factory=list)
     cancelled: set[str] = field(default_factory=set)
+    # Copies that failed (not in the lists above; their host pages are free): a failed
+    # rotate-out leaves the request running on the device, a failed rotate-in fails it.
+    failed_out: list[str] = field(default_factory=list)
+    failed_in: list[str] = field(default_factory=list)
     host_tokens: dict[str, int] = field(default_factory=dict)
     transfers: list[Transfer] = field(default_factory=list)
     free_host_tokens: int = 0  # free pages plus kept copies (evictable), in tokens

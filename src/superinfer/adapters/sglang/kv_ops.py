@@ -53,6 +53,13 @@ class SglangKV:
         req.last_node = None
         req.prefix_indices = torch.empty((0,), dtype=torch.int64)
 
+    def discard(self, req: Req) -> None:
+        """Give back a restored request's device KV and request slot without caching it (its
+        bytes are not to be trusted, e.g. after a failed rotate-in copy)."""
+        release_kv_cache(req, self.tree_cache, is_insert=False)
+        req.last_node = None
+        req.prefix_indices = torch.empty((0,), dtype=torch.int64)
+
     def can_restore(self, num_tokens: int) -> bool:
         return (
             self.req_to_token_pool.available_size() > 0

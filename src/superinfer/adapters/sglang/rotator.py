@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...config import RequestSlo, RotaConfig
+from ...env import test_fail_copies
 from ...host_tier.factory import build_host_tier
 from ...host_tier.manager import TierState
-from ...policy import Capacity, CostModel, StepSnapshot, create_policy
+from ...policy import Capacity, CostModel, StepSnapshot, TierReport, create_policy
 from ...policy import events as ev
 from ...policy.deadlines import link_tokens
 from . import batch_surgery, translate
@@ -59,7 +60,7 @@ class Rotator:
         self.tier, self.tier_spec = build_host_tier(
             kv_pool.k_buffer, kv_pool.v_buffer, self.kv.page_size, config.host_kv_gb, config.mover,
             config.keep_host_copy, config.host_numa_node,
-            ranks_on_host=ranks_on_host(scheduler.server_args))
+            ranks_on_host=ranks_on_host(scheduler.server_args), fail_copies=test_fail_copies())
         self.pacer = PrefillPacer(scheduler, self.policy, config.min_prefill_chunk)
         group = scheduler.tp_cpu_group if scheduler.server_args.tp_size > 1 else None
         self.tp = tp if tp is not None else TpAgreement(group)
@@ -159,11 +160,33 @@ class Rotator:
                 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
                 req.to_finish = FINISH_ABORT()  # one more decode step, then SGLang cleans up
+        ready += self._copies_failed(report, events)
         self._apply(events)
         if not ready:
             return running
         self.tier.mover.fence_compute(self._forward_stream())
         return batch_surgery.rejoin(self.scheduler, running, ready)
+
+    def _copies_failed(self, report: TierReport, events: list[ev.Event]) -> list[Req]:
+        """A failed rotate-out leaves the request's device KV in place: it goes on decoding
+        (returned, to rejoin the batch). A failed rotate-in leaves it unusable: it is
+        discarded (never cached) and the request fails with an error the client sees."""
+        resume = []
+        for rid in report.failed_out:
+            req = self.away.pop(rid)
+            logger.warning("rotasched: rotate-out copy of %s failed; it stays on the device", rid)
+            if req.finished():  # finished by the step in flight: SGLang released it already
+                events.append(ev.Finished(rid))
+            else:
+                resume.append(req)
+        for rid in report.failed_in:
+            req = self.away.pop(rid)
+            logger.error("rotasched: rotate-in copy of %s failed; the request fails", rid)
+            self.kv.discard(req)
+            events.append(ev.Finished(rid))
+            self._tell_aborted(req, "rotasched: restoring this request's KV cache from host "
+                                    "memory failed", status_code=500)
+        return resume
 
     # --- acting on a plan -----------------------------------------------------------------
     def rotate_out(self, running: ScheduleBatch, victims: set[str]) -> ScheduleBatch:
@@ -270,10 +293,15 @@ class Rotator:
         waiting = {r.rid for r in self.scheduler.waiting_queue}
         self._apply(events + translate.aborted_waiting(hit, waiting, self.policy))
 
-    def _tell_aborted(self, req: Req) -> None:
+    def _tell_aborted(self, req: Req, message: str | None = None,
+                      status_code: int | None = None) -> None:
+        """Tell the client its request ended (a client abort, or ``message``: an error)."""
         from sglang.srt.managers.io_struct import AbortReq
 
-        self.scheduler.ipc_channels.send_to_tokenizer.send_output(AbortReq(rid=req.rid), req)
+        reason = None if message is None else {"type": "abort", "message": message,
+                                                 "status_code": status_code}
+        out = AbortReq(rid=req.rid, finished_reason=reason, abort_message=message)
+        self.scheduler.ipc_channels.send_to_tokenizer.send_output(out, req)
 
     def _reconcile(self, running: list[Req]) -> None:
         """Finish what SGLang no longer holds anywhere (paths no hook sees, e.g. timeouts)."""
