@@ -18,7 +18,7 @@ fit is listed under "skipped". Results go to --out (default eval/results/e2e_h20
 with every server log, to --out-dir. Stdlib + aiohttp + numpy: runs on the GPU machine.
 
     python -m eval.e2e_rotation --tp2 --out-dir $OUT/e2e --budget 540 \\
-        --trace .gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv
+        --trace eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from eval.lib.traces import RequestSpec, TraceRow, load_azure
 
 EVAL = Path(__file__).resolve().parent
 MODULE = "eval.e2e_rotation"
-DEFAULT_TRACE = Path(".gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv")
+DEFAULT_TRACE = Path("eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv")
 STOP_MARGIN_S = 45.0  # kept at the end of the budget to stop the servers and write results
 
 

@@ -27,7 +27,8 @@ def build(layout: KVLayout, pool_tokens: int, host_tokens: int, page: int, devic
           host_layout: str = "layer_first"):
     """SGLang's device pool (random, never zero KV) and a host pool of ``host_tokens``."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    from superinfer.adapters.sglang.compat import mha_host_pool
 
     if layout.itemsize != 2:
         raise ValueError("the baseline is built for bf16 KV")
@@ -36,8 +37,8 @@ def build(layout: KVLayout, pool_tokens: int, host_tokens: int, page: int, devic
                            layer_num=layout.num_layers, device=device, enable_memory_saver=False)
     for buf in (*dev.k_buffer, *dev.v_buffer):
         buf.uniform_(0.5, 1.5)
-    host = MHATokenToKVPoolHost(dev, host_tokens / pool_tokens, 0, page, host_layout,
-                                pin_memory=device == "cuda", device="cpu")
+    host = mha_host_pool(dev, host_tokens / pool_tokens, page, host_layout,
+                         pin_memory=device == "cuda")
     return dev, host
 
 

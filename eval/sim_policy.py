@@ -18,7 +18,7 @@ which is ``superinfer.host_tier.manager.HostTierManager`` over page accounting w
 their own end (``Simulator._collect``). Figures are model estimates only.
 
     python -m eval.sim_policy \\
-        --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
+        --trace eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
         --cap 60000 --rates 14 18 22 --num 300 --out /tmp/sim_conv.json
 """
 

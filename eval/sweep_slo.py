@@ -6,7 +6,7 @@ cache flushed, and summarize. Results go to eval/results/slo_<gpu>_<trace>.json 
 rate, so a run cut short keeps what it measured. Stdlib + aiohttp + numpy: runs on the GPU box.
 A whole evaluation (both traces, every system, one queue per GPU) is eval.sweep_plan's job.
 
-    python -m eval.sweep_slo --trace .gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \
+    python -m eval.sweep_slo --trace eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \
         --rates 12 14 16 18 20 --num 600 --cap 60000 --budget 3000
 """
 

@@ -7,7 +7,8 @@ It speaks what the script uses, in sglang 0.5.17's formats: /health, /generate (
 (``superinfer.adapters.sglang.stats.format_record``) the way SGLang's scheduler logger prints
 them (``[date time TPn] record`` with --tp-size > 1). Output ids depend only
 on the prompt, so every server agrees. Under rotasched every request counts as rotated
-``idx % 3`` times; a bad per-request SLO is refused as SGLang + SuperInfer do (HTTP 400, or an
+``idx % 3`` times; a per-request SLO is checked by SuperInfer's own ``parse_request_slo`` under
+the --rota-* SLO flags, and a refused one is answered as SGLang + SuperInfer do (HTTP 400, or an
 abort with status_code 400 inside a 200 stream). Knobs for negative tests (environment):
 FAKE_SGLANG_FAIL_DETERMINISTIC=1 (exit like a failed deterministic-inference start),
 FAKE_SGLANG_LEAK=N (rotasched idle checks report N device tokens still held).
@@ -26,6 +27,7 @@ from collections import Counter
 from aiohttp import web
 
 from superinfer.adapters.sglang.stats import format_record
+from superinfer.config import ConfigError, RotaConfig, parse_request_slo
 
 TOKEN_S = 0.002
 HOST_TOKENS = 122064
@@ -41,6 +43,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--max-total-tokens", type=int, default=100000)
     ap.add_argument("--enable-deterministic-inference", action="store_true")
+    defaults = RotaConfig()
+    ap.add_argument("--rota-ttft-slo", type=float, default=defaults.ttft_slo_s)
+    ap.add_argument("--rota-tbt-slo", type=float, default=defaults.tbt_slo_s)
+    ap.add_argument("--rota-request-slo", default=defaults.request_slo)
+    ap.add_argument("--rota-min-request-slo-ratio", type=float,
+                    default=defaults.min_request_slo_ratio)
     return ap.parse_known_args(argv)[0]
 
 
@@ -48,6 +56,9 @@ class State:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rota = args.policy == "rotasched"
+        self.config = RotaConfig(ttft_slo_s=args.rota_ttft_slo, tbt_slo_s=args.rota_tbt_slo,
+                                 request_slo=args.rota_request_slo,
+                                 min_request_slo_ratio=args.rota_min_request_slo_ratio)
         self.inflight: set[int] = set()
         self.next_id = 0
         self.out = self.in_ = self.aborted_rotated = 0
@@ -103,12 +114,11 @@ def output_ids(prompt: list[int], n: int) -> list[int]:
     return [100 + (base * 31 + k * 7) % 5000 for k in range(n)]
 
 
-def bad_slo(params: dict) -> str | None:
-    custom = params.get("custom_params") or {}
-    for key in ("ttft_slo", "tbt_slo"):
-        v = custom.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and v > 0):
-            return f"custom_params.{key} must be a positive finite number, got {v}"
+def bad_slo(params: dict, config: RotaConfig) -> str | None:
+    try:
+        parse_request_slo(params.get("custom_params"), config)
+    except ConfigError as e:
+        return str(e)
     return None
 
 
@@ -118,7 +128,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     params = body["sampling_params"]
     prompt = body["input_ids"]
     n = params["max_new_tokens"]
-    error = bad_slo(params) if st.rota else None
+    error = bad_slo(params, st.config) if st.rota else None
     abort = {"type": "abort", "message": error, "status_code": 400}
     if not body.get("stream"):
         if error:

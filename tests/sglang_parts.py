@@ -1,4 +1,4 @@
-"""Real SGLang 0.5.17 memory objects on the CPU, wired the way a Scheduler wires them.
+"""Real SGLang memory objects on the CPU, wired the way a Scheduler wires them.
 
 ``SchedulerParts`` carries exactly the attributes the rotation adapter reads from a Scheduler;
 every one of them is the real SGLang object (pools, allocator, radix/chunk cache, FutureMap,
@@ -8,13 +8,17 @@ random KV where a forward would, so byte-for-byte checks mean something.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import types
+import zlib
 from array import array
 
 import torch
 from sglang.srt.runtime_context import publish, reset_context
 from sglang.srt.server_args import ServerArgs
+
+from superinfer.adapters.sglang import compat
 
 LAYERS, HEADS, HEAD_DIM = 3, 2, 8
 VOCAB = 1000
@@ -28,6 +32,40 @@ def publish_cpu_server_args(**overrides) -> ServerArgs:
     return args
 
 
+def checkpoint_unfinished(req, tree_cache) -> None:
+    """What SGLang's result processing does with a request after a prefill (chunk): its KV goes
+    into the tree. 0.5.22 renamed maybe_cache_unfinished_req to checkpoint_kv_cache."""
+    from sglang.srt.mem_cache import common
+
+    if hasattr(common, "checkpoint_kv_cache"):
+        common.checkpoint_kv_cache(req, tree_cache)
+    else:
+        common.maybe_cache_unfinished_req(req, tree_cache)
+
+
+def has_parallel_state() -> bool:
+    """Whether SGLang's Scheduler keeps its ranks in ``scheduler.ps`` (a ParallelState); 0.5.21
+    dropped it for the runtime context's ``get_parallel()``."""
+    import importlib.util
+
+    return importlib.util.find_spec("sglang.srt.distributed.parallel_state_wrapper") is not None
+
+
+def scheduler_tree_cache(server_args: ServerArgs, params, radix: bool):
+    """The tree cache SGLang's scheduler builds for a plain MHA model with chunked prefill, by
+    its own factory: RadixCache / ChunkCache on 0.5.17, UnifiedRadixCache on newer releases
+    (0.5.19 for the radix cache, 0.5.22 without it: ChunkCache is gone)."""
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext, default_radix_cache_factory
+
+    given = dict(server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
+                 enable_hierarchical_cache=False, disable_radix_cache=not radix,
+                 effective_chunked_prefill_size=8192,  # 0.5.22 dropped it
+                 tp_worker=None, model_config=None, tp_size=1, tp_rank=0, tp_group=None)
+    names = {f.name for f in dataclasses.fields(TreeCacheBuildContext)}
+    return default_radix_cache_factory(
+        TreeCacheBuildContext(**{k: v for k, v in given.items() if k in names}))
+
+
 class SchedulerParts:
     def __init__(self, size: int = 512, page_size: int = 1, radix: bool = True,
                  dtype: torch.dtype = torch.bfloat16, schedule_policy: str = "rotasched") -> None:
@@ -37,9 +75,7 @@ class SchedulerParts:
             TokenToKVPoolAllocator,
         )
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-        from sglang.srt.mem_cache.chunk_cache import ChunkCache
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-        from sglang.srt.mem_cache.radix_cache import RadixCache
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
         self.server_args = publish_cpu_server_args(
@@ -60,7 +96,7 @@ class SchedulerParts:
         params = CacheInitParams(disable=not radix, req_to_token_pool=self.req_to_token_pool,
                                  token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
                                  page_size=page_size)
-        self.tree_cache = RadixCache(params) if radix else ChunkCache(params)
+        self.tree_cache = scheduler_tree_cache(self.server_args, params, radix)
         self.spec_algorithm = SpeculativeAlgorithm.NONE
         self.future_map = FutureMap(torch.device("cpu"), self.spec_algorithm,
                                     self.req_to_token_pool,
@@ -77,7 +113,12 @@ class SchedulerParts:
         self.chunked_req = None
         self.last_batch = None
         self.tp_cpu_group = None
-        self.ps = types.SimpleNamespace(tp_rank=0)
+        if has_parallel_state():
+            self.ps = types.SimpleNamespace(tp_rank=0)
+        else:  # what the launcher writes for a scheduler process
+            from sglang.srt.runtime_context import get_parallel
+
+            get_parallel().override_permanently(tp_rank=0)
         self.sent: list = []  # what would go to the tokenizer
         self.ipc_channels = types.SimpleNamespace(
             send_to_tokenizer=types.SimpleNamespace(
@@ -92,7 +133,9 @@ class SchedulerParts:
         from sglang.srt.managers.schedule_batch import Req
         from sglang.srt.sampling.sampling_params import SamplingParams
 
-        g = torch.Generator().manual_seed(hash(rid) % (1 << 31))
+        # Seeded by the rid (not hash(), which is randomized per process): every run has the
+        # same prompts, and no two of the tests' prompts share a first token (a radix match).
+        g = torch.Generator().manual_seed(zlib.crc32(rid.encode()))
         ids = torch.randint(100, VOCAB, (prompt_len,), generator=g).tolist()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True,
                                 custom_params=custom_params)
@@ -106,7 +149,6 @@ class SchedulerParts:
         Returns the prefill batch (None if nothing fit)."""
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
-        from sglang.srt.mem_cache.common import maybe_cache_unfinished_req
 
         running = running or self.empty_batch()
         adder = PrefillAdder(self.page_size, self.tree_cache, self.token_to_kv_pool_allocator,
@@ -131,7 +173,7 @@ class SchedulerParts:
         for r in reqs:
             if r is not self.chunked_req:
                 r.output_ids.append(int(torch.randint(100, VOCAB, (1,))))
-            maybe_cache_unfinished_req(r, self.tree_cache)
+            checkpoint_unfinished(r, self.tree_cache)
         return batch
 
     def empty_batch(self):
@@ -158,7 +200,8 @@ class SchedulerParts:
             v[slots.long()] = torch.randn(len(slots), HEADS, HEAD_DIM).to(v.dtype)
 
     def kv_of(self, req) -> torch.Tensor:
-        slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_committed_len].long()
+        row = compat.req_pool_idx(req)
+        slots = self.req_to_token_pool.req_to_token[row, : compat.kv_committed_len(req)].long()
         return torch.stack([torch.stack([self.kv_pool.k_buffer[layer][slots],
                                          self.kv_pool.v_buffer[layer][slots]])
                             for layer in range(LAYERS)]).clone()
@@ -167,9 +210,8 @@ class SchedulerParts:
         """Finish requests of the batch the way SGLang's result processing does (release,
         insert into the tree); the caller filters the batch after observing it."""
         from sglang.srt.managers.schedule_batch import FINISH_LENGTH
-        from sglang.srt.mem_cache.common import release_kv_cache
 
         for r in batch.reqs:
             if rids is None or r.rid in rids:
                 r.finished_reason = FINISH_LENGTH(length=len(r.output_ids))
-                release_kv_cache(r, self.tree_cache)
+                compat.release_kv_cache(r, self.tree_cache, insert=True)

@@ -135,6 +135,25 @@ def test_replay_records_every_token_in_both_stream_modes(incremental, tmp_path):
     assert read_jsonl(tmp_path / "r.jsonl") == records
 
 
+def test_per_spec_extras_reach_only_their_request():
+    specs = [RequestSpec(i, 0.0, 20 + i, 3) for i in range(3)]
+    extra = {"sampling_params": {"custom_params": {"tenant": "a"}}}
+    extras = [None, {"sampling_params": {"custom_params": {"ttft_slo": 0.001}}}, {}]
+
+    async def go():
+        async with fake_sglang(True) as (url, bodies):
+            return await replay(url, specs, extra=extra, extras=extras, progress=False), bodies
+
+    records, bodies = run(go())
+    assert all(r["error"] is None for r in records)
+    custom = [b["sampling_params"]["custom_params"]
+              for b in sorted(bodies, key=lambda b: len(b["input_ids"]))]
+    assert custom == [{"tenant": "a"}, {"tenant": "a", "ttft_slo": 0.001}, {"tenant": "a"}]
+    assert extra == {"sampling_params": {"custom_params": {"tenant": "a"}}}  # not mutated
+    with pytest.raises(ValueError, match="extras"):
+        run(replay("http://127.0.0.1:9", specs, extras=[None], progress=False))
+
+
 def test_failures_are_recorded_as_errors():
     specs = [RequestSpec(0, 0.0, HTTP_400, 4), RequestSpec(1, 0.0, STREAM_ERROR, 4),
              RequestSpec(2, 0.0, SERVER_ABORT, 6), RequestSpec(3, 0.0, 30, 3)]

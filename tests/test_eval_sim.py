@@ -16,8 +16,7 @@ from superinfer.policy import Phase
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONV = ROOT.parent / "shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
-pytestmark = pytest.mark.skipif(not CONV.exists(), reason="needs ../shared/data/azure_llm_2023")
+CONV = ROOT / "eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 
 
 @pytest.fixture(scope="module")

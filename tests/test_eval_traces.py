@@ -17,11 +17,9 @@ from eval.lib.traces import (
     trace_rate,
 )
 
-AZURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "azure_llm_2023"
+AZURE = Path(__file__).resolve().parents[1] / "eval" / "data" / "azure_llm_2023"
 CONV = AZURE / "AzureLLMInferenceTrace_conv.csv"
 CODE = AZURE / "AzureLLMInferenceTrace_code.csv"
-needs_azure = pytest.mark.skipif(not CONV.exists() or not CODE.exists(),
-                                 reason="../shared/data/azure_llm_2023 not present")
 
 
 def _rows(gaps: list[float]) -> list[TraceRow]:
@@ -36,7 +34,6 @@ def _cv(xs: list[float]) -> float:
     return statistics.pstdev(xs) / statistics.fmean(xs)
 
 
-@needs_azure
 def test_conv_trace_matches_its_readme():
     rows = load_azure(CONV)
     assert len(rows) == 19366
@@ -49,7 +46,6 @@ def test_conv_trace_matches_its_readme():
     assert statistics.fmean(r.output_len for r in rows) == pytest.approx(211, abs=1)
 
 
-@needs_azure
 def test_code_trace_loads_and_rescales_to_a_rate():
     rows = load_azure(CODE)
     assert len(rows) == 8819

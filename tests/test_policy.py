@@ -265,6 +265,21 @@ def test_decode_reservation_counts_like_sglang():
     assert not plan_at(p, 1.0, cap(1000, ratio=0.0), COSTS, 16384).head_blocked
 
 
+def test_fixed_length_streams_reserve_their_whole_output_where_sglang_does():
+    """SGLang 0.5.22+ keeps a running ignore_eos request's whole remaining output free
+    (``Capacity.fixed_length_ratio``, set by the adapter); before, ``new_token_ratio`` of it."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    p.update([ev.Arrived("r", -0.1, 100, 1.0, 0.1, 1010, fixed_length=True),
+              ev.PrefillDone("r", 0.0, 109, 10)])  # 1000 left, "r" has no slack to lend
+    add(p, "new", 0.9, 500, 1.0, 0.1, 10)
+    fixed = dataclasses.replace(cap(1000, ratio=0.0), fixed_length_ratio=1.0)
+    assert plan_at(p, 1.0, cap(1000, ratio=0.0), COSTS, 16384).admit == ["new"]
+    assert plan_at(p, 1.0, fixed, COSTS, 16384).head_blocked
+    row = np.array([p.table.row("r")])
+    assert p.table.decode_reservation(row, 0.3, 1.0)[0] == 1000
+    assert p.table.decode_reservation(row, 0.3)[0] == 300
+
+
 def test_lvf_fifo_and_longest_resident_victims():
     p = LvfPolicy(RotaConfig(lvf_budget_tokens=3000))
     for i, first in enumerate((0.3, 0.1, 0.2)):

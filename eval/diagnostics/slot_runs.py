@@ -10,7 +10,7 @@ replays SGLang's paged allocator instead: would merging adjacent pages give the 
 (eval/results/duplexkv_h200.json) bigger pieces?
 
     python -m eval.diagnostics.slot_runs \\
-        --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
+        --trace eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
         --cap 60000 --num 600 --out eval/results/slot_runs_azure_conv.json   # --page-size 16 / 64
 """
 

@@ -4,7 +4,7 @@
 # path, kept host copies and write-through inside SGLang (eval.e2e_rotation's extra servers).
 # On a bare H200 the steps `tests` and `bench` need only torch (the bench also measures SGLang's
 # own HiCache transfers when the sglang kit is installed); `e2e` needs the kit (../shared/gpu)
-# and `.gpu` (model configs, traces) carried along.
+# and `.gpu` (model configs) carried along; the traces are in the repo (eval/data).
 #   bash eval/gpu/duplexkv.sh tests    # GPU tests (carry .stage/pt: pytest wheels), ~1 min
 #   bash eval/gpu/duplexkv.sh bench    # staging vs direct at 16/32/64-token pages, ~3-4 min
 #   bash eval/gpu/duplexkv.sh e2e      # direct path (page 64) and kept host copies in SGLang, ~9 min
@@ -32,6 +32,6 @@ case "${1:-}" in
       direct:64 direct:64:0:cuda --out "$out/duplexkv_h200.json" 2>&1 | tee "$out/bench.log" | tail -40 ;;
   e2e)
     timeout 580 "${run[@]}" python3 -m eval.e2e_rotation --servers baseline rota_p64 rota_p16_keep \
-      --model-path .gpu/models/llama-3.1-8b --trace .gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \
+      --model-path .gpu/models/llama-3.1-8b --trace eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \
       --budget 540 --out "$out/e2e_p64_keep.json" --out-dir "$out/e2e_raw" 2>&1 | tee "$out/e2e.log" | tail -40 ;;
 esac

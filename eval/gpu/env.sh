@@ -1,6 +1,6 @@
 #!/bin/bash
 # On the GPU machine, after the sglang kit is installed into /tmp/site (../shared/gpu/README.md):
-# install superinfer into the interpreter's site-packages (its .pth hook needs a real site dir)
+# install superinfer into the interpreter's site-packages (SGLang finds it by its plugin entry point)
 # and run the given command with the kit's environment.   usage: bash eval/gpu/env.sh CMD...
 set -e
 export PYTHONPATH=/tmp/site CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1

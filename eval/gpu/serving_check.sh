@@ -1,8 +1,9 @@
 #!/bin/bash
 # After a change to the policy, the host tier or the adapter: does serving still behave on a
 # GPU? One step per device call (each ends inside the 10-minute limit), logs under $OUT. Needs
-# the sglang kit installed in /tmp/site (../shared/gpu/README.md) and `.gpu` (model configs,
-# traces) carried along; `tests` also needs `.stage/pt` (pytest wheels).
+# the sglang kit installed in /tmp/site (../shared/gpu/README.md) and `.gpu` (model configs)
+# carried along (the traces are in the repo, eval/data); `tests` also needs `.stage/pt` (pytest
+# wheels).
 #   bash eval/gpu/serving_check.sh tests  # GPU tests (movers, kernels), ~2 min
 #   bash eval/gpu/serving_check.sh e2e    # greedy outputs vs uncapped baseline at page 1 and 64,
 #                                         # overload soak with aborts, leaks, metrics; ~9 min
@@ -17,7 +18,7 @@ esac
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 run=(bash eval/gpu/env.sh)
-trace=.gpu/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv
+trace=eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt"
 case "$1" in

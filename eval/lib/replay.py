@@ -168,10 +168,14 @@ def _raise_fd_limit() -> None:
 
 
 async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
-                 extra: dict[str, Any] | None = None, time_limit: float | None = None,
-                 abort_frac: float = 0.0, seed: int = 0, progress: bool = True,
-                 label: str = "") -> list[Record]:
+                 extra: dict[str, Any] | None = None,
+                 extras: list[dict[str, Any] | None] | None = None,
+                 time_limit: float | None = None, abort_frac: float = 0.0, seed: int = 0,
+                 progress: bool = True, label: str = "") -> list[Record]:
     """Send ``specs`` at their arrival offsets; return one record per spec (in spec order).
+
+    ``extra`` is merged into every request body; ``extras`` (one dict or None per spec) into
+    that spec's body after it, so some clients can send what others do not.
 
     After ``time_limit`` seconds every unfinished request is cancelled and marked as an error.
     ``abort_frac`` of the requests (chosen with ``seed``) hang up after a random number of
@@ -179,7 +183,12 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
     """
     _raise_fd_limit()
     gen_url = url.rstrip("/") + "/generate"
-    bodies = [request_body(s, salt, extra) for s in specs]  # encoded before the clock starts
+    if extras is not None and len(extras) != len(specs):
+        raise ValueError(f"extras: {len(extras)} entries for {len(specs)} specs")
+    per_spec = extras if extras is not None else [None] * len(specs)
+    # Encoded before the clock starts.
+    bodies = [request_body(s, salt, _merge(copy.deepcopy(extra or {}), e or {}))
+              for s, e in zip(specs, per_spec, strict=True)]
     rng = random.Random(seed)
     aborts = [rng.randint(1, s.output_len - 1) if s.output_len > 1 and rng.random() < abort_frac
               else None for s in specs]

@@ -14,6 +14,8 @@ from typing import Any
 
 POLICIES = ("slo", "lvf")
 MOVER_PATHS = ("auto", "torch", "staging", "zerocopy", "direct")
+REQUEST_SLO_MODES = ("clamp", "reject", "off")
+REQUEST_SLO_KEYS = ("ttft_slo", "tbt_slo")
 
 
 class ConfigError(ValueError):
@@ -157,6 +159,22 @@ class RotaConfig:
         "--rota-host-numa-node", None,
         "NUMA node for the host KV tier's memory (e.g. Grace's on a GH200); default: wherever "
         "first touch puts it.", NODE)
+    # A tighter SLO is a higher priority (EDF admits it first, it is rarely a rotation victim,
+    # and a tight TBT bounds every step's prefill), so by default a client may only loosen its
+    # SLOs: as in SGLang, where priorities need --enable-priority-scheduling, the operator
+    # grants more. README's "Per-request SLOs" has the trade-off.
+    request_slo: str = _flag(
+        "--rota-request-slo", "clamp",
+        "what a per-request SLO (custom_params ttft_slo/tbt_slo) tighter than the floor "
+        "(--rota-min-request-slo-ratio x the server's SLO) does: 'clamp' (default) raises it to "
+        "the floor, 'reject' answers HTTP 400, 'off' ignores every override (the server's SLOs "
+        "apply to all requests). Looser values are always allowed; malformed ones are a 400 in "
+        "every mode.", one_of(REQUEST_SLO_MODES))
+    min_request_slo_ratio: float = _flag(
+        "--rota-min-request-slo-ratio", 1.0,
+        "the tightest per-request SLO allowed, as a fraction of the server's SLO, in (0, 1]. "
+        "1.0 (default): clients may only loosen their SLOs, never jump the queue; e.g. 0.5 lets "
+        "any client ask for half the server's SLOs.", SHARE)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -177,17 +195,44 @@ class RequestSlo:
     tbt_s: float
 
 
+# A value this close to the floor counts as the floor: 0.9 x 0.1 is 0.09000000000000001.
+_FLOOR_TOLERANCE = 1e-9
+
+
 def parse_request_slo(custom_params: object, config: RotaConfig) -> RequestSlo:
     """Parse a request's ``custom_params`` (``ttft_slo``/``tbt_slo``, seconds) once, on entry.
 
-    Raises ConfigError for a present but invalid value, so the server can answer 400.
-    Unknown keys are ignored.
+    Raises ConfigError, so the server can answer 400, in every ``--rota-request-slo`` mode for a
+    present but invalid value (a client bug) and for an unknown key that starts with ``ttft`` or
+    ``tbt`` (a misspelled override would silently do nothing); and in mode ``reject`` for a
+    value below the floor (``min_request_slo_ratio`` x the server's SLO). Mode ``clamp`` raises
+    such a value to the floor, mode ``off`` ignores overrides. Looser values are always kept.
+    Other keys are ignored: ``custom_params`` is shared with other plugins.
     """
     params = custom_params if isinstance(custom_params, dict) else {}
-    return RequestSlo(_override(params, "ttft_slo", config.ttft_slo_s),
-                      _override(params, "tbt_slo", config.tbt_slo_s))
+    for key in params:
+        if (isinstance(key, str) and key not in REQUEST_SLO_KEYS
+                and key.lower().startswith(("ttft", "tbt"))):
+            raise ConfigError(f"custom_params.{key} is not a known key: the per-request SLO "
+                              f"keys are {' and '.join(REQUEST_SLO_KEYS)}")
+    return RequestSlo(_override(params, "ttft_slo", config.ttft_slo_s, "--rota-ttft-slo", config),
+                      _override(params, "tbt_slo", config.tbt_slo_s, "--rota-tbt-slo", config))
 
 
-def _override(params: dict, key: str, default: float) -> float:
+def _override(params: dict, key: str, default: float, default_flag: str,
+              config: RotaConfig) -> float:
     value = params.get(key)
-    return default if value is None else POSITIVE(f"custom_params.{key}", value)
+    if value is None:
+        return default
+    value = POSITIVE(f"custom_params.{key}", value)  # checked in every mode
+    if config.request_slo == "off":
+        return default
+    floor = config.min_request_slo_ratio * default
+    if value >= floor * (1 - _FLOOR_TOLERANCE):
+        return value
+    if config.request_slo == "clamp":
+        return floor
+    raise ConfigError(
+        f"custom_params.{key} {value!r} is tighter than this server allows: the floor is "
+        f"{floor:g} s (--rota-min-request-slo-ratio {config.min_request_slo_ratio:g} x "
+        f"{default_flag} {default:g}); looser values are allowed")

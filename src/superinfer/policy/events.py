@@ -22,6 +22,8 @@ class Arrived:
     ttft_slo_s: float
     tbt_slo_s: float
     max_new_tokens: int = NO_LIMIT
+    # Its output length is fixed (ignore_eos): see Capacity.fixed_length_ratio.
+    fixed_length: bool = False
 
 
 @dataclass(frozen=True, slots=True)

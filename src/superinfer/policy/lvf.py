@@ -27,7 +27,8 @@ class LvfPolicy(Policy):
         host_used_frac = 1.0 - cap.free_host_tokens / host_total if host_total else 1.0
         running = t.rows_in(Phase.RUNNING)
         resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING)
-        reserved = int(t.decode_reservation(resident, cap.new_token_ratio).sum())
+        reserved = int(t.decode_reservation(resident, cap.new_token_ratio,
+                                            cap.fixed_length_ratio).sum())
         free = cap.available_device_tokens - reserved
         self._fifo(plan, free, host_used_frac > 0.90, max_prefill_tokens)
         waiting = t.rows_in(Phase.WAITING)

@@ -22,8 +22,8 @@ Each iteration:
    first); the head's whole first batch must fit, since SGLang runs chunks back to back.
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
-``new_token_ratio`` × its remaining output; a new request needs its prompt plus its whole
-(clipped) output budget.
+``new_token_ratio`` × its remaining output (``fixed_length_ratio`` × it for a fixed-length one,
+where the adapter sets it); a new request needs its prompt plus its whole (clipped) output budget.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class SloPolicy(Policy):
         # pick new victims for room that is already coming (one step or more: the copy waits
         # for the forward in flight).
         free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
-                - int(t.decode_reservation(resident, cap.new_token_ratio).sum()))
+                - int(t.decode_reservation(resident, cap.new_token_ratio,
+                                           cap.fixed_length_ratio).sum()))
         budget = None
         if cfg.prefill_pacing:
             start_s = max(now_s, gpu_free_at_s or now_s)
@@ -268,8 +269,8 @@ class SloPolicy(Policy):
     def _return_need(self, row: int, cap: Capacity) -> int:
         """Device tokens a rotated-out stream takes back: its KV and SGLang's reservation."""
         t = self._table
-        remaining = min(int(t.max_new_tokens[row] - t.num_output_tokens[row]), CLIP_NEW_TOKENS)
-        return int(t.num_tokens[row]) + int(max(remaining, 0) * cap.new_token_ratio)
+        reserve = t.decode_reservation(np.array([row]), cap.new_token_ratio, cap.fixed_length_ratio)
+        return int(t.num_tokens[row]) + int(reserve[0])
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
                     wait_s: float, why: str, window_s: float, grows_away: bool) -> None:
@@ -300,7 +301,7 @@ class SloPolicy(Policy):
                       + deadlines.make_room_lag_s(tokens, cap.bytes_per_token, costs))
         ok = slack >= need_slack
         run, tokens, out, slack = run[ok], tokens[ok], out[ok], slack[ok]
-        frees = tokens + t.decode_reservation(run, cap.new_token_ratio)
+        frees = tokens + t.decode_reservation(run, cap.new_token_ratio, cap.fixed_length_ratio)
         if frees.sum() < deficit:
             return
         if len(run) > _WALK_DEPTH:  # most-slack head first: usually covers the deficit

@@ -26,7 +26,7 @@ CLIP_NEW_TOKENS = 4096  # mirrors SGLang's SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION
 _FLOAT_COLS = ("arrival_s", "ttft_slo_s", "tbt_slo_s", "first_token_s", "resident_since_s",
                "rotated_at_s")
 _INT_COLS = ("phase", "num_prompt_tokens", "num_tokens", "num_output_tokens", "max_new_tokens",
-             "seq", "tokens_in_flight", "host_tokens")
+             "seq", "tokens_in_flight", "host_tokens", "fixed_length")
 
 
 class RequestTable:
@@ -46,7 +46,7 @@ class RequestTable:
         match event:
             case ev.Arrived():
                 self.add(event.req_id, event.arrival_s, event.num_prompt_tokens, event.ttft_slo_s,
-                         event.tbt_slo_s, event.max_new_tokens)
+                         event.tbt_slo_s, event.max_new_tokens, event.fixed_length)
             case ev.Requeued():
                 if self.phase_of(event.req_id) is not Phase.WAITING:
                     self.set_phase(event.req_id, Phase.WAITING, event.now_s)
@@ -93,7 +93,7 @@ class RequestTable:
                 self.host_tokens[self._row_of[req_id]] = num_tokens
 
     def add(self, req_id: str, arrival_s: float, num_prompt_tokens: int, ttft_slo_s: float,
-            tbt_slo_s: float, max_new_tokens: int = 1 << 20) -> None:
+            tbt_slo_s: float, max_new_tokens: int = 1 << 20, fixed_length: bool = False) -> None:
         if req_id in self._row_of:
             raise KeyError(f"request {req_id!r} is already in the table")
         if not self._free:
@@ -111,6 +111,7 @@ class RequestTable:
         self.tokens_in_flight[row] = 0
         self.host_tokens[row] = 0
         self.max_new_tokens[row] = max_new_tokens
+        self.fixed_length[row] = fixed_length
         self.first_token_s[row] = np.nan
         self.resident_since_s[row] = np.nan
         self.rotated_at_s[row] = np.nan
@@ -196,11 +197,15 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self._row_of)
 
-    def decode_reservation(self, rows: np.ndarray, ratio: float) -> np.ndarray:
+    def decode_reservation(self, rows: np.ndarray, ratio: float,
+                           fixed_ratio: float | None = None) -> np.ndarray:
         """Tokens SGLang's admission keeps free for these requests' future output: the
-        remaining output (clipped like SGLang's CLIP_MAX_NEW_TOKENS) times ``ratio``."""
+        remaining output (clipped like SGLang's CLIP_MAX_NEW_TOKENS) times ``ratio``, or times
+        ``fixed_ratio`` for a request of fixed output length when that is given."""
         remaining = np.minimum(self.max_new_tokens[rows] - self.num_output_tokens[rows],
                                CLIP_NEW_TOKENS)
+        if fixed_ratio is not None:
+            ratio = np.where(self.fixed_length[rows] > 0, fixed_ratio, ratio)
         return np.maximum(remaining, 0) * ratio
 
     def rows_in(self, *phases: Phase) -> np.ndarray:

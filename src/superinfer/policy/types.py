@@ -53,6 +53,8 @@ class Capacity:
     bytes_per_token: int
     # SGLang reserves this fraction of each running request's remaining output tokens.
     new_token_ratio: float = 0.0
+    # ... and this fraction for a request of fixed output length (None: new_token_ratio too).
+    fixed_length_ratio: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

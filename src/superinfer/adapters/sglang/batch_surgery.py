@@ -10,6 +10,8 @@ from sglang.srt.managers.overlap_utils import RelayPayload
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 
+from . import compat
+
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.managers.scheduler import Scheduler
@@ -43,8 +45,8 @@ def decode_batch(scheduler: Scheduler, reqs: list[Req]) -> ScheduleBatch:
         model_config=s.model_config, enable_overlap=s.enable_overlap,
         spec_algorithm=s.spec_algorithm,
     )
-    pool_idx = [r.req_pool_idx for r in reqs]
-    seq_lens = [r.kv_committed_len for r in reqs]
+    pool_idx = [compat.req_pool_idx(r) for r in reqs]
+    seq_lens = [compat.kv_committed_len(r) for r in reqs]
     batch.req_pool_indices_cpu = torch.tensor(pool_idx, dtype=torch.int64)
     batch.req_pool_indices = batch.req_pool_indices_cpu.to(device)
     batch.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)

@@ -1,23 +1,27 @@
 """SuperInfer's command-line surface inside SGLang's own parser.
 
-SGLang 0.5.17 derives its CLI from the annotated fields of the ``ServerArgs`` dataclass and
-parses it before any plugin loads. So, right after ``sglang.srt.server_args`` is imported (see
-``superinfer._autoload``), ``extend_server_args`` swaps in a dataclass subclass that adds our
-fields and the ``rotasched`` choice: ``--help`` lists them, argparse validates them (exit code
-2 with a message), and the values travel to every scheduler process inside ``ServerArgs``.
-``patches/`` holds the upstream change that makes this unnecessary.
+SGLang derives its CLI from the annotated fields of ``ServerArgs`` (a dataclass; a msgspec Struct
+from 0.5.20: ``compat`` builds either). Our plugin entry point (``plugin.load``), which SGLang's
+launchers run before they parse the command line, calls ``install``: it swaps in a subclass that
+adds our fields and the ``rotasched`` choice, so ``--help`` lists them, argparse validates them
+(exit code 2 with a message), and the values travel to every scheduler process inside
+``ServerArgs``. A pickled ``ServerArgs`` rebuilds through ``_restore_server_args``, so a spawned
+process that has not loaded the plugins yet gets the subclass too. ``patches/`` holds the
+upstream change that makes the swap unnecessary.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 from ...config import Check, ConfigError, Flag, RotaConfig, flag_of
+from . import compat
 
 ROTASCHED = "rotasched"
 _NS = "schedule.rotasched"
@@ -79,10 +83,52 @@ def extend_server_args(module: ModuleType) -> None:
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         "__superinfer__": True,
+        "__reduce__": _reduce_server_args,
     })
-    cls = dataclasses.dataclass(type(base.__name__, (base,), ns))
-    # Pickling (spawned scheduler processes) finds the class by module + qualname.
+    cls = compat.subclass_server_args(base, ns)
     module.ServerArgs = cls
+
+
+def install() -> type:
+    """Extend SGLang's ``ServerArgs`` in this process (idempotent) and return the subclass.
+
+    Runs after SGLang's own modules are imported, so the names they bound to the original class
+    are pointed at the subclass too: ``ServerArgs`` in loaded ``sglang`` modules (and the lazy
+    ``sglang.ServerArgs``), and ``Engine.server_args_class``, which ``sgl.Engine(**kwargs)``
+    builds its ServerArgs with.
+    """
+    import sglang.srt.server_args as module
+
+    base = module.ServerArgs
+    if getattr(base, "__superinfer__", False):
+        return base
+    extend_server_args(module)
+    cls = module.ServerArgs
+    for name, mod in list(sys.modules.items()):
+        if not (name == "sglang" or name.startswith("sglang.")):
+            continue
+        bound = getattr(mod, "__dict__", {}).get("ServerArgs")
+        if bound is base:
+            mod.ServerArgs = cls
+        elif getattr(bound, "__dict__", {}).get("_module") is base:  # sglang.ServerArgs (lazy)
+            bound._module = cls
+    engine = sys.modules.get("sglang.srt.entrypoints.engine")
+    if engine is not None and getattr(engine.Engine, "server_args_class", None) is base:
+        engine.Engine.server_args_class = cls
+    return cls
+
+
+def _reduce_server_args(self: Any) -> tuple:
+    """Pickle by ``_restore_server_args`` rather than by class: the receiving process (a spawned
+    scheduler unpickles its arguments before it loads the plugins) has only SGLang's class."""
+    return _restore_server_args, compat.server_args_state(self)
+
+
+def _restore_server_args(fields: dict[str, Any], extra: dict[str, Any]) -> Any:
+    cls = getattr(sys.modules.get("sglang.srt.server_args"), "ServerArgs", None)
+    if not getattr(cls, "__superinfer__", False):
+        cls = install()
+    return compat.rebuild_server_args(cls, fields, extra)
 
 
 def _schedule_policy_choices(base: type, module: ModuleType) -> list[str]:
@@ -100,6 +146,11 @@ def is_rotasched(server_args: Any) -> bool:
 def rota_config(server_args: Any) -> RotaConfig:
     """The RotaConfig a server was started with. RotaConfig checks the values again: a
     ServerArgs built in Python never went through argparse."""
+    if not all(hasattr(server_args, _dest(flag)) for _, flag in _flags()):
+        raise ConfigError(
+            f"--schedule-policy {ROTASCHED}: this ServerArgs has no --rota-* fields; it was built "
+            "before SGLang loaded the superinfer plugin: call "
+            "sglang.srt.plugins.load_plugins() before building it")
     values = {}
     for f, flag in _flags():
         value = getattr(server_args, _dest(flag))

@@ -6,8 +6,10 @@ Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
 - ``get_next_batch_to_run``: one rotation step before SGLang builds the batch, the batch is
   built under the plan's prefill budget (``PrefillPacer.paced_prefill``), and the policy learns
   what the chosen batch will produce (``Rotator.on_launch``).
-- ``_add_request_to_queue``: new (or retracted) requests enter the policy's table; a bad
-  per-request SLO override is answered with HTTP 400 instead.
+- ``_add_request_to_queue``: new (or retracted) requests enter the policy's table, their
+  per-request SLO override under ``--rota-request-slo`` (``parse_request_slo``); a malformed or
+  misspelled override, or in mode ``reject`` one tighter than the floor, is answered with HTTP
+  400 instead.
 - ``process_batch_result``: prefill/decode progress and finishes update the table.
 - ``abort_request``: aborts reach requests that are rotated out.
 - ``is_fully_idle``: rotated-out requests keep the scheduler awake; entering idle logs the

@@ -16,11 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache.allocation import alloc_paged_token_slots_extend, alloc_token_slots
-from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-from sglang.srt.mem_cache.common import release_kv_cache
-from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from . import compat
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -38,27 +36,25 @@ class SglangKV:
 
     @staticmethod
     def kv_len(req: Req) -> int:
-        return req.kv_committed_len
+        return compat.kv_committed_len(req)
 
     def device_slots(self, req: Req) -> torch.Tensor:
-        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
-        return row[: req.kv_committed_len].to(torch.int64)
+        row = self.req_to_token_pool.req_to_token[compat.req_pool_idx(req)]
+        return row[: compat.kv_committed_len(req)].to(torch.int64)
 
     def release(self, req: Req) -> None:
         """Give a rotated-out request's device KV and request slot back. With the radix cache
         its tokens are inserted as evictable entries, so a quick rotate-in may find them still
         there; without it (or in deterministic mode) everything past the protected prefix is
         freed. Call only once its device→host copy is done."""
-        release_kv_cache(req, self.tree_cache, is_insert=True)
-        req.last_node = None
-        req.prefix_indices = torch.empty((0,), dtype=torch.int64)
+        compat.release_kv_cache(req, self.tree_cache, insert=True)
+        compat.forget_prefix(req)
 
     def discard(self, req: Req) -> None:
         """Give back a restored request's device KV and request slot without caching it (its
         bytes are not to be trusted, e.g. after a failed rotate-in copy)."""
-        release_kv_cache(req, self.tree_cache, is_insert=False)
-        req.last_node = None
-        req.prefix_indices = torch.empty((0,), dtype=torch.int64)
+        compat.release_kv_cache(req, self.tree_cache, insert=False)
+        compat.forget_prefix(req)
 
     def can_restore(self, num_tokens: int) -> bool:
         return (
@@ -71,24 +67,16 @@ class SglangKV:
         """Allocate a request slot and device KV for positions [0, kv_len). Returns the prefix
         length P still held by the radix tree and the new slots for [P, kv_len)."""
         token_ids = (req.origin_input_ids + req.output_ids)[:kv_len]
-        match = self.tree_cache.match_prefix(
-            MatchPrefixParams(key=RadixKey(token_ids, req.extra_key)))
-        prefix = match.device_indices.to(torch.int64)
+        prefix = compat.match_and_lock(req, self.tree_cache, token_ids)
         prefix_len = len(prefix)
-        if match.last_device_node is not None:
-            self.tree_cache.inc_lock_ref(match.last_device_node)
-        req.last_node = match.last_device_node
         if self.req_to_token_pool.alloc([req]) is None:
             raise RuntimeError("no free request slot for a rotate-in (checked by can_restore)")
         new_slots = self._alloc(req, prefix, kv_len)
-        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        row = self.req_to_token_pool.req_to_token[compat.req_pool_idx(req)]
         if prefix_len:
             row[:prefix_len] = prefix.to(row.dtype)
         row[prefix_len:kv_len] = new_slots.to(row.dtype)
-        req.prefix_indices = prefix
-        req.cache_protected_len = prefix_len
-        req.kv_committed_len = kv_len
-        req.kv = ReqKvInfo(kv_allocated_len=kv_len, swa_evicted_seqlen=0)
+        compat.set_restored_kv(req, prefix_len, kv_len)
         return prefix_len, new_slots.to(torch.int64)
 
     def _alloc(self, req: Req, prefix: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ...policy import Policy, StepPlan
+from . import compat
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -43,8 +44,7 @@ class PrefillPacer:
         req = self.scheduler.chunked_req
         if req is None:
             return 0
-        allocated = req.kv.kv_allocated_len if getattr(req, "kv", None) is not None else 0
-        return max(len(req.origin_input_ids) - allocated, 0)
+        return max(len(req.origin_input_ids) - compat.kv_allocated_len(req), 0)
 
     @contextmanager
     def paced_prefill(self, running: ScheduleBatch) -> Iterator[None]:

@@ -28,7 +28,7 @@ from ...host_tier.manager import TierState
 from ...policy import Capacity, CostModel, StepSnapshot, TierReport, create_policy
 from ...policy import events as ev
 from ...policy.deadlines import link_tokens
-from . import batch_surgery, translate
+from . import batch_surgery, compat, translate
 from .kv_ops import SglangKV
 from .metrics import RotationMetrics
 from .pacing import PrefillPacer
@@ -69,7 +69,7 @@ class Rotator:
         self._iteration = 0
         self._next_report_s = 0.0
         self._idle_checked = False
-        self._ranks = (scheduler.ps.tp_rank, getattr(scheduler.ps, "dp_rank", None) or 0)
+        self._ranks = compat.scheduler_ranks(scheduler)
         self.metrics = RotationMetrics(bool(scheduler.server_args.enable_metrics), self._ranks[0])
         self.initial_host_tokens = self.tier.pages.available_size()
         self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
@@ -102,6 +102,7 @@ class Rotator:
             free_host_tokens=self.tier.free_tokens(),
             bytes_per_token=self.tier_spec.bytes_per_token,
             new_token_ratio=s.new_token_ratio_tracker.current,
+            fixed_length_ratio=compat.fixed_length_reservation_ratio(),
         )
         # Overlap scheduling: the last batch's result is processed after this plan.
         unprocessed = [b for b, _ in getattr(s, "result_queue", ())]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ...config import RequestSlo
 from ...policy import Phase, Policy
 from ...policy import events as ev
+from . import compat
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
@@ -21,8 +22,9 @@ def enqueued(req: Req, now_s: float, slo: RequestSlo, policy: Policy) -> ev.Arri
     num_out = len(req.output_ids)
     if req.rid in policy:
         return ev.Requeued(req.rid, now_s, len(req.origin_input_ids) + num_out, num_out)
+    params = req.sampling_params
     return ev.Arrived(req.rid, now_s, len(req.origin_input_ids), slo.ttft_s, slo.tbt_s,
-                      req.sampling_params.max_new_tokens or ev.NO_LIMIT)
+                      params.max_new_tokens or ev.NO_LIMIT, bool(params.ignore_eos))
 
 
 def launched(batch: ScheduleBatch, chunked_req: Req | None, now_s: float, done_at_s: float,
@@ -81,7 +83,8 @@ def extended(batch: ScheduleBatch, chunked_req: Req | None, now_s: float,
         elif req is chunked_req:
             events.append(ev.PrefillChunked(req.rid, now_s))
         else:
-            events.append(ev.PrefillDone(req.rid, now_s, req.kv_committed_len, len(req.output_ids)))
+            events.append(ev.PrefillDone(req.rid, now_s, compat.kv_committed_len(req),
+                                         len(req.output_ids)))
     return events
 
 
