@@ -42,7 +42,7 @@ from eval.lib.jsonfiles import command_line, write_json, write_jsonl
 from eval.lib.metrics import Record, summarize
 from eval.lib.progress import Budget, Progress
 from eval.lib.replay import replay
-from eval.lib.server import ServerProcess, stop_servers
+from eval.lib.server import ServerProcess, add_server_run_args, stop_servers
 from eval.lib.traces import ARRIVALS, RequestSpec, TraceRow, load_azure, make_specs
 from eval.sweep_slo import raw_info, server_cmd, warmup_specs
 
@@ -320,18 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     ap.add_argument("--ttft-slo", type=float, default=1.0, help="the server's, s")
     ap.add_argument("--tbt-slo", type=float, default=0.1, help="the server's, s")
-    ap.add_argument("--budget", type=float, default=math.inf,
-                    help="total wall seconds; remaining work is skipped and recorded")
-    ap.add_argument("--tail", type=float, default=60.0,
-                    help="seconds after the last arrival before unfinished requests are cut")
-    ap.add_argument("--startup-timeout", type=float, default=400.0)
-    ap.add_argument("--drain-timeout", type=float, default=120.0)
-    ap.add_argument("--port", type=int, default=30000)
-    ap.add_argument("--launcher", default=None,
-                    help="server command before its flags "
-                         "(default: this python -m sglang.launch_server)")
-    ap.add_argument("--server-extra", nargs=argparse.REMAINDER, default=[],
-                    help="flags appended to every server command (must come last)")
+    add_server_run_args(ap)
     ap.add_argument("--out", type=Path, default=None,
                     help="default eval/results/slo_abuse_<gpu>_<trace>.json")
     ap.add_argument("--raw-dir", type=Path, default=None,

@@ -7,6 +7,8 @@ that its scheduler processes stop with it, its output in one log file.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import signal
 import subprocess
@@ -98,3 +100,20 @@ def failure_text(log_tail: str) -> str:
     if i >= 0:
         return log_tail[i:]
     return "\n".join(line for line in log_tail.splitlines() if "error" in line.lower())
+
+def add_server_run_args(ap: argparse.ArgumentParser) -> None:
+    """The flags every script that starts servers and replays against them shares: the wall
+    budget, timeouts, port, launcher and extra server flags (``--server-extra`` must come last
+    on the command line)."""
+    ap.add_argument("--budget", type=float, default=math.inf,
+                    help="total wall seconds; remaining work is skipped and recorded")
+    ap.add_argument("--tail", type=float, default=60.0,
+                    help="seconds after the last arrival before unfinished requests are cut")
+    ap.add_argument("--startup-timeout", type=float, default=400.0)
+    ap.add_argument("--drain-timeout", type=float, default=120.0)
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--launcher", default=None,
+                    help="server command before its flags "
+                         "(default: this python -m sglang.launch_server)")
+    ap.add_argument("--server-extra", nargs=argparse.REMAINDER, default=[],
+                    help="flags appended to every server command (must come last)")
