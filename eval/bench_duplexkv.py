@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from eval.lib.jsonfiles import command_line
-from superinfer.host_tier.interface import KVLayout, KVMover
+from superinfer.host_tier.interface import KVLayout, KVMover, mha_planes
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.torch_mover import TorchMover
 
@@ -311,15 +311,15 @@ def parse_config(spec: str) -> dict:
 
 def make_mover(bench: Bench, cfg: dict) -> KVMover:
     if cfg["path"] == "torch":
-        return TorchMover(bench.k, bench.v, bench.host)
+        return TorchMover(mha_planes(bench.k, bench.v), bench.host)
     if cfg["path"] == "direct":
         from superinfer.host_tier.direct import MAX_QUEUED_PIECES, DirectKVMover
 
-        return DirectKVMover(bench.k, bench.v, bench.host,
+        return DirectKVMover(mha_planes(bench.k, bench.v), bench.host,
                              cfg["max_queued_pieces"] or MAX_QUEUED_PIECES)
     from superinfer.host_tier.staging import StagingKVMover
 
-    return StagingKVMover(bench.k, bench.v, bench.host, path=cfg["path"],
+    return StagingKVMover(mha_planes(bench.k, bench.v), bench.host, path=cfg["path"],
                          max_chunk_tokens=cfg.get("max_chunk_tokens"),
                          num_programs=cfg.get("num_programs"))
 

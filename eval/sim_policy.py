@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from eval.lib.gpu_model import MOVERS, GpuModel, ProfileNotFound, resolve_gpu_model
 from eval.lib.jsonfiles import command_line, write_jsonl
 from eval.lib.metrics import summarize
 from eval.lib.modelled_mover import ModelledMover
@@ -43,57 +44,12 @@ from superinfer.host_tier.manager import HostTierManager, TierState, TierStats
 from superinfer.host_tier.pool import HostPages
 from superinfer.policy import Capacity, CostModel, Policy, StepSnapshot, create_policy, deadlines
 from superinfer.policy import events as ev
+from superinfer.policy.binding import BindingMonitor
 from superinfer.policy.table import CLIP_NEW_TOKENS
 
 # --rota-keep-host-copy, --rota-write-through
 SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")
 HOST_PAGE = 16  # the host tier's page on the staging path: a kept copy is whole pages
-
-
-# What moving KV costs a decode step (eval/plot_duplexkv_tradeoff.py, H200): every GB/s read
-# from HBM 0.0153%, written 0.0495% (priced by one-way contiguous DMAs); staging passes each byte
-# through HBM three times, the direct path once; on top, what each path's measured full-duplex
-# slowdown has beyond its traffic (staging 11.6% measured, direct 3.7%): its kernels' SM time.
-HBM_COST_PER_GBPS = (0.000153, 0.000495)  # (read, write)
-HBM_PASSES = {"staging": ((2, 1), (1, 2)), "direct": ((1, 0), (0, 1))}  # (read, write): d2h, h2d
-EXTRA_BEYOND_TRAFFIC = {"staging": 0.019, "direct": 0.0045}  # both directions at full rate
-MOVERS = tuple(HBM_PASSES)
-
-
-@dataclass(frozen=True)
-class GpuModel:
-    """Costs of one Llama-3.1-8B-shaped forward on an H200 (../shared/gpu/README.md: prefill
-    ~42k tokens/s in 8k chunks, decode ~7.5k tokens/s at 64 requests; PCIe ~50 GB/s each way)
-    and what a decode step pays while KV moves one or both ways on ``mover``'s data path."""
-
-    prefill_overhead_s: float = 0.012
-    prefill_s_per_token: float = 24e-6
-    decode_base_s: float = 0.005
-    decode_s_per_req: float = 3e-5
-    decode_s_per_kv_token: float = 2.7e-8
-    link_bytes_per_s: float = 50e9
-    bytes_per_token: int = 131072
-    mover: str = "staging"
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: int = 8192
-
-    def prefill_s(self, tokens: int) -> float:
-        return self.prefill_overhead_s + tokens * self.prefill_s_per_token
-
-    def decode_s(self, batch: int, kv_tokens: int, d2h: bool = False, h2d: bool = False) -> float:
-        step = (self.decode_base_s + batch * self.decode_s_per_req
-                + kv_tokens * self.decode_s_per_kv_token)
-        return step * (1 + self.copy_slowdown(d2h, h2d))
-
-    def copy_slowdown(self, d2h: bool, h2d: bool) -> float:
-        """Decode-step slowdown while the link runs full rate in the directions given."""
-        gbps = self.link_bytes_per_s / 1e9
-        cost = 0.0
-        for active, (reads, writes) in zip((d2h, h2d), HBM_PASSES[self.mover], strict=False):
-            if active:
-                cost += gbps * (reads * HBM_COST_PER_GBPS[0] + writes * HBM_COST_PER_GBPS[1])
-                cost += EXTRA_BEYOND_TRAFFIC[self.mover] / 2
-        return cost
 
 
 @dataclass
@@ -162,6 +118,8 @@ class Simulator:
         self.stats = {"rotations_out": 0, "rotations_no_room": 0, "retractions": 0,
                       "prefill_batches": 0, "prefill_tokens": 0, "decode_steps": 0,
                       "decode_first": 0}
+        self.binding = BindingMonitor()  # what bound, measured as the adapter measures it
+        self._room_needed = False  # the last plan's EDF head waited for room
         self.policy: Policy | None = None
         self.mover: ModelledMover | None = None
         self.tier: HostTierManager | None = None
@@ -221,10 +179,21 @@ class Simulator:
         if self.mover is not None and (done_s := self.mover.next_done_s()) is not None:
             nxt.append(done_s)
         if nxt:
+            self._observe("idle", self.waiting)
             self.now = max(self.now, min(nxt))
             return True
         # A rotate-out with nothing to copy (all of it kept) ends at the next poll.
         return self.tier is not None and any(self.tier.collect())
+
+    def _observe(self, gpu: str, waiting: list[SimReq]) -> None:
+        """What the GPU runs from now on, and why the ``waiting`` requests (not in the batch)
+        wait, as the adapter tells the monitor: under rotasched for room if the plan's head
+        needed it, else for the GPU; under SGLang's rule for room whenever no prefill runs."""
+        wait = None
+        if waiting:
+            paced = self.policy is not None and not self._room_needed
+            wait = "compute" if gpu == "prefill" or paced else "memory"
+        self.binding.observe(self.now, gpu, wait, self.used() / self.cap)
 
     def _apply(self, events: list[ev.Event]) -> None:
         """Events to the policy, as the adapter's ``_apply``: a finished request's host state
@@ -288,7 +257,9 @@ class Simulator:
         # as the adapter passes it; one batch at a time, so the GPU is free now
         limit = min(self.gpu.max_prefill_tokens, self.gpu.chunked_prefill_size)
         costs = self.costs.costs()
-        plan = self.policy.plan(StepSnapshot(self.now, cap, costs, limit))
+        plan = self.policy.plan(StepSnapshot(self.now, cap, costs, limit,
+                                             bound=self.binding.recent_bound()))
+        self._room_needed = plan.room_needed
         self.admitted = set(plan.admit)
         if plan.rotate_out:
             self._rotate_out(set(plan.rotate_out))
@@ -377,7 +348,9 @@ class Simulator:
         tokens = sum(take for _, take in batch)
         if not batch:
             return False
-        dur = g.prefill_s(tokens)
+        self._observe("prefill", [r for r in self.waiting
+                                  if r is not self.chunked and all(r is not b for b, _ in batch)])
+        dur = g.prefill_s(tokens, sum(g.attn_pairs(take, r.prefilled) for r, take in batch))
         self.now += dur
         self.costs.observe_prefill(tokens, dur)
         self.last_was_decode = False
@@ -416,6 +389,7 @@ class Simulator:
             self._apply([ev.Requeued(victim.rid, self.now, victim.to_prefill(), victim.out)])
         if not self.running:
             return False
+        self._observe("decode", self.waiting)
         mover = self.mover
         dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running),
                                 d2h=mover is not None and mover.busy(True),
@@ -457,8 +431,11 @@ def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttf
     held = {"device_tokens": sim.used(),
             "host_tokens": sim.tier.used_tokens() if sim.tier is not None else 0,
             "table_entries": len(sim.policy) if sim.policy is not None else 0}
+    sim._observe("idle", [])  # charge the last batch
+    binding = sim.binding.take_window()
     return {"summary": summarize(records, ttft_slo, tbt_slo),
             "stats": {**sim.all_stats(), "held_at_end": held},
+            "binding": binding.as_dict(),
             "sim_seconds": round(sim.now, 2), "records": records}
 
 
@@ -493,6 +470,12 @@ def main() -> None:
     ap.add_argument("--mover", choices=MOVERS, default="staging",
                     help="KV data path whose decode-step cost the model charges "
                          "(rotasched's --rota-mover)")
+    ap.add_argument("--model", default=None,
+                    help="simulate this model's GPU profile (eval/models/MODEL/profile_GPU.json, "
+                         "from eval.profile_model); default: the built-in H200 Llama-3.1-8B")
+    ap.add_argument("--gpu", default=None, help="the profile's GPU, e.g. h100, h200, h100-tp2")
+    ap.add_argument("--link-gbps", type=float, default=None,
+                    help="host link GB/s each way (default 50: PCIe Gen5 as measured on the H200)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--raw-dir", type=Path,
                     help="also write per-request records (JSON lines) here, "
@@ -500,14 +483,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.cap <= 0 or any(r <= 0 for r in args.rates) or args.host_kv_gb <= 0 or args.seeds < 1:
         ap.error("--cap, --rates, --host-kv-gb and --seeds must be positive")
+    if args.link_gbps is not None and args.link_gbps <= 0:
+        ap.error("--link-gbps must be positive")
+    try:
+        gpu = resolve_gpu_model(args.model, args.gpu, mover=args.mover,
+                                link_bytes_per_s=args.link_gbps and args.link_gbps * 1e9)
+    except ProfileNotFound as e:
+        ap.error(str(e))
     rows = load_azure(args.trace)
-    gpu = GpuModel(mover=args.mover)
     host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
     if host_tokens < HOST_PAGE:
         ap.error(f"--host-kv-gb must hold at least one host page ({HOST_PAGE} tokens)")
     # Same keys as sweep_slo.py's results, so plot_slo.py draws it too.
     trace = Path(args.trace).stem.replace("AzureLLMInferenceTrace_", "azure_")
-    result = {"trace": trace + " (simulated)", "trace_path": args.trace, "gpu": "modelled h200",
+    result = {"trace": trace + " (simulated)", "trace_path": args.trace,
+              "gpu": f"modelled {gpu.gpu_name}", "model": gpu.model_name,
               "cap_tokens": args.cap, "rates": args.rates,
               "num_requests": [args.num] * len(args.rates),
               "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo,

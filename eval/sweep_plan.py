@@ -104,8 +104,14 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--budget", type=float, required=True, help="wall seconds for everything")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--systems", nargs="+", default=None,
+                    help="run only the items of these systems (a plan too long for one device "
+                         "call runs in several with the same --out-dir: parts accumulate)")
     args = ap.parse_args()
     plan = load_plan(args.plan)
+    if args.systems:
+        plan["queues"] = [[i for i in q if i.partition(":")[2] in args.systems]
+                          for q in plan["queues"]]
     t0 = time.monotonic()
     deadline = t0 + args.budget
     if args.dry_run:

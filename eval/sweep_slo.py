@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from eval.lib.http import wait_healthy, wait_idle
-from eval.lib.jsonfiles import command_line, write_json, write_jsonl
+from eval.lib.jsonfiles import command_line, source_commit, write_json, write_jsonl
 from eval.lib.metrics import summarize
 from eval.lib.progress import Budget, Progress
 from eval.lib.replay import replay
 from eval.lib.server import ServerProcess, add_server_run_args, sglang_command, stop_servers
 from eval.lib.traces import ARRIVALS, RequestSpec, load_azure, make_specs
+from superinfer.adapters.sglang.stats import binding_summary, parse_records
 
 EVAL = Path(__file__).resolve().parent
 SYSTEMS: dict[str, list[str]] = {
@@ -58,6 +59,8 @@ def system_flags(name: str, ttft_slo: float, tbt_slo: float) -> list[str]:
     if name.startswith("rotasched"):
         # The scheduler must aim at the SLOs the sweep measures.
         flags += ["--rota-ttft-slo", str(ttft_slo), "--rota-tbt-slo", str(tbt_slo)]
+    else:  # the plugin logs which resource binds under SGLang's own policies too
+        flags += ["--rota-monitor"]
     return flags
 
 
@@ -83,7 +86,8 @@ def raw_info(path: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def empty_system(flags: list[str], n_rates: int) -> dict[str, Any]:
     out: dict[str, Any] = {"flags": flags, "status": "not run", "startup_s": None,
-                           "summaries": [None] * n_rates, "raw": [None] * n_rates}
+                           "summaries": [None] * n_rates, "raw": [None] * n_rates,
+                           "binding": [None] * n_rates, "bound": [None] * n_rates}
     out.update({k: [None] * n_rates for k in SERIES})
     return out
 
@@ -133,6 +137,7 @@ def run_system(name: str, idx: int, args: argparse.Namespace, rate_specs: list[l
                 give_up(i, f"stopped at rate {rate}: budget", "budget")
                 return
             label = f"{name} @ {rate:g} req/s "
+            log_offset = server_log.stat().st_size if server_log.exists() else 0
             records = asyncio.run(replay(base, specs, salt=i + 1, extra=args.extra,
                                          time_limit=min(span + args.tail, left), label=label))
             raw = args.raw_dir / f"{name}_rate{rate:g}.jsonl"
@@ -150,9 +155,28 @@ def run_system(name: str, idx: int, args: argparse.Namespace, rate_specs: list[l
             if not wait_idle(base, args.drain_timeout):
                 give_up(i + 1, f"stopped after rate {rate}: server did not drain", "drain failed")
                 return
+            binding = read_binding(server_log, log_offset)
+            sysres["binding"][i] = binding
+            sysres["bound"][i] = binding["bound"] if binding else None
+            write_json(args.out, result)
+            if binding:
+                log(f"{label}bound: {binding['bound']} (prefill {_pct(binding['prefill_share'])}"
+                    f", waiting for room {_pct(binding['memory_wait_share'])}, for the GPU "
+                    f"{_pct(binding['compute_wait_share'])})")
     finally:
         stop_servers([server], grace_s=30.0)
         write_json(args.out, result)
+
+
+def read_binding(server_log: Path, offset: int, settle_s: float = 1.0) -> dict[str, Any] | None:
+    """Which resource bound the replay that began at ``offset`` of the server's log: its
+    ``binding`` records added up. The scheduler logs the last one on going idle, so this waits
+    ``settle_s`` after the server reported idle."""
+    time.sleep(settle_s)
+    with open(server_log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return binding_summary(parse_records(text))
 
 
 def _pct(x: float | None) -> str:
@@ -211,7 +235,7 @@ def initial_result(args: argparse.Namespace, rate_specs: list[list[RequestSpec]]
         "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo, "arrival": args.arrival,
         "cv": args.cv, "seed": args.seed, "max_prompt": args.max_prompt,
         "max_output": args.max_output, "server_extra": args.server_extra,
-        "command": command_line("eval.sweep_slo"),
+        "command": command_line("eval.sweep_slo"), "commit": source_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "budget_s": None if math.isinf(args.budget) else args.budget,
         "skipped": [], "systems": {},

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from superinfer.adapters.sglang.stats import format_record
 from superinfer.config import ConfigError, RotaConfig, parse_request_slo
+from superinfer.policy.binding import BindingTimes
 
 TOKEN_S = 0.002
 HOST_TOKENS = 122064
@@ -49,6 +50,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--rota-request-slo", default=defaults.request_slo)
     ap.add_argument("--rota-min-request-slo-ratio", type=float,
                     default=defaults.min_request_slo_ratio)
+    ap.add_argument("--rota-monitor", action="store_true")
     return ap.parse_known_args(argv)[0]
 
 
@@ -63,6 +65,8 @@ class State:
         self.next_id = 0
         self.out = self.in_ = self.aborted_rotated = 0
         self.period: Counter[int] = Counter()  # request -> rotations, this busy period
+        self.monitor = self.rota or args.rota_monitor
+        self.busy_since: float | None = None
 
     def log(self, kind: str, fields: dict) -> None:
         """One record per TP rank, as every rank's rotator logs its own."""
@@ -73,6 +77,8 @@ class State:
         sys.stderr.flush()
 
     def begin(self) -> int:
+        if not self.inflight:
+            self.busy_since = time.monotonic()
         self.next_id += 1
         self.inflight.add(self.next_id)
         return self.next_id
@@ -86,6 +92,16 @@ class State:
             self.aborted_rotated += not finished
         if not self.inflight and self.rota:
             self.idle_check()
+        if not self.inflight and self.monitor:
+            self.binding()
+
+    def binding(self) -> None:
+        """The busy period's binding record: 40% prefill, 60% decode, requests waiting for
+        room a third of the time (a stand-in: nothing here is measured)."""
+        busy = time.monotonic() - (self.busy_since or time.monotonic())
+        times = BindingTimes(prefill_s=0.4 * busy, decode_s=0.6 * busy,
+                             memory_wait_s=busy / 3, kv_used_s=0.5 * busy)
+        self.log("binding", {"wall_s": round(time.time(), 3), **times.as_dict()})
 
     def idle_check(self) -> None:
         total = self.args.max_total_tokens

@@ -21,6 +21,7 @@ from sglang.srt.server_args import ServerArgs
 from superinfer.adapters.sglang import compat
 
 LAYERS, HEADS, HEAD_DIM = 3, 2, 8
+MLA_RANK, MLA_ROPE = 16, 8  # kv_lora_rank, qk_rope_head_dim of the MLA pool (kv="mla")
 VOCAB = 1000
 
 
@@ -68,14 +69,20 @@ def scheduler_tree_cache(server_args: ServerArgs, params, radix: bool):
 
 class SchedulerParts:
     def __init__(self, size: int = 512, page_size: int = 1, radix: bool = True,
-                 dtype: torch.dtype = torch.bfloat16, schedule_policy: str = "rotasched") -> None:
+                 dtype: torch.dtype = torch.bfloat16, schedule_policy: str = "rotasched",
+                 kv: str = "mha") -> None:
+        """``kv``: "mha" (MHATokenToKVPool) or "mla" (MLATokenToKVPool, DeepSeek's)."""
         from sglang.srt.managers.overlap_utils import FutureMap
         from sglang.srt.mem_cache.allocator import (
             PagedTokenToKVPoolAllocator,
             TokenToKVPoolAllocator,
         )
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+        from sglang.srt.mem_cache.memory_pool import (
+            MHATokenToKVPool,
+            MLATokenToKVPool,
+            ReqToTokenPool,
+        )
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
         self.server_args = publish_cpu_server_args(
@@ -83,9 +90,15 @@ class SchedulerParts:
         self.page_size = page_size
         self.req_to_token_pool = ReqToTokenPool(size=32, max_context_len=size, device="cpu",
                                                 enable_memory_saver=False)
-        self.kv_pool = MHATokenToKVPool(size=size, page_size=page_size, dtype=dtype, head_num=HEADS,
-                                        head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu",
-                                        enable_memory_saver=False)
+        if kv == "mla":
+            self.kv_pool = MLATokenToKVPool(size=size, page_size=page_size, dtype=dtype,
+                                            kv_lora_rank=MLA_RANK, qk_rope_head_dim=MLA_ROPE,
+                                            layer_num=LAYERS, device="cpu",
+                                            enable_memory_saver=False)
+        else:
+            self.kv_pool = MHATokenToKVPool(size=size, page_size=page_size, dtype=dtype,
+                                            head_num=HEADS, head_dim=HEAD_DIM, layer_num=LAYERS,
+                                            device="cpu", enable_memory_saver=False)
         if page_size == 1:
             self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(
                 size=size, dtype=dtype, device="cpu", kvcache=self.kv_pool, need_sort=False)
@@ -193,18 +206,22 @@ class SchedulerParts:
             r.output_ids.append(t)
         self.future_map.stash(batch.req_pool_indices, RelayPayload(bonus_tokens=tokens))
 
+    def kv_planes(self) -> list[list[torch.Tensor]]:
+        """Per layer, the pool's buffers: K and V (MHA), or the one latent buffer (MLA)."""
+        if hasattr(self.kv_pool, "kv_buffer"):
+            return [[kv] for kv in self.kv_pool.kv_buffer]
+        return [[k, v] for k, v in zip(self.kv_pool.k_buffer, self.kv_pool.v_buffer, strict=True)]
+
     def _write_random_kv(self, slots: torch.Tensor) -> None:
-        for layer in range(LAYERS):
-            k, v = self.kv_pool.k_buffer[layer], self.kv_pool.v_buffer[layer]
-            k[slots.long()] = torch.randn(len(slots), HEADS, HEAD_DIM).to(k.dtype)
-            v[slots.long()] = torch.randn(len(slots), HEADS, HEAD_DIM).to(v.dtype)
+        for layer in self.kv_planes():
+            for buf in layer:
+                buf[slots.long()] = torch.randn(len(slots), *buf.shape[1:]).to(buf.dtype)
 
     def kv_of(self, req) -> torch.Tensor:
         row = compat.req_pool_idx(req)
         slots = self.req_to_token_pool.req_to_token[row, : compat.kv_committed_len(req)].long()
-        return torch.stack([torch.stack([self.kv_pool.k_buffer[layer][slots],
-                                         self.kv_pool.v_buffer[layer][slots]])
-                            for layer in range(LAYERS)]).clone()
+        return torch.stack([torch.stack([buf[slots] for buf in layer])
+                            for layer in self.kv_planes()]).clone()
 
     def finish(self, batch, rids=None) -> None:
         """Finish requests of the batch the way SGLang's result processing does (release,

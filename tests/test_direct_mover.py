@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from superinfer.host_tier.direct import DirectKVMover, pages_of, piece_addresses
-from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.interface import KVLayout, mha_planes
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.torch_mover import TorchMover
 
@@ -27,7 +27,7 @@ def make(dtype: torch.dtype, page_size: int, device_pages: int = 12, host_pages:
     host = HostKVPool(layout, host_pages * page_size, page_size, dtype, pin_memory=False,
                       page_major=True)
     host.buffer.view(torch.uint8).fill_(0xA5)  # poison: an unwritten piece shows
-    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **mover_args)
+    mover = DirectKVMover(mha_planes(kv[:, 0], kv[:, 1]), host, **mover_args)
     return kv, host, mover, gen
 
 
@@ -118,9 +118,9 @@ def test_out_of_range_pages_and_mismatched_layouts_are_refused() -> None:
         mover.submit_d2h("x", slots_of([20], 4, 4), host.alloc(4), None)
     token_major = HostKVPool(host.layout, 32, 4, torch.bfloat16, pin_memory=False)
     with pytest.raises(ValueError, match="page-major"):
-        DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), token_major)
+        DirectKVMover(mha_planes(kv[:, 0], kv[:, 1]), token_major)
     with pytest.raises(ValueError, match="token-major"):
-        TorchMover(list(kv[:, 0]), list(kv[:, 1]), host)
+        TorchMover(mha_planes(kv[:, 0], kv[:, 1]), host)
 
 
 def test_page_major_pool_has_the_same_bytes_per_page() -> None:
@@ -133,7 +133,7 @@ def test_page_major_pool_has_the_same_bytes_per_page() -> None:
 @pytest.mark.parametrize("threaded", [False, True], ids=["inline", "issuer_threads"])
 def test_a_job_goes_out_in_slices_and_is_done_with_its_last(threaded: bool) -> None:
     kv, host, _, gen = make(torch.bfloat16, 4)
-    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, max_queued_pieces=8, slice_pieces=7,
+    mover = DirectKVMover(mha_planes(kv[:, 0], kv[:, 1]), host, max_queued_pieces=8, slice_pieces=7,
                           issue_thread=threaded)
     pages = torch.randperm(12, generator=gen)[:5].tolist()  # 30 pieces: 4 slices of 7, one of 2
     host_slots = host.alloc(20)
@@ -157,7 +157,7 @@ def test_a_bad_job_is_refused_before_it_is_queued() -> None:
 def test_slice_and_queue_sizes_are_checked(bad) -> None:
     kv, host, _, _ = make(torch.bfloat16, 4)
     with pytest.raises(ValueError, match="slice_pieces"):
-        DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **bad)
+        DirectKVMover(mha_planes(kv[:, 0], kv[:, 1]), host, **bad)
 
 
 def test_a_failed_copy_in_an_issuer_thread_surfaces_and_stops_the_mover(monkeypatch) -> None:
@@ -198,7 +198,7 @@ def test_issuer_threads_under_interleaved_jobs_and_polls_keep_order_and_bytes() 
     """Both directions' threads busy at once, the caller polling in between: every job is
     reported once, in submission order per direction, with its exact bytes."""
     kv, host, _, gen = make(torch.bfloat16, 2, device_pages=64, host_pages=64, seed=3)
-    mover = DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, max_queued_pieces=10,
+    mover = DirectKVMover(mha_planes(kv[:, 0], kv[:, 1]), host, max_queued_pieces=10,
                           slice_pieces=5, issue_thread=True)
     pages = torch.randperm(64, generator=gen).tolist()
     out_pages, in_pages = pages[:32], pages[32:]

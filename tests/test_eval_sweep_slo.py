@@ -35,5 +35,9 @@ def test_sweep_runs_every_system_and_rate(tmp_path: Path) -> None:
         assert [s["n"] for s in system["summaries"]] == [12, 12]
         assert system["errors"] == [0, 0] and all(system["ttft_attainment"])
         assert Path(system["server_log"]).exists()
+        # each replay's binding records, added up (the stand-in logs one per busy period)
+        assert system["bound"] == ["memory", "memory"]
+        assert all(b["prefill_share"] == 0.4 for b in system["binding"])
+    assert "--rota-monitor" in doc["systems"]["fcfs"]["flags"]
     rota_log = Path(doc["systems"]["rotasched"]["server_log"]).read_text()
     assert [r["kind"] for r in parse_records(rota_log)][0] == "start"  # the server's own log

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.interface import KVLayout, mha_planes
 from superinfer.host_tier.manager import HostTierManager, TierState
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.torch_mover import TorchMover
@@ -19,7 +19,7 @@ def make(host_tokens: int = 256, keep: bool = False, seed: int = 0):
     kv = torch.rand((LAYERS, 2, DEVICE_SLOTS, HEADS, HEAD_DIM), generator=gen) + 0.5
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, 4)
     pool = HostKVPool(layout, host_tokens, PAGE, torch.float32, pin_memory=False)
-    mover = TorchMover(list(kv[:, 0]), list(kv[:, 1]), pool)
+    mover = TorchMover(mha_planes(kv[:, 0], kv[:, 1]), pool)
     return kv, HostTierManager(pool, mover, layout.bytes_per_token, keep_copies=keep)
 
 

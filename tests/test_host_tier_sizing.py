@@ -87,11 +87,13 @@ def test_the_factory_refuses_before_pinning():
     import torch
 
     from superinfer.host_tier.factory import build_host_tier
+    from superinfer.host_tier.interface import mha_planes
 
     kv = [torch.zeros(64, 2, 8) for _ in range(2)]
     with pytest.raises(HostTierSizeError, match="--rota-host-kv-gb"):
-        build_host_tier(kv, kv, 1, host_kv_gb=50.0, mover_flag="auto", keep_copies=False,
-                        ranks_on_host=4, memory=HostMemory(mem_available=100 * GB))
-    tier, spec = build_host_tier(kv, kv, 1, host_kv_gb=0.0001, mover_flag="auto",
+        build_host_tier(mha_planes(kv, kv), 1, host_kv_gb=50.0, mover_flag="auto",
+                        keep_copies=False, ranks_on_host=4,
+                        memory=HostMemory(mem_available=100 * GB))
+    tier, spec = build_host_tier(mha_planes(kv, kv), 1, host_kv_gb=0.0001, mover_flag="auto",
                                  keep_copies=False, memory=HostMemory(mem_available=100 * GB))
     assert spec.host_tokens > 0

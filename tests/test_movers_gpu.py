@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.interface import KVLayout, mha_planes
 from superinfer.host_tier.jobs import contiguous_runs
 from superinfer.host_tier.pool import HostKVPool
 
@@ -35,11 +35,11 @@ def make_mover(kind: str, dtype=torch.bfloat16, max_chunk_tokens: int = 300):
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, kv.element_size())
     host = HostKVPool(layout, 4096, PAGE, dtype, pin_memory=True)
     host.buffer.view(torch.uint8).fill_(0xA5)
-    k, v = list(kv[:, 0]), list(kv[:, 1])
+    planes = mha_planes(kv[:, 0], kv[:, 1])
     torch.cuda.synchronize()  # side streams in the tests do not wait for this set-up
     if kind == "torch":
-        return kv, host, TorchMover(k, v, host)
-    return kv, host, StagingKVMover(k, v, host, path=kind, max_chunk_tokens=max_chunk_tokens)
+        return kv, host, TorchMover(planes, host)
+    return kv, host, StagingKVMover(planes, host, path=kind, max_chunk_tokens=max_chunk_tokens)
 
 
 def page_slots(num_tokens: int, first_page: int = 0) -> torch.Tensor:
@@ -137,11 +137,11 @@ def test_rejects_unknown_path_and_unpinned_host() -> None:
 
     kv, host, _ = make_mover("torch")
     with pytest.raises(ValueError):
-        StagingKVMover(list(kv[:, 0]), list(kv[:, 1]), host, path="magic")
+        StagingKVMover(mha_planes(kv[:, 0], kv[:, 1]), host, path="magic")
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, 2)
     unpinned = HostKVPool(layout, 64, PAGE, torch.bfloat16, pin_memory=False)
     with pytest.raises(ValueError):
-        StagingKVMover(list(kv[:, 0]), list(kv[:, 1]), unpinned)
+        StagingKVMover(mha_planes(kv[:, 0], kv[:, 1]), unpinned)
 
 
 # --- DirectKVMover: page pieces by cudaMemcpyBatchAsync, page-major host pool -----------------
@@ -157,7 +157,7 @@ def make_direct(page: int = PAGE, dtype=torch.bfloat16, **mover_args):
     host = HostKVPool(layout, 4096, page, dtype, pin_memory=True, page_major=True)
     host.buffer.view(torch.uint8).fill_(0xA5)
     torch.cuda.synchronize()
-    return kv, host, DirectKVMover(list(kv[:, 0]), list(kv[:, 1]), host, **mover_args)
+    return kv, host, DirectKVMover(mha_planes(kv[:, 0], kv[:, 1]), host, **mover_args)
 
 
 def token_rows(host: HostKVPool, host_slots: torch.Tensor) -> torch.Tensor:

@@ -253,6 +253,58 @@ def test_victims_exclude_requests_about_to_finish():
     assert plan_at(p, 1.0, cap(100), COSTS, 16384).rotate_out == []
 
 
+def test_no_bytes_move_when_finishing_streams_free_the_room_in_time():
+    """The head needs 2510 tokens with 1000 free; it must start by 1.85 (deadline 1.9 minus
+    its prefill). A stream 5 tokens from its end frees its room by ~1.1: if that covers the
+    head, nothing moves; if not, a rotation makes the rest, and the nearly done stream is no
+    victim (its room comes anyway). With 100 tokens left it is an ordinary victim."""
+    def plan(ending_tokens: int, left: int):
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+        running(p, "ending", tokens=ending_tokens, first_s=0.0, out=40, max_new=40 + left)
+        running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)
+        add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+        return plan_at(p, 1.0, cap(1000), COSTS, 16384)
+
+    waits = plan(3000, 5)
+    assert waits.rotate_out == [] and waits.admit == ["new"]
+    assert waits.room_needed and waits.head_blocked
+    rest = plan(1000, 5)  # frees 1000 of the 1510 missing: "long" makes the rest
+    assert rest.rotate_out == ["long"] and rest.room_needed and not rest.head_blocked
+    assert plan(1000, 100).rotate_out[0] == "ending"  # most slack first, as before
+
+
+def test_no_bytes_move_for_a_head_already_late():
+    """Every waiting request is past its TTFT deadline: admitting one sooner buys no
+    attainment, so room comes from streams finishing, not from rotations."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)
+    add(p, "late", 0.0, 2500, 1.0, 0.1, 10)
+    plan = plan_at(p, 1.5, cap(1000), COSTS, 16384)
+    assert plan.admit == ["late"] and plan.rotate_out == [] and plan.head_blocked
+
+
+def test_compute_bound_rotates_nothing_for_new_work_but_returns_urgent_streams():
+    """When the GPU, not KV room, holds new work back, freeing room cannot admit it any
+    sooner: no rotation for the head or the reserve. A stream on the host that is due still
+    swaps back in."""
+    def setup():
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+        running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)
+        add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+        return p
+
+    snap = StepSnapshot(1.0, cap(1000), COSTS, 16384, bound="compute")
+    plan = setup().plan(snap)
+    assert plan.rotate_out == [] and plan.head_blocked and plan.room_needed
+    assert setup().plan(dataclasses.replace(snap, bound="memory")).rotate_out == ["long"]
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "resident", tokens=1000, first_s=0.0, out=40)
+    running(p, "away", tokens=1000, first_s=0.0, out=30)  # due 3.0
+    park(p, "away", 0.5)
+    due = p.plan(StepSnapshot(2.96, cap(500), COSTS, 16384, bound="compute"))
+    assert due.rotate_out == ["resident"]
+
+
 def test_decode_reservation_counts_like_sglang():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "r", tokens=100, first_s=0.0, out=10, max_new=1010)  # 1000 left

@@ -18,7 +18,7 @@ from superinfer.adapters.sglang.tp_sync import TpAgreement
 from superinfer.config import RotaConfig, parse_request_slo
 from superinfer.host_tier.direct import mover_path
 from superinfer.host_tier.manager import TierState
-from superinfer.policy import Capacity, Phase, StepSnapshot
+from superinfer.policy import Capacity, CostModel, Phase, StepSnapshot
 from superinfer.policy.events import Finished
 
 CONFIGS = [(1, True), (1, False), (16, True), (16, False)]
@@ -27,9 +27,9 @@ MOVER_CONFIGS = [(p, r, "auto") for p, r in CONFIGS] + [(16, True, "direct"), (1
                                                          (1, True, "direct")]
 
 
-def fresh(size: int = 1024, page_size: int = 1, radix: bool = True, **config):
+def fresh(size: int = 1024, page_size: int = 1, radix: bool = True, kv: str = "mha", **config):
     """Real SGLang parts and a Rotator on them, its clock started as the first iteration does."""
-    parts = SchedulerParts(size=size, page_size=page_size, radix=radix)
+    parts = SchedulerParts(size=size, page_size=page_size, radix=radix, kv=kv)
     rot = Rotator(parts, RotaConfig(**config))
     rot.step(parts.empty_batch())
     return parts, rot
@@ -55,8 +55,8 @@ def prefill_and_decode(parts, rot, reqs, steps: int):
 
 
 def setup(page_size: int, radix: bool, n: int = 3, prompt: int = 40, host_gb: float = 0.0004,
-          mover: str = "auto"):
-    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=host_gb, mover=mover)
+          mover: str = "auto", kv: str = "mha"):
+    parts, rot = fresh(page_size=page_size, radix=radix, host_kv_gb=host_gb, mover=mover, kv=kv)
     reqs = [parts.make_req(f"r{i}", prompt + 7 * i, max_new_tokens=64) for i in range(n)]
     return parts, rot, prefill_and_decode(parts, rot, reqs, steps=3)
 
@@ -82,9 +82,10 @@ def assert_pools_initial(parts, rot):
     rot.check()
 
 
+@pytest.mark.parametrize("kv", ["mha", "mla"])
 @pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
-def test_round_trip_restores_every_kv_byte(page_size, radix, mover):
-    parts, rot, batch = setup(page_size, radix, mover=mover)
+def test_round_trip_restores_every_kv_byte(page_size, radix, mover, kv):
+    parts, rot, batch = setup(page_size, radix, mover=mover, kv=kv)
     assert type(rot.tier.mover).__name__ == ("DirectKVMover" if mover == "direct" else "TorchMover")
     assert rot.tier.pages.page_major == (mover == "direct")
     assert rot.tier.pages.page_size == (page_size if mover == "direct" else 16)
@@ -159,14 +160,21 @@ def test_full_host_tier_falls_back_to_sglang():
     assert_pools_initial(parts, rot)
 
 
-def test_policy_driven_rotation_under_memory_pressure():
+def test_policy_driven_rotation_under_memory_pressure(monkeypatch):
     """No hand-picked victims: the policy rotates to admit a new request that does not fit,
     brings the victims back, and everything drains to the initial pool sizes."""
     parts, rot = fresh(size=512, host_kv_gb=0.001, reserve_window_s=0.0)
+    # Decode steps priced as a GPU's (the default 25 ms), not as this test's microseconds: at
+    # those the running streams would finish before the newcomer's deadline on their own, and
+    # room that comes in time anyway moves no bytes.
+    monkeypatch.setattr(CostModel, "observe_decode", lambda self, elapsed_s: None)
     reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
     running = prefill_and_decode(parts, rot, reqs, steps=2)
     rot.policy.table.first_token_s[:] += 5.0  # far ahead of their 0.1 s pace: plenty of slack
     enqueue(parts, rot, parts.make_req("new", 200, max_new_tokens=8))
+    # Due in 0.5 s, before the running streams' 37 tokens to go (0.9 s): only a rotation
+    # admits it in time.
+    rot.policy.table.ttft_slo_s[rot.policy.table.row("new")] = 0.5
     saw_rotation, rotating_steps = False, 0
     for _ in range(200):
         before = rot.stats.rotations_out

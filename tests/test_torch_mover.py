@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.interface import KVLayout, mha_planes
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.torch_mover import TorchMover
 
@@ -27,7 +27,7 @@ def make(dtype: torch.dtype, page_size: int, seed: int = 0):
     layout = KVLayout(NUM_LAYERS, NUM_HEADS, HEAD_DIM, itemsize)
     host = HostKVPool(layout, 128, page_size, dtype, pin_memory=False)
     poison(host.buffer)
-    mover = TorchMover(list(kv[:, 0]), list(kv[:, 1]), host)
+    mover = TorchMover(mha_planes(kv[:, 0], kv[:, 1]), host)
     return kv, host, mover, gen
 
 
@@ -117,6 +117,6 @@ def test_rejects_buffers_that_do_not_match_the_host_layout() -> None:
     _, host, _, gen = make(torch.bfloat16, 1)
     kv = random_kv(torch.float16, gen)
     with pytest.raises(ValueError):
-        TorchMover(list(kv[:, 0]), list(kv[:, 1]), host)
+        TorchMover(mha_planes(kv[:, 0], kv[:, 1]), host)
     with pytest.raises(ValueError):
-        TorchMover(list(kv[:2, 0].bfloat16()), list(kv[:2, 1].bfloat16()), host)
+        TorchMover(mha_planes(kv[:2, 0].bfloat16(), kv[:2, 1].bfloat16()), host)

@@ -1,22 +1,24 @@
 """Gather / scatter the KV of token slots between SGLang's layer-first buffers and a
 token-major one.
 
-Device side: per layer ``k_buffer[l]`` / ``v_buffer[l]`` of ``[slots, heads, head_dim]``, reached
-through a pointer table (the pattern of sglang's ``kvcache/cache_move.py``), so one launch covers
-every layer. Token-major side: ``[rows, layers, 2, heads * head_dim]``, either a device staging
-buffer (row = position in the batch) or pinned host memory addressed straight from the kernel
-(row = host slot; zero copy through unified addressing).
+Device side: per layer, its *planes* of ``[slots, heads, head_dim]`` (MHA: ``k_buffer[l]`` and
+``v_buffer[l]``; MLA: the one ``kv_buffer[l]``), reached through a pointer table (the pattern of
+sglang's ``kvcache/cache_move.py``), so one launch covers every layer. Token-major side:
+``[rows, layers, planes_per_layer, heads * head_dim]``, either a device staging buffer (row =
+position in the batch) or pinned host memory addressed straight from the kernel (row = host
+slot; zero copy through unified addressing).
 
 Values are moved as raw machine words (int64 down to int8, the widest that divides a row), so
 bf16, fp16 and fp8-stored-as-uint8 are all the same kernel.
 
-A persistent grid walks work items ``(token tile, layer-K/V row, word tile)`` with the row and
+A persistent grid walks work items ``(token tile, (layer, plane) row, word tile)`` with the row and
 word tile fastest, so programs running side by side fill one contiguous span of token-major
 memory: long PCIe bursts on the zero-copy path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,21 +32,22 @@ _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 class KVTable:
     """Device pointer table over the layer buffers, built once per KV pool (it never moves)."""
 
-    ptrs: torch.Tensor  # int64 [2 * layers] on the device: k_0, v_0, k_1, v_1, ...
+    ptrs: torch.Tensor  # int64 [layers * planes] on the device, (layer, plane) order: k_0, v_0, ...
     buffers: tuple[torch.Tensor, ...]  # keeps the buffers alive as long as the table
     word_dtype: torch.dtype
-    row_words: int  # words in one (layer, K or V) row of one token
+    row_words: int  # words in one (layer, plane) row of one token
 
     @property
     def num_rows(self) -> int:
         return self.ptrs.numel()
 
 
-def make_kv_table(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> KVTable:
-    """Check the buffers (equal shape and dtype, contiguous, one device) and build the table."""
-    assert len(k_buffers) == len(v_buffers) > 0
-    first = k_buffers[0]
-    buffers = tuple(b for kv in zip(k_buffers, v_buffers, strict=True) for b in kv)
+def make_kv_table(planes: Sequence[Sequence[torch.Tensor]]) -> KVTable:
+    """Check the planes (per layer, equally many; equal shape and dtype, contiguous, one
+    device) and build the table."""
+    assert len(planes) > 0 and len({len(layer) for layer in planes}) == 1 and len(planes[0]) > 0
+    buffers = tuple(b for layer in planes for b in layer)
+    first = buffers[0]
     for buf in buffers:
         assert buf.shape == first.shape and buf.dtype == first.dtype, "KV buffers differ"
         assert buf.is_contiguous() and buf.device == first.device, "KV buffers must be contiguous"
@@ -63,7 +66,7 @@ def gather_kv(
     page_size: int = 1,
     num_programs: int | None = None,
 ) -> None:
-    """``out[out_rows[i]] = KV of device_slots[i]`` for every layer, K and V (``out_rows``
+    """``out[out_rows[i]] = KV of device_slots[i]`` for every layer and plane (``out_rows``
     defaults to ``arange``). Launches on the current stream.
 
     ``page_size > 1`` promises that each aligned group of ``page_size`` batch positions holds
@@ -106,7 +109,8 @@ def _widest_word(row_bytes: int, ptrs: list[int]) -> int:
 
 
 def _token_major_words(table: KVTable, buf: torch.Tensor) -> torch.Tensor:
-    """View a ``[rows, layers, 2, heads*head_dim]`` buffer as words, checking it fits the table."""
+    """View a ``[rows, layers, planes, heads*head_dim]`` buffer as words, checking it fits the
+    table."""
     assert buf.dim() == 4 and buf.shape[1] * buf.shape[2] == table.num_rows, "not token-major KV"
     assert buf.is_contiguous() and buf.dtype == table.buffers[0].dtype, "dtype or layout mismatch"
     assert buf.data_ptr() % table.word_dtype.itemsize == 0

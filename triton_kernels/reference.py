@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def gather_kv_ref(
-    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], device_slots: torch.Tensor
-) -> torch.Tensor:
-    """Token-major ``[n, layers, 2, heads*head_dim]`` KV of ``device_slots``."""
-    rows = [torch.stack([k[device_slots], v[device_slots]], dim=1)
-            for k, v in zip(k_buffers, v_buffers, strict=True)]
+def gather_kv_ref(planes: Sequence[Sequence[torch.Tensor]], device_slots: torch.Tensor
+                  ) -> torch.Tensor:
+    """Token-major ``[n, layers, planes, heads*head_dim]`` KV of ``device_slots``."""
+    rows = [torch.stack([p[device_slots] for p in layer], dim=1) for layer in planes]
     return torch.stack(rows, dim=1).flatten(3)
 
 
-def scatter_kv_ref(
-    k_buffers: list[torch.Tensor],
-    v_buffers: list[torch.Tensor],
-    device_slots: torch.Tensor,
-    src: torch.Tensor,
-) -> None:
-    """Write token-major ``src`` into the layer buffers at ``device_slots``."""
-    for layer, (k, v) in enumerate(zip(k_buffers, v_buffers, strict=True)):
-        k[device_slots] = src[:, layer, 0].view(-1, *k.shape[1:])
-        v[device_slots] = src[:, layer, 1].view(-1, *v.shape[1:])
+def scatter_kv_ref(planes: Sequence[Sequence[torch.Tensor]], device_slots: torch.Tensor,
+                   src: torch.Tensor) -> None:
+    """Write token-major ``src`` into the layer planes at ``device_slots``."""
+    for layer, layer_planes in enumerate(planes):
+        for i, p in enumerate(layer_planes):
+            p[device_slots] = src[:, layer, i].view(-1, *p.shape[1:])

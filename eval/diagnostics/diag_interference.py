@@ -76,7 +76,7 @@ from superinfer.host_tier.cudart import (
     MemLocation,
 )
 from superinfer.host_tier.cudart import CudaRuntime as BaseRuntime
-from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.interface import KVLayout, mha_planes
 
 MiB = 1 << 20
 LAYOUT = KVLayout(32, 8, 128, 2)  # Llama-3.1-8B on one rank: 128 KiB of KV per token
@@ -686,7 +686,7 @@ class GraphPipeline:
         self.ring = torch.empty((4 * chunk, *host.buffer.shape[1:]), dtype=host.buffer.dtype,
                                 device="cuda")
         bufs = list(self.ring.split(chunk))
-        table = make_kv_table(b.k, b.v)
+        table = make_kv_table(mha_planes(b.k, b.v))
         self.info = {"chunk_tokens": chunk, "ring_mib": self.ring.numel() * 2 / MiB, "l2": l2}
         self.kernel_streams = {True: torch.cuda.Stream(), False: torch.cuda.Stream()}
         self.dma_streams = {True: torch.cuda.Stream(), False: torch.cuda.Stream()}
@@ -779,7 +779,7 @@ class Resources:
         if self._mover is None:
             from superinfer.host_tier.staging import StagingKVMover
 
-            self._mover = StagingKVMover(self.bench.k, self.bench.v, self.bench.host,
+            self._mover = StagingKVMover(mha_planes(self.bench.k, self.bench.v), self.bench.host,
                                          path="staging")
         return self._mover
 
@@ -793,7 +793,8 @@ class Resources:
             from superinfer.host_tier.staging import StagingKVMover
 
             b = self.bench
-            mover = StagingKVMover(b.k, b.v, b.host, path="staging", max_chunk_tokens=chunk_tokens)
+            mover = StagingKVMover(mha_planes(b.k, b.v), b.host, path="staging",
+                                   max_chunk_tokens=chunk_tokens)
             ring = torch.empty((4 * chunk_tokens, *b.host.buffer.shape[1:]),
                                dtype=b.host.buffer.dtype, device="cuda")
             bufs = list(ring.split(chunk_tokens))
@@ -860,7 +861,7 @@ class Resources:
         b, n = self.bench, self.unit_tokens
         if self._staging is None:
             staged = torch.empty((n, *b.host.buffer.shape[1:]), dtype=torch.bfloat16, device="cuda")
-            self._staging = (make_kv_table(b.k, b.v), staged)
+            self._staging = (make_kv_table(mha_planes(b.k, b.v)), staged)
         table, staged = self._staging
         stream = torch.cuda.Stream(priority=priority)
         starts = itertools.cycle(range(0, b.out_slots.numel() - n + 1, n))

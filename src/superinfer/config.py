@@ -176,6 +176,11 @@ class RotaConfig:
         "1.0 (default): clients may only loosen their SLOs, never jump the queue; e.g. 0.5 lets "
         "any client ask for half the server's SLOs.", SHARE)
 
+    monitor: bool = _flag(
+        "--rota-monitor", False,
+        "under any other --schedule-policy, log which resource binds (KV memory or GPU compute) "
+        "every few seconds, as rotasched always does (the 'binding' stats record).")
+
     def __post_init__(self) -> None:
         for f in fields(self):
             check: Check | None = f.metadata.get("check")

@@ -1,11 +1,11 @@
 """DirectKVMover: the kernel-free path, for SGLang pools with big enough pages.
 
-One page of one layer's K (or V) is one contiguous piece in SGLang's layer-first device buffers
-and in a page-major ``HostKVPool``, so a job is a list of (source, destination, size) pieces
-that ``cudaMemcpyBatchAsync`` calls hand to the copy engines: no gather kernel, no SM time, no
-staging memory, so it slows the model's decode steps far less than the staging path; but the
-copy engines need big pieces to reach full duplex (README, DuplexKV section).
-``host_tier/factory.py`` picks this path from the piece size.
+One page of one plane (a layer's K or V; MLA: a layer's latent) is one contiguous piece in
+SGLang's layer-first device buffers and in a page-major ``HostKVPool``, so a job is a list of
+(source, destination, size) pieces that ``cudaMemcpyBatchAsync`` calls hand to the copy
+engines: no gather kernel, no SM time, no staging memory, so it slows the model's decode steps
+far less than the staging path; but the copy engines need big pieces to reach full duplex
+(README, DuplexKV section). ``host_tier/factory.py`` picks this path from the piece size.
 
 Page rule: device and host pages hold the same ``page_size`` tokens (SGLang's ``--page-size``).
 A job's slots cover whole pages from their first token, in order; only the last page may be
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from superinfer.host_tier.interface import TransferReport
+from superinfer.host_tier.interface import LayerPlanes, TransferReport
 from superinfer.host_tier.jobs import Job, check_slots
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import StreamMover
@@ -81,27 +81,24 @@ class DirectKVMover(StreamMover):
 
     def __init__(
         self,
-        k_buffers: list[torch.Tensor],
-        v_buffers: list[torch.Tensor],
+        planes: LayerPlanes,
         host: HostKVPool,
         max_queued_pieces: int = MAX_QUEUED_PIECES,
         slice_pieces: int = SLICE_PIECES,
         issue_thread: bool = False,
     ) -> None:
         """``issue_thread`` (tests): on the CPU too, issue from a thread per direction."""
-        super().__init__(k_buffers, v_buffers, host)
+        super().__init__(planes, host)
         if not 0 < slice_pieces <= max_queued_pieces:
             raise ValueError("need 0 < slice_pieces <= max_queued_pieces, "
                              f"got {slice_pieces}, {max_queued_pieces}")
         self.max_queued_pieces, self.slice_pieces = max_queued_pieces, slice_pieces
         self.page_size = host.page_size
-        row_bytes = k_buffers[0][0].numel() * k_buffers[0].element_size()
-        self.piece_bytes = self.page_size * row_bytes
-        self.device_pages = k_buffers[0].shape[0] // self.page_size
-        # k0, v0, k1, v1, ...: the order of (layer, K/V) inside a page-major host page too.
-        # (equal lengths: the base class checked the buffers)
-        ptrs = [b.data_ptr() for kv in zip(k_buffers, v_buffers, strict=True) for b in kv]
-        self._layer_ptrs = torch.tensor(ptrs, dtype=torch.int64)
+        first = self.planes[0]
+        self.piece_bytes = self.page_size * first[0].numel() * first.element_size()
+        self.device_pages = first.shape[0] // self.page_size
+        # (layer, plane) order, e.g. k0, v0, k1, v1, ...: the order inside a page-major host page.
+        self._plane_ptrs = torch.tensor([b.data_ptr() for b in self.planes], dtype=torch.int64)
         if self._on_cuda:
             if not host.pinned:
                 raise ValueError("DirectKVMover on CUDA needs a pinned HostKVPool")
@@ -184,7 +181,7 @@ class DirectKVMover(StreamMover):
         dev_pages = pending.dev_pages
         if dev_pages is None:
             dev_pages = self._device_pages(pending.slots, pending.host_pages)
-        dev, host = piece_addresses(self._layer_ptrs, dev_pages, self.host.buffer.data_ptr(),
+        dev, host = piece_addresses(self._plane_ptrs, dev_pages, self.host.buffer.data_ptr(),
                                     pending.host_pages, self.piece_bytes)
         dsts, srcs = (host, dev) if to_host else (dev, host)
         event = None
@@ -314,15 +311,15 @@ def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:
 
 
 def piece_addresses(
-    layer_ptrs: torch.Tensor, device_pages: torch.Tensor, host_base: int,
+    plane_ptrs: torch.Tensor, device_pages: torch.Tensor, host_base: int,
     host_pages: torch.Tensor, piece_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start addresses of every (page, layer, K/V) piece on both sides, page by page.
+    """Start addresses of every (page, layer, plane) piece on both sides, page by page.
 
-    ``layer_ptrs`` are the device buffers in (layer, K/V) order; a page-major host page holds
+    ``plane_ptrs`` are the device planes in (layer, plane) order; a page-major host page holds
     the same pieces back to back in that order."""
-    per_page = layer_ptrs.numel()
-    dev = layer_ptrs[None, :] + device_pages[:, None] * piece_bytes
+    per_page = plane_ptrs.numel()
+    dev = plane_ptrs[None, :] + device_pages[:, None] * piece_bytes
     host = (host_base + host_pages[:, None] * (per_page * piece_bytes)
             + torch.arange(per_page, dtype=torch.int64)[None, :] * piece_bytes)
     return dev.reshape(-1).contiguous(), host.reshape(-1).contiguous()

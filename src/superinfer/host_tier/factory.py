@@ -1,4 +1,4 @@
-"""Builds a host tier for one rank's device KV buffers: picks the data path, sizes the pinned
+"""Builds a host tier for one rank's device KV planes: picks the data path, sizes the pinned
 pool in whole pages of that path, and wires the mover into a ``HostTierManager``."""
 
 from __future__ import annotations
@@ -7,10 +7,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from .direct import DIRECT_MIN_PIECE_BYTES, mover_path
-from .interface import KVLayout, KVMover
+from .interface import KVLayout, KVMover, LayerPlanes
 from .manager import HostTierManager
 from .pool import HostKVPool
 from .sizing import HostMemory, check_host_tier_size, read_host_memory
@@ -30,20 +28,19 @@ class TierSpec:
     bytes_per_token: int
 
 
-def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                    device_page_size: int, host_kv_gb: float, mover_flag: str,
-                    keep_copies: bool, numa_node: int | None = None, ranks_on_host: int = 1,
-                    memory: HostMemory | None = None,
+def build_host_tier(planes: LayerPlanes, device_page_size: int, host_kv_gb: float,
+                    mover_flag: str, keep_copies: bool, numa_node: int | None = None,
+                    ranks_on_host: int = 1, memory: HostMemory | None = None,
                     fail_copies: dict[bool, frozenset[int]] | None = None
                     ) -> tuple[HostTierManager, TierSpec]:
-    """A host tier of about ``host_kv_gb`` GB beside SGLang's layer-first ``k_buffers`` /
-    ``v_buffers`` (one tensor per layer, ``[slots, heads, head_dim]``). Raises
-    HostTierSizeError, before anything is pinned, if ``ranks_on_host`` such tiers do not fit
-    the host's ``memory`` (read from this machine by default)."""
-    k0 = k_buffers[0]
-    layout = KVLayout(len(k_buffers), k0.shape[1], k0.shape[2], k0.element_size())
-    piece = device_page_size * k0[0].numel() * k0.element_size()  # one page, one layer's K
-    path = mover_path(mover_flag, k0.is_cuda, piece)
+    """A host tier of about ``host_kv_gb`` GB beside SGLang's layer-first device KV ``planes``
+    (per layer, its ``[slots, heads, head_dim]`` buffers: K and V of an MHA pool, the latent of
+    an MLA pool). Raises HostTierSizeError, before anything is pinned, if ``ranks_on_host``
+    such tiers do not fit the host's ``memory`` (read from this machine by default)."""
+    layout = KVLayout.of(planes)
+    p0 = planes[0][0]
+    piece = device_page_size * p0[0].numel() * p0.element_size()  # one page of one plane
+    path = mover_path(mover_flag, p0.is_cuda, piece)
     # The direct path copies whole device pages into host pages of the same size.
     page = device_page_size if path == "direct" else TOKEN_MAJOR_PAGE
     num_tokens = int(host_kv_gb * 1e9 / layout.bytes_per_token) // page * page
@@ -51,13 +48,13 @@ def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]
         raise ValueError(f"--rota-host-kv-gb {host_kv_gb} holds less than one {page}-token page "
                          f"({layout.bytes_per_token} bytes per token)")
     memory = memory if memory is not None else read_host_memory(numa_node)
-    if not k0.is_cuda:  # nothing is pinned, so the locked-memory limit does not apply
+    if not p0.is_cuda:  # nothing is pinned, so the locked-memory limit does not apply
         memory = dataclasses.replace(memory, memlock_limit=None)
     check_host_tier_size(num_tokens * layout.bytes_per_token, ranks_on_host, memory)
-    pool = HostKVPool(layout, num_tokens, page, k0.dtype, pin_memory=k0.is_cuda,
+    pool = HostKVPool(layout, num_tokens, page, p0.dtype, pin_memory=p0.is_cuda,
                       numa_node=numa_node, page_major=path == "direct")
-    mover = _make_mover(path, k_buffers, v_buffers, pool)
-    if path == "direct" and k0.is_cuda and piece < DIRECT_MIN_PIECE_BYTES:
+    mover = _make_mover(path, planes, pool)
+    if path == "direct" and p0.is_cuda and piece < DIRECT_MIN_PIECE_BYTES:
         logger.warning("rotasched: --rota-mover direct with %.0f KiB page pieces: copy engines "
                        "move far less than full duplex with small pieces; a larger --page-size "
                        "or --rota-mover staging moves more", piece / 1024)
@@ -65,16 +62,15 @@ def build_host_tier(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]
     return manager, TierSpec(path, type(mover).__name__, page, num_tokens, layout.bytes_per_token)
 
 
-def _make_mover(path: str, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                host: HostKVPool) -> KVMover:
+def _make_mover(path: str, planes: LayerPlanes, host: HostKVPool) -> KVMover:
     if path == "torch":
         from .torch_mover import TorchMover
 
-        return TorchMover(k_buffers, v_buffers, host)
+        return TorchMover(planes, host)
     if path == "direct":
         from .direct import DirectKVMover
 
-        return DirectKVMover(k_buffers, v_buffers, host)
+        return DirectKVMover(planes, host)
     from .staging import StagingKVMover
 
-    return StagingKVMover(k_buffers, v_buffers, host, path=path)
+    return StagingKVMover(planes, host, path=path)

@@ -1,9 +1,11 @@
 """The contract between who decides (the SGLang adapter) and who moves bytes (a KV mover).
 
-Slots are token indices: a *device slot* indexes SGLang's per-layer ``k_buffer[l]`` /
-``v_buffer[l]`` (the values stored in ``req_to_token``); a *host slot* indexes a
-``HostKVPool``. A mover copies, for every layer, K and V of ``device_slots[i]`` to or from
-``host_slots[i]``. Nothing here imports SGLang.
+Device KV is a list of *planes* per layer: device buffers of one shape ``[slots, heads, dim]``
+(SGLang's MHA pool: ``k_buffer[l]`` and ``v_buffer[l]``, two per layer; its MLA pool:
+``kv_buffer[l]``, one per layer, ``heads`` 1 and ``dim`` kv_lora_rank + qk_rope_head_dim).
+Slots are token indices: a *device slot* indexes every plane (the values stored in
+``req_to_token``); a *host slot* indexes a ``HostKVPool``. A mover copies, for every plane, the
+row of ``device_slots[i]`` to or from ``host_slots[i]``. Nothing here imports SGLang.
 
 Ordering rules every mover keeps:
 - ``submit_d2h`` copies nothing before ``ready`` (an event recorded on the forward stream after
@@ -20,26 +22,52 @@ Ordering rules every mover keeps:
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+# Per layer, its planes, in the order a token's host row holds them: layer 0's planes, then
+# layer 1's... Every plane is a contiguous ``[slots, heads, dim]`` tensor of one shape and dtype.
+LayerPlanes = Sequence[Sequence["torch.Tensor"]]
+
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
     """Shape of the KV of one token on one rank:
-    ``num_layers`` × (K, V) × ``num_heads`` × ``head_dim``."""
+    ``num_layers`` × ``planes_per_layer`` × ``num_heads`` × ``head_dim``
+    (MHA: 2 planes per layer, K then V; MLA: 1, the latent with the rope key)."""
 
     num_layers: int
     num_heads: int
     head_dim: int
     itemsize: int  # bytes per element as stored (fp8 is 1)
+    planes_per_layer: int = 2
+
+    @classmethod
+    def of(cls, planes: LayerPlanes) -> KVLayout:
+        """The layout of device planes (their shapes are checked by the movers)."""
+        first = planes[0][0]
+        if first.dim() != 3:
+            raise ValueError(f"KV planes must be [slots, heads, dim], got {tuple(first.shape)}")
+        return cls(len(planes), first.shape[1], first.shape[2], first.element_size(),
+                   len(planes[0]))
+
+    @property
+    def num_planes(self) -> int:
+        return self.num_layers * self.planes_per_layer
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_heads * self.head_dim * self.itemsize
+        return self.num_planes * self.num_heads * self.head_dim * self.itemsize
+
+
+def mha_planes(k_buffers: Sequence[torch.Tensor],
+               v_buffers: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The planes of an MHA pool: per layer, its K and V buffers."""
+    return [[k, v] for k, v in zip(k_buffers, v_buffers, strict=True)]
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from superinfer.host_tier.interface import KVLayout
+from superinfer.host_tier.interface import KVLayout, LayerPlanes
 
 
 @dataclass(slots=True)
@@ -75,23 +75,24 @@ def contiguous_runs(host_slots: torch.Tensor, boundary: int) -> list[tuple[int, 
     return list(zip(offsets.tolist(), slots[offsets].tolist(), lengths.tolist(), strict=True))
 
 
-def check_device_buffers(
-    k_buffers: list[torch.Tensor],
-    v_buffers: list[torch.Tensor],
-    layout: KVLayout,
-    dtype: torch.dtype,
-) -> None:
-    """Raise ValueError unless the buffers are SGLang's layer-first ``[slots, heads, head_dim]``."""
-    if len(k_buffers) != layout.num_layers or len(v_buffers) != layout.num_layers:
-        raise ValueError(f"expected {layout.num_layers} K and V buffers")
-    shape = k_buffers[0].shape
-    for buf in (*k_buffers, *v_buffers):
+def check_device_buffers(planes: LayerPlanes, layout: KVLayout, dtype: torch.dtype
+                         ) -> list[torch.Tensor]:
+    """Raise ValueError unless ``planes`` are SGLang's layer-first ``[slots, heads, head_dim]``
+    buffers of ``layout``; return them flat, in (layer, plane) order."""
+    if (len(planes) != layout.num_layers
+            or any(len(layer) != layout.planes_per_layer for layer in planes)):
+        raise ValueError(
+            f"expected {layout.num_layers} layers of {layout.planes_per_layer} KV planes")
+    flat = [buf for layer in planes for buf in layer]
+    shape = flat[0].shape
+    for buf in flat:
         if buf.shape != shape or buf.dtype != dtype or not buf.is_contiguous():
             raise ValueError(f"KV buffers must be contiguous {tuple(shape)} of {dtype}")
-        if buf.device != k_buffers[0].device:
+        if buf.device != flat[0].device:
             raise ValueError("KV buffers must live on one device")
     if shape[1:] != (layout.num_heads, layout.head_dim):
         raise ValueError(f"KV buffer shape {tuple(shape)} does not match {layout}")
+    return flat
 
 
 def check_slots(device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:

@@ -2,13 +2,15 @@
 
 Two layouts of the same bytes, chosen by the mover that fills them:
 
-- token-major (default) ``[num_tokens, num_layers, 2, num_heads * head_dim]``: all of one
-  token's KV (every layer, K then V) is one contiguous row, so a run of host slots is one
-  contiguous byte range and a batch moves with few large DMAs (the device side is layer-first;
-  the gather kernels of the staging and zero-copy paths bridge the two layouts);
-- page-major ``[num_pages, num_layers, 2, page_size, num_heads * head_dim]``: one page of one
-  layer's K (or V) is contiguous, exactly like the same page in SGLang's layer-first device
-  buffers, so the direct path copies page pieces with the copy engines alone.
+- token-major (default) ``[num_tokens, num_layers, planes_per_layer, num_heads * head_dim]``:
+  all of one token's KV (every layer, its planes: K then V, or MLA's latent) is one contiguous
+  row, so a run of host slots is one contiguous byte range and a batch moves with few large
+  DMAs (the device side is layer-first; the gather kernels of the staging and zero-copy paths
+  bridge the two layouts);
+- page-major ``[num_pages, num_layers, planes_per_layer, page_size, num_heads * head_dim]``:
+  one page of one plane (a layer's K or V; MLA: its latent) is contiguous, exactly like the
+  same page in SGLang's layer-first device buffers, so the direct path copies page pieces with
+  the copy engines alone.
 
 Pages are the unit of ownership: ``alloc`` hands out whole pages (the tail of the last page is
 owned but unused) and ``free`` returns the pages that the given slots belong to.
@@ -134,8 +136,9 @@ class HostKVPool(HostPages):
         pages_per_chunk = max(1, _REGISTER_CHUNK_BYTES // (layout.bytes_per_token * page_size))
         self.dma_chunk_tokens = pages_per_chunk * page_size
         row = layout.num_heads * layout.head_dim
-        shape = ((self.num_pages, layout.num_layers, 2, page_size, row) if page_major
-                 else (num_tokens, layout.num_layers, 2, row))
+        planes = (layout.num_layers, layout.planes_per_layer)
+        shape = ((self.num_pages, *planes, page_size, row) if page_major
+                 else (num_tokens, *planes, row))
         self.buffer = torch.empty(shape, dtype=dtype)
         if numa_node is not None:
             _bind_to_numa_node(self.buffer, numa_node)

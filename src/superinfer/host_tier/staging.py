@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from superinfer.host_tier.interface import LayerPlanes
 from superinfer.host_tier.jobs import contiguous_runs
 from superinfer.host_tier.pool import HostKVPool
 from superinfer.host_tier.stream_mover import D2H_PRIORITY, H2D_PRIORITY, CopyMover, CopyResult
@@ -40,14 +41,13 @@ class StagingKVMover(CopyMover):
 
     def __init__(
         self,
-        k_buffers: list[torch.Tensor],
-        v_buffers: list[torch.Tensor],
+        planes: LayerPlanes,
         host: HostKVPool,
         path: str = "staging",
         max_chunk_tokens: int | None = None,
         num_programs: int | None = None,
     ) -> None:
-        super().__init__(k_buffers, v_buffers, host)
+        super().__init__(planes, host)
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if not self._on_cuda:
@@ -61,7 +61,7 @@ class StagingKVMover(CopyMover):
         # there the kernel is the transfer, and fewer programs cannot cover PCIe latency.
         self.num_programs = num_programs or (
             DEFAULT_STAGING_PROGRAMS if path == "staging" else None)
-        self._table = make_kv_table(k_buffers, v_buffers)
+        self._table = make_kv_table(planes)
         if path == "staging":
             self._d2h_dma_stream = torch.cuda.Stream(self.device, priority=D2H_PRIORITY)
             self._h2d_scatter_stream = torch.cuda.Stream(self.device, priority=H2D_PRIORITY)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from superinfer.host_tier.interface import KVMover, TransferReport
+from superinfer.host_tier.interface import KVMover, LayerPlanes, TransferReport
 from superinfer.host_tier.jobs import Job, JobQueue, check_device_buffers, check_slots
 from superinfer.host_tier.pool import HostKVPool
 
@@ -32,16 +32,15 @@ class StreamMover(KVMover):
 
     HOST_PAGE_MAJOR = False  # the host layout this mover reads and writes (see pool.py)
 
-    def __init__(
-        self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], host: HostKVPool
-    ) -> None:
-        check_device_buffers(k_buffers, v_buffers, host.layout, host.buffer.dtype)
+    def __init__(self, planes: LayerPlanes, host: HostKVPool) -> None:
+        # (layer, plane) order: the order of the planes in a host row (see pool.py)
+        self.planes = check_device_buffers(planes, host.layout, host.buffer.dtype)
         if host.page_major != self.HOST_PAGE_MAJOR:
             want = "page-major" if self.HOST_PAGE_MAJOR else "token-major"
             raise ValueError(f"{type(self).__name__} needs a {want} HostKVPool "
                              f"(page_major={self.HOST_PAGE_MAJOR})")
-        self.k_buffers, self.v_buffers, self.host = k_buffers, v_buffers, host
-        self.device = k_buffers[0].device
+        self.host = host
+        self.device = self.planes[0].device
         self._on_cuda = self.device.type == "cuda"
         if self._on_cuda:
             self._d2h_stream = torch.cuda.Stream(self.device, priority=D2H_PRIORITY)

@@ -1,8 +1,9 @@
 """KVMover in plain torch indexing: the reference mover, and the CPU mover for tests.
 
-A batch is gathered into a token-major device staging tensor with one indexing op per layer
-and K/V, then copied to the host with one DMA per run of consecutive host slots (and the
-reverse for h2d). Correct everywhere torch runs; StagingKVMover is the fast one on CUDA.
+A batch is gathered into a token-major device staging tensor with one indexing op per plane
+(per layer, K and V, or MLA's one latent buffer), then copied to the host with one DMA per run
+of consecutive host slots (and the reverse for h2d). Correct everywhere torch runs;
+StagingKVMover is the fast one on CUDA.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ class TorchMover(CopyMover):
 
     def _copy_d2h(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
         staging = self._staging(host_slots.numel())
-        row = staging.shape[-1]
-        for layer, (k, v) in enumerate(zip(self.k_buffers, self.v_buffers, strict=True)):
-            staging[:, layer, 0] = k.view(-1, row)[device_slots]
-            staging[:, layer, 1] = v.view(-1, row)[device_slots]
+        rows = staging.flatten(1, 2)  # [tokens, (layer, plane), row]: a view
+        for i, plane in enumerate(self.planes):
+            rows[:, i] = plane.view(-1, rows.shape[-1])[device_slots]
         for offset, host_start, length in contiguous_runs(host_slots, self.host.dma_chunk_tokens):
             self.host.buffer[host_start : host_start + length].copy_(
                 staging[offset : offset + length], non_blocking=True
@@ -41,8 +41,7 @@ class TorchMover(CopyMover):
             staging[offset : offset + length].copy_(
                 self.host.buffer[host_start : host_start + length], non_blocking=True
             )
-        row = staging.shape[-1]
-        for layer, (k, v) in enumerate(zip(self.k_buffers, self.v_buffers, strict=True)):
-            k.view(-1, row)[device_slots] = staging[:, layer, 0]
-            v.view(-1, row)[device_slots] = staging[:, layer, 1]
+        rows = staging.flatten(1, 2)
+        for i, plane in enumerate(self.planes):
+            plane.view(-1, rows.shape[-1])[device_slots] = rows[:, i]
         return (staging,), None

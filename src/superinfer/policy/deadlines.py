@@ -71,6 +71,22 @@ def make_room_lag_s(num_tokens: F, bytes_per_token: int, costs: Costs) -> F:
     return 6 * costs.decode_step_s + transfer_s(num_tokens, bytes_per_token, costs.d2h_bytes_per_s)
 
 
+def prefill_share(costs: Costs) -> float:
+    """Share of GPU time the measured arrivals' prefills take (their demand, not what ran)."""
+    return costs.arrival_rate_per_s * costs.mean_prompt_tokens * costs.prefill_s_per_token
+
+
+def decode_token_s(costs: Costs) -> float:
+    """Seconds between a resident stream's tokens: a decode step, stretched by the prefills
+    between steps (their share of the GPU is capped so a saturated estimate stays finite)."""
+    return costs.decode_step_s / (1.0 - min(prefill_share(costs), 0.75))
+
+
+def finish_s(remaining_tokens: F, now_s: float, costs: Costs) -> F:
+    """When a decoding stream with ``remaining_tokens`` left to produce should be done."""
+    return now_s + remaining_tokens * decode_token_s(costs)
+
+
 def slack_gain(tbt_slo_s: float, decode_step_s: float, prefill_share: float) -> float:
     """Seconds of slack a resident stream earns per second: it gets a token every decode step
     (in the GPU time prefill leaves) and owes one per TBT. A stream on the host spends one

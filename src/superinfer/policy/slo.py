@@ -17,6 +17,10 @@ Each iteration:
    could no longer earn the slack the streams on the host spend (``deadlines.slack_gain``,
    ``deadlines.max_extra_away``), and keep one stream's KV free on the host for swaps. If no room
    can be made for a new head, urgent returns behind it still swap in.
+   Bytes move only when they buy something: not for a head already past its deadline, not
+   when streams finishing before the head must start free the room anyway (those streams are
+   no victims either), and not for new work at all while compute binds (``policy.binding``:
+   new work waits for the GPU, so room made for it would only cost link time and decode steps).
 4. Bound this step's prefill tokens by the least slack of the resident streams and of the
    rotated-out ones up to their urgency point (none left, or a stream behind pace: decode
    first); the head's whole first batch must fit, since SGLang runs chunks back to back.
@@ -91,12 +95,23 @@ class SloPolicy(Policy):
         plan.prefill_token_budget = budget
         blocked_new = deficit is not None and not urgent
         why = "bring back an urgent stream" if urgent else "make room for the EDF head"
-        if deficit is None:
+        plan.room_needed = blocked_new
+        needed_by_s: float | None = None  # when the room must be there (None: now)
+        if blocked_new:
+            needed_by_s = self._latest_start_s(plan.admit[-1], costs)
+        elif deficit is None:
             deficit, wait_s = reserve - (free - used), cfg.reserve_window_s
+            needed_by_s = now_s + wait_s
             why = "keep the free reserve"
+        if needed_by_s is not None and deficit > 0 and (
+                snapshot.bound == "compute" or needed_by_s < now_s
+                or self._freed_by(needed_by_s, now_s, cap, costs) >= deficit):
+            # Moving bytes would buy nothing: the GPU, not memory, holds new work back; the
+            # head is late already; or its room comes in time anyway.
+            deficit = 0
         if deficit > 0:
             self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window,
-                             grows_away=not urgent)
+                             grows_away=not urgent, keep_until_s=needed_by_s)
         plan.head_blocked = blocked_new and not plan.rotate_out
         if plan.head_blocked:
             # The new head waits (no room can be made for it now), but a rotated-out stream due
@@ -272,12 +287,38 @@ class SloPolicy(Policy):
         reserve = t.decode_reservation(np.array([row]), cap.new_token_ratio, cap.fixed_length_ratio)
         return int(t.num_tokens[row]) + int(reserve[0])
 
+    def _latest_start_s(self, req_id: str, costs: Costs) -> float:
+        """When a waiting request's prefill must start to make its TTFT deadline."""
+        t = self._table
+        row = t.row(req_id)
+        return float(deadlines.ttft_deadline(t.arrival_s[row], t.ttft_slo_s[row])
+                     - costs.prefill_s(float(t.num_prompt_tokens[row])))
+
+    def _finish_s(self, rows: np.ndarray, now_s: float, costs: Costs) -> np.ndarray:
+        """When these decoding streams should be done, from their remaining output (an upper
+        bound for a stream that may stop early at an end-of-sequence token)."""
+        t = self._table
+        remaining = t.max_new_tokens[rows] - t.num_output_tokens[rows] - t.tokens_in_flight[rows]
+        return deadlines.finish_s(np.maximum(remaining, 0), now_s, costs)
+
+    def _freed_by(self, by_s: float, now_s: float, cap: Capacity, costs: Costs) -> int:
+        """Device tokens the resident decoding streams free by finishing before ``by_s``."""
+        t = self._table
+        run = t.rows_in(Phase.RUNNING)
+        run = run[~np.isnan(t.first_token_s[run])]
+        run = run[self._finish_s(run, now_s, costs) <= by_s]
+        frees = t.num_tokens[run] + t.decode_reservation(run, cap.new_token_ratio,
+                                                         cap.fixed_length_ratio)
+        return int(frees.sum())
+
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
-                    wait_s: float, why: str, window_s: float, grows_away: bool) -> None:
+                    wait_s: float, why: str, window_s: float, grows_away: bool,
+                    keep_until_s: float | None = None) -> None:
         """Pick victims with the most slack until ``deficit`` tokens are freed (or none at all if
         the eligible victims cannot cover it: a partial rotation would only waste bandwidth).
         ``grows_away``: the room is for new work, so the streams away from the device grow in
-        number: ``_away_room`` bounds them, and one stream's KV stays free on the host."""
+        number: ``_away_room`` bounds them, and one stream's KV stays free on the host.
+        Streams that finish by ``keep_until_s`` are no victims: their room comes anyway."""
         t = self._table
         run = t.rows_in(Phase.RUNNING)
         if run.size == 0:
@@ -287,6 +328,8 @@ class SloPolicy(Policy):
         # is released by SGLang itself.
         run = run[~np.isnan(t.first_token_s[run])
                   & (t.max_new_tokens[run] - t.num_output_tokens[run] > 2)]
+        if keep_until_s is not None:
+            run = run[self._finish_s(run, now_s, costs) > keep_until_s]
         if run.size == 0:
             return
         tokens, out = t.num_tokens[run], t.out_tokens(run)
@@ -334,8 +377,6 @@ class SloPolicy(Policy):
         away = len(t.rows_in(Phase.ROTATING_OUT, Phase.ON_HOST, Phase.ROTATING_IN))
         if resident.size == 0:
             return 0
-        prefill_share = (costs.arrival_rate_per_s * costs.mean_prompt_tokens
-                         * costs.prefill_s_per_token)
         gain = deadlines.slack_gain(float(t.tbt_slo_s[resident].min()), costs.decode_step_s,
-                                    prefill_share)
+                                    deadlines.prefill_share(costs))
         return deadlines.max_extra_away(len(resident), away, gain / self.config.slack_margin)

@@ -69,6 +69,8 @@ class StepSnapshot:
     max_prefill_tokens: int
     # When the batches already launched should be done (None: the GPU is idle now).
     gpu_free_at_s: float | None = None
+    # Which resource bound lately (policy.binding): "memory", "compute" or "none".
+    bound: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,9 @@ class StepPlan:
     # The EDF head is a new request that does not fit and no rotation makes room for it this
     # step: nothing behind it is admitted (counted in the server's stats line).
     head_blocked: bool = False
+    # The EDF head is a new request that needed room (made by rotation or not): it waits for
+    # KV memory, which is what policy.binding counts as memory binding.
+    room_needed: bool = False
 
     def check(self) -> None:
         ids = self.admit + self.rotate_in + self.rotate_out

@@ -1,11 +1,13 @@
 """The only place SuperInfer patches SGLang's scheduler, through SGLang's HookRegistry.
 
-Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
+Every hook is a no-op unless the server runs ``--schedule-policy rotasched`` (or, for the
+binding probe alone, ``--rota-monitor`` under another policy):
 - ``init_schedule_policy``: SGLang's own SchedulePolicy runs as ``fcfs`` (we order the queue),
   and a ``Rotator`` is attached to the scheduler.
 - ``get_next_batch_to_run``: one rotation step before SGLang builds the batch, the batch is
   built under the plan's prefill budget (``PrefillPacer.paced_prefill``), and the policy learns
-  what the chosen batch will produce (``Rotator.on_launch``).
+  what the chosen batch will produce (``Rotator.on_launch``); under ``--rota-monitor`` the
+  ``BindingProbe`` sees the chosen batch.
 - ``_add_request_to_queue``: new (or retracted) requests enter the policy's table, their
   per-request SLO override under ``--rota-request-slo`` (``parse_request_slo``); a malformed or
   misspelled override, or in mode ``reject`` one tighter than the floor, is answered with HTTP
@@ -13,7 +15,7 @@ Every hook is a no-op unless the server runs ``--schedule-policy rotasched``:
 - ``process_batch_result``: prefill/decode progress and finishes update the table.
 - ``abort_request``: aborts reach requests that are rotated out.
 - ``is_fully_idle``: rotated-out requests keep the scheduler awake; entering idle logs the
-  pool check (device and host back at their initial free sizes).
+  pool check (device and host back at their initial free sizes) and the binding record.
 """
 
 from __future__ import annotations
@@ -33,9 +35,18 @@ def _rotator(scheduler: Any):
     return getattr(scheduler, "_superinfer_rotator", None)
 
 
+def _probe(scheduler: Any):
+    return getattr(scheduler, "_superinfer_probe", None)
+
+
 def _init_schedule_policy(original: Callable, self: Any, *args: Any, **kwargs: Any) -> Any:
     if not is_rotasched(self.server_args):
-        return original(self, *args, **kwargs)
+        result = original(self, *args, **kwargs)
+        if rota_config(self.server_args).monitor:
+            from .binding_probe import BindingProbe
+
+            self._superinfer_probe = BindingProbe(self)
+        return result
     from .rotator import Rotator
 
     self.schedule_policy = "fcfs"
@@ -51,7 +62,10 @@ def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *a
                            **kwargs: Any) -> Any:
     rot = _rotator(self)
     if rot is None:
-        return original(self, running_batch, *args, **kwargs)
+        plan = original(self, running_batch, *args, **kwargs)
+        if (probe := _probe(self)) is not None:
+            probe.launched(plan.batch_to_run)
+        return plan
     running_batch = rot.step(running_batch)
     self.running_batch = running_batch
     with rot.pacer.paced_prefill(running_batch):
@@ -101,6 +115,8 @@ def _abort_request(result: Any, self: Any, recv_req: Any, *args: Any, **kwargs: 
 def _is_fully_idle(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     rot = _rotator(self)
     if rot is None:
+        if result and (probe := _probe(self)) is not None:
+            probe.idle()
         return result
     idle = bool(result) and not rot.busy()
     if idle:

@@ -18,11 +18,42 @@ from typing import TYPE_CHECKING
 import torch
 from sglang.srt.mem_cache.allocation import alloc_paged_token_slots_extend, alloc_token_slots
 
+from ...host_tier.interface import mha_planes
 from . import compat
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.mem_cache.memory_pool import KVCache
+
+
+def device_planes(kv_pool: KVCache) -> list[list[torch.Tensor]]:
+    """The device KV a rotation moves, as the host tier's per-layer planes: K and V of
+    SGLang's MHA pool, the one latent buffer (compressed KV and rope key,
+    ``[slots, 1, kv_lora_rank + qk_rope_head_dim]``) of its MLA pool.
+
+    Only these two exact classes: their planes hold all of a token's KV. Any other pool
+    (hybrid SWA or linear-attention, DSA with its indexer keys, FP4/MXFP8 with scale buffers,
+    page-interleaved layouts...) keeps state a rotation would lose, so it is refused."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+
+    kind = type(kv_pool)
+    if kind is MHATokenToKVPool:
+        planes = mha_planes(kv_pool.k_buffer, kv_pool.v_buffer)
+    elif kind is MLATokenToKVPool:
+        planes = [[kv] for kv in kv_pool.kv_buffer]
+    else:
+        raise RuntimeError(
+            f"--schedule-policy rotasched supports SGLang's MHATokenToKVPool and "
+            f"MLATokenToKVPool; this model uses {kind.__name__} (hybrid/SWA/sparse/quantized "
+            "pools are not supported)")
+    shapes = {tuple(p.shape) for layer in planes for p in layer}
+    if any(len(shape) != 3 for shape in shapes):
+        raise RuntimeError(
+            f"--schedule-policy rotasched needs {kind.__name__} buffers of [slots, heads, dim] "
+            f"(the NHD layout); got {sorted(shapes)} "
+            f"(kv_cache_layout={getattr(kv_pool, 'kv_cache_layout', None)!r})")
+    return planes
 
 
 class SglangKV:

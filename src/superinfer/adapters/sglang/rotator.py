@@ -29,7 +29,8 @@ from ...policy import Capacity, CostModel, StepSnapshot, TierReport, create_poli
 from ...policy import events as ev
 from ...policy.deadlines import link_tokens
 from . import batch_surgery, compat, translate
-from .kv_ops import SglangKV
+from .binding_probe import BindingProbe
+from .kv_ops import SglangKV, device_planes
 from .metrics import RotationMetrics
 from .pacing import PrefillPacer
 from .stats import RotationStats, format_record
@@ -52,16 +53,14 @@ class Rotator:
         self.policy = create_policy(config)
         self.costs = CostModel()
         self.stats = RotationStats()
-        kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
-        if not (hasattr(kv_pool, "k_buffer") and hasattr(kv_pool, "v_buffer")):
-            raise RuntimeError(
-                "--schedule-policy rotasched needs an MHA KV pool (k_buffer/v_buffer); this model "
-                f"uses {type(kv_pool).__name__} (MLA/hybrid pools are not supported yet)")
+        planes = device_planes(scheduler.token_to_kv_pool_allocator.get_kvcache())
         self.tier, self.tier_spec = build_host_tier(
-            kv_pool.k_buffer, kv_pool.v_buffer, self.kv.page_size, config.host_kv_gb, config.mover,
+            planes, self.kv.page_size, config.host_kv_gb, config.mover,
             config.keep_host_copy, config.host_numa_node,
             ranks_on_host=ranks_on_host(scheduler.server_args), fail_copies=test_fail_copies())
         self.pacer = PrefillPacer(scheduler, self.policy, config.min_prefill_chunk)
+        self.binding = BindingProbe(scheduler)
+        self._room_needed = False  # the last plan's EDF head waited for room
         group = scheduler.tp_cpu_group if scheduler.server_args.tp_size > 1 else None
         self.tp = tp if tp is not None else TpAgreement(group)
         self.away: dict[str, Req] = {}  # SGLang's objects of the requests the tier holds away
@@ -109,7 +108,9 @@ class Rotator:
         self._apply([translate.in_flight(unprocessed, s.chunked_req, self.policy)])
         costs = self.costs.costs()
         plan = self.policy.plan(StepSnapshot(self.now_s, cap, costs, self.pacer.batch_token_limit(),
-                                             self._launched_done_at_s if unprocessed else None))
+                                             self._launched_done_at_s if unprocessed else None,
+                                             self.binding.bound()))
+        self._room_needed = plan.room_needed
         self.stats.plans_decode_first += plan.prefill_token_budget == 0
         self.stats.plans_head_blocked += plan.head_blocked
         if plan.rotate_out:
@@ -252,6 +253,8 @@ class Rotator:
         only after the following batch is planned, so the policy learns now when it should be
         done and which first tokens it brings. From the agreed clock and costs: identical on
         TP ranks."""
+        self.binding.launched(batch, self.now_s, self._room_needed)
+        self._room_needed = False
         if batch is None or not batch.reqs:
             return
         costs = self.costs.costs()
@@ -351,6 +354,7 @@ class Rotator:
         if self._idle_checked:
             return
         self._idle_checked = True
+        self.binding.idle(self.now_s)
         running = getattr(self.scheduler, "running_batch", None)
         live = self._live_rids(running.reqs if running is not None else [])
         for rid in self.tier.kept_ids():  # requests finished on paths no hook sees

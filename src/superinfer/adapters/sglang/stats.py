@@ -2,12 +2,15 @@
 
 Every record is one log line: ``STATS_PREFIX`` followed by a JSON object. Tools (the eval
 scripts, an operator's log pipeline) read records with ``parse_records``, never by matching
-the wording of a log message. Three kinds:
+the wording of a log message. Four kinds:
 
 - ``start``: once per scheduler process (policy, host tier size and page, mover, data path);
 - ``stats``: every few seconds while requests rotate (cumulative counters, tier gauges);
 - ``idle``: once per idle period (pools back at their initial free sizes, per-request counts
-  for the busy period that just ended).
+  for the busy period that just ended);
+- ``binding``: every few seconds while busy and once on going idle, under rotasched or
+  ``--rota-monitor``: seconds of prefill, decode and idle GPU time, of requests waiting for
+  room or for the GPU, and the bound they add up to (``policy.binding``), with ``wall_s``.
 
 Every record carries ``tp_rank`` and ``dp_rank``. This module imports nothing from SGLang.
 """
@@ -18,8 +21,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ...policy.binding import BindingTimes
+
 STATS_PREFIX = "superinfer-stats "
-KINDS = ("start", "stats", "idle")
+KINDS = ("start", "stats", "idle", "binding")
 
 
 @dataclass(slots=True)
@@ -43,6 +48,19 @@ def format_record(kind: str, tp_rank: int, dp_rank: int, fields: dict[str, Any])
         raise ValueError(f"unknown stats record kind {kind!r}; expected one of {KINDS}")
     body = {"kind": kind, "tp_rank": tp_rank, "dp_rank": dp_rank, **fields}
     return STATS_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def binding_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``binding`` records among ``records`` added up (every rank's: under TP each rank
+    saw the same steps, so the shares and the bound are those of one), as
+    ``BindingTimes.as_dict``; None if there is none."""
+    found = [r for r in records if r.get("kind") == "binding"]
+    if not found:
+        return None
+    total = BindingTimes()
+    for r in found:
+        total.add(BindingTimes.from_dict(r))
+    return total.as_dict()
 
 
 def parse_records(text: str) -> list[dict[str, Any]]:

@@ -1,0 +1,79 @@
+"""The measured evaluation matrix (eval/results/slo_matrix.json and its figure) from GPU sweeps.
+
+Each (system, rate) of an eval.sweep_slo result becomes part of one matrix point (see
+eval.lib.matrix for the point and the goals); points already in ``--out`` with the same key
+(model, trace, arrivals, SLOs, rate, GPU) are replaced, others kept, so sweeps from several
+sittings on the GPU machine add up. Only measured GPU points belong here: the simulator's go
+to eval/results/sim_matrix.json (eval.sim_matrix).
+
+    python -m eval.slo_matrix /tmp/out/slo_conv.json /tmp/out/slo_code.json \\
+        --out eval/results/slo_matrix.json --plot eval/results/slo_matrix.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.lib import matrix
+from eval.lib.jsonfiles import write_json
+
+
+def points_of(doc: dict[str, Any], source: str, model: str | None = None,
+              commit: str | None = None) -> list[dict[str, Any]]:
+    """One point per rate of an eval.sweep_slo result: every system that measured it."""
+    model = model or Path(doc["model_path"]).name
+    trace = doc["trace"].removeprefix("azure_")
+    points = []
+    for i, rate in enumerate(doc["rates"]):
+        systems, commits = {}, set()
+        for name, res in doc["systems"].items():
+            if res.get("ttft_attainment", [None])[i] is None:
+                continue
+            systems[name] = {k: res[k][i] for k in matrix.METRICS}
+            systems[name]["bound"] = (res.get("bound") or [None] * len(doc["rates"]))[i]
+            commits.add(res.get("commit") or doc.get("commit"))
+        if not systems:
+            continue
+        best = matrix.best_baseline(systems)
+        point = {"model": model, "trace": trace, "arrival": doc["arrival"],
+                 "cv": doc["cv"] if doc["arrival"] == "gamma" else 1.0,
+                 "ttft_slo": doc["ttft_slo"], "tbt_slo": doc["tbt_slo"], "rate": rate,
+                 "gpu": doc["gpu"],
+                 "commit": commit or ", ".join(sorted(c for c in commits if c)) or None,
+                 "cap_tokens": doc.get("cap_tokens"), "num_requests": doc["num_requests"][i],
+                 "bound": systems[best]["bound"] if best else None,
+                 "systems": systems, "source": source}
+        point["checks"] = matrix.check_point(point)
+        points.append(point)
+    return points
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweeps", nargs="+", type=Path, help="eval.sweep_slo result JSONs")
+    ap.add_argument("--model", help="model name (default: the sweep's --model-path folder)")
+    ap.add_argument("--commit", help="commit the sweep ran at, if its JSON does not say")
+    ap.add_argument("--out", type=Path, default=Path("eval/results/slo_matrix.json"))
+    ap.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
+    args = ap.parse_args(argv)
+    new = [p for path in args.sweeps
+           for p in points_of(json.loads(path.read_text()), str(path), args.model, args.commit)]
+    old = json.loads(args.out.read_text())["points"] if args.out.exists() else []
+    points = matrix.merge(old, new)
+    summary = matrix.summarize(points)
+    write_json(args.out, {"points": points, "summary": summary,
+                          "note": "measured on GPUs only; see eval/lib/matrix.py for the goals"})
+    matrix.plot(points, args.plot or args.out.with_suffix(".png"),
+                "rotasched against the best SGLang baseline, measured")
+    print(f"{len(new)} points from {len(args.sweeps)} sweeps; {len(points)} in {args.out}: "
+          f"never worse {summary['never_worse']}, big win {summary['big_win']}")
+    for miss in summary["misses"]:
+        print("  miss:", miss)
+
+
+if __name__ == "__main__":
+    main()

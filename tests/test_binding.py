@@ -1,0 +1,116 @@
+"""Which resource binds (policy.binding) and the probe that measures it inside SGLang."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from superinfer.adapters.sglang.binding_probe import BindingProbe
+from superinfer.adapters.sglang.stats import parse_records
+from superinfer.policy.binding import BindingMonitor, BindingTimes, classify
+
+
+@pytest.mark.parametrize("times, bound", [
+    (BindingTimes(), "none"),  # nothing observed
+    (BindingTimes(prefill_s=3, decode_s=7, memory_wait_s=0.5, compute_wait_s=0.4), "none"),
+    (BindingTimes(prefill_s=4, decode_s=6, memory_wait_s=3, compute_wait_s=2), "memory"),
+    # waits behind prefills dominate and prefills fill the GPU: compute
+    (BindingTimes(prefill_s=7, decode_s=3, memory_wait_s=1, compute_wait_s=5), "compute"),
+    # ... but not by the required margin: memory still binds too
+    (BindingTimes(prefill_s=7, decode_s=3, memory_wait_s=3, compute_wait_s=5), "memory"),
+    # ... or prefills fill too little of the GPU to call it compute-bound
+    (BindingTimes(prefill_s=4, decode_s=6, memory_wait_s=1, compute_wait_s=4), "memory"),
+])
+def test_classify(times, bound):
+    assert classify(times) == bound == times.bound()
+
+
+def test_monitor_charges_each_span_to_the_state_it_started_in():
+    m = BindingMonitor(tau_s=1e9)
+    m.observe(0.0, "prefill", "compute", 0.5)
+    m.observe(2.0, "decode", "memory", 1.0)
+    m.observe(5.0, "idle", None, 0.0)
+    m.observe(6.0, "decode", None, 0.25)
+    w = m.take_window()
+    assert (w.prefill_s, w.decode_s, w.idle_s) == (2.0, 3.0, 1.0)
+    assert (w.compute_wait_s, w.memory_wait_s) == (2.0, 3.0)
+    assert w.kv_used_s == pytest.approx(2 * 0.5 + 3 * 1.0)
+    assert m.take_window().total_s == 0  # taken: the next window starts empty
+    m.pause(7.0)  # the decode from 6.0 is charged; the gap until 100.0 is not
+    m.observe(100.0, "prefill", None, 0.0)
+    m.observe(101.0, "idle", None, 0.0)
+    w = m.take_window()
+    assert (w.decode_s, w.prefill_s, w.idle_s) == (1.0, 1.0, 0.0)
+
+
+def test_recent_view_forgets_old_load():
+    m = BindingMonitor(tau_s=1.0)
+    m.observe(0.0, "decode", "memory", 0.9)
+    m.observe(10.0, "prefill", "compute", 0.9)
+    assert m.recent_bound() == "memory"
+    m.observe(20.0, "prefill", None, 0.9)  # ten time constants of compute waits later
+    assert m.recent_bound() == "compute"
+    assert m.recent.memory_wait_s == pytest.approx(10.0 * math.exp(-10.0), rel=1e-6)
+    assert m.take_window().bound() == "memory"  # the whole window: 10 s of each, a tie
+
+
+def test_monitor_rejects_unknown_states():
+    m = BindingMonitor()
+    with pytest.raises(ValueError, match="gpu must be"):
+        m.observe(0.0, "busy", None, 0.0)
+    with pytest.raises(ValueError, match="wait must be"):
+        m.observe(0.0, "decode", "kv", 0.0)
+
+
+def test_record_round_trip():
+    t = BindingTimes(prefill_s=1.5, decode_s=2.5, idle_s=1.0, memory_wait_s=2.0,
+                     compute_wait_s=0.5, kv_used_s=3.0)
+    d = t.as_dict()
+    assert d["bound"] == "memory" and d["prefill_share"] == 0.3 and d["kv_used_mean"] == 0.6
+    assert BindingTimes.from_dict(d) == t
+
+
+def test_probe_reads_sglang_batches_and_logs_records(caplog):
+    """Under SGLang's own rule: waiting during a prefill is a wait for the GPU, waiting during
+    a decode step is a wait for room; the record carries the seconds and the bound."""
+    from tests.sglang_parts import SchedulerParts
+
+    parts = SchedulerParts(schedule_policy="lpm")
+    probe = BindingProbe(parts)
+    reqs = [parts.make_req(f"b{i}", 40, max_new_tokens=8) for i in range(3)]
+    parts.waiting_queue = [reqs[2]]
+    batch = parts.prefill(reqs[:2])
+    with caplog.at_level("INFO", logger="superinfer"):
+        probe.launched(batch, now_s=0.0)  # prefill while b2 waits: for the GPU
+        used = probe._kv_used()
+        assert used == pytest.approx(80 / parts.max_total_num_tokens)
+        batch.prepare_for_decode()  # the same requests, now a decode step: b2 waits for room
+        probe.launched(batch, now_s=1.0)
+        parts.waiting_queue = []
+        probe.launched(None, now_s=4.0)  # nothing to run, nobody waits
+        probe.idle(now_s=5.0)
+    [rec] = [r for r in parse_records(caplog.text) if r["kind"] == "binding"]
+    assert (rec["prefill_s"], rec["decode_s"], rec["idle_s"]) == (1.0, 3.0, 1.0)
+    assert (rec["compute_wait_s"], rec["memory_wait_s"]) == (1.0, 3.0)
+    assert rec["bound"] == "memory" and rec["tp_rank"] == 0 and rec["wall_s"] > 0
+    probe.idle(now_s=6.0)  # idle again: nothing new, no record
+    assert len([r for r in parse_records(caplog.text) if r["kind"] == "binding"]) == 1
+
+
+def test_probe_takes_a_rotation_policy_word_on_room():
+    """Under rotasched a decode step while requests wait is a wait for room only when the
+    plan's head needed room; otherwise the policy held prefill back for the streams."""
+    from tests.sglang_parts import SchedulerParts
+
+    parts = SchedulerParts()
+    probe = BindingProbe(parts)
+    reqs = [parts.make_req(f"c{i}", 30, max_new_tokens=8) for i in range(2)]
+    batch = parts.prefill(reqs[:1])
+    batch.prepare_for_decode()
+    parts.waiting_queue = [reqs[1]]
+    probe.launched(batch, now_s=0.0, room_needed=False)
+    probe.launched(batch, now_s=1.0, room_needed=True)
+    probe.launched(batch, now_s=3.0, room_needed=False)
+    w = probe.monitor.take_window()
+    assert (w.compute_wait_s, w.memory_wait_s) == (1.0, 2.0)
