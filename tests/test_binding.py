@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+import types
 
 import pytest
 
@@ -19,8 +21,9 @@ from superinfer.policy.binding import BindingMonitor, BindingTimes, classify
     (BindingTimes(prefill_s=7, decode_s=3, memory_wait_s=1, compute_wait_s=5), "compute"),
     # ... but not by the required margin: memory still binds too
     (BindingTimes(prefill_s=7, decode_s=3, memory_wait_s=3, compute_wait_s=5), "memory"),
-    # ... or prefills fill too little of the GPU to call it compute-bound
-    (BindingTimes(prefill_s=4, decode_s=6, memory_wait_s=1, compute_wait_s=4), "memory"),
+    # ... or prefills fill too little of the GPU: waiting in line, nothing binds
+    (BindingTimes(prefill_s=4, decode_s=6, memory_wait_s=1, compute_wait_s=4), "none"),
+    (BindingTimes(prefill_s=2, decode_s=8, compute_wait_s=5), "none"),
 ])
 def test_classify(times, bound):
     assert classify(times) == bound == times.bound()
@@ -94,7 +97,10 @@ def test_probe_reads_sglang_batches_and_logs_records(caplog):
     assert (rec["prefill_s"], rec["decode_s"], rec["idle_s"]) == (1.0, 3.0, 1.0)
     assert (rec["compute_wait_s"], rec["memory_wait_s"]) == (1.0, 3.0)
     assert rec["bound"] == "memory" and rec["tp_rank"] == 0 and rec["wall_s"] > 0
-    probe.idle(now_s=6.0)  # idle again: nothing new, no record
+    with caplog.at_level("INFO", logger="superinfer"):
+        for t in range(6, 20):  # SGLang's idle loop: no batch, nobody waits, idle again
+            probe.launched(None, now_s=float(t))
+            probe.idle(now_s=t + 0.5)
     assert len([r for r in parse_records(caplog.text) if r["kind"] == "binding"]) == 1
 
 
@@ -114,3 +120,39 @@ def test_probe_takes_a_rotation_policy_word_on_room():
     probe.launched(batch, now_s=3.0, room_needed=False)
     w = probe.monitor.take_window()
     assert (w.compute_wait_s, w.memory_wait_s) == (1.0, 2.0)
+
+
+def test_rota_monitor_attaches_the_probe_under_another_policy(caplog, monkeypatch):
+    """``--rota-monitor`` under lpm: the hooks attach a BindingProbe (no rotator), feed it every
+    batch SGLang picks, and log its record when the scheduler goes idle."""
+    from sglang.srt.managers.schedule_batch import NextBatchPlan
+
+    from superinfer.adapters.sglang import hooks
+    from tests.sglang_parts import SchedulerParts
+
+    parts = SchedulerParts(schedule_policy="lpm")
+    hooks._init_schedule_policy(lambda s: None, parts)
+    assert getattr(parts, "_superinfer_probe", None) is None  # off by default
+    # (the hook reads these two fields; SGLang 0.5.23's ServerArgs is read-only once resolved)
+    parts.server_args = types.SimpleNamespace(schedule_policy="lpm", rota_monitor=True)
+    hooks._init_schedule_policy(lambda s: None, parts)
+    assert isinstance(parts._superinfer_probe, BindingProbe)
+    assert getattr(parts, "_superinfer_rotator", None) is None
+    clock = iter([0.0, 2.0, 3.0])
+    monkeypatch.setattr("superinfer.adapters.sglang.binding_probe.time",
+                        types.SimpleNamespace(monotonic=lambda: next(clock), time=time.time))
+    req = parts.make_req("m0", 30, max_new_tokens=4)
+    parts.waiting_queue = [req]
+
+    def original(scheduler, running_batch, last_batch):
+        batch = parts.prefill(list(scheduler.waiting_queue))
+        scheduler.waiting_queue = []
+        return NextBatchPlan(batch_to_run=batch, running_batch=running_batch)
+
+    with caplog.at_level("INFO", logger="superinfer"):
+        hooks._get_next_batch_to_run(original, parts, parts.empty_batch(), None)  # at 0.0
+        hooks._get_next_batch_to_run(lambda *a: NextBatchPlan(None, a[1]), parts,
+                                     parts.empty_batch(), None)  # nothing: idle from 2.0
+        assert hooks._is_fully_idle(True, parts) is True  # idle at 3.0: the record
+    [rec] = [r for r in parse_records(caplog.text) if r["kind"] == "binding"]
+    assert (rec["prefill_s"], rec["idle_s"]) == (2.0, 1.0) and rec["bound"] == "none"

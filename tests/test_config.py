@@ -29,6 +29,7 @@ FLAGS = {
     "--rota-disable-prefill-pacing": ("prefill_pacing", False),
     "--rota-request-slo": ("request_slo", "clamp"),
     "--rota-min-request-slo-ratio": ("min_request_slo_ratio", 1.0),
+    "--rota-monitor": ("monitor", False),
 }
 INTERNAL = {"reserve_window_s", "reserve_max_frac", "late_last", "lvf_budget_tokens",
             "min_prefill_chunk"}

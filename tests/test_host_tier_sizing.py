@@ -97,3 +97,39 @@ def test_the_factory_refuses_before_pinning():
     tier, spec = build_host_tier(mha_planes(kv, kv), 1, host_kv_gb=0.0001, mover_flag="auto",
                                  keep_copies=False, memory=HostMemory(mem_available=100 * GB))
     assert spec.host_tokens > 0
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_the_factory_warms_the_mover_up_on_the_padding_page(page_size, monkeypatch):
+    """The tier's first copies run at start-up (kernels compile then, not mid-serving), on the
+    device page SGLang keeps for padding: its bytes come back unchanged, nothing else is
+    touched, and the host pool and the mover are left as if nothing had happened."""
+    import torch
+
+    from superinfer.host_tier.factory import build_host_tier
+    from superinfer.host_tier.interface import mha_planes
+    from superinfer.host_tier.torch_mover import TorchMover
+
+    moved = []
+    for name in ("submit_d2h", "submit_h2d"):
+        real = getattr(TorchMover, name)
+
+        def spy(self, job_id, src, dst, ready=None, _real=real, _name=name):
+            moved.append((_name, (src if _name == "submit_d2h" else dst).tolist()))
+            return _real(self, job_id, src, dst, ready)
+
+        monkeypatch.setattr(TorchMover, name, spy)
+
+    g = torch.Generator().manual_seed(0)
+    k = [torch.randn(64, 2, 8, generator=g) for _ in range(2)]
+    v = [torch.randn(64, 2, 8, generator=g) for _ in range(2)]
+    before = [t.clone() for t in k + v]
+    tier, spec = build_host_tier(mha_planes(k, v), page_size, host_kv_gb=0.0001,
+                                 mover_flag="auto", keep_copies=False,
+                                 memory=HostMemory(mem_available=100 * GB))
+    page0 = list(range(page_size))
+    assert moved == [("submit_d2h", page0), ("submit_h2d", page0)]
+    assert all(torch.equal(a, b) for a, b in zip(before, k + v, strict=True))
+    assert tier.pages.available_size() == spec.host_tokens
+    assert tier.mover.poll().done_d2h == [] and tier.stats.bytes_d2h == 0
+    tier.check()

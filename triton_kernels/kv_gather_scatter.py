@@ -178,7 +178,9 @@ def _slots(slots_ptr, toks, tok_mask, PAGE: tl.constexpr):
     return slots
 
 
-@triton.jit
+# NOTE: num_tokens is not specialized on (Triton would compile separate variants for 1, for
+# multiples of 16 and for the rest): every batch size runs the one variant compiled at start-up.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _gather_kernel(table_ptr, slots_ptr, out_ptr, out_rows_ptr, num_tokens,
                    ROW_WORDS: tl.constexpr, NUM_ROWS: tl.constexpr, PAGE: tl.constexpr,
                    ROWS_INDEXED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -198,7 +200,7 @@ def _gather_kernel(table_ptr, slots_ptr, out_ptr, out_rows_ptr, num_tokens,
         tl.store(dst, vals, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _scatter_kernel(table_ptr, slots_ptr, src_ptr, src_rows_ptr, num_tokens,
                     ROW_WORDS: tl.constexpr, NUM_ROWS: tl.constexpr, PAGE: tl.constexpr,
                     ROWS_INDEXED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):

@@ -140,11 +140,14 @@ def plot(points: list[dict[str, Any]], out: Path, title: str) -> None:
                 ax.plot(x, 0, "rx", ms=9, mew=2)
     axes[1].axhline(-100 * BOTH_TOLERANCE, color="r", lw=0.8, ls=":")
     axes[1].set_xticks(list(xs))
-    axes[1].set_xticklabels([f"{p['model'][:10]} {p['trace']} {p['arrival'][:1]}"
-                             f"{p['ttft_slo']:g}/{1000 * p['tbt_slo']:g} {p['rate']:g}"
+    axes[1].set_xticklabels([f"{p['gpu'].removeprefix('modelled ')} {p['model']} {p['trace']} "
+                             f"{'Poisson' if p['arrival'] == 'poisson' else p['arrival']}"
+                             f"{' CV' + format(p['cv'], 'g') if p['arrival'] == 'gamma' else ''}"
+                             f" {p['ttft_slo']:g}s/{1000 * p['tbt_slo']:g}ms {p['rate']:g}/s"
                              for p in shown], rotation=90, fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for b, c in colours.items() if b]
-    axes[0].legend(handles, [f"{b}-bound" for b in colours if b], fontsize=8)
+    axes[0].legend(handles, [f"{b} binds" if b != "none" else "nothing binds"
+                             for b in colours if b], fontsize=8)
     axes[0].set_title(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -7,6 +7,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from .direct import DIRECT_MIN_PIECE_BYTES, mover_path
 from .interface import KVLayout, KVMover, LayerPlanes
 from .manager import HostTierManager
@@ -58,8 +60,28 @@ def build_host_tier(planes: LayerPlanes, device_page_size: int, host_kv_gb: floa
         logger.warning("rotasched: --rota-mover direct with %.0f KiB page pieces: copy engines "
                        "move far less than full duplex with small pieces; a larger --page-size "
                        "or --rota-mover staging moves more", piece / 1024)
+    warm_up(mover, pool, device_page_size, p0.device)
     manager = HostTierManager(pool, mover, layout.bytes_per_token, keep_copies, fail_copies)
     return manager, TierSpec(path, type(mover).__name__, page, num_tokens, layout.bytes_per_token)
+
+
+def warm_up(mover: KVMover, pool: HostKVPool, device_page_size: int,
+            device: torch.device) -> None:
+    """Move the device's first page (SGLang keeps it for padding and never serves from it) to
+    the host and back, before serving starts. A mover's kernels compile on first use, which
+    takes seconds; on the first rotation mid-serving the scheduler's loop would stall that long
+    (no batch runs while requests queue up)."""
+    device_slots = torch.arange(device_page_size, device=device)
+    host_slots = pool.alloc(device_page_size)
+    assert host_slots is not None  # a fresh pool holds at least one page (checked above)
+    try:
+        mover.submit_d2h("superinfer-warm-up", device_slots, host_slots, None)
+        mover.synchronize()
+        mover.submit_h2d("superinfer-warm-up", host_slots, device_slots, None)
+        mover.synchronize()
+        mover.poll()  # its completions are nobody's to report
+    finally:
+        pool.free(host_slots)
 
 
 def _make_mover(path: str, planes: LayerPlanes, host: HostKVPool) -> KVMover:

@@ -6,10 +6,11 @@ that state. Requests that wait while no prefill runs are held back by KV room (t
 or idles, and could have prefilled them); requests that wait while a prefill runs are held back
 by the GPU itself. So over any span:
 
-- ``memory``: requests waited, mostly for KV room: rotation can buy them time;
-- ``compute``: requests waited, mostly for the GPU: prefill demand alone fills it, and moving
-  KV cannot make more GPU time, only spend some;
-- ``none``: requests seldom waited at all.
+- ``memory``: requests waited, and for KV room a fair part of it: rotation can buy them time;
+- ``compute``: requests waited, mostly for the GPU, and prefills fill most of its time: prefill
+  demand alone fills it, and moving KV cannot make more GPU time, only spend some;
+- ``none``: requests seldom waited, or waited only in line behind prefills that do not fill
+  the GPU (ordinary queueing: neither resource is short).
 
 The caller says why requests wait. SGLang's own policies prefill whenever room allows, so a wait
 without a prefill is a wait for room. A rotation policy says "memory" whenever the head of its
@@ -81,9 +82,8 @@ def classify(times: BindingTimes) -> str:
     wait = times.memory_wait_s + times.compute_wait_s
     if total <= 0 or wait < MIN_WAIT_SHARE * total:
         return "none"
-    if (times.compute_wait_s > COMPUTE_WAIT_RATIO * times.memory_wait_s
-            and times.prefill_s >= MIN_PREFILL_SHARE * total):
-        return "compute"
+    if times.compute_wait_s > COMPUTE_WAIT_RATIO * times.memory_wait_s:
+        return "compute" if times.prefill_s >= MIN_PREFILL_SHARE * total else "none"
     return "memory"
 
 
@@ -130,6 +130,11 @@ class BindingMonitor:
         if self._last is not None:
             self._charge(now_s)
         self._last = None
+
+    @property
+    def paused(self) -> bool:
+        """Nothing observed since start or the last ``pause``: no time is being charged."""
+        return self._last is None
 
     def take_window(self) -> BindingTimes:
         """The times since the last call (charged up to the last observation)."""

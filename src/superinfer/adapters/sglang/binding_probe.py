@@ -45,6 +45,8 @@ class BindingProbe:
         if s.waiting_queue:
             held_for_room = room_needed is None or room_needed
             wait = "memory" if held_for_room and gpu != "prefill" else "compute"
+        if gpu == "idle" and wait is None and self.monitor.paused:
+            return  # idle since the last record: the scheduler's idle loop charges nothing
         self.monitor.observe(now_s, gpu, wait, self._kv_used())
         if self._next_record_s is None:
             self._next_record_s = now_s + RECORD_EVERY_S

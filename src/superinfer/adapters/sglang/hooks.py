@@ -42,7 +42,9 @@ def _probe(scheduler: Any):
 def _init_schedule_policy(original: Callable, self: Any, *args: Any, **kwargs: Any) -> Any:
     if not is_rotasched(self.server_args):
         result = original(self, *args, **kwargs)
-        if rota_config(self.server_args).monitor:
+        # NOTE: getattr: a ServerArgs built before the plugin loaded has no --rota-* fields,
+        # and a server that does not rotate must start anyway.
+        if getattr(self.server_args, "rota_monitor", False):
             from .binding_probe import BindingProbe
 
             self._superinfer_probe = BindingProbe(self)
