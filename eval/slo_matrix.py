@@ -41,7 +41,8 @@ def points_of(doc: dict[str, Any], source: str, model: str | None = None,
               ) -> list[dict[str, Any]]:
     """One point per rate of an eval.sweep_slo result: every system that measured it."""
     model = model or Path(doc["model_path"]).name
-    trace = doc["trace"].removeprefix("azure_")
+    # the CSV's kind (a plan's workload name, e.g. azure_conv_gamma4, says more than the trace)
+    trace = Path(doc.get("trace_path") or doc["trace"]).stem.rsplit("_", 1)[-1]
     points = []
     for i, rate in enumerate(doc["rates"]):
         systems, commits = {}, set()

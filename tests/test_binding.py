@@ -39,12 +39,16 @@ def test_monitor_charges_each_span_to_the_state_it_started_in():
     assert (w.prefill_s, w.decode_s, w.idle_s) == (2.0, 3.0, 1.0)
     assert (w.compute_wait_s, w.memory_wait_s) == (2.0, 3.0)
     assert w.kv_used_s == pytest.approx(2 * 0.5 + 3 * 1.0)
+    assert w.stall_s == 3.0  # an iteration of 3 s: a stall (2 s is not)
     assert m.take_window().total_s == 0  # taken: the next window starts empty
     m.pause(7.0)  # the decode from 6.0 is charged; the gap until 100.0 is not
     m.observe(100.0, "prefill", None, 0.0)
     m.observe(101.0, "idle", None, 0.0)
     w = m.take_window()
     assert (w.decode_s, w.prefill_s, w.idle_s) == (1.0, 1.0, 0.0)
+    assert w.stall_s == 0.0
+    m.observe(104.6, "decode", "memory", 0.5)  # 3.6 s in one iteration: the loop stalled
+    assert m.take_window().stall_s == pytest.approx(3.6)
 
 
 def test_recent_view_forgets_old_load():

@@ -53,7 +53,9 @@ def sweep_doc(bindings: list[dict | None]) -> dict:
     rates = [10.0, 20.0]
     lpm = {k: [0.5, 0.3] for k in matrix.METRICS} | {"binding": bindings}
     ours = {k: [0.9, None] for k in matrix.METRICS}  # its second rate never ran
-    return {"rates": rates, "model_path": "/x/eval/models/llama-3.1-8b", "trace": "azure_conv",
+    return {"rates": rates, "model_path": "/x/eval/models/llama-3.1-8b",
+            "trace": "azure_conv_gamma4",
+            "trace_path": "eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
             "arrival": "gamma", "cv": 4.0, "ttft_slo": 0.5, "tbt_slo": 0.1, "gpu": "h100",
             "commit": "abc", "cap_tokens": 60000, "num_requests": [300, 300],
             "systems": {"lpm": lpm, "rotasched": ours}}

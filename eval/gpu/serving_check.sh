@@ -9,11 +9,13 @@
 #                                         # overload soak with aborts, leaks, metrics; ~9 min
 #   bash eval/gpu/serving_check.sh slo    # conv trace at 22 req/s, KV cap 60,000: lpm then
 #                                         # rotasched back to back on this GPU; ~8 min
+#   bash eval/gpu/serving_check.sh mla    # DeepSeek-V2-Lite (MLA pool, triton attention): greedy
+#                                         # outputs vs uncapped baseline with rotations, soak; ~8 min
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 case "${1:-}" in
-  tests|e2e|slo) ;;
-  *) echo "usage: bash eval/gpu/serving_check.sh tests|e2e|slo" >&2; exit 2 ;;
+  tests|e2e|slo|mla) ;;
+  *) echo "usage: bash eval/gpu/serving_check.sh tests|e2e|slo|mla" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -34,6 +36,15 @@ case "$1" in
       --model-path .gpu/models/llama-3.1-8b --trace "$trace" --budget 540 \
       --out "$out/e2e.json" --out-dir /tmp/e2e_raw 2>&1 | tee "$out/e2e.log" | tail -40
     tar czf "$out/e2e_raw.tgz" -C /tmp e2e_raw ;;
+  mla)
+    # The kit's sglang-kernel has no FA3/FlashMLA ops: triton attention (eval's servers' default)
+    # runs MLA decode and, without a cached prefix, its prefill.
+    timeout 580 "${run[@]}" python3 -m eval.e2e_rotation --servers baseline rota_p1 \
+      --soak-servers rota_p1 --num 40 --max-prompt 1000 --max-output 600 --cap 6000 \
+      --model-path eval/models/deepseek-v2-lite --trace "$trace" --budget 540 \
+      --out "$out/e2e_mla.json" --out-dir /tmp/e2e_mla_raw \
+      --server-extra="--cuda-graph-max-bs 16" 2>&1 | tee "$out/e2e_mla.log" | tail -40
+    tar czf "$out/e2e_mla_raw.tgz" -C /tmp e2e_mla_raw ;;
   slo)
     timeout 580 "${run[@]}" python3 -m eval.sweep_slo --trace "$trace" --systems lpm rotasched \
       --rates 22 --num 300 --cap 60000 --tail 20 --budget 560 --gpu "$(head -c 40 "$out/gpu.txt")" \

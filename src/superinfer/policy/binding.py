@@ -31,6 +31,10 @@ WAITS = ("memory", "compute")
 MIN_WAIT_SHARE = 0.1  # requests waiting less of the time than this: nothing binds
 COMPUTE_WAIT_RATIO = 2.0  # compute binds only if waits behind prefills dominate this clearly
 MIN_PREFILL_SHARE = 0.5  # ... and prefills fill at least this share of the GPU's time
+# One scheduler iteration longer than this is a stall (a forward of the models here takes well
+# under it; a JIT compile or a blocking call in the scheduler's loop does not): counted apart,
+# so a pause shows in the record.
+STALL_S = 2.0
 
 
 @dataclass(slots=True)
@@ -43,6 +47,7 @@ class BindingTimes:
     memory_wait_s: float = 0.0  # requests waited and no prefill ran: KV room held them back
     compute_wait_s: float = 0.0  # requests waited while a prefill ran: the GPU held them back
     kv_used_s: float = 0.0  # integral of the device KV pool's used fraction
+    stall_s: float = 0.0  # of the above, iterations longer than STALL_S (a stalled loop)
 
     @property
     def total_s(self) -> float:
@@ -66,6 +71,7 @@ class BindingTimes:
         for name in ("prefill", "decode", "idle", "memory_wait", "compute_wait"):
             out[f"{name}_share"] = round(getattr(self, f"{name}_s") / total, 4) if total else 0.0
         out["kv_used_mean"] = round(self.kv_used_s / total, 4) if total else 0.0
+        out["stall_share"] = round(self.stall_s / total, 4) if total else 0.0
         out["bound"] = self.bound()
         return out
 
@@ -116,7 +122,7 @@ class BindingMonitor:
         dt = now_s - since
         if dt <= 0:
             return
-        span = BindingTimes(kv_used_s=kv_used * dt)
+        span = BindingTimes(kv_used_s=kv_used * dt, stall_s=dt if dt > STALL_S else 0.0)
         setattr(span, f"{gpu}_s", dt)
         if wait is not None:
             setattr(span, f"{wait}_wait_s", dt)
