@@ -1,0 +1,82 @@
+"""eval.faults's judging: the start-up cases against stand-in servers, the e2e cases against
+synthetic eval.e2e_rotation results and server logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval import faults
+from superinfer.adapters.sglang.stats import format_record
+
+
+def args(tmp_path: Path, **kw) -> argparse.Namespace:
+    base = dict(model_path=tmp_path, out_dir=tmp_path, port=39000, startup_timeout=20.0,
+                case_budget=60.0, num=10)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("script, passed", [
+    ("print('HostTierSizeError: --rota-host-kv-gb 1000000 asks 1 PB; 12 GB available')", True),
+    ("print('started fine')", False),  # exited, but said nothing about the tier
+    ("import time; print('HostTierSizeError --rota-host-kv-gb'); time.sleep(60)", False),
+])
+def test_startup_case(tmp_path, monkeypatch, script, passed):
+    monkeypatch.setattr(faults, "sglang_command",
+                        lambda *a, **k: [sys.executable, "-c", script])
+    case = faults.startup_case("tier_too_large", args(tmp_path, startup_timeout=3.0), [],
+                               "exits", ["--rota-host-kv-gb", "HostTierSizeError"])
+    assert case["passed"] is passed
+    assert case["observed"]["exited"] is (not script.endswith("sleep(60)"))
+
+
+def stats_log(**counters: int) -> str:
+    fields = {"rotations_out": 12, "rotations_in": 12, "fallbacks": 0, "copies_failed_d2h": 0,
+              "copies_failed_h2d": 0, **counters}
+    return "[t] " + format_record("stats", 0, 0, fields) + "\n"
+
+
+def e2e_result(n: int = 10, errors: int = 0, equal: int | None = None, leak: int = 0) -> dict:
+    equal = n - errors if equal is None else equal
+    return {"passed": True, "leaked_device_tokens": leak, "leaked_host_tokens": 0,
+            "leaked_table_entries": 0,
+            "correctness": {"rota_p1": {"n": n, "complete": n - errors, "errors": errors,
+                                        "error_kinds": {"HTTP 500": errors} if errors else {},
+                                        "compare": {"n_compared": n - errors, "n_equal": equal,
+                                                    "n_mismatched": n - errors - equal}}}}
+
+
+def test_judging_copy_failures():
+    d2h_log = stats_log(copies_failed_d2h=1) + "rotasched: rotate-out copy of r3 failed\n"
+    case = {"case": "d2h_copy_failure"}
+    assert faults.judge_e2e(case, e2e_result(), d2h_log, failed_out=1)["passed"]
+    # the same run, but a page leaked, or an output differs, or nothing was logged: failed
+    assert not faults.judge_e2e(case, e2e_result(leak=16), d2h_log, failed_out=1)["passed"]
+    assert not faults.judge_e2e(case, e2e_result(equal=9), d2h_log, failed_out=1)["passed"]
+    assert not faults.judge_e2e(case, e2e_result(), stats_log(copies_failed_d2h=1),
+                                failed_out=1)["passed"]
+    h2d_log = stats_log(copies_failed_h2d=1) + "rotasched: rotate-in copy of r4 failed\n"
+    judged = faults.judge_e2e({"case": "h2d_copy_failure"}, e2e_result(errors=1), h2d_log,
+                              failed_in=1)
+    assert judged["passed"] and judged["observed"]["burst"]["errors"] == 1
+    # two requests failed where one copy did: one was lost to something else
+    assert not faults.judge_e2e({}, e2e_result(errors=2), h2d_log, failed_in=1)["passed"]
+    assert not faults.judge_e2e({}, None, h2d_log)["passed"]
+
+
+def test_judging_a_full_tier_needs_fallbacks():
+    full = stats_log(fallbacks=7)
+    assert faults.judge_e2e({}, e2e_result(), full, fallbacks=True)["passed"]
+    assert not faults.judge_e2e({}, e2e_result(), stats_log(), fallbacks=True)["passed"]
+
+
+def test_long_soak_is_recorded_as_not_run(tmp_path):
+    out = tmp_path / "faults.json"
+    faults.main(["--cases", "long_soak", "--out", str(out), "--out-dir", str(tmp_path)])
+    [case] = json.loads(out.read_text())["cases"]
+    assert case["case"] == "long_soak" and case["passed"] is None
+    assert case["observed"].startswith("not run")
