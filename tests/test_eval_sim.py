@@ -42,6 +42,30 @@ def test_rotation_admits_where_fcfs_waits_without_losing_the_pace(overload):
     assert rota["summary"]["tbt_attainment"] >= 0.95  # fcfs: 1.0 (it admits so few)
 
 
+def test_the_memory_overload_reads_as_memory_bound(overload):
+    """fcfs's requests wait for room while the GPU decodes: the binding record says memory,
+    and its seconds add up to the replay."""
+    binding = overload["fcfs"]["binding"]
+    assert binding["bound"] == "memory"
+    assert binding["memory_wait_s"] > binding["compute_wait_s"]
+    total = binding["prefill_s"] + binding["decode_s"] + binding["idle_s"]
+    assert total == pytest.approx(overload["fcfs"]["sim_seconds"], abs=0.05)
+
+
+def test_a_prefill_overload_reads_as_compute_bound_and_moves_no_kv():
+    """Code prompts (~2k tokens, ~28 out) at 22 req/s with room to spare: requests wait behind
+    prefills that fill most of the GPU. Compute binds, and rotasched makes no room for new
+    work (it could not admit anything sooner), while its throughput stays fcfs's."""
+    code = load_azure(ROOT / "eval/data/azure_llm_2023/AzureLLMInferenceTrace_code.csv")
+    specs = make_specs(code, num=200, arrival="poisson", rate=22, seed=0)
+    fcfs, rota = (simulate(specs, name, 60_000, GpuModel(), 1.0, 0.1, 122_064, 600)
+                  for name in ("fcfs", "rotasched"))
+    assert fcfs["binding"]["bound"] == "compute" and fcfs["binding"]["prefill_share"] > 0.5
+    assert rota["stats"]["rotations_out"] == 0
+    tput = rota["summary"]["throughput_tok_s"] / fcfs["summary"]["throughput_tok_s"]
+    assert tput > 0.95
+
+
 def test_kept_host_copies_cut_what_rotate_outs_copy(overload):
     rota, keep = overload["rotasched"]["stats"], overload["rotasched-keep"]["stats"]
     assert rota["d2h_tokens_saved"] == 0 and keep["d2h_tokens_saved"] > 0
