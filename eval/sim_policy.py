@@ -44,7 +44,7 @@ from superinfer.host_tier.manager import HostTierManager, TierState, TierStats
 from superinfer.host_tier.pool import HostPages
 from superinfer.policy import Capacity, CostModel, Policy, StepSnapshot, create_policy, deadlines
 from superinfer.policy import events as ev
-from superinfer.policy.binding import BindingMonitor
+from superinfer.policy.binding import BindingMonitor, wait_reason
 from superinfer.policy.table import CLIP_NEW_TOKENS
 
 # --rota-keep-host-copy, --rota-write-through
@@ -187,12 +187,9 @@ class Simulator:
 
     def _observe(self, gpu: str, waiting: list[SimReq]) -> None:
         """What the GPU runs from now on, and why the ``waiting`` requests (not in the batch)
-        wait, as the adapter tells the monitor: under rotasched for room if the plan's head
-        needed it, else for the GPU; under SGLang's rule for room whenever no prefill runs."""
-        wait = None
-        if waiting:
-            paced = self.policy is not None and not self._room_needed
-            wait = "compute" if gpu == "prefill" or paced else "memory"
+        wait, as the adapter tells the monitor (``policy.binding.wait_reason``)."""
+        room_needed = self._room_needed if self.policy is not None else None
+        wait = wait_reason(gpu, bool(waiting), room_needed)
         self.binding.observe(self.now, gpu, wait, self.used() / self.cap)
 
     def _apply(self, events: list[ev.Event]) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from superinfer.adapters.sglang.binding_probe import BindingProbe
 from superinfer.adapters.sglang.stats import parse_records
-from superinfer.policy.binding import BindingMonitor, BindingTimes, classify
+from superinfer.policy.binding import BindingMonitor, BindingTimes, classify, wait_reason
 
 
 @pytest.mark.parametrize("times, bound", [
@@ -27,6 +27,19 @@ from superinfer.policy.binding import BindingMonitor, BindingTimes, classify
 ])
 def test_classify(times, bound):
     assert classify(times) == bound == times.bound()
+
+
+@pytest.mark.parametrize("gpu, waiting, room_needed, reason", [
+    ("decode", False, None, None),
+    ("prefill", True, None, "compute"),  # SGLang's rule: behind a prefill, for the GPU
+    ("decode", True, None, "memory"),  # ... otherwise for room
+    ("idle", True, None, "memory"),
+    ("decode", True, True, "memory"),  # a rotation policy's head needed room
+    ("decode", True, False, "compute"),  # ... or it held prefill back for the streams
+    ("prefill", True, True, "compute"),
+])
+def test_wait_reason(gpu, waiting, room_needed, reason):
+    assert wait_reason(gpu, waiting, room_needed) == reason
 
 
 def test_monitor_charges_each_span_to_the_state_it_started_in():

@@ -93,6 +93,17 @@ def classify(times: BindingTimes) -> str:
     return "memory"
 
 
+def wait_reason(gpu: str, waiting: bool, room_needed: bool | None) -> str | None:
+    """Why requests wait while the GPU runs ``gpu`` (None: nobody waits). Behind a prefill:
+    for the GPU. Otherwise for room, unless a rotation policy says its head needed none
+    (``room_needed`` False: it held prefill back for the decoding streams); None means SGLang's
+    own rule, which prefills whenever room allows."""
+    if not waiting:
+        return None
+    held_for_room = room_needed is None or room_needed
+    return "memory" if held_for_room and gpu != "prefill" else "compute"
+
+
 class BindingMonitor:
     """Charges scheduler time to GPU states; keeps the times since the last ``take_window``
     (for stats records) and an exponentially decayed view of the last ``tau_s`` seconds (for

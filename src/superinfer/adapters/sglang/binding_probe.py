@@ -11,7 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ...policy.binding import BindingMonitor
+from ...policy.binding import BindingMonitor, wait_reason
 from . import compat
 from .stats import format_record
 
@@ -41,10 +41,7 @@ class BindingProbe:
             gpu = "idle"
         else:
             gpu = "prefill" if batch.forward_mode.is_extend() else "decode"
-        wait = None
-        if s.waiting_queue:
-            held_for_room = room_needed is None or room_needed
-            wait = "memory" if held_for_room and gpu != "prefill" else "compute"
+        wait = wait_reason(gpu, bool(s.waiting_queue), room_needed)
         if gpu == "idle" and wait is None and self.monitor.paused:
             return  # idle since the last record: the scheduler's idle loop charges nothing
         self.monitor.observe(now_s, gpu, wait, self._kv_used())
