@@ -37,12 +37,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eval.lib.http import wait_healthy, wait_idle
+from eval.lib.http import wait_idle
 from eval.lib.jsonfiles import command_line, write_json, write_jsonl
 from eval.lib.metrics import Record, summarize
 from eval.lib.progress import Budget, Progress
 from eval.lib.replay import replay
-from eval.lib.server import ServerProcess, add_server_run_args, stop_servers
+from eval.lib.replay_server import ready_server
+from eval.lib.server import add_server_run_args
 from eval.lib.traces import ARRIVALS, RequestSpec, TraceRow, load_azure, make_specs
 from eval.sweep_slo import raw_info, server_cmd, warmup_specs
 
@@ -245,49 +246,42 @@ def run_mode(mode: str, idx: int, args: argparse.Namespace, sets: RequestSets,
         give_up(0, "skipped: budget", "budget")
         return
     port = args.port + 10 * idx
-    base = f"http://127.0.0.1:{port}"
     server_log = args.raw_dir / f"server_{mode}.log"
-    server_log.unlink(missing_ok=True)
     entry["server_log"] = str(server_log)
-    server = ServerProcess(server_cmd(args, port, entry["flags"]), server_log)
-    log(f"{mode}: starting: {' '.join(server.cmd)}")
     try:
-        if not wait_healthy(base, server.alive, min(args.startup_timeout, budget.usable())):
-            state = "not healthy in time" if server.alive() else "exited"
-            give_up(0, f"server failed to start ({state}), see {server_log}", "server failed")
-            return
-        asyncio.run(replay(base, warmup_specs(sets.others), salt=-1, time_limit=120.0,
-                           progress=False))
-        entry["startup_s"] = time.monotonic() - server.started
-        log(f"{mode}: up in {entry['startup_s']:.0f}s")
-        if not wait_idle(base, args.drain_timeout):
-            give_up(0, "server busy after warm-up", "drain failed")
-            return
-        entry["status"] = "ok"
-        for i, run in enumerate(args.runs):
-            left = budget.usable()
-            if left < spans[run] + 10.0:
-                give_up(i, f"stopped before run {run}: budget", "budget")
+        with ready_server(mode, server_cmd(args, port, entry["flags"]), port, server_log,
+                          warmup_specs(sets.others), budget, args.startup_timeout,
+                          args.drain_timeout, log,
+                          lambda status, reason: give_up(0, status, reason)) as ready:
+            if ready is None:
                 return
-            specs, extras = run_requests(sets, run, abusive)
-            label = f"{mode} {run} "
-            records = asyncio.run(replay(base, specs, salt=i + 1, extras=extras,
-                                         time_limit=min(spans[run] + args.tail, left),
-                                         label=label))
-            raw = args.raw_dir / f"{mode}_{run}.jsonl"
-            write_jsonl(raw, records)
-            entry["runs"][run] = summarize_run(records, extra_idx, args.ttft_slo, args.tbt_slo)
-            entry["raw"][run] = raw_info(raw, records)
-            result["report"] = report(result)
-            write_json(args.out, result)
-            s = entry["runs"][run]["others"]
-            log(f"{label}others n={s['n']} TTFT≤SLO {100 * (s['ttft_attainment'] or 0):.1f}% "
-                f"errors {s['errors']}")
-            if not wait_idle(base, args.drain_timeout):
-                give_up(i + 1, f"stopped after run {run}: server did not drain", "drain failed")
-                return
+            entry["startup_s"] = ready.startup_s
+            entry["status"] = "ok"
+            for i, run in enumerate(args.runs):
+                left = budget.usable()
+                if left < spans[run] + 10.0:
+                    give_up(i, f"stopped before run {run}: budget", "budget")
+                    return
+                specs, extras = run_requests(sets, run, abusive)
+                label = f"{mode} {run} "
+                records = asyncio.run(replay(ready.base, specs, salt=i + 1, extras=extras,
+                                             time_limit=min(spans[run] + args.tail, left),
+                                             label=label))
+                raw = args.raw_dir / f"{mode}_{run}.jsonl"
+                write_jsonl(raw, records)
+                entry["runs"][run] = summarize_run(records, extra_idx, args.ttft_slo,
+                                                   args.tbt_slo)
+                entry["raw"][run] = raw_info(raw, records)
+                result["report"] = report(result)
+                write_json(args.out, result)
+                s = entry["runs"][run]["others"]
+                log(f"{label}others n={s['n']} TTFT≤SLO "
+                    f"{100 * (s['ttft_attainment'] or 0):.1f}% errors {s['errors']}")
+                if not wait_idle(ready.base, args.drain_timeout):
+                    give_up(i + 1, f"stopped after run {run}: server did not drain",
+                            "drain failed")
+                    return
     finally:
-        stop_servers([server], grace_s=30.0)
         result["report"] = report(result)
         write_json(args.out, result)
 

@@ -21,16 +21,18 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eval.lib.http import wait_healthy, wait_idle
+from eval.lib.http import wait_idle
 from eval.lib.jsonfiles import command_line, source_commit, write_json, write_jsonl
 from eval.lib.metrics import summarize
 from eval.lib.progress import Budget, Progress
 from eval.lib.replay import replay
-from eval.lib.server import ServerProcess, add_server_run_args, sglang_command, stop_servers
+from eval.lib.replay_server import ready_server
+from eval.lib.server import add_server_run_args, sglang_command
 from eval.lib.traces import ARRIVALS, RequestSpec, load_azure, make_specs
 from superinfer.adapters.sglang.stats import binding_summary, parse_records
 
@@ -110,62 +112,60 @@ def run_system(name: str, idx: int, args: argparse.Namespace, rate_specs: list[l
         give_up(0, "skipped: budget", "budget")
         return
     port = args.port + 10 * idx  # a fresh port per server: no wait for the last one's sockets
-    base = f"http://127.0.0.1:{port}"
     server_log = args.raw_dir / f"server_{name}.log"
-    server_log.unlink(missing_ok=True)
     sysres["server_log"] = str(server_log)
-    server = ServerProcess(server_cmd(args, port, sysres["flags"]), server_log)
-    log(f"{name}: starting: {' '.join(server.cmd)}")
     try:
-        if not wait_healthy(base, server.alive, min(args.startup_timeout, budget.usable())):
-            state = "not healthy in time" if server.alive() else "exited"
-            give_up(0, f"server failed to start ({state}), see {server_log}", "server failed")
-            return
-        warm = asyncio.run(replay(base, warmup_specs(rate_specs[0]), salt=-1, time_limit=120.0,
-                                  progress=False))
-        warm_errors = sum(r["error"] is not None for r in warm)
-        sysres["startup_s"] = time.monotonic() - server.started
-        log(f"{name}: up in {sysres['startup_s']:.0f}s (warm-up errors: {warm_errors})")
-        if not wait_idle(base, args.drain_timeout):
-            give_up(0, "server busy after warm-up", "drain failed")
-            return
-        sysres["status"] = "ok"
-        for i, (rate, specs) in enumerate(zip(rates, rate_specs, strict=False)):
-            span = specs[-1].arrival
-            left = budget.usable()
-            if left < span + 10.0:
-                give_up(i, f"stopped at rate {rate}: budget", "budget")
-                return
-            label = f"{name} @ {rate:g} req/s "
-            log_offset = server_log.stat().st_size if server_log.exists() else 0
-            records = asyncio.run(replay(base, specs, salt=i + 1, extra=args.extra,
-                                         time_limit=min(span + args.tail, left), label=label))
-            raw = args.raw_dir / f"{name}_rate{rate:g}.jsonl"
-            write_jsonl(raw, records)
-            s = summarize(records, args.ttft_slo, args.tbt_slo)
-            sysres["summaries"][i] = s
-            sysres["raw"][i] = raw_info(raw, records)
-            for k in SERIES:
-                sysres[k][i] = s[k]
-            write_json(args.out, result)
-            log(f"{label}n={s['n']} TTFT≤SLO {_pct(s['ttft_attainment'])} "
-                f"TBT {_pct(s['tbt_attainment'])} both {_pct(s['both_attainment'])} "
-                f"{s['throughput_tok_s'] or 0:.0f} tok/s TTFT p50/p99 "
-                f"{s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s errors {s['errors']}")
-            if not wait_idle(base, args.drain_timeout):
-                give_up(i + 1, f"stopped after rate {rate}: server did not drain", "drain failed")
-                return
-            binding = read_binding(server_log, log_offset)
-            sysres["binding"][i] = binding
-            sysres["bound"][i] = binding["bound"] if binding else None
-            write_json(args.out, result)
-            if binding:
-                log(f"{label}bound: {binding['bound']} (prefill {_pct(binding['prefill_share'])}"
-                    f", waiting for room {_pct(binding['memory_wait_share'])}, for the GPU "
-                    f"{_pct(binding['compute_wait_share'])})")
+        with ready_server(name, server_cmd(args, port, sysres["flags"]), port, server_log,
+                          warmup_specs(rate_specs[0]), budget, args.startup_timeout,
+                          args.drain_timeout, log,
+                          lambda status, reason: give_up(0, status, reason)) as ready:
+            if ready is not None:
+                sysres["startup_s"] = ready.startup_s
+                sysres["status"] = "ok"
+                replay_rates(name, args, rate_specs, result, budget, ready.base, server_log,
+                             give_up)
     finally:
-        stop_servers([server], grace_s=30.0)
         write_json(args.out, result)
+
+
+def replay_rates(name: str, args: argparse.Namespace, rate_specs: list[list[RequestSpec]],
+                 result: dict[str, Any], budget: Budget, base: str, server_log: Path,
+                 give_up: Callable[[int, str, str], None]) -> None:
+    """Every rate against one ready server, in order, until the budget or a drain fails."""
+    rates, sysres = result["rates"], result["systems"][name]
+    for i, (rate, specs) in enumerate(zip(rates, rate_specs, strict=False)):
+        span = specs[-1].arrival
+        left = budget.usable()
+        if left < span + 10.0:
+            give_up(i, f"stopped at rate {rate}: budget", "budget")
+            return
+        label = f"{name} @ {rate:g} req/s "
+        log_offset = server_log.stat().st_size if server_log.exists() else 0
+        records = asyncio.run(replay(base, specs, salt=i + 1, extra=args.extra,
+                                     time_limit=min(span + args.tail, left), label=label))
+        raw = args.raw_dir / f"{name}_rate{rate:g}.jsonl"
+        write_jsonl(raw, records)
+        s = summarize(records, args.ttft_slo, args.tbt_slo)
+        sysres["summaries"][i] = s
+        sysres["raw"][i] = raw_info(raw, records)
+        for k in SERIES:
+            sysres[k][i] = s[k]
+        write_json(args.out, result)
+        log(f"{label}n={s['n']} TTFT≤SLO {_pct(s['ttft_attainment'])} "
+            f"TBT {_pct(s['tbt_attainment'])} both {_pct(s['both_attainment'])} "
+            f"{s['throughput_tok_s'] or 0:.0f} tok/s TTFT p50/p99 "
+            f"{s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s errors {s['errors']}")
+        if not wait_idle(base, args.drain_timeout):
+            give_up(i + 1, f"stopped after rate {rate}: server did not drain", "drain failed")
+            return
+        binding = read_binding(server_log, log_offset)
+        sysres["binding"][i] = binding
+        sysres["bound"][i] = binding["bound"] if binding else None
+        write_json(args.out, result)
+        if binding:
+            log(f"{label}bound: {binding['bound']} (prefill {_pct(binding['prefill_share'])}"
+                f", waiting for room {_pct(binding['memory_wait_share'])}, for the GPU "
+                f"{_pct(binding['compute_wait_share'])})")
 
 
 def read_binding(server_log: Path, offset: int, settle_s: float = 1.0) -> dict[str, Any] | None:

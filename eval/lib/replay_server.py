@@ -1,0 +1,57 @@
+"""A server to replay against: started, healthy, warmed up and idle, then stopped. What
+eval.sweep_slo (one server per system) and eval.slo_abuse (one per mode) do around their
+replays."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval.lib.http import wait_healthy, wait_idle
+from eval.lib.progress import Budget
+from eval.lib.replay import replay
+from eval.lib.server import ServerProcess, stop_servers
+from eval.lib.traces import RequestSpec
+
+
+@dataclass(frozen=True)
+class ReadyServer:
+    base: str  # http://127.0.0.1:<port>
+    startup_s: float  # from start to warmed up
+    warmup_errors: int
+
+
+@contextmanager
+def ready_server(name: str, cmd: list[str], port: int, log_path: Path, warmup: list[RequestSpec],
+                 budget: Budget, startup_timeout: float, drain_timeout: float,
+                 log: Callable[[str], None], give_up: Callable[[str, str], None]
+                 ) -> Iterator[ReadyServer | None]:
+    """Start ``cmd`` (logging to ``log_path``, replaced), wait for /health within
+    ``startup_timeout`` and the budget, replay ``warmup`` (the JIT kernels compile before
+    anything is timed) and wait until it is idle. Yields the server, or None after
+    ``give_up(status, reason)`` if it never got there; stops it on exit either way."""
+    base = f"http://127.0.0.1:{port}"
+    log_path.unlink(missing_ok=True)
+    server = ServerProcess(cmd, log_path)
+    log(f"{name}: starting: {' '.join(server.cmd)}")
+    try:
+        if not wait_healthy(base, server.alive, min(startup_timeout, budget.usable())):
+            state = "not healthy in time" if server.alive() else "exited"
+            give_up(f"server failed to start ({state}), see {log_path}", "server failed")
+            yield None
+            return
+        warm = asyncio.run(replay(base, warmup, salt=-1, time_limit=120.0, progress=False))
+        ready = ReadyServer(base, time.monotonic() - server.started,
+                            sum(r["error"] is not None for r in warm))
+        log(f"{name}: up in {ready.startup_s:.0f}s (warm-up errors: {ready.warmup_errors})")
+        if not wait_idle(base, drain_timeout):
+            give_up("server busy after warm-up", "drain failed")
+            yield None
+            return
+        yield ready
+    finally:
+        stop_servers([server], grace_s=30.0)
