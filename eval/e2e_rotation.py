@@ -53,7 +53,7 @@ from eval.e2e.servers import (
 from eval.lib.gpus import gpu_names, visible_count
 from eval.lib.jsonfiles import command_line, write_json
 from eval.lib.progress import Budget
-from eval.lib.traces import RequestSpec, TraceRow, load_azure
+from eval.lib.traces import RequestSpec, TraceRow, load_azure, model_vocab_size
 
 EVAL = Path(__file__).resolve().parent
 MODULE = "eval.e2e_rotation"
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = [args.out, args.out_dir / args.out.name]
     budget = Budget(args.budget, STOP_MARGIN_S)
     result = new_result(args, gpus, base_tokens, burst, plans, skipped)
-    servers = [Server(p, args.port + 10 * i, args.out_dir, args.deterministic)
+    servers = [Server(p, args.port + 10 * i, args.out_dir, args.deterministic,
+                      model_vocab_size(args.model_path))
                for i, p in enumerate(plans)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers get stopped
     log(f"{len(plans)} servers on {n_gpus} GPU(s) ({'; '.join(gpus) or '?'}), "

@@ -44,7 +44,14 @@ from eval.lib.progress import Budget, Progress
 from eval.lib.replay import replay
 from eval.lib.replay_server import ready_server
 from eval.lib.server import add_server_run_args
-from eval.lib.traces import ARRIVALS, RequestSpec, TraceRow, load_azure, make_specs
+from eval.lib.traces import (
+    ARRIVALS,
+    RequestSpec,
+    TraceRow,
+    load_azure,
+    make_specs,
+    model_vocab_size,
+)
 from eval.sweep_slo import raw_info, server_cmd, warmup_specs
 
 EVAL = Path(__file__).resolve().parent
@@ -252,7 +259,8 @@ def run_mode(mode: str, idx: int, args: argparse.Namespace, sets: RequestSets,
         with ready_server(mode, server_cmd(args, port, entry["flags"]), port, server_log,
                           warmup_specs(sets.others), budget, args.startup_timeout,
                           args.drain_timeout, log,
-                          lambda status, reason: give_up(0, status, reason)) as ready:
+                          lambda status, reason: give_up(0, status, reason),
+                          vocab=args.vocab) as ready:
             if ready is None:
                 return
             entry["startup_s"] = ready.startup_s
@@ -266,7 +274,7 @@ def run_mode(mode: str, idx: int, args: argparse.Namespace, sets: RequestSets,
                 label = f"{mode} {run} "
                 records = asyncio.run(replay(ready.base, specs, salt=i + 1, extras=extras,
                                              time_limit=min(spans[run] + args.tail, left),
-                                             label=label))
+                                             label=label, vocab=args.vocab))
                 raw = args.raw_dir / f"{mode}_{run}.jsonl"
                 write_jsonl(raw, records)
                 entry["runs"][run] = summarize_run(records, extra_idx, args.ttft_slo,
@@ -327,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tag = f"{args.gpu}_{args.trace_name}"
     args.out = args.out or EVAL / "results" / f"slo_abuse_{tag}.json"
     args.raw_dir = args.raw_dir or EVAL / "results" / "raw" / f"slo_abuse_{tag}"
+    args.vocab = model_vocab_size(args.model_path)
     return args
 
 

@@ -33,7 +33,7 @@ from eval.lib.progress import Budget, Progress
 from eval.lib.replay import replay
 from eval.lib.replay_server import ready_server
 from eval.lib.server import add_server_run_args, sglang_command
-from eval.lib.traces import ARRIVALS, RequestSpec, load_azure, make_specs
+from eval.lib.traces import ARRIVALS, RequestSpec, load_azure, make_specs, model_vocab_size
 from superinfer.adapters.sglang.stats import binding_summary, parse_records
 
 EVAL = Path(__file__).resolve().parent
@@ -118,7 +118,8 @@ def run_system(name: str, idx: int, args: argparse.Namespace, rate_specs: list[l
         with ready_server(name, server_cmd(args, port, sysres["flags"]), port, server_log,
                           warmup_specs(rate_specs[0]), budget, args.startup_timeout,
                           args.drain_timeout, log,
-                          lambda status, reason: give_up(0, status, reason)) as ready:
+                          lambda status, reason: give_up(0, status, reason),
+                          vocab=args.vocab) as ready:
             if ready is not None:
                 sysres["startup_s"] = ready.startup_s
                 sysres["status"] = "ok"
@@ -142,7 +143,8 @@ def replay_rates(name: str, args: argparse.Namespace, rate_specs: list[list[Requ
         label = f"{name} @ {rate:g} req/s "
         log_offset = server_log.stat().st_size if server_log.exists() else 0
         records = asyncio.run(replay(base, specs, salt=i + 1, extra=args.extra,
-                                     time_limit=min(span + args.tail, left), label=label))
+                                     time_limit=min(span + args.tail, left), label=label,
+                                     vocab=args.vocab))
         raw = args.raw_dir / f"{name}_rate{rate:g}.jsonl"
         write_jsonl(raw, records)
         s = summarize(records, args.ttft_slo, args.tbt_slo)
@@ -223,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or EVAL / "results" / f"slo_{tag}.json"
     args.raw_dir = args.raw_dir or EVAL / "results" / "raw" / tag
     args.extra = json.loads(args.extra_json) if args.extra_json else None
+    args.vocab = model_vocab_size(args.model_path)
     return args
 
 

@@ -11,7 +11,9 @@ on the prompt, so every server agrees. Under rotasched every request counts as r
 the --rota-* SLO flags, and a refused one is answered as SGLang + SuperInfer do (HTTP 400, or an
 abort with status_code 400 inside a 200 stream). Knobs for negative tests (environment):
 FAKE_SGLANG_FAIL_DETERMINISTIC=1 (exit like a failed deterministic-inference start),
-FAKE_SGLANG_LEAK=N (rotasched idle checks report N device tokens still held).
+FAKE_SGLANG_LEAK=N (rotasched idle checks report N device tokens still held),
+FAKE_SGLANG_VOCAB=N (the vocabulary, instead of --model-path's config.json). Like SGLang with
+--skip-tokenizer-init, a token id past the vocabulary kills the server.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 from aiohttp import web
 
@@ -39,6 +42,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--model-path", default=None)
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--schedule-policy", "--scheduler-policy", dest="policy", default="fcfs")
     ap.add_argument("--page-size", type=int, default=1)
@@ -58,6 +62,11 @@ class State:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rota = args.policy == "rotasched"
+        vocab = os.environ.get("FAKE_SGLANG_VOCAB")
+        if vocab is None and args.model_path:
+            config = Path(args.model_path) / "config.json"
+            vocab = json.loads(config.read_text()).get("vocab_size") if config.exists() else None
+        self.vocab = int(vocab) if vocab else None
         self.config = RotaConfig(ttft_slo_s=args.rota_ttft_slo, tbt_slo_s=args.rota_tbt_slo,
                                  request_slo=args.rota_request_slo,
                                  min_request_slo_ratio=args.rota_min_request_slo_ratio)
@@ -143,6 +152,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     params = body["sampling_params"]
     prompt = body["input_ids"]
+    if st.vocab is not None and max(prompt, default=0) >= st.vocab:
+        sys.stderr.write(f"Assertion `ind < ind_dim_size` failed: token id {max(prompt)} past "
+                         f"the vocabulary ({st.vocab})\nScheduler hit an exception\n")
+        os._exit(1)
     n = params["max_new_tokens"]
     error = bad_slo(params, st.config) if st.rota else None
     abort = {"type": "abort", "message": error, "status_code": 400}

@@ -4,9 +4,11 @@ system starts, serves every rate, drains and stops, and the result has a summary
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from superinfer.adapters.sglang.stats import parse_records
@@ -15,11 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_sglang_server.py"
 
 
-def test_sweep_runs_every_system_and_rate(tmp_path: Path) -> None:
+def write_trace(tmp_path: Path) -> Path:
     csv = tmp_path / "conv.csv"
     rows = [f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{50 + 13 * i},{10 + 7 * i % 40}"
             for i in range(40)]
     csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    return csv
+
+
+def test_sweep_runs_every_system_and_rate(tmp_path: Path) -> None:
+    csv = write_trace(tmp_path)
     out = tmp_path / "slo.json"
     cmd = [sys.executable, "-m", "eval.sweep_slo", "--trace", str(csv), "--rates", "20", "40",
            "--num", "12", "--systems", "fcfs", "rotasched", "--tail", "10", "--budget", "300",
@@ -41,3 +48,32 @@ def test_sweep_runs_every_system_and_rate(tmp_path: Path) -> None:
     assert "--rota-monitor" in doc["systems"]["fcfs"]["flags"]
     rota_log = Path(doc["systems"]["rotasched"]["server_log"]).read_text()
     assert [r["kind"] for r in parse_records(rota_log)][0] == "start"  # the server's own log
+
+
+def sweep_one(tmp_path: Path, model: str, env: dict[str, str] | None = None
+              ) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "slo.json"
+    cmd = [sys.executable, "-m", "eval.sweep_slo", "--trace", str(write_trace(tmp_path)),
+           "--rates", "40", "--num", "12", "--systems", "lpm", "--tail", "10", "--budget", "300",
+           "--model-path", str(ROOT / "eval" / "models" / model),
+           "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
+           "--raw-dir", str(tmp_path / "raw"), "--port", str(random.randrange(20000, 60000, 100))]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False,
+                         env={**os.environ, **(env or {})})
+    return run, json.loads(out.read_text())
+
+
+def test_requests_stay_inside_a_small_vocabulary(tmp_path: Path) -> None:
+    # Mixtral's 32,000 tokens: ids drawn for Llama-3 would kill the server in its warm-up
+    run, doc = sweep_one(tmp_path, "mixtral-8x7b")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert doc["systems"]["lpm"]["status"] == "ok" and doc["systems"]["lpm"]["errors"] == [0]
+
+
+def test_a_server_that_dies_in_its_warm_up_is_reported_at_once(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    run, doc = sweep_one(tmp_path, "llama-3.1-8b", {"FAKE_SGLANG_VOCAB": "150"})
+    status = doc["systems"]["lpm"]["status"]
+    assert "exited during warm-up" in status and "see " in status, status
+    assert doc["skipped"] == [{"system": "lpm", "rate": 40, "reason": "server failed"}]
+    assert time.monotonic() - t0 < 60  # not after a drain timeout

@@ -13,6 +13,7 @@ from eval.lib.traces import (
     TraceRow,
     load_azure,
     make_specs,
+    model_vocab_size,
     prompt_ids,
     trace_rate,
 )
@@ -97,3 +98,23 @@ def test_prompt_ids_are_deterministic_in_range_and_salted():
     assert prompt_ids(6, 2000)[:50] != a[:50]
     assert prompt_ids(5, 2000, salt=1)[:50] != a[:50]
     assert prompt_ids(5, 10) == a[:10]
+
+
+@pytest.mark.parametrize("model,vocab", [("llama-3.1-8b", 128256), ("deepseek-v2-lite", 102400),
+                                         ("mixtral-8x7b", 32000), ("qwen2.5-32b", 152064)])
+def test_every_shipped_models_requests_stay_inside_its_vocabulary(model, vocab):
+    # with --skip-tokenizer-init SGLang checks no input id: one past the embedding table killed
+    # a DeepSeek-V2-Lite server in its warm-up
+    models = Path(__file__).resolve().parents[1] / "eval" / "models"
+    assert model_vocab_size(models / model) == vocab
+    ids = prompt_ids(5, 20000, vocab=model_vocab_size(models / model))
+    assert TOKEN_LO <= min(ids) and max(ids) < min(vocab, TOKEN_HI)
+    if vocab >= TOKEN_HI:  # the ids every earlier sweep sent
+        assert ids == prompt_ids(5, 20000)
+
+
+def test_no_config_means_the_default_range_and_a_tiny_vocab_is_refused(tmp_path):
+    assert model_vocab_size(tmp_path) is None
+    assert model_vocab_size("meta-llama/Llama-3.1-8B") is None
+    with pytest.raises(ValueError, match="no token ids"):
+        prompt_ids(0, 4, vocab=TOKEN_LO)

@@ -57,13 +57,13 @@ async def _bursts(args: argparse.Namespace, up: list[Server], specs: list[Reques
     async def one(s: Server) -> tuple[str, Result]:
         out: Result = {"offset": s.log_size()}
         out["records"] = await replay(s.url, specs, salt=args.salt, time_limit=limit,
-                                      label=f"{s.name} ")
+                                      label=f"{s.name} ", vocab=s.vocab)
         out["idle"] = await asyncio.to_thread(wait_idle, s.url, args.drain_timeout)
         out["log_end"] = s.log_size()
         left = end - time.monotonic()
         if args.control and not s.plan.rotasched and left > MIN_PHASE_S:
             out["control"] = await replay(s.url, specs[::-1], salt=args.salt, time_limit=left,
-                                          label=f"{s.name} reversed ")
+                                          label=f"{s.name} reversed ", vocab=s.vocab)
             await asyncio.to_thread(wait_idle, s.url, args.drain_timeout)
         return s.name, out
 
@@ -161,7 +161,7 @@ async def _soaks(args: argparse.Namespace, targets: list[Server], specs: list[Re
         out: Result = {"offset": s.log_size()}
         out["records"] = await replay(s.url, specs, salt=args.salt + 1, time_limit=limit,
                                       abort_frac=args.abort_frac, seed=args.seed,
-                                      label=f"{s.name} soak ")
+                                      label=f"{s.name} soak ", vocab=s.vocab)
         out["idle"] = await asyncio.to_thread(wait_idle, s.url, args.drain_timeout)
         out["log_end"] = s.log_size()
         return s.name, out
@@ -172,7 +172,7 @@ async def _soaks(args: argparse.Namespace, targets: list[Server], specs: list[Re
 # --- checks ---------------------------------------------------------------------------------
 def post_checks(s: Server) -> Result:
     """A normal request, a bad per-request SLO (plain and streamed), a normal request again."""
-    ids = prompt_ids(10**6, 64, salt=-2)
+    ids = prompt_ids(10**6, 64, salt=-2, vocab=s.vocab)
     bad = {"ttft_slo": -1}
     first = generate_once(s.url, ids, 16)
     refused = generate_once(s.url, ids, 8, bad)

@@ -114,6 +114,7 @@ class Server:
     base_port: int
     out_dir: Path
     deterministic: bool
+    vocab: int | None = None  # the model's vocabulary: request token ids stay under it
     port: int = 0
     state: str = "not started"  # starting, healthy, up, failed
     process: ServerProcess | None = None
@@ -190,8 +191,9 @@ def start_servers(servers: list[Server], args: argparse.Namespace, budget: Budge
         time.sleep(2)
     healthy = [s for s in servers if s.state == "healthy"]
     with ThreadPoolExecutor(max(1, len(healthy))) as ex:
-        probes = list(ex.map(lambda s: generate_once(s.url, prompt_ids(0, 32, salt=-1), 4,
-                                                     timeout=args.probe_timeout), healthy))
+        probes = list(ex.map(lambda s: generate_once(
+            s.url, prompt_ids(0, 32, salt=-1, vocab=s.vocab), 4, timeout=args.probe_timeout),
+            healthy))
     for s, p in zip(healthy, probes, strict=False):
         s.state = "up" if p["status"] == 200 and p["n_ids"] == 4 else "failed"
         if s.state == "failed":

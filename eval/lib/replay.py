@@ -45,9 +45,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def request_body(spec: RequestSpec, salt: int, extra: dict[str, Any] | None = None) -> bytes:
+def request_body(spec: RequestSpec, salt: int, extra: dict[str, Any] | None = None,
+                 vocab: int | None = None) -> bytes:
     body: dict[str, Any] = {
-        "input_ids": prompt_ids(spec.idx, spec.prompt_len, salt),
+        "input_ids": prompt_ids(spec.idx, spec.prompt_len, salt, vocab),
         "sampling_params": {"max_new_tokens": spec.output_len, "ignore_eos": True,
                             "temperature": 0},
         "stream": True,
@@ -171,8 +172,10 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
                  extra: dict[str, Any] | None = None,
                  extras: list[dict[str, Any] | None] | None = None,
                  time_limit: float | None = None, abort_frac: float = 0.0, seed: int = 0,
-                 progress: bool = True, label: str = "") -> list[Record]:
+                 progress: bool = True, label: str = "", vocab: int | None = None
+                 ) -> list[Record]:
     """Send ``specs`` at their arrival offsets; return one record per spec (in spec order).
+    Token ids stay under ``vocab`` (the served model's vocabulary size).
 
     ``extra`` is merged into every request body; ``extras`` (one dict or None per spec) into
     that spec's body after it, so some clients can send what others do not.
@@ -187,7 +190,7 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
         raise ValueError(f"extras: {len(extras)} entries for {len(specs)} specs")
     per_spec = extras if extras is not None else [None] * len(specs)
     # Encoded before the clock starts.
-    bodies = [request_body(s, salt, _merge(copy.deepcopy(extra or {}), e or {}))
+    bodies = [request_body(s, salt, _merge(copy.deepcopy(extra or {}), e or {}), vocab)
               for s, e in zip(specs, per_spec, strict=True)]
     rng = random.Random(seed)
     aborts = [rng.randint(1, s.output_len - 1) if s.output_len > 1 and rng.random() < abort_frac
@@ -226,6 +229,8 @@ def main() -> None:
     ap.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: gap CV")
     ap.add_argument("--seed", type=int, default=0, help="arrivals and abort choice")
     ap.add_argument("--salt", type=int, default=0, help="token-id salt (new ids, no cache hits)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="the served model's vocabulary size: token ids stay under it")
     ap.add_argument("--max-prompt", type=int, default=None)
     ap.add_argument("--max-output", type=int, default=None)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
@@ -245,7 +250,7 @@ def main() -> None:
     extra = json.loads(args.extra_json) if args.extra_json else None
     records = asyncio.run(replay(args.url, specs, salt=args.salt, extra=extra,
                                  time_limit=args.time_limit, abort_frac=args.abort_frac,
-                                 seed=args.seed))
+                                 seed=args.seed, vocab=args.vocab))
     write_jsonl(args.out, records)
     print(json.dumps(summarize(records, args.ttft_slo, args.tbt_slo), indent=1))
 

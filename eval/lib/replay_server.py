@@ -28,12 +28,13 @@ class ReadyServer:
 @contextmanager
 def ready_server(name: str, cmd: list[str], port: int, log_path: Path, warmup: list[RequestSpec],
                  budget: Budget, startup_timeout: float, drain_timeout: float,
-                 log: Callable[[str], None], give_up: Callable[[str, str], None]
-                 ) -> Iterator[ReadyServer | None]:
+                 log: Callable[[str], None], give_up: Callable[[str, str], None],
+                 vocab: int | None = None) -> Iterator[ReadyServer | None]:
     """Start ``cmd`` (logging to ``log_path``, replaced), wait for /health within
-    ``startup_timeout`` and the budget, replay ``warmup`` (the JIT kernels compile before
-    anything is timed) and wait until it is idle. Yields the server, or None after
-    ``give_up(status, reason)`` if it never got there; stops it on exit either way."""
+    ``startup_timeout`` and the budget, replay ``warmup`` (token ids under ``vocab``; the JIT
+    kernels compile before anything is timed) and wait until it is idle. Yields the server, or
+    None after ``give_up(status, reason)`` if it never got there (a server that died in the
+    warm-up is reported at once, not after a drain timeout); stops it on exit either way."""
     base = f"http://127.0.0.1:{port}"
     log_path.unlink(missing_ok=True)
     server = ServerProcess(cmd, log_path)
@@ -44,10 +45,17 @@ def ready_server(name: str, cmd: list[str], port: int, log_path: Path, warmup: l
             give_up(f"server failed to start ({state}), see {log_path}", "server failed")
             yield None
             return
-        warm = asyncio.run(replay(base, warmup, salt=-1, time_limit=120.0, progress=False))
+        warm = asyncio.run(replay(base, warmup, salt=-1, time_limit=120.0, progress=False,
+                                  vocab=vocab))
         ready = ReadyServer(base, time.monotonic() - server.started,
                             sum(r["error"] is not None for r in warm))
         log(f"{name}: up in {ready.startup_s:.0f}s (warm-up errors: {ready.warmup_errors})")
+        if not server.alive():
+            first = next((r["error"] for r in warm if r["error"] is not None), None)
+            give_up(f"server exited during warm-up (first error: {first}), see {log_path}",
+                    "server failed")
+            yield None
+            return
         if not wait_idle(base, drain_timeout):
             give_up("server busy after warm-up", "drain failed")
             yield None

@@ -8,13 +8,16 @@ Everything here is stdlib so it runs unchanged on the GPU machine.
 from __future__ import annotations
 
 import csv
+import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 ARRIVALS = ("trace", "poisson", "gamma")
-# Token ids are drawn from [TOKEN_LO, TOKEN_HI): clear of special tokens, inside Llama-3's vocab.
+# Token ids are drawn from [TOKEN_LO, TOKEN_HI): clear of special tokens, inside Llama-3's vocab,
+# and under the served model's vocabulary where that is smaller: with --skip-tokenizer-init SGLang
+# does not check input ids, and one id past the embedding table kills the server.
 TOKEN_LO, TOKEN_HI = 100, 120_000
 
 
@@ -115,11 +118,26 @@ def make_specs(rows: list[TraceRow], *, num: int | None = None, start: int = 0,
     return specs
 
 
-def prompt_ids(idx: int, n: int, salt: int = 0) -> list[int]:
-    """``n`` deterministic pseudo-random token ids for request ``idx``.
+def model_vocab_size(model_path: str | Path) -> int | None:
+    """``vocab_size`` from the model folder's config.json (a multimodal config's text part), or
+    None where there is no readable config (a hub name, say)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = (config.get("text_config") or {}).get("vocab_size") or config.get("vocab_size")
+    return int(size) if size else None
+
+
+def prompt_ids(idx: int, n: int, salt: int = 0, vocab: int | None = None) -> list[int]:
+    """``n`` deterministic pseudo-random token ids for request ``idx``, under ``vocab``.
 
     A different ``salt`` gives unrelated ids, so replaying the same requests again (another rate)
-    does not hit the prefix cache left by the previous replay.
+    does not hit the prefix cache left by the previous replay. Models whose vocabulary is at least
+    TOKEN_HI all get the same ids.
     """
+    hi = TOKEN_HI if vocab is None else min(TOKEN_HI, vocab)
+    if hi <= TOKEN_LO:
+        raise ValueError(f"vocab {vocab}: no token ids above the {TOKEN_LO} reserved ones")
     rng = random.Random(f"{salt}:{idx}")
-    return [rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(n)]
+    return [rng.randrange(TOKEN_LO, hi) for _ in range(n)]
