@@ -550,3 +550,19 @@ def test_prefill_in_flight_paces_its_stream_from_the_expected_first_token():
     # A non-final chunk gives no first token and no pace.
     p.update([ev.PrefillLaunched("b", 1.07, first_token_s=None)])
     assert np.isnan(t.first_token_s[t._row_of["b"]])
+
+
+def test_admission_walks_past_its_first_pass_without_admitting_anyone_twice():
+    # Requests that arrive in one scheduler receive share an arrival time; with equal prompts
+    # their EDF keys tie across the first pass's cut, and the deeper ranking may order the
+    # tied ones differently. Each must be taken once (a twice-admitted request failed
+    # StepPlan.check, an AssertionError in the scheduler).
+    for n, room in ((100, 100 * 200), (300, 150 * 200 + 50)):
+        p = SloPolicy(RotaConfig(prefill_pacing=False))
+        for i in range(n):
+            add(p, f"r{i}", (i % 2) / 10, 100, 1.0, 0.1, 100)
+        plan = plan_at(p, 1.0, cap(room), COSTS, 10**6)
+        fits = room // 200
+        assert len(plan.admit) == len(set(plan.admit)) == min(n, fits + 1)
+        assert [int(r[1:]) % 2 for r in plan.admit[:fits]] == sorted(
+            int(r[1:]) % 2 for r in plan.admit[:fits])  # earlier arrivals first

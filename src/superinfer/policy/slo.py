@@ -194,13 +194,18 @@ class SloPolicy(Policy):
         order, key = self._rank(now_s, cap, costs, depth)
         h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
         used = prefill = h2d = 0
-        start = 0
+        walked: set[int] = set()
         deferred: list[int] = []
-        while start < len(order):
+        while True:
             # From the decision to its token, a rotated-out request that must make room waits for
             # the victims' copy (behind the forward in flight), its own copy, its decode step.
             urgent_lag = deadlines.make_room_lag_s(t.num_tokens[order], cap.bytes_per_token, costs)
-            for i, s in enumerate(order[start:].tolist(), start):
+            for i, s in enumerate(order.tolist()):
+                # A deeper ranking need not keep the last one as its prefix (equal keys across
+                # the cut): skip what this walk has taken or passed over already.
+                if s in walked:
+                    continue
+                walked.add(s)
                 req_id = t.id_at(s)
                 if t.phase[s] == _ON_HOST:
                     if key[i] > now_s + urgent_lag[i]:
@@ -227,7 +232,7 @@ class SloPolicy(Policy):
                 used += need
             if len(order) < depth:
                 break
-            start, depth = len(order), 4 * depth  # everything ranked so far fit: look deeper
+            depth *= 4  # everything ranked so far fit: look deeper
             order, key = self._rank(now_s, cap, costs, depth)
         for s in deferred:  # room to spare: bring streams back early, never past the reserve
             need = self._return_need(s, cap)
