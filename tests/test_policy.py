@@ -273,6 +273,25 @@ def test_no_bytes_move_when_finishing_streams_free_the_room_in_time():
     assert plan(1000, 100).rotate_out[0] == "ending"  # most slack first, as before
 
 
+def test_room_that_comes_for_the_head_alone_is_not_enough_when_a_queue_waits_behind_it():
+    """Finishing streams free the head's room in time, but not the room of the request behind
+    it, which can still make its TTFT too: a rotation makes room now (a burst queued behind a
+    head waiting for finishes used to leave the rest no time for a rotation). A request behind
+    it that is late already does not count."""
+    def plan(behind_arrival_s: float):
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+        running(p, "ending", tokens=3000, first_s=0.0, out=40, max_new=45)
+        running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)
+        add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+        add(p, "behind", behind_arrival_s, 2000, 1.0, 0.1, 10)
+        return plan_at(p, 1.0, cap(1000), COSTS, 16384)
+
+    queued = plan(0.95)
+    assert queued.admit == ["new"] and queued.rotate_out == ["long"]
+    late = plan(-0.5)  # its deadline passed: it goes last and needs no room in time
+    assert late.admit == ["new"] and late.rotate_out == [] and late.head_blocked
+
+
 def test_no_bytes_move_for_a_head_already_late():
     """Every waiting request is past its TTFT deadline: admitting one sooner buys no
     attainment, so room comes from streams finishing, not from rotations."""
@@ -561,7 +580,7 @@ def test_admission_walks_past_its_first_pass_without_admitting_anyone_twice():
         p = SloPolicy(RotaConfig(prefill_pacing=False))
         for i in range(n):
             add(p, f"r{i}", (i % 2) / 10, 100, 1.0, 0.1, 100)
-        plan = plan_at(p, 1.0, cap(room), COSTS, 10**6)
+        plan = plan_at(p, 0.5, cap(room), COSTS, 10**6)
         fits = room // 200
         assert len(plan.admit) == len(set(plan.admit)) == min(n, fits + 1)
         assert [int(r[1:]) % 2 for r in plan.admit[:fits]] == sorted(

@@ -1,9 +1,9 @@
 """RotaSched: earliest-deadline-first admission with slack-funded rotation.
 
 Each iteration:
-1. Rank new requests (TTFT deadline minus prefill time) and rotated-out requests (next-token
-   deadline minus swap-in time) in one EDF order; those already late go last (new ones only:
-   a late rotated-out request keeps its place so it is never starved).
+1. Rank new requests (TTFT deadline minus prefill time: their latest start) and rotated-out
+   requests (next-token deadline minus swap-in time) in one EDF order; new ones past their
+   latest start go last (a late rotated-out request keeps its place so it is never starved).
 2. Walk that order while it fits in free device memory: new requests to the queue front,
    urgent rotated ones (within ``deadlines.make_room_lag_s`` of their key) back in, within the
    host→device budget. Rotated ones not urgent yet wait for room left over once everything
@@ -17,9 +17,11 @@ Each iteration:
    could no longer earn the slack the streams on the host spend (``deadlines.slack_gain``,
    ``deadlines.max_extra_away``), and keep one stream's KV free on the host for swaps. If no room
    can be made for a new head, urgent returns behind it still swap in.
-   Bytes move only when they buy something: not for a head already past its deadline, not
-   when streams finishing before the head must start free the room anyway (those streams are
-   no victims either), and not for new work at all while compute binds (``policy.binding``:
+   Bytes move only when they buy something: not for a head already past its latest start, not
+   when streams finishing in time free the room anyway, for the head and for every waiting
+   request behind it that can still make its TTFT, each by its latest start (streams finishing
+   before the head must start are no victims either), and not for new work at all while
+   compute binds (``policy.binding``:
    new work waits for the GPU, so room made for it would only cost link time and decode steps).
 4. Bound this step's prefill tokens by the least slack of the resident streams and of the
    rotated-out ones up to their urgency point (none left, or a stream behind pace: decode
@@ -41,7 +43,7 @@ from .types import Capacity, Costs, Phase, StepPlan, StepSnapshot
 
 _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
 _ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
-_LATE = 1e12  # added to the key of a request already past its TTFT deadline (late_last)
+_LATE = 1e12  # added to the key of a request that can no longer make its TTFT (late_last)
 _LINK_WINDOW_MAX_S = 0.1  # unused link time carried over between plans at most (burst bound)
 
 
@@ -105,9 +107,11 @@ class SloPolicy(Policy):
             why = "keep the free reserve"
         if needed_by_s is not None and deficit > 0 and (
                 snapshot.bound == "compute" or needed_by_s < now_s
-                or self._freed_by(needed_by_s, now_s, cap, costs) >= deficit):
+                or (self._room_comes_in_time(plan.admit[-1], free - used, len(plan.admit),
+                                             now_s, cap, costs) if blocked_new
+                    else self._freed_by(needed_by_s, now_s, cap, costs) >= deficit)):
             # Moving bytes would buy nothing: the GPU, not memory, holds new work back; the
-            # head is late already; or its room comes in time anyway.
+            # head is late already; or the room comes in time anyway.
             deficit = 0
         if deficit > 0:
             self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window,
@@ -171,7 +175,10 @@ class SloPolicy(Policy):
         key = np.where(on_host, self._return_key(cand, cap, costs),
                        new_deadline - costs.prefill_s(t.num_prompt_tokens[cand]))
         if self.config.late_last:
-            key = key + np.where((~on_host) & (new_deadline < now_s), _LATE, 0.0)
+            # A new request's key is its latest start: past it, its first token comes late
+            # whatever happens now, and at the head it would block (and, since no bytes move
+            # for a late head, stop rotation for) those behind it that can still make it.
+            key = key + np.where((~on_host) & (key < now_s), _LATE, 0.0)
         if depth < len(cand):
             head = np.argpartition(key, depth)[:depth]
             cand, key = cand[head], key[head]
@@ -308,13 +315,42 @@ class SloPolicy(Policy):
 
     def _freed_by(self, by_s: float, now_s: float, cap: Capacity, costs: Costs) -> int:
         """Device tokens the resident decoding streams free by finishing before ``by_s``."""
+        finish_s, freed = self._frees_over_time(now_s, cap, costs)
+        return int(freed[np.searchsorted(finish_s, by_s, side="right")])
+
+    def _frees_over_time(self, now_s: float, cap: Capacity,
+                         costs: Costs) -> tuple[np.ndarray, np.ndarray]:
+        """When the resident decoding streams finish (ascending) and the device tokens freed
+        by then: ``freed[searchsorted(finish_s, t, "right")]`` is what is free by ``t``."""
         t = self._table
         run = t.rows_in(Phase.RUNNING)
         run = run[~np.isnan(t.first_token_s[run])]
-        run = run[self._finish_s(run, now_s, costs) <= by_s]
+        finish_s = self._finish_s(run, now_s, costs)
         frees = t.num_tokens[run] + t.decode_reservation(run, cap.new_token_ratio,
                                                          cap.fixed_length_ratio)
-        return int(frees.sum())
+        order = np.argsort(finish_s, kind="stable")
+        return finish_s[order], np.concatenate(([0], np.cumsum(frees[order])))
+
+    def _room_comes_in_time(self, head: str, room: int, admitted: int, now_s: float,
+                            cap: Capacity, costs: Costs) -> bool:
+        """Whether streams finishing free the room of the blocked EDF head and of every waiting
+        request behind it that can still make its TTFT, each by its latest start: only then
+        does a rotation buy nothing. (The head's room alone was not enough: a burst queued
+        behind a head that waited for finishes, and the requests behind it were then left
+        without the time a rotation takes.)"""
+        t = self._table
+        order, key = self._rank(now_s, cap, costs, admitted + _WALK_DEPTH)
+        at = np.flatnonzero(order == t.row(head))
+        order, key = order[int(at[0]):], key[int(at[0]):]
+        # waiting requests that can still make it (late ones carry _LATE in their key)
+        new = (t.phase[order] == Phase.WAITING) & (key >= now_s) & (key < now_s + _LATE / 2)
+        new[0] = True  # the head, by the caller's own test
+        rows, latest_s = order[new], key[new]
+        demand = np.cumsum(t.num_prompt_tokens[rows]
+                           + np.minimum(t.max_new_tokens[rows], CLIP_NEW_TOKENS))
+        finish_s, freed = self._frees_over_time(now_s, cap, costs)
+        return bool(np.all(demand <= room + freed[np.searchsorted(finish_s, latest_s,
+                                                                    side="right")]))
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
                     wait_s: float, why: str, window_s: float, grows_away: bool,
