@@ -26,38 +26,40 @@ import numpy as np
 
 from eval.lib.jsonfiles import command_line
 from superinfer.config import RotaConfig
-from superinfer.policy import Capacity, Phase, create_policy
+from superinfer.policy import Capacity, Phase, Policy, StepSnapshot, TierReport, create_policy
+from superinfer.policy import events as ev
 from superinfer.policy.costs import DEFAULT_COSTS
 
 BPT = 131072
 
 
-def build(policy_name: str, num_running: int, num_waiting: int, seed: int):
+def build(policy_name: str, num_running: int, num_waiting: int, seed: int) -> Policy:
+    """A policy fed the way the adapter feeds it: ``num_running`` decoding streams (64 of them
+    parked on the host) and ``num_waiting`` new requests."""
     rng = random.Random(seed)
     policy = create_policy(RotaConfig(policy=policy_name))
-    t = policy.table
+    events: list[ev.Event] = []
     for i in range(num_running):
-        rid = f"run{i}"
-        t.add(rid, -5.0, rng.randrange(200, 2000), 1.0, 0.1, rng.randrange(100, 1000))
-        t.prefill_done(rid, int(t.num_prompt_tokens[t._slot_of[rid]]), -4.9 + rng.random() * 4)
-    for i in range(64):  # some of them parked on the host
-        rid = f"run{i}"
-        t.set_phase(rid, Phase.ROTATING_OUT, -1.0)
-        t.set_phase(rid, Phase.ON_HOST, -1.0)
-    for i in range(num_waiting):
-        t.add(f"wait{i}", -rng.random() * 2, rng.randrange(100, 4000), 1.0, 0.1,
-              rng.randrange(50, 500))
+        rid, prompt = f"run{i}", rng.randrange(200, 2000)
+        events += [ev.Arrived(rid, -5.0, prompt, 1.0, 0.1, rng.randrange(100, 1000)),
+                   ev.PrefillDone(rid, -4.9 + rng.random() * 4, prompt, 1)]
+    policy.update(events)
+    parked = [f"run{i}" for i in range(min(64, num_running))]
+    policy.update([ev.RotationStarted(rid, -1.0, True, policy.view(rid).num_tokens, 1)
+                   for rid in parked])
+    policy.update([TierReport(now_s=-1.0, finished_out=parked)])
+    policy.update([ev.Arrived(f"wait{i}", -rng.random() * 2, rng.randrange(100, 4000), 1.0, 0.1,
+                              rng.randrange(50, 500)) for i in range(num_waiting)])
     return policy
 
 
 def run(policy_name: str, iterations: int, num_running: int, num_waiting: int) -> dict:
     policy = build(policy_name, num_running, num_waiting, seed=0)
-    t = policy.table
     costs = dataclasses.replace(DEFAULT_COSTS, arrival_rate_per_s=20.0, mean_prompt_tokens=1000,
                                 d2h_bytes_per_s=50e9, h2d_bytes_per_s=50e9)
     cap = Capacity(available_device_tokens=20_000, total_device_tokens=600_000,
                    free_host_tokens=2_000_000, bytes_per_token=BPT, new_token_ratio=0.3)
-    running_ids = t.ids(t.slots_in(Phase.RUNNING))
+    step = ev.Decoded(tuple(policy.ids_in(Phase.RUNNING)))
     # NOTE: as in SGLang's scheduler (freeze_gc after warm-up, and again at CUDA-graph capture),
     # long-lived objects are moved out of the collector's sight; young collections still run.
     gc.collect()
@@ -67,9 +69,9 @@ def run(policy_name: str, iterations: int, num_running: int, num_waiting: int) -
     for i in range(iterations + 100):
         now += 0.02
         t0 = time.perf_counter()
-        plan = policy.plan(now, cap, costs, 16384)
+        plan = policy.plan(StepSnapshot(now, cap, costs, 16384, bound="memory"))
         t1 = time.perf_counter()
-        t.advance(running_ids)  # the adapter's per-step table update
+        policy.update([step])  # the adapter's per-step table update
         t2 = time.perf_counter()
         if i >= 100:  # warm-up excluded
             plan_s.append(t1 - t0)

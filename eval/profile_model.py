@@ -57,7 +57,10 @@ GRIDS: dict[str, dict[str, list[tuple[int, int]]]] = {
         + [(4, n) for n in (256, 1024, 4096, 8192)]
         + [(16, n) for n in (128, 512, 1024, 2048)]
         + [(64, n) for n in (64, 128, 256, 512)],
-        "decode": [(b, n) for b in (1, 2, 4, 8, 16, 32, 64, 128)
+        # up to 512 streams: a model with little KV per token (MLA) runs batches that large
+        # under the sweeps' cap, and a fit past its rows extrapolates (MoE steps flatten once
+        # every expert is active)
+        "decode": [(b, n) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
                    for n in (128, 512, 2048, 8192) if b * n <= 65536],
     },
     "quick": {

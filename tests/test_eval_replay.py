@@ -187,3 +187,13 @@ def test_time_limit_cancels_and_client_abort_hangs_up():
     assert cut[1]["error"].startswith("not sent") and cut[1]["send"] is None
     for r in dropped:
         assert r["aborted"] and r["error"] is None and 1 <= len(r["token_times"]) < 12
+
+
+def test_the_commit_a_device_command_names_wins_over_its_git_copy(monkeypatch):
+    from eval.lib import jsonfiles
+
+    monkeypatch.delenv(jsonfiles.COMMIT_ENV, raising=False)
+    here = jsonfiles.source_commit()
+    assert here  # this checkout is a git repository
+    monkeypatch.setenv(jsonfiles.COMMIT_ENV, "4973d79")
+    assert jsonfiles.source_commit() == "4973d79"

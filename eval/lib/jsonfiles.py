@@ -4,6 +4,7 @@ command line a result records."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -31,8 +32,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+COMMIT_ENV = "EVAL_COMMIT"
+
+
 def source_commit() -> str | None:
-    """The commit the code runs at (``-dirty`` with uncommitted changes), None outside git."""
+    """The commit the code runs at (``-dirty`` with uncommitted changes), None outside git.
+    ``$EVAL_COMMIT`` wins: the GPU machine's copy of ``.git`` can lag the tree it was sent, so
+    a device command names the commit it sent (``EVAL_COMMIT=<sha> bash eval/gpu/...``)."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
                              capture_output=True, text=True, timeout=10,
