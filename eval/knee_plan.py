@@ -73,18 +73,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="rates as multiples of the knee")
     ap.add_argument("--systems", nargs="+", default=["lpm", "rotasched"])
     ap.add_argument("--num", type=int, default=300, help="requests per rate")
+    ap.add_argument("--kv-gb", type=float, default=sim_matrix.DEFAULT_KV_GB,
+                    help="device KV memory, GB (default: the sim matrix's, 60,000 Llama-3.1-8B "
+                         "tokens); lower it where the model leaves less on the card")
     ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     ap.add_argument("--sim-out", type=Path, required=True, help="eval.sim_matrix's JSON")
     ap.add_argument("--resume", action="store_true", help="keep knees already in --sim-out")
     ap.add_argument("--server-extra", nargs=argparse.REMAINDER, default=SERVER_EXTRA)
     ap.add_argument("--out", type=Path, required=True, help="the plan")
     args = ap.parse_args(argv)
-    if min(args.factors) <= 0:
-        ap.error("--factors must be positive")
+    if min(args.factors) <= 0 or args.kv_gb <= 0:
+        ap.error("--factors and --kv-gb must be positive")
     sim_argv = ["--gpu", args.gpu, "--models", args.model, "--models-dir", str(args.models_dir),
                 "--traces", *args.traces, "--arrivals", "poisson", "--ttft-slos", "1",
                 "--tbt-slos", "0.1", "--rate-factors", *map(str, args.factors),
-                "--num", str(args.num), "--out", str(args.sim_out)]
+                "--num", str(args.num), "--kv-gb", str(args.kv_gb), "--out", str(args.sim_out)]
     sim_matrix.main(sim_argv + (["--resume"] if args.resume else []))
     knees = json.loads(args.sim_out.read_text())["knees"]
     plan = build_plan(args.model, args.gpu, knees, args.traces, args.factors, args.systems,

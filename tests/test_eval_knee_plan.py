@@ -35,3 +35,11 @@ def test_the_plan_runs_each_trace_at_its_knee_and_sweep_plan_accepts_it(tmp_path
 def test_a_trace_without_a_knee_is_refused_with_the_simulators_reason():
     with pytest.raises(SystemExit, match="never fell"):
         knee_plan.build_plan("m", "h100", KNEES, ["code"], [1.0], ["lpm"], [], num=300)
+
+
+@pytest.mark.parametrize("flag", [["--kv-gb", "0"], ["--factors", "1", "-2"]])
+def test_bad_sizes_are_refused_before_any_simulation(tmp_path: Path, flag):
+    with pytest.raises(SystemExit):
+        knee_plan.main(["--model", "llama-3.1-8b", "--gpu", "h100", "--sim-out",
+                        str(tmp_path / "k.json"), "--out", str(tmp_path / "p.json"), *flag])
+    assert not (tmp_path / "k.json").exists()

@@ -7,7 +7,9 @@
 #   bash eval/gpu/matrix_model.sh profile MODEL [PROFILE FLAGS...]   # eval.profile_model, ~3 min
 #   bash eval/gpu/matrix_model.sh sweep MODEL TRACE [SYSTEMS...]     # knee from the calibrated
 #       simulator (eval.knee_plan), then TRACE (conv|code) at 1/1.4/1.8 x knee, SYSTEMS (default
-#       lpm rotasched) back to back: ~6 min for an 8B-16B model
+#       lpm rotasched) back to back: ~6 min for an 8B-16B model. KV_GB=<GB> sets the device KV
+#       the knee and the cap assume (default 7.86: 60,000 Llama-3.1-8B tokens) where the card
+#       holds less beside the weights (Qwen2.5-32B on an H100).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 step=${1:-} model=${2:-}
@@ -38,7 +40,8 @@ case "$step" in
     plan="$out/plan_${gpu}_${model}_${trace}.json"
     timeout 120 "${run[@]}" python3 -m eval.knee_plan --model "$model" --gpu "$gpu" \
       --traces "$trace" --systems "${systems[@]}" --models-dir "$models" \
-      --sim-out "/tmp/knees_${gpu}_$model.json" --resume --out "$plan" 2>&1 | tail -4 || exit 1
+      --sim-out "/tmp/knees_${gpu}_$model.json" --resume --out "$plan" ${KV_GB:+--kv-gb "$KV_GB"} \
+      2>&1 | tail -4 || exit 1
     cp "/tmp/knees_${gpu}_$model.json" "$out/sim_knees_${gpu}_$model.json"
     bash eval/gpu/run_plan.sh "$plan" 430 ;;
 esac
