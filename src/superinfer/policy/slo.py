@@ -339,8 +339,13 @@ class SloPolicy(Policy):
         behind a head that waited for finishes, and the requests behind it were then left
         without the time a rotation takes.)"""
         t = self._table
-        order, key = self._rank(now_s, cap, costs, admitted + _WALK_DEPTH)
-        at = np.flatnonzero(order == t.row(head))
+        depth = admitted + _WALK_DEPTH
+        while True:  # the walk may have reached the head deeper (past rotated-out streams)
+            order, key = self._rank(now_s, cap, costs, depth)
+            at = np.flatnonzero(order == t.row(head))
+            if at.size or depth >= len(t):
+                break
+            depth = len(t)
         order, key = order[int(at[0]):], key[int(at[0]):]
         # waiting requests that can still make it (late ones carry _LATE in their key)
         new = (t.phase[order] == Phase.WAITING) & (key >= now_s) & (key < now_s + _LATE / 2)
