@@ -464,21 +464,27 @@ def test_config_validation():
         RotaConfig(host_numa_node=-1)
 
 
-def _simulate(seed: int, policy_name: str, steps: int = 300) -> list[tuple]:
-    """A toy engine driving the policy; returns every plan it made."""
+def _simulate(seed: int, policy_name: str, steps: int = 300, bursts: bool = False
+              ) -> list[tuple]:
+    """A toy engine driving the policy; returns every plan it made. ``bursts``: now and then
+    a hundred or so requests arrive in one iteration with a few short prompt lengths (equal
+    EDF keys), in a pool with room for them."""
     rng = random.Random(seed)
     p = create_policy(RotaConfig(policy=policy_name))
-    free, host, plans, now, n = 20_000, 40_000, [], 0.0, 0
+    total = 200_000 if bursts else 20_000  # room for a burst: the walk goes past 64
+    free, host, plans, now, n = total, 2 * total, [], 0.0, 0
     max_out: dict[str, int] = {}
     for _ in range(steps):
         now += 0.02
-        for _ in range(rng.randrange(3)):
+        burst = bursts and rng.random() < 0.05
+        for _ in range(rng.randrange(80, 200) if burst else rng.randrange(3)):
             rid = f"q{n}"
             n += 1
-            add(p, rid, now, rng.randrange(100, 2000), 1.0, 0.1, 300)
+            prompt = rng.choice((16, 32, 64)) if burst else rng.randrange(100, 2000)
+            add(p, rid, now, prompt, 1.0, 0.1, 300)
             max_out[rid] = rng.randrange(10, 200)
         costs = dataclasses.replace(COSTS, arrival_rate_per_s=25.0, mean_prompt_tokens=1000)
-        plan = plan_at(p, now, cap(free, total=20_000, host=host), costs, 8192)
+        plan = plan_at(p, now, cap(free, total=total, host=host), costs, 8192)
         plans.append((tuple(plan.admit), tuple(plan.rotate_in), tuple(plan.rotate_out)))
         for rid in plan.rotate_out:
             park(p, rid, now)
@@ -512,6 +518,15 @@ def test_two_ranks_reach_identical_decisions(name):
     rank0, rank1 = _simulate(7, name), _simulate(7, name)
     assert rank0 == rank1
     assert any(p[2] for p in rank0), "the simulation never rotated: it tests nothing"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plans_stay_consistent_through_bursts_of_equal_requests(seed):
+    # every plan passes StepPlan.check (no request twice, nothing both admitted and rotated);
+    # bursts of short equal prompts in one iteration (over 64 fit one prefill batch) made the
+    # admission walk take requests twice
+    plans = _simulate(seed, "slo", steps=400, bursts=True)
+    assert any(p[2] for p in plans) and sum(len(p[0]) for p in plans) > 200
 
 
 def test_policy_core_imports_without_torch_or_sglang():
