@@ -739,3 +739,21 @@ def test_a_failed_rotate_in_copy_fails_the_request_with_an_error_and_leaks_nothi
     rot.check()
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
+
+
+def test_decode_first_counts_only_prefill_held_back(monkeypatch):
+    """``plans_decode_first`` counts the plans that held waiting prefill back for a decode step,
+    as eval.sim_policy counts them, not every plan with a zero budget (nothing waiting)."""
+    parts, rot, batch = setup(16, True)
+    real_plan = rot.policy.plan
+
+    def decode_first(snapshot):
+        return dataclasses.replace(real_plan(snapshot), prefill_token_budget=0)
+
+    monkeypatch.setattr(rot.policy, "plan", decode_first)
+    parts.waiting_queue = []
+    rot.step(batch)  # streams decoding, nobody waiting: nothing was held back
+    assert rot.stats.plans_decode_first == 0
+    enqueue(parts, rot, parts.make_req("new", 10))
+    rot.step(batch)
+    assert rot.stats.plans_decode_first == 1

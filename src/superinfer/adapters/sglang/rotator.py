@@ -111,7 +111,10 @@ class Rotator:
                                              self._launched_done_at_s if unprocessed else None,
                                              self.binding.bound()))
         self._room_needed = plan.room_needed
-        self.stats.plans_decode_first += plan.prefill_token_budget == 0
+        # prefill held back for a decode step (counted as eval.sim_policy counts it: requests
+        # waiting, streams decoding, no chunked prompt that SGLang continues anyway)
+        self.stats.plans_decode_first += (plan.prefill_token_budget == 0 and bool(s.waiting_queue)
+                                          and not running.is_empty() and s.chunked_req is None)
         self.stats.plans_head_blocked += plan.head_blocked
         if plan.rotate_out:
             running = self.rotate_out(running, set(plan.rotate_out))

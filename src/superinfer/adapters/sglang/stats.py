@@ -35,7 +35,7 @@ class RotationStats:
     rotations_in: int = 0
     fallbacks: int = 0  # rotate-outs skipped because the host tier had no room
     aborted_while_rotated: int = 0
-    plans_decode_first: int = 0  # plans whose prefill budget was 0: a decode step first
+    plans_decode_first: int = 0  # plans that held waiting prefill back for a decode step
     plans_head_blocked: int = 0  # plans where the new EDF head waited for room
 
     def as_dict(self) -> dict[str, int]:
