@@ -757,3 +757,28 @@ def test_decode_first_counts_only_prefill_held_back(monkeypatch):
     enqueue(parts, rot, parts.make_req("new", 10))
     rot.step(batch)
     assert rot.stats.plans_decode_first == 1
+
+
+def test_a_mixed_chunk_batch_counts_as_a_decode_step_for_the_running_streams():
+    """With --enable-mixed-chunk SGLang runs the running streams' decode tokens inside the
+    prefill batch (mix_with_running, forward mode MIXED): each stream's output count advances
+    and the new request starts; a stream that finished there leaves the table."""
+    parts, rot, batch = setup(16, True)
+    before = {r.rid: rot.policy.view(r.rid).num_output_tokens for r in batch.reqs}
+    new = parts.make_req("new", 30)
+    enqueue(parts, rot, new)
+    mixed = parts.prefill([new], running=batch)
+    parts.waiting_queue.clear()
+    batch.prepare_for_decode()
+    mixed.mix_with_running(batch)
+    assert mixed.forward_mode.is_extend() and len(mixed.reqs) == len(before) + 1
+    for r in mixed.reqs:
+        if r.rid != "new":
+            r.output_ids.append(7)
+    parts.finish(mixed, {"r0"})
+    rot.on_batch_result(mixed)
+    assert rot.policy.phase_of("new") is Phase.RUNNING
+    assert "r0" not in rot.policy
+    for rid in ("r1", "r2"):
+        assert rot.policy.phase_of(rid) is Phase.RUNNING
+        assert rot.policy.view(rid).num_output_tokens == before[rid] + 1

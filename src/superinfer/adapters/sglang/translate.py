@@ -52,18 +52,20 @@ def in_flight(batches: Iterable[ScheduleBatch], chunked_req: Req | None,
     return ev.InFlight(counts)
 
 
+# Phases of a request past its prefill: in a batch, it decoded a token
+_DECODING = (Phase.RUNNING, Phase.ROTATING_OUT, Phase.ON_HOST, Phase.ROTATING_IN)
+
+
 def decoded(batch: ScheduleBatch, policy: Policy) -> list[ev.Event]:
     """Every unfinished request of the batch produced a token (rotating-out ones too: the
     step was in flight when they left); finished running ones are gone."""
-    stepped: list[str] = []
-    events: list[ev.Event] = []
-    for req in batch.reqs:
-        if req.rid not in policy:
-            continue
-        if not req.finished():
-            stepped.append(req.rid)
-        elif policy.phase_of(req.rid) is Phase.RUNNING:
-            events.append(ev.Finished(req.rid))
+    return _decode_events([r for r in batch.reqs if r.rid in policy], policy)
+
+
+def _decode_events(reqs: list[Req], policy: Policy) -> list[ev.Event]:
+    stepped = [r.rid for r in reqs if not r.finished()]
+    events: list[ev.Event] = [ev.Finished(r.rid) for r in reqs
+                              if r.finished() and policy.phase_of(r.rid) is Phase.RUNNING]
     if stepped:
         events.append(ev.Decoded(tuple(stepped)))
     return events
@@ -72,20 +74,25 @@ def decoded(batch: ScheduleBatch, policy: Policy) -> list[ev.Event]:
 def extended(batch: ScheduleBatch, chunked_req: Req | None, now_s: float,
              policy: Policy) -> list[ev.Event]:
     """A prefill (chunk) ran: its first token starts the request's TBT pace, unless its
-    prompt was cut (``chunked_req``) and more chunks follow."""
+    prompt was cut (``chunked_req``) and more chunks follow. With ``--enable-mixed-chunk``
+    the batch also carries one decode token of each running stream (SGLang's
+    ``mix_with_running``): those count as a decode step."""
     events: list[ev.Event] = []
+    mixed: list[Req] = []
     for req in batch.reqs:
         phase = policy.phase_of(req.rid)
-        if phase is None or phase is Phase.RUNNING:
+        if phase is None:
             continue
-        if req.finished():
+        if phase in _DECODING:
+            mixed.append(req)
+        elif req.finished():
             events.append(ev.Finished(req.rid))
         elif req is chunked_req:
             events.append(ev.PrefillChunked(req.rid, now_s))
         else:
             events.append(ev.PrefillDone(req.rid, now_s, compat.kv_committed_len(req),
                                          len(req.output_ids)))
-    return events
+    return events + _decode_events(mixed, policy)
 
 
 def aborted_waiting(hit: Callable[[str], bool], waiting_rids: set[str],
