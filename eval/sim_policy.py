@@ -48,7 +48,8 @@ from superinfer.policy.binding import BindingMonitor, wait_reason
 from superinfer.policy.table import CLIP_NEW_TOKENS
 
 # --rota-keep-host-copy, --rota-write-through
-SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")
+SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt", "fcfs-mixed", "rotasched-mixed")
+MIXED = "-mixed"  # a system name's suffix: SGLang with --enable-mixed-chunk
 HOST_PAGE = 16  # the host tier's page on the staging path: a kept copy is whole pages
 
 
@@ -117,13 +118,17 @@ class Simulator:
         self.last_was_decode = False
         self.stats = {"rotations_out": 0, "rotations_no_room": 0, "retractions": 0,
                       "prefill_batches": 0, "prefill_tokens": 0, "decode_steps": 0,
-                      "decode_first": 0}
+                      "decode_first": 0, "mixed_decode_tokens": 0}
         self.binding = BindingMonitor()  # what bound, measured as the adapter measures it
         self._room_needed = False  # the last plan's EDF head waited for room
         self.policy: Policy | None = None
         self.mover: ModelledMover | None = None
         self.tier: HostTierManager | None = None
         self.write_through = False
+        # --enable-mixed-chunk: each prefill batch also carries the running streams' decode
+        # tokens (SGLang's mix_with_running), at the decode batch's cost less its fixed part
+        self.mixed = system.endswith(MIXED)
+        system = system.removesuffix(MIXED)
         if system != "fcfs":
             cfg = RotaConfig(policy="lvf" if system == "rotasched-lvf" else "slo",
                              ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo,
@@ -326,7 +331,8 @@ class Simulator:
             limit = min(limit, max(budget, 256))
         room = self.cap - self.used() - self.reservation()
         batch: list[tuple[SimReq, int]] = []
-        rem_input, rem_chunk = limit, g.chunked_prefill_size
+        mix = list(self.running) if self.mixed else []
+        rem_input, rem_chunk = limit, g.chunked_prefill_size - len(mix)
         shown = [] if hide else [r for r in self.waiting if r is not self.chunked
                                  and (not self.admitted or r.rid in self.admitted)]
         queue = ([self.chunked] if self.chunked else []) + shown
@@ -345,11 +351,18 @@ class Simulator:
         tokens = sum(take for _, take in batch)
         if not batch:
             return False
+        if mix and room < len(mix):
+            mix = []  # no room for the decode tokens: SGLang's own decode step retracts
         self._observe("prefill", [r for r in self.waiting
                                   if r is not self.chunked and all(r is not b for b, _ in batch)])
         dur = g.prefill_s(tokens, sum(g.attn_pairs(take, r.prefilled) for r, take in batch))
+        if mix:
+            mover = self.mover
+            dur += g.decode_s(len(mix), sum(r.kv for r in mix),
+                              d2h=mover is not None and mover.busy(True),
+                              h2d=mover is not None and mover.busy(False)) - g.decode_base_s
         self.now += dur
-        self.costs.observe_prefill(tokens, dur)
+        self.costs.observe_prefill(tokens + len(mix), dur)
         self.last_was_decode = False
         self.stats["prefill_batches"] += 1
         self.stats["prefill_tokens"] += tokens
@@ -368,6 +381,13 @@ class Simulator:
                 r.token_times.append(self.now)
             events.append(ev.PrefillDone(r.rid, self.now, r.kv, r.out))
             events += self._after_token(r)
+        if mix:
+            self.stats["mixed_decode_tokens"] += len(mix)
+            events.append(ev.Decoded(tuple(r.rid for r in mix)))
+            for r in mix:
+                r.kv += 1
+                r.token_times.append(self.now)
+                events += self._after_token(r)
         self._apply(events)
         return True
 

@@ -44,6 +44,9 @@ SYSTEMS: dict[str, list[str]] = {
                 "--hicache-ratio", "4"],
     "rotasched-lvf": ["--schedule-policy", "rotasched", "--rota-policy", "lvf"],
     "rotasched": ["--schedule-policy", "rotasched"],
+    # SGLang's mixed chunks: prefill batches carry the running streams' decode tokens
+    "fcfs-mixed": ["--schedule-policy", "fcfs", "--enable-mixed-chunk"],
+    "rotasched-mixed": ["--schedule-policy", "rotasched", "--enable-mixed-chunk"],
 }
 # Per-rate series copied from each summary into systems -> name -> key (one value per rate).
 SERIES = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s",
@@ -205,7 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-prompt", type=int, default=None)
     ap.add_argument("--max-output", type=int, default=None)
     ap.add_argument("--cap", type=int, default=60000, help="--max-total-tokens for every system")
-    ap.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    ap.add_argument("--systems", nargs="+", choices=list(SYSTEMS),
+                    default=[s for s in SYSTEMS if not s.endswith("-mixed")])
     ap.add_argument("--ttft-slo", type=float, default=1.0, help="seconds")
     ap.add_argument("--tbt-slo", type=float, default=0.1, help="seconds")
     add_server_run_args(ap)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eval.lib.traces import RequestSpec, load_azure, make_specs
-from eval.sim_policy import GpuModel, Simulator, simulate
+from eval.sim_policy import SYSTEMS, GpuModel, Simulator, simulate
 from superinfer.policy import Phase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +24,10 @@ def overload():
     """120 conv requests at 16 req/s into 10,000 KV tokens: fcfs queues on memory."""
     specs = make_specs(load_azure(CONV), num=120, arrival="poisson", rate=16, seed=0)
     return {name: simulate(specs, name, 10_000, GpuModel(), 1.0, 0.1, 122_064, 600)
-            for name in ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt")}
+            for name in SYSTEMS}
 
 
-@pytest.mark.parametrize("name", ["fcfs", "rotasched", "rotasched-keep", "rotasched-wt"])
+@pytest.mark.parametrize("name", SYSTEMS)
 def test_every_request_finishes_and_nothing_is_left_held(overload, name):
     res = overload[name]
     assert res["summary"]["n"] == 120 and res["summary"]["errors"] == 0
@@ -40,6 +40,17 @@ def test_rotation_admits_where_fcfs_waits_without_losing_the_pace(overload):
     assert fcfs["summary"]["ttft_attainment"] < 0.7
     assert rota["summary"]["ttft_attainment"] >= fcfs["summary"]["ttft_attainment"] + 0.25
     assert rota["summary"]["tbt_attainment"] >= 0.95  # fcfs: 1.0 (it admits so few)
+
+
+@pytest.mark.parametrize("name", ["fcfs", "rotasched"])
+def test_mixed_chunks_carry_the_streams_tokens_in_prefill_batches(overload, name):
+    """--enable-mixed-chunk: prefill batches also give every running stream a token; each
+    stream still gets every token of its output, once."""
+    plain, mixed = overload[name], overload[f"{name}-mixed"]
+    assert plain["stats"]["mixed_decode_tokens"] == 0 < mixed["stats"]["mixed_decode_tokens"]
+    assert mixed["summary"]["output_tokens"] == plain["summary"]["output_tokens"]
+    if name == "fcfs":  # the same schedule otherwise: fewer decode steps of its own
+        assert mixed["stats"]["decode_steps"] < plain["stats"]["decode_steps"]
 
 
 def test_the_memory_overload_reads_as_memory_bound(overload):
