@@ -292,14 +292,17 @@ def test_room_that_comes_for_the_head_alone_is_not_enough_when_a_queue_waits_beh
     assert late.admit == ["new"] and late.rotate_out == [] and late.head_blocked
 
 
-def test_the_queue_check_finds_a_head_past_the_first_ranking():
-    """The walk can reach the blocked head past its first 64 candidates (behind rotated-out
-    streams it deferred): the check behind it still finds it in the order."""
+def test_the_queue_check_reads_the_walks_ranking_from_a_head_past_its_first_pass():
+    """The walk can reach the blocked head past its first 64 candidates: the check behind it
+    takes the walk's own ranking from the head on (nothing ranked again)."""
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     for i in range(200):
         add(p, f"w{i}", 0.5 + i / 1000, 100, 1.0, 0.1, 10)
-    assert p._room_comes_in_time("w150", 10**6, 0, 0.6, cap(10**6), COSTS)
-    assert not p._room_comes_in_time("w150", 100, 0, 0.6, cap(10**6), COSTS)
+    order, key = p._rank(0.6, cap(10**6), COSTS, 256)  # the walk's second pass
+    at = int(np.flatnonzero(order == p.table.row("w150"))[0])
+    queue = (order[at:], key[at:])
+    assert p._room_comes_in_time(queue, 10**6, 0.6, cap(10**6), COSTS)
+    assert not p._room_comes_in_time(queue, 100, 0.6, cap(10**6), COSTS)
 
 
 def test_no_bytes_move_for_a_head_already_late():

@@ -45,6 +45,7 @@ _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
 _ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
 _LATE = 1e12  # added to the key of a request that can no longer make its TTFT (late_last)
 _LINK_WINDOW_MAX_S = 0.1  # unused link time carried over between plans at most (burst bound)
+_Queue = tuple[np.ndarray, np.ndarray]  # ranked candidate rows and their EDF keys
 
 
 class SloPolicy(Policy):
@@ -85,8 +86,8 @@ class SloPolicy(Policy):
         window = self._link_window_s(now_s, costs)
         batch_limit = (max_prefill_tokens if budget is None
                        else min(max_prefill_tokens, max(budget, 1)))
-        used, deficit, wait_s, urgent = self._admit(plan, now_s, free, cap, costs, batch_limit,
-                                                    reserve, window)
+        used, deficit, wait_s, urgent, queue = self._admit(plan, now_s, free, cap, costs,
+                                                           batch_limit, reserve, window)
         if budget and plan.admit:
             # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
             # back to back, decode waiting: so the head's whole first batch must fit, or a
@@ -107,9 +108,8 @@ class SloPolicy(Policy):
             why = "keep the free reserve"
         if needed_by_s is not None and deficit > 0 and (
                 snapshot.bound == "compute" or needed_by_s < now_s
-                or (self._room_comes_in_time(plan.admit[-1], free - used, len(plan.admit),
-                                             now_s, cap, costs) if blocked_new
-                    else self._freed_by(needed_by_s, now_s, cap, costs) >= deficit)):
+                or (self._room_comes_in_time(queue, free - used, now_s, cap, costs)
+                    if blocked_new else self._freed_by(needed_by_s, now_s, cap, costs) >= deficit)):
             # Moving bytes would buy nothing: the GPU, not memory, holds new work back; the
             # head is late already; or the room comes in time anyway.
             deficit = 0
@@ -187,10 +187,11 @@ class SloPolicy(Policy):
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
                max_prefill_tokens: int, reserve: int,
-               window_s: float) -> tuple[int, int | None, float, bool]:
+               window_s: float) -> tuple[int, int | None, float, bool, _Queue | None]:
         """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
         head or None, how long a victim would wait for that head, whether the head is a
-        rotated-out stream that must come back now).
+        rotated-out stream that must come back now, and for a blocked new head the ranked
+        candidates from it on with their keys).
 
         New requests and urgent returns go in EDF order. A rotated-out stream that is not
         urgent yet yields to both and only takes room left once everything ranked fits:
@@ -220,9 +221,9 @@ class SloPolicy(Policy):
                         continue
                     need = self._return_need(s, cap)
                     if need > free - used:
-                        return used, need - (free - used), costs.decode_step_s, True
+                        return used, need - (free - used), costs.decode_step_s, True, None
                     if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
-                        return used, None, 0.0, False  # budget spent this step; order kept
+                        return used, None, 0.0, False, None  # budget spent; order kept
                     h2d += self._take_return(plan, s, "urgent rotate-in")
                 else:
                     prompt = int(t.num_prompt_tokens[s])
@@ -230,9 +231,10 @@ class SloPolicy(Policy):
                     if need > free - used:
                         plan.admit.append(req_id)  # first in line, so nobody overtakes it
                         plan.reasons[req_id] = "EDF head, blocked"
-                        return used, need - (free - used), costs.prefill_s(prompt), False
+                        return (used, need - (free - used), costs.prefill_s(prompt), False,
+                                (order[i:], key[i:]))
                     if prefill + prompt > max_prefill_tokens and plan.admit:
-                        return used, None, 0.0, False
+                        return used, None, 0.0, False, None
                     plan.admit.append(req_id)
                     plan.reasons[req_id] = "admit"
                     prefill += prompt
@@ -248,7 +250,7 @@ class SloPolicy(Policy):
                 break
             h2d += self._take_return(plan, s, "rotate-in")
             used += need
-        return used, None, 0.0, False
+        return used, None, 0.0, False, None
 
     def _urgent_returns(self, plan: StepPlan, now_s: float, room: int, cap: Capacity, costs: Costs,
                         window_s: float) -> None:
@@ -331,26 +333,20 @@ class SloPolicy(Policy):
         order = np.argsort(finish_s, kind="stable")
         return finish_s[order], np.concatenate(([0], np.cumsum(frees[order])))
 
-    def _room_comes_in_time(self, head: str, room: int, admitted: int, now_s: float,
-                            cap: Capacity, costs: Costs) -> bool:
+    def _room_comes_in_time(self, queue: _Queue, room: int, now_s: float, cap: Capacity,
+                            costs: Costs) -> bool:
         """Whether streams finishing free the room of the blocked EDF head and of every waiting
-        request behind it that can still make its TTFT, each by its latest start: only then
-        does a rotation buy nothing. (The head's room alone was not enough: a burst queued
-        behind a head that waited for finishes, and the requests behind it were then left
-        without the time a rotation takes.)"""
+        request ranked behind it (``queue``: the walk's candidates from the head on, and their
+        keys) that can still make its TTFT, each by its latest start: only then does a rotation
+        buy nothing. (The head's room alone was not enough: a burst queued behind a head that
+        waited for finishes, and the requests behind it were then left without the time a
+        rotation takes.)"""
         t = self._table
-        depth = admitted + _WALK_DEPTH
-        while True:  # the walk may have reached the head deeper (past rotated-out streams)
-            order, key = self._rank(now_s, cap, costs, depth)
-            at = np.flatnonzero(order == t.row(head))
-            if at.size or depth >= len(t):
-                break
-            depth = len(t)
-        order, key = order[int(at[0]):], key[int(at[0]):]
+        rows, key = queue
         # waiting requests that can still make it (late ones carry _LATE in their key)
-        new = (t.phase[order] == Phase.WAITING) & (key >= now_s) & (key < now_s + _LATE / 2)
+        new = (t.phase[rows] == Phase.WAITING) & (key >= now_s) & (key < now_s + _LATE / 2)
         new[0] = True  # the head, by the caller's own test
-        rows, latest_s = order[new], key[new]
+        rows, latest_s = rows[new], key[new]
         demand = np.cumsum(t.num_prompt_tokens[rows]
                            + np.minimum(t.max_new_tokens[rows], CLIP_NEW_TOKENS))
         finish_s, freed = self._frees_over_time(now_s, cap, costs)
