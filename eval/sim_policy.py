@@ -357,10 +357,7 @@ class Simulator:
                                   if r is not self.chunked and all(r is not b for b, _ in batch)])
         dur = g.prefill_s(tokens, sum(g.attn_pairs(take, r.prefilled) for r, take in batch))
         if mix:
-            mover = self.mover
-            dur += g.decode_s(len(mix), sum(r.kv for r in mix),
-                              d2h=mover is not None and mover.busy(True),
-                              h2d=mover is not None and mover.busy(False)) - g.decode_base_s
+            dur += self._decode_step_s(mix) - g.decode_base_s
         self.now += dur
         self.costs.observe_prefill(tokens + len(mix), dur)
         self.last_was_decode = False
@@ -407,10 +404,7 @@ class Simulator:
         if not self.running:
             return False
         self._observe("decode", self.waiting)
-        mover = self.mover
-        dur = self.gpu.decode_s(len(self.running), sum(r.kv for r in self.running),
-                                d2h=mover is not None and mover.busy(True),
-                                h2d=mover is not None and mover.busy(False))
+        dur = self._decode_step_s(self.running)
         self.now += dur
         if self.last_was_decode:
             self.costs.observe_decode(dur)
@@ -425,6 +419,13 @@ class Simulator:
             events += self._after_token(r)
         self._apply(events)
         return True
+
+    def _decode_step_s(self, batch: list[SimReq]) -> float:
+        """A decode step of ``batch`` now, slowed by the copies running each way."""
+        mover = self.mover
+        return self.gpu.decode_s(len(batch), sum(r.kv for r in batch),
+                                 d2h=mover is not None and mover.busy(True),
+                                 h2d=mover is not None and mover.busy(False))
 
     def _after_token(self, r: SimReq) -> list[ev.Event]:
         """A finished request leaves (its events); an unfinished one decodes from now on."""
