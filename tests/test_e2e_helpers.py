@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -444,7 +443,8 @@ def test_overall_passes_and_fails_for_the_right_reasons():
 
 
 # --- the whole script against stand-in servers ----------------------------------------------
-def run_script(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[int, dict]:
+def run_script(tmp_path: Path, port: int, *extra: str, env: dict[str, str] | None = None
+               ) -> tuple[int, dict]:
     csv = tmp_path / "conv.csv"
     rows = [f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{50 + 13 * i},{10 + 7 * i % 90}"
             for i in range(120)]
@@ -454,7 +454,7 @@ def run_script(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -
            "--launcher", f"{sys.executable} {FAKE}", "--trace", str(csv), "--num", "16",
            "--max-output", "48", "--soak-num", "40", "--soak-rate", "40", "--soak-seconds", "1",
            "--soak-tail", "1", "--budget", "400",
-           "--port", str(random.randrange(20000, 60000, 100)), "--out", str(out),
+           "--port", str(port), "--out", str(out),
            "--out-dir", str(tmp_path / "raw"), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, **(env or {})}, check=False)
@@ -462,8 +462,8 @@ def run_script(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -
     return proc.returncode, json.loads(out.read_text())
 
 
-def test_script_end_to_end_on_stand_in_servers(tmp_path):
-    rc, r = run_script(tmp_path, "--tp2", "--gpus", "2")
+def test_script_end_to_end_on_stand_in_servers(tmp_path, port_base):
+    rc, r = run_script(tmp_path, port_base, "--tp2", "--gpus", "2")
     assert rc == 0 and r["passed"], json.dumps(r)[:3000]
     assert r["outputs_equal"] and r["rotations"] > 0
     assert r["tp2_ran"] and r["tp2_identical_decisions"]
@@ -476,8 +476,9 @@ def test_script_end_to_end_on_stand_in_servers(tmp_path):
     assert (tmp_path / "raw" / "e2e.json").exists() and r["command"] and r["date"]
 
 
-def test_script_retries_without_determinism_and_reports_leaks(tmp_path):
-    rc, r = run_script(tmp_path, "--gpus", "1", "--servers", "baseline", "rota_p16", "--no-control",
+def test_script_retries_without_determinism_and_reports_leaks(tmp_path, port_base):
+    rc, r = run_script(tmp_path, port_base, "--gpus", "1", "--servers", "baseline", "rota_p16",
+                       "--no-control",
                        env={"FAKE_SGLANG_FAIL_DETERMINISTIC": "1", "FAKE_SGLANG_LEAK": "3"})
     assert rc == 1 and not r["passed"] and r["outputs_equal"]
     srv = r["servers"]["rota_p16"]

@@ -5,7 +5,6 @@ own parse_request_slo under the --rota-request-slo mode it is given)."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -179,23 +178,23 @@ def conv_csv(path: Path, n: int = 40) -> Path:
     return path
 
 
-def run_script(tmp_path: Path, csv: Path, out: Path, modes: list[str], *extra: str):
+def run_script(tmp_path: Path, port: int, csv: Path, out: Path, modes: list[str], *extra: str):
     cmd = [sys.executable, "-m", "eval.slo_abuse", "--trace", str(csv), "--rate", "40",
            "--num", "12", "--abuse-frac", "0.5", "--modes", *modes, "--tail", "10",
            "--budget", "300", "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
            "--raw-dir", str(tmp_path / "raw"),
-           "--port", str(random.randrange(20000, 32000, 100)),  # below the ephemeral ports
+           "--port", str(port),
            *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
 
 
-def test_slo_abuse_runs_every_mode_against_stand_in_servers(tmp_path: Path) -> None:
+def test_slo_abuse_runs_every_mode_against_stand_in_servers(tmp_path: Path, port_base: int) -> None:
     csv, out = conv_csv(tmp_path / "conv.csv"), tmp_path / "abuse.json"
-    run = run_script(tmp_path, csv, out, ["clamp", "reject", CONTROL])
+    run = run_script(tmp_path, port_base, csv, out, ["clamp", "reject", CONTROL])
     assert "protecting modes within 5 points: True" in run.stdout
-    run_script(tmp_path, csv, out, ["off"], "--merge")
+    run_script(tmp_path, port_base, csv, out, ["off"], "--merge")
     doc = json.loads(out.read_text())
     assert doc["skipped"] == [] and doc["command"].startswith("python -m eval.slo_abuse")
     assert (doc["num"], doc["num_extra"]) == (12, 6) and len(doc["merged_commands"]) == 1

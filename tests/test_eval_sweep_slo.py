@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -25,13 +24,13 @@ def write_trace(tmp_path: Path) -> Path:
     return csv
 
 
-def test_sweep_runs_every_system_and_rate(tmp_path: Path) -> None:
+def test_sweep_runs_every_system_and_rate(tmp_path: Path, port_base: int) -> None:
     csv = write_trace(tmp_path)
     out = tmp_path / "slo.json"
     cmd = [sys.executable, "-m", "eval.sweep_slo", "--trace", str(csv), "--rates", "20", "40",
            "--num", "12", "--systems", "fcfs", "rotasched", "--tail", "10", "--budget", "300",
            "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
-           "--raw-dir", str(tmp_path / "raw"), "--port", str(random.randrange(20000, 60000, 100))]
+           "--raw-dir", str(tmp_path / "raw"), "--port", str(port_base)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -50,29 +49,30 @@ def test_sweep_runs_every_system_and_rate(tmp_path: Path) -> None:
     assert [r["kind"] for r in parse_records(rota_log)][0] == "start"  # the server's own log
 
 
-def sweep_one(tmp_path: Path, model: str, env: dict[str, str] | None = None
+def sweep_one(tmp_path: Path, port_base: int, model: str, env: dict[str, str] | None = None
               ) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "slo.json"
     cmd = [sys.executable, "-m", "eval.sweep_slo", "--trace", str(write_trace(tmp_path)),
            "--rates", "40", "--num", "12", "--systems", "lpm", "--tail", "10", "--budget", "300",
            "--model-path", str(ROOT / "eval" / "models" / model),
            "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
-           "--raw-dir", str(tmp_path / "raw"), "--port", str(random.randrange(20000, 60000, 100))]
+           "--raw-dir", str(tmp_path / "raw"), "--port", str(port_base)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False,
                          env={**os.environ, **(env or {})})
     return run, json.loads(out.read_text())
 
 
-def test_requests_stay_inside_a_small_vocabulary(tmp_path: Path) -> None:
+def test_requests_stay_inside_a_small_vocabulary(tmp_path: Path, port_base: int) -> None:
     # Mixtral's 32,000 tokens: ids drawn for Llama-3 would kill the server in its warm-up
-    run, doc = sweep_one(tmp_path, "mixtral-8x7b")
+    run, doc = sweep_one(tmp_path, port_base, "mixtral-8x7b")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert doc["systems"]["lpm"]["status"] == "ok" and doc["systems"]["lpm"]["errors"] == [0]
 
 
-def test_a_server_that_dies_in_its_warm_up_is_reported_at_once(tmp_path: Path) -> None:
+def test_a_server_that_dies_in_its_warm_up_is_reported_at_once(tmp_path: Path,
+                                                               port_base: int) -> None:
     t0 = time.monotonic()
-    run, doc = sweep_one(tmp_path, "llama-3.1-8b", {"FAKE_SGLANG_VOCAB": "150"})
+    run, doc = sweep_one(tmp_path, port_base, "llama-3.1-8b", {"FAKE_SGLANG_VOCAB": "150"})
     status = doc["systems"]["lpm"]["status"]
     assert "exited during warm-up" in status and "see " in status, status
     assert doc["skipped"] == [{"system": "lpm", "rate": 40, "reason": "server failed"}]
