@@ -549,8 +549,8 @@ def test_prefill_budget_follows_the_least_slack_of_on_pace_streams():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "tight", tokens=100, first_s=0.95, out=1)  # next token due 1.05: 30 ms slack at 1.0
     running(p, "loose", tokens=100, first_s=0.0, out=30)  # due 3.0
-    for i in range(3):
-        add(p, f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
+    for i in range(3):  # TTFT due 1.05: the 3000-token batch had to start by 0.99
+        add(p, f"n{i}", 0.05, 1000, 1.0, 0.1, 10)
     plan = plan_at(p, 1.0, cap(100_000), COSTS, 16384)
     # (1.05 - 1.0 - 0.02 s step) / 2e-5 s per token = 1500 tokens: one 1000-token prompt fits
     assert plan.prefill_token_budget == pytest.approx(1500, abs=1)
@@ -561,6 +561,58 @@ def test_prefill_budget_follows_the_least_slack_of_on_pace_streams():
     off = SloPolicy(RotaConfig(prefill_pacing=False))
     running(off, "tight", tokens=100, first_s=0.95, out=1)
     assert plan_at(off, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget is None
+
+
+def test_short_budget_waits_for_decode_steps_that_earn_the_whole_batch():
+    """A budget short of the batch the queue fills waits for decode steps (each earns a stream
+    its TBT minus the step) when they earn the slack for all of it before a waiting request
+    that can still make its TTFT must start: cutting the queue into what the slack allows at
+    once pays the prefill's fixed cost again for every cut."""
+    costs = dataclasses.replace(COSTS, prefill_overhead_s=0.01)
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "s", tokens=100, first_s=0.95, out=1)  # token #1 due 1.05: 30 ms of slack at 1.0
+    for i in range(3):  # TTFT due 1.9: the 3000-token batch (70 ms) must start by 1.83
+        add(p, f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
+    # 1000 tokens fit now; the whole batch needs 70 ms: one 20 ms step earns 80 ms more
+    plan = plan_at(p, 1.0, cap(100_000), costs, 16384)
+    assert plan.prefill_token_budget == 0 and plan.admit == ["n0"]
+    # ... unless a request that can still make its TTFT would miss it by then: take the cut
+    q = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(q, "s", tokens=100, first_s=0.95, out=1)
+    add(q, "n0", 0.0, 1000, 1.05, 0.1, 10)  # due 1.05: the whole batch starts too late for it
+    for i in (1, 2):
+        add(q, f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
+    plan = plan_at(q, 1.0, cap(100_000), costs, 16384)
+    assert plan.prefill_token_budget == pytest.approx(1000, abs=1) and plan.admit == ["n0"]
+    # ... or if decode steps earn nothing (one takes a TBT): take what fits now
+    flat = dataclasses.replace(COSTS, decode_step_s=0.06)
+    r = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(r, "s", tokens=100, first_s=0.95, out=2, tbt=0.06)  # due 1.07: 10 ms of slack
+    for i in range(3):
+        add(r, f"n{i}", 0.9, 400, 1.0, 0.1, 10)
+    plan = plan_at(r, 1.0, cap(100_000), flat, 16384)
+    assert plan.prefill_token_budget == pytest.approx(500, abs=1) and plan.admit == ["n0"]
+
+
+def test_where_compute_binds_the_whole_queue_fills_the_batch():
+    """Where compute binds, the batch worth waiting for is the one the whole queue fills, and
+    a request that could make its TTFT only in a smaller batch is served late; elsewhere only
+    the requests that can still make their TTFT count."""
+    costs = dataclasses.replace(COSTS, prefill_overhead_s=0.01)
+
+    def policy() -> SloPolicy:
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+        running(p, "s", tokens=100, first_s=0.95, out=1)  # 30 ms of slack at 1.0
+        add(p, "late", 0.0, 2000, 0.5, 0.1, 10)  # past its TTFT: served after the others
+        add(p, "soon", 0.01, 1000, 1.05, 0.1, 10)  # due 1.06: makes it in a 1000-token batch
+        return p
+
+    # Elsewhere: the batch "soon" alone fills; 1000 tokens (30 ms) fit now, so it goes now.
+    plan = plan_at(policy(), 1.0, cap(100_000), costs, 16384)
+    assert plan.prefill_token_budget == pytest.approx(1000, abs=1) and plan.admit[0] == "soon"
+    # Compute binds: the 3000-token batch, which "soon" cannot make, is worth a decode step.
+    bound = policy().plan(StepSnapshot(1.0, cap(100_000), costs, 16384, bound="compute"))
+    assert bound.prefill_token_budget == 0
 
 
 def test_prefill_budget_counts_from_the_batches_in_flight():

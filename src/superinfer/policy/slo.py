@@ -26,6 +26,11 @@ Each iteration:
 4. Bound this step's prefill tokens by the least slack of the resident streams and of the
    rotated-out ones up to their urgency point (none left, or a stream behind pace: decode
    first); the head's whole first batch must fit, since SGLang runs chunks back to back.
+   A bound short of the batch the queue would fill waits for decode steps instead, while
+   they earn the slack for the whole batch in time for the waiting requests that can still
+   make their TTFT: each cut pays the prefill's fixed cost again. Where compute binds, the
+   batch is the whole queue's, and requests that could make their TTFT only in smaller
+   batches are served late: throughput first, since the GPU is what everyone waits for.
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
 ``new_token_ratio`` × its remaining output (``fixed_length_ratio`` × it for a fixed-length one,
@@ -80,7 +85,9 @@ class SloPolicy(Policy):
         budget = None
         if cfg.prefill_pacing:
             start_s = max(now_s, gpu_free_at_s or now_s)
-            budget = self._prefill_budget(start_s, cap.bytes_per_token, costs)
+            budget = self._prefill_budget(start_s, cap.bytes_per_token, costs,
+                                          self._batch_wanted(now_s, free, max_prefill_tokens,
+                                                             costs, snapshot.bound == "compute"))
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         window = self._link_window_s(now_s, costs)
@@ -124,7 +131,34 @@ class SloPolicy(Policy):
         plan.check()
         return plan
 
-    def _prefill_budget(self, start_s: float, bpt: int, costs: Costs) -> int | None:
+    def _batch_wanted(self, now_s: float, free: int, max_prefill_tokens: int, costs: Costs,
+                      compute_bound: bool) -> tuple[int, float | None]:
+        """The prefill batch worth waiting for (its tokens, within free memory and the batch
+        limit), and by when it must start (None: no waiting request can still make its TTFT).
+        Every first token in a batch comes when the whole batch ends.
+
+        Where compute binds, throughput comes first: the batch is the one the whole queue
+        fills, and a request that could make its TTFT only in a smaller batch is served late
+        (smaller batches pay the prefill's fixed cost more often, so the queue behind them
+        grows faster). Elsewhere the batch holds the requests that can still make their TTFT."""
+        t = self._table
+        waiting = t.rows_in(Phase.WAITING)
+        prompts = t.num_prompt_tokens[waiting]
+        deadline = deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting])
+        room = min(max_prefill_tokens, max(free, 0))
+        whole = min(int(prompts.sum()), room)
+        if compute_bound:
+            latest = deadline - costs.prefill_s(whole)
+            latest = latest[latest >= now_s]
+            return whole, float(latest.min()) if latest.size else None
+        on_time = deadline - costs.prefill_s(prompts) >= now_s
+        if not on_time.any():
+            return whole, None
+        tokens = min(int(prompts[on_time].sum()), room)
+        return tokens, float(deadline[on_time].min() - costs.prefill_s(tokens))
+
+    def _prefill_budget(self, start_s: float, bpt: int, costs: Costs,
+                        wanted: tuple[int, float | None]) -> int | None:
         """Prefill tokens that fit in the least slack of the decoding streams. A prefill batch
         delays every decode step behind it; past this many tokens a stream's next token would
         come after its deadline. 0 means: decode first. A stream already behind its pace
@@ -134,7 +168,14 @@ class SloPolicy(Policy):
 
         The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
-        counts from its expected first token: its second token is the one at risk."""
+        counts from its expected first token: its second token is the one at risk.
+
+        A budget short of the batch the queue would fill (``wanted``) waits for decode steps
+        instead, as long as they earn the resident streams the slack for the whole batch
+        before a waiting request that can still make its TTFT must start: each batch pays
+        the prefill's fixed cost once, and cutting the queue into the chunks the slack allows
+        at once paid it over and over (throughput lost where compute binds), while the decode
+        steps in between produce tokens that were due anyway."""
         t = self._table
         run = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
         run = run[~np.isnan(t.first_token_s[run])]
@@ -150,16 +191,41 @@ class SloPolicy(Policy):
         tokens = t.num_tokens[run[away]]
         slack[away] -= (deadlines.make_room_lag_s(tokens, bpt, costs) - costs.decode_step_s
                         + deadlines.transfer_s(tokens, bpt, costs.h2d_bytes_per_s))
-        slack = slack[~late]
+        keep = ~late
+        slack, away, tbt = slack[keep], away[keep], t.tbt_slo_s[run[keep]]
         if slack.size == 0:
             return None
         least = max(float(slack.min()), 0.0)
         budget = costs.prefill_tokens_within(least)
+        tokens, must_start_by_s = wanted
+        if budget >= tokens:
+            return budget
+        wait_s = self._wait_for_slack_s(costs.prefill_s(tokens), slack, away, tbt, costs)
+        if wait_s is not None and (must_start_by_s is None
+                                   or start_s + wait_s <= must_start_by_s):
+            return 0
         # Below the size where the fixed cost is half the forward, wait a decode step instead
         # (it adds a TBT minus a step to every stream's slack): tiny chunks cost throughput.
         worthwhile = max(self.config.min_prefill_chunk,
                          int(costs.prefill_overhead_s / costs.prefill_s_per_token))
         return budget if budget >= worthwhile else 0
+
+    @staticmethod
+    def _wait_for_slack_s(batch_s: float, slack: np.ndarray, away: np.ndarray, tbt: np.ndarray,
+                          costs: Costs) -> float | None:
+        """How long decode steps take to give every stream ``batch_s`` of slack: each step
+        earns a resident stream its TBT minus the step, and costs a stream on the host the
+        step. None if they never do (a step as long as a TBT, or a stream on the host short
+        of it already)."""
+        short = slack < batch_s
+        gain = tbt - costs.decode_step_s
+        if np.any(short & (away | (gain <= 0))):
+            return None
+        steps = int(np.ceil(np.max((batch_s - slack[short]) / gain[short], initial=0.0)))
+        wait_s = steps * costs.decode_step_s
+        if away.any() and float(slack[away].min()) - wait_s < batch_s:
+            return None
+        return wait_s
 
     def _rank(self, now_s: float, cap: Capacity, costs: Costs,
               depth: int) -> tuple[np.ndarray, np.ndarray]:
