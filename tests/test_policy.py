@@ -594,25 +594,34 @@ def test_short_budget_waits_for_decode_steps_that_earn_the_whole_batch():
     assert plan.prefill_token_budget == pytest.approx(500, abs=1) and plan.admit == ["n0"]
 
 
-def test_where_compute_binds_the_whole_queue_fills_the_batch():
-    """Where compute binds, the batch worth waiting for is the one the whole queue fills, and
-    a request that could make its TTFT only in a smaller batch is served late; elsewhere only
-    the requests that can still make their TTFT count."""
+def test_where_compute_binds_and_requests_are_late_the_whole_queue_fills_the_batch():
+    """Where compute binds and requests already wait past their latest start, the batch worth
+    waiting for is the one the whole queue fills, and a request that could make its TTFT only
+    in a smaller batch is served late; otherwise only the requests that can still make their
+    TTFT count."""
     costs = dataclasses.replace(COSTS, prefill_overhead_s=0.01)
 
-    def policy() -> SloPolicy:
+    def policy(late: bool) -> SloPolicy:
         p = SloPolicy(RotaConfig(reserve_window_s=0.0))
         running(p, "s", tokens=100, first_s=0.95, out=1)  # 30 ms of slack at 1.0
-        add(p, "late", 0.0, 2000, 0.5, 0.1, 10)  # past its TTFT: served after the others
+        # past its TTFT (served after the others), or not due for a while
+        add(p, "other", 0.0 if late else 0.95, 2000, 0.5 if late else 1.0, 0.1, 10)
         add(p, "soon", 0.01, 1000, 1.05, 0.1, 10)  # due 1.06: makes it in a 1000-token batch
         return p
 
-    # Elsewhere: the batch "soon" alone fills; 1000 tokens (30 ms) fit now, so it goes now.
-    plan = plan_at(policy(), 1.0, cap(100_000), costs, 16384)
-    assert plan.prefill_token_budget == pytest.approx(1000, abs=1) and plan.admit[0] == "soon"
-    # Compute binds: the 3000-token batch, which "soon" cannot make, is worth a decode step.
-    bound = policy().plan(StepSnapshot(1.0, cap(100_000), costs, 16384, bound="compute"))
-    assert bound.prefill_token_budget == 0
+    def budget(p: SloPolicy, bound: str) -> int | None:
+        return p.plan(StepSnapshot(1.0, cap(100_000), costs, 16384, bound=bound)
+                      ).prefill_token_budget
+
+    # Memory binds: the batch of those that can make it is "soon" alone (whose own key comes
+    # first), and its 1000 tokens (30 ms) fit now, so it goes now.
+    assert budget(policy(late=True), "memory") == pytest.approx(1000, abs=1)
+    # Compute binds and "other" is late: the 3000-token batch, which "soon" cannot make, is
+    # worth a decode step.
+    assert budget(policy(late=True), "compute") == 0
+    # Compute binds but nobody is late: "other" (due 1.95) can make it in a later batch, and
+    # the batch of the two (3000 tokens) must start by 1.06 - 0.07 for "soon": it goes now.
+    assert budget(policy(late=False), "compute") == pytest.approx(1000, abs=1)
 
 
 def test_prefill_budget_counts_from_the_batches_in_flight():

@@ -28,9 +28,10 @@ Each iteration:
    first); the head's whole first batch must fit, since SGLang runs chunks back to back.
    A bound short of the batch the queue would fill waits for decode steps instead, while
    they earn the slack for the whole batch in time for the waiting requests that can still
-   make their TTFT: each cut pays the prefill's fixed cost again. Where compute binds, the
-   batch is the whole queue's, and requests that could make their TTFT only in smaller
-   batches are served late: throughput first, since the GPU is what everyone waits for.
+   make their TTFT: each cut pays the prefill's fixed cost again. Where compute binds and
+   requests are late already, the batch is the whole queue's, and requests that could make
+   their TTFT only in smaller batches are served late: throughput first, since the GPU is
+   what everyone waits for.
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
 ``new_token_ratio`` × its remaining output (``fixed_length_ratio`` × it for a fixed-length one,
@@ -137,23 +138,24 @@ class SloPolicy(Policy):
         limit), and by when it must start (None: no waiting request can still make its TTFT).
         Every first token in a batch comes when the whole batch ends.
 
-        Where compute binds, throughput comes first: the batch is the one the whole queue
-        fills, and a request that could make its TTFT only in a smaller batch is served late
-        (smaller batches pay the prefill's fixed cost more often, so the queue behind them
-        grows faster). Elsewhere the batch holds the requests that can still make their TTFT."""
+        Where compute binds and requests already wait past their latest start (the GPU is
+        behind), throughput comes first: the batch is the one the whole queue fills, and a
+        request that could make its TTFT only in a smaller batch is served late (smaller
+        batches pay the prefill's fixed cost more often, so the queue behind them grows
+        faster). Otherwise the batch holds the requests that can still make their TTFT."""
         t = self._table
         waiting = t.rows_in(Phase.WAITING)
         prompts = t.num_prompt_tokens[waiting]
         deadline = deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting])
         room = min(max_prefill_tokens, max(free, 0))
         whole = min(int(prompts.sum()), room)
-        if compute_bound:
-            latest = deadline - costs.prefill_s(whole)
-            latest = latest[latest >= now_s]
-            return whole, float(latest.min()) if latest.size else None
         on_time = deadline - costs.prefill_s(prompts) >= now_s
         if not on_time.any():
             return whole, None
+        if compute_bound and not on_time.all():
+            latest = deadline - costs.prefill_s(whole)
+            latest = latest[latest >= now_s]
+            return whole, float(latest.min()) if latest.size else None
         tokens = min(int(prompts[on_time].sum()), room)
         return tokens, float(deadline[on_time].min() - costs.prefill_s(tokens))
 
