@@ -336,8 +336,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     ap.add_argument("--rate-factors", nargs="+", type=float, default=list(RATE_FACTORS),
                     help="rates as multiples of each (model, trace)'s knee")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS),
-                    choices=("fcfs", "rotasched", "rotasched-keep", "rotasched-wt"),
-                    help="fcfs (the baseline) always runs")
+                    choices=("fcfs", "rotasched", "rotasched-keep", "rotasched-wt", "fcfs-mixed",
+                             "rotasched-mixed"),
+                    help="fcfs (the baseline) always runs; -mixed: under SGLang's "
+                         "--enable-mixed-chunk")
     ap.add_argument("--kv-gb", type=float, default=DEFAULT_KV_GB,
                     help="device KV memory of every model, GB (default: 60,000 Llama-3.1-8B "
                          "tokens, as the GPU sweeps)")
