@@ -40,6 +40,8 @@ where the adapter sets it); a new request needs its prompt plus its whole (clipp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from . import deadlines
@@ -86,9 +88,10 @@ class SloPolicy(Policy):
         budget = None
         if cfg.prefill_pacing:
             start_s = max(now_s, gpu_free_at_s or now_s)
-            budget = self._prefill_budget(start_s, cap.bytes_per_token, costs,
-                                          self._batch_wanted(now_s, free, max_prefill_tokens,
-                                                             costs, snapshot.bound == "compute"))
+            room = min(max_prefill_tokens, max(free, 0))
+            budget = self._prefill_budget(
+                start_s, cap.bytes_per_token, costs, room,
+                lambda: self._batch_wanted(now_s, room, costs, snapshot.bound == "compute"))
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         window = self._link_window_s(now_s, costs)
@@ -132,11 +135,11 @@ class SloPolicy(Policy):
         plan.check()
         return plan
 
-    def _batch_wanted(self, now_s: float, free: int, max_prefill_tokens: int, costs: Costs,
+    def _batch_wanted(self, now_s: float, room: int, costs: Costs,
                       compute_bound: bool) -> tuple[int, float | None]:
-        """The prefill batch worth waiting for (its tokens, within free memory and the batch
-        limit), and by when it must start (None: no waiting request can still make its TTFT).
-        Every first token in a batch comes when the whole batch ends.
+        """The prefill batch worth waiting for (its tokens, at most ``room``: free memory and
+        the batch limit), and by when it must start (None: no waiting request can still make
+        its TTFT). Every first token in a batch comes when the whole batch ends.
 
         Where compute binds and requests already wait past their latest start (the GPU is
         behind), throughput comes first: the batch is the one the whole queue fills, and a
@@ -147,7 +150,6 @@ class SloPolicy(Policy):
         waiting = t.rows_in(Phase.WAITING)
         prompts = t.num_prompt_tokens[waiting]
         deadline = deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting])
-        room = min(max_prefill_tokens, max(free, 0))
         whole = min(int(prompts.sum()), room)
         on_time = deadline - costs.prefill_s(prompts) >= now_s
         if not on_time.any():
@@ -159,8 +161,8 @@ class SloPolicy(Policy):
         tokens = min(int(prompts[on_time].sum()), room)
         return tokens, float(deadline[on_time].min() - costs.prefill_s(tokens))
 
-    def _prefill_budget(self, start_s: float, bpt: int, costs: Costs,
-                        wanted: tuple[int, float | None]) -> int | None:
+    def _prefill_budget(self, start_s: float, bpt: int, costs: Costs, most_tokens: int,
+                        wanted: Callable[[], tuple[int, float | None]]) -> int | None:
         """Prefill tokens that fit in the least slack of the decoding streams. A prefill batch
         delays every decode step behind it; past this many tokens a stream's next token would
         come after its deadline. 0 means: decode first. A stream already behind its pace
@@ -172,7 +174,8 @@ class SloPolicy(Policy):
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
         counts from its expected first token: its second token is the one at risk.
 
-        A budget short of the batch the queue would fill (``wanted``) waits for decode steps
+        A budget short of the batch the queue would fill (``wanted()``, at most
+        ``most_tokens``; only asked for when the budget is short of that) waits for decode steps
         instead, as long as they earn the resident streams the slack for the whole batch
         before a waiting request that can still make its TTFT must start: each batch pays
         the prefill's fixed cost once, and cutting the queue into the chunks the slack allows
@@ -199,7 +202,9 @@ class SloPolicy(Policy):
             return None
         least = max(float(slack.min()), 0.0)
         budget = costs.prefill_tokens_within(least)
-        tokens, must_start_by_s = wanted
+        if budget >= most_tokens:
+            return budget
+        tokens, must_start_by_s = wanted()
         if budget >= tokens:
             return budget
         wait_s = self._wait_for_slack_s(costs.prefill_s(tokens), slack, away, tbt, costs)
