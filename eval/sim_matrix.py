@@ -56,9 +56,11 @@ from eval.lib.gpu_model import (
 from eval.lib.jsonfiles import command_line, source_commit, write_json
 from eval.lib.metrics import summarize as summarize_records
 from eval.lib.progress import Progress
+from eval.lib.traces import SYNTHETIC, synthetic_rows
 
 TRACE_DIR = Path(__file__).resolve().parent / "data" / "azure_llm_2023"
 TRACES = ("conv", "code")
+PROBE_TRACES = tuple(SYNTHETIC)  # synthetic length mixes (eval.lib.traces.SYNTHETIC)
 ARRIVALS = ("poisson", "gamma2", "gamma4")  # gamma<CV>: gamma gaps of that CV
 TTFT_SLOS = (0.5, 1.0, 2.0)
 TBT_SLOS = (0.05, 0.1)
@@ -143,6 +145,8 @@ def find_knee(attainment: Callable[[float], float], start: float = 2.0,
 def _rows(trace: str) -> list:
     from eval.lib.traces import load_azure
 
+    if trace in PROBE_TRACES:
+        return synthetic_rows(trace)
     return load_azure(TRACE_DIR / f"AzureLLMInferenceTrace_{trace}.csv")
 
 
@@ -328,7 +332,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
                     help="the simulator's built-in H200 Llama-3.1-8B instead of profiles")
     ap.add_argument("--models", nargs="+", help="only these models (default: every profiled one)")
     ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
-    ap.add_argument("--traces", nargs="+", default=list(TRACES), choices=TRACES)
+    ap.add_argument("--traces", nargs="+", default=list(TRACES), choices=TRACES + PROBE_TRACES,
+                    help="the Azure traces (default), or synthetic length mixes that probe the "
+                         "policy off them: long-output (mean prompt 1500, output 400 tokens), "
+                         "rag (6000, 150)")
     ap.add_argument("--arrivals", nargs="+", default=list(ARRIVALS),
                     help="poisson and/or gamma<CV> (gamma2, gamma4)")
     ap.add_argument("--ttft-slos", nargs="+", type=float, default=list(TTFT_SLOS), help="s")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval.lib.traces import (
+    SYNTHETIC,
     TOKEN_HI,
     TOKEN_LO,
     TraceRow,
@@ -15,6 +16,7 @@ from eval.lib.traces import (
     make_specs,
     model_vocab_size,
     prompt_ids,
+    synthetic_rows,
     trace_rate,
 )
 
@@ -118,3 +120,16 @@ def test_no_config_means_the_default_range_and_a_tiny_vocab_is_refused(tmp_path)
     assert model_vocab_size("meta-llama/Llama-3.1-8B") is None
     with pytest.raises(ValueError, match="no token ids"):
         prompt_ids(0, 4, vocab=TOKEN_LO)
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC))
+def test_synthetic_rows_have_their_mean_lengths_and_repeat(name):
+    rows = synthetic_rows(name)
+    prompt_mean, output_mean = SYNTHETIC[name]
+    # lognormal means, within 10% over 1000 draws (the clips take a little off the top)
+    assert statistics.mean(r.prompt_len for r in rows) == pytest.approx(prompt_mean, rel=0.1)
+    assert statistics.mean(r.output_len for r in rows) == pytest.approx(output_mean, rel=0.1)
+    assert all(8 <= r.prompt_len <= 30_000 and 1 <= r.output_len <= 4_000 for r in rows)
+    assert rows == synthetic_rows(name) and rows != synthetic_rows(name, seed=2)
+    with pytest.raises(ValueError, match="unknown synthetic trace"):
+        synthetic_rows("chat")

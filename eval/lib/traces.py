@@ -61,6 +61,28 @@ def load_azure(path: str | Path) -> list[TraceRow]:
     return [TraceRow(t - t0, p, o) for t, p, o in raw]
 
 
+# Length mixes the Azure traces do not have, for probing the policy off its own workloads:
+# name -> (mean prompt, mean output) tokens, lognormal with sigma SYNTHETIC_SIGMA.
+SYNTHETIC = {"long-output": (1500, 400), "rag": (6000, 150)}
+SYNTHETIC_SIGMA = 0.8
+
+
+def synthetic_rows(name: str, n: int = 1000, seed: int = 1) -> list[TraceRow]:
+    """``n`` rows of the length mix ``name`` (see SYNTHETIC), one per second (replay them with
+    drawn arrivals); prompts clipped to [8, 30000] tokens, outputs to [1, 4000]."""
+    if name not in SYNTHETIC:
+        raise ValueError(f"unknown synthetic trace {name!r}; have {sorted(SYNTHETIC)}")
+    prompt_mean, output_mean = SYNTHETIC[name]
+    rng = random.Random(seed)
+    mu = -SYNTHETIC_SIGMA ** 2 / 2  # a lognormal of mean 1
+
+    def draw(mean: int, lo: int, hi: int) -> int:
+        return min(max(int(mean * rng.lognormvariate(mu, SYNTHETIC_SIGMA)), lo), hi)
+
+    return [TraceRow(float(i), draw(prompt_mean, 8, 30_000), draw(output_mean, 1, 4_000))
+            for i in range(n)]
+
+
 def trace_rate(rows: list[TraceRow]) -> float:
     """Mean arrival rate (req/s) of ``rows``: (n - 1) gaps over the span."""
     span = rows[-1].t - rows[0].t
