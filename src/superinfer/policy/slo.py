@@ -196,8 +196,7 @@ class SloPolicy(Policy):
         tokens = t.num_tokens[run[away]]
         slack[away] -= (deadlines.make_room_lag_s(tokens, bpt, costs) - costs.decode_step_s
                         + deadlines.transfer_s(tokens, bpt, costs.h2d_bytes_per_s))
-        keep = ~late
-        slack, away, tbt = slack[keep], away[keep], t.tbt_slo_s[run[keep]]
+        run, slack, away = run[~late], slack[~late], away[~late]
         if slack.size == 0:
             return None
         least = max(float(slack.min()), 0.0)
@@ -207,7 +206,8 @@ class SloPolicy(Policy):
         tokens, must_start_by_s = wanted()
         if budget >= tokens:
             return budget
-        wait_s = self._wait_for_slack_s(costs.prefill_s(tokens), slack, away, tbt, costs)
+        wait_s = self._wait_for_slack_s(costs.prefill_s(tokens), slack, away, t.tbt_slo_s[run],
+                                        costs)
         if wait_s is not None and (must_start_by_s is None
                                    or start_s + wait_s <= must_start_by_s):
             return 0

@@ -63,9 +63,13 @@ def decoded(batch: ScheduleBatch, policy: Policy) -> list[ev.Event]:
 
 
 def _decode_events(reqs: list[Req], policy: Policy) -> list[ev.Event]:
-    stepped = [r.rid for r in reqs if not r.finished()]
-    events: list[ev.Event] = [ev.Finished(r.rid) for r in reqs
-                              if r.finished() and policy.phase_of(r.rid) is Phase.RUNNING]
+    stepped: list[str] = []
+    events: list[ev.Event] = []
+    for r in reqs:
+        if not r.finished():
+            stepped.append(r.rid)
+        elif policy.phase_of(r.rid) is Phase.RUNNING:
+            events.append(ev.Finished(r.rid))
     if stepped:
         events.append(ev.Decoded(tuple(stepped)))
     return events
