@@ -24,6 +24,9 @@ from superinfer.policy.binding import BindingMonitor, BindingTimes, classify, wa
     # ... or prefills fill too little of the GPU: waiting in line, nothing binds
     (BindingTimes(prefill_s=4, decode_s=6, memory_wait_s=1, compute_wait_s=4), "none"),
     (BindingTimes(prefill_s=2, decode_s=8, compute_wait_s=5), "none"),
+    # ... unless the decode steps ran because a rotation policy held prefill back (pacing):
+    # prefills would have filled that time
+    (BindingTimes(prefill_s=2, decode_s=8, compute_wait_s=5, paced_s=3), "compute"),
 ])
 def test_classify(times, bound):
     assert classify(times) == bound == times.bound()
@@ -51,6 +54,7 @@ def test_monitor_charges_each_span_to_the_state_it_started_in():
     w = m.take_window()
     assert (w.prefill_s, w.decode_s, w.idle_s) == (2.0, 3.0, 1.0)
     assert (w.compute_wait_s, w.memory_wait_s) == (2.0, 3.0)
+    assert w.paced_s == 0.0  # no decode while requests waited for the GPU
     assert w.kv_used_s == pytest.approx(2 * 0.5 + 3 * 1.0)
     assert w.stall_s == 3.0  # an iteration of 3 s: a stall (2 s is not)
     assert m.take_window().total_s == 0  # taken: the next window starts empty
@@ -62,6 +66,17 @@ def test_monitor_charges_each_span_to_the_state_it_started_in():
     assert w.stall_s == 0.0
     m.observe(104.6, "decode", "memory", 0.5)  # 3.6 s in one iteration: the loop stalled
     assert m.take_window().stall_s == pytest.approx(3.6)
+
+
+def test_decode_while_requests_wait_for_the_gpu_is_paced_time():
+    m = BindingMonitor(tau_s=1e9)
+    m.observe(0.0, "decode", "compute", 0.5)  # a rotation policy held prefill back
+    m.observe(1.5, "prefill", "compute", 0.5)
+    m.observe(2.0, "decode", "memory", 0.5)
+    m.observe(3.0, "idle", None, 0.0)
+    w = m.take_window()
+    assert (w.paced_s, w.decode_s, w.compute_wait_s) == (1.5, 2.5, 2.0)
+    assert w.as_dict()["paced_share"] == pytest.approx(0.5)
 
 
 def test_recent_view_forgets_old_load():

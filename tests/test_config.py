@@ -23,6 +23,7 @@ FLAGS = {
     "--rota-mover": ("mover", "auto"),
     "--rota-slack-margin": ("slack_margin", 2.0),
     "--rota-link-share": ("link_share", 0.4),
+    "--rota-pacing-cost-share": ("pacing_cost_share", 0.03),
     "--rota-keep-host-copy": ("keep_host_copy", False),
     "--rota-write-through": ("write_through", False),
     "--rota-host-numa-node": ("host_numa_node", None),

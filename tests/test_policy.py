@@ -21,6 +21,7 @@ from superinfer.policy import (
     TierReport,
     create_policy,
     deadlines,
+    slo,
 )
 from superinfer.policy import events as ev
 from superinfer.policy.costs import DEFAULT_COSTS
@@ -674,3 +675,32 @@ def test_admission_walks_past_its_first_pass_without_admitting_anyone_twice():
         assert len(plan.admit) == len(set(plan.admit)) == min(n, fits + 1)
         assert [int(r[1:]) % 2 for r in plan.admit[:fits]] == sorted(
             int(r[1:]) % 2 for r in plan.admit[:fits])  # earlier arrivals first
+
+
+def test_where_compute_binds_pacing_spends_only_its_share_of_gpu_time():
+    """A decode step put ahead of a prefill that could run costs a step of throughput where
+    compute binds: pacing pays for it from a credit that grows by ``pacing_cost_share`` of the
+    elapsed time. Without credit, prefill runs unpaced. Where compute does not bind, pacing is
+    free and never stops."""
+    cfg = RotaConfig(reserve_window_s=0.0, pacing_cost_share=0.05)
+
+    def policy() -> SloPolicy:
+        p = SloPolicy(cfg)
+        running(p, "s", tokens=100, first_s=0.0, out=1)  # behind its pace: decode first
+        add(p, "w", 0.95, 1000, 1.0, 0.1, 10)
+        return p
+
+    def budget(p: SloPolicy, now_s: float, bound: str) -> int | None:
+        return p.plan(StepSnapshot(now_s, cap(100_000), COSTS, 16384, bound=bound)
+                      ).prefill_token_budget
+
+    paced = int(slo._PACING_CREDIT_MAX_S / COSTS.decode_step_s + 0.5)  # steps the full credit buys
+    p = policy()
+    assert [budget(p, 1.0, "compute") for _ in range(paced)] == [0] * paced
+    plan = p.plan(StepSnapshot(1.0, cap(100_000), COSTS, 16384, bound="compute"))
+    assert plan.prefill_token_budget is None and plan.admit == ["w"]  # the credit is spent
+    # 0.4 s later the credit has grown by 0.05 x 0.4 = 0.02 s: one more paced step, then none.
+    assert budget(p, 1.4, "compute") == 0
+    assert budget(p, 1.4, "compute") is None
+    p = policy()
+    assert all(budget(p, 1.0, bound) == 0 for _ in range(3 * paced) for bound in ("memory", "none"))

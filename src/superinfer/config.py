@@ -135,6 +135,13 @@ class RotaConfig:
         "--rota-disable-prefill-pacing", True,
         "do not bound each step's prefill by the decoding streams' least slack (ablation).",
         negated=True)
+    # Where compute binds, a decode step run ahead of a prefill that could run is GPU time the
+    # queue waits for (its tokens would have ridden in later, larger steps): README's rule 5.
+    pacing_cost_share: float = _flag(
+        "--rota-pacing-cost-share", 0.03,
+        "where compute binds, the most GPU time that prefill pacing may spend on decode steps "
+        "ahead of a runnable prefill, as a share of elapsed time; past it, prefill runs unpaced "
+        "and decoding streams' TBT is served late. 1.0 paces whatever it costs.", SHARE)
     # Smallest paced prefill worth a forward (the fitted overhead can raise it): below it,
     # decode first instead.
     min_prefill_chunk: int = _internal(256, AT_LEAST_1)

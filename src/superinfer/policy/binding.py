@@ -8,7 +8,11 @@ by the GPU itself. So over any span:
 
 - ``memory``: requests waited, and for KV room a fair part of it: rotation can buy them time;
 - ``compute``: requests waited, mostly for the GPU, and prefills fill most of its time: prefill
-  demand alone fills it, and moving KV cannot make more GPU time, only spend some;
+  demand alone fills it, and moving KV cannot make more GPU time, only spend some. Decode steps
+  a rotation policy runs while it holds prefill back for the decoding streams (``paced_s``)
+  count as prefill time here: without the pacing, prefills would have filled them (else a
+  policy that paces would read its own decode steps as "the GPU is not busy with prefill",
+  pace more and read "none" ever more surely);
 - ``none``: requests seldom waited, or waited only in line behind prefills that do not fill
   the GPU (ordinary queueing: neither resource is short).
 
@@ -46,6 +50,7 @@ class BindingTimes:
     idle_s: float = 0.0
     memory_wait_s: float = 0.0  # requests waited and no prefill ran: KV room held them back
     compute_wait_s: float = 0.0  # requests waited while a prefill ran: the GPU held them back
+    paced_s: float = 0.0  # decode time while requests waited for the GPU: prefill held back
     kv_used_s: float = 0.0  # integral of the device KV pool's used fraction
     stall_s: float = 0.0  # of the above, iterations longer than STALL_S (a stalled loop)
 
@@ -68,7 +73,7 @@ class BindingTimes:
         """Seconds (rounded to the microsecond), the shares and the bound, for a record."""
         out: dict[str, float | str] = {k: round(v, 6) for k, v in asdict(self).items()}
         total = self.total_s
-        for name in ("prefill", "decode", "idle", "memory_wait", "compute_wait"):
+        for name in ("prefill", "decode", "idle", "memory_wait", "compute_wait", "paced"):
             out[f"{name}_share"] = round(getattr(self, f"{name}_s") / total, 4) if total else 0.0
         out["kv_used_mean"] = round(self.kv_used_s / total, 4) if total else 0.0
         out["stall_share"] = round(self.stall_s / total, 4) if total else 0.0
@@ -89,7 +94,8 @@ def classify(times: BindingTimes) -> str:
     if total <= 0 or wait < MIN_WAIT_SHARE * total:
         return "none"
     if times.compute_wait_s > COMPUTE_WAIT_RATIO * times.memory_wait_s:
-        return "compute" if times.prefill_s >= MIN_PREFILL_SHARE * total else "none"
+        busy = times.prefill_s + times.paced_s
+        return "compute" if busy >= MIN_PREFILL_SHARE * total else "none"
     return "memory"
 
 
@@ -137,6 +143,8 @@ class BindingMonitor:
         setattr(span, f"{gpu}_s", dt)
         if wait is not None:
             setattr(span, f"{wait}_wait_s", dt)
+            if wait == "compute" and gpu == "decode":
+                span.paced_s = dt
         self.window.add(span)
         self.recent.scale(math.exp(-dt / self.tau_s))
         self.recent.add(span)

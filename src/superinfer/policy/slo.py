@@ -52,12 +52,16 @@ from .types import Capacity, Costs, Phase, StepPlan, StepSnapshot
 _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
 _ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
 _LATE = 1e12  # added to the key of a request that can no longer make its TTFT (late_last)
+_PACING_CREDIT_MAX_S = 0.5  # pacing's cost credit at most: a burst of paced steps, not a backlog
+_ROUNDING = 1 - 1e-9  # a credit of a step summed from parts is still a step
 _LINK_WINDOW_MAX_S = 0.1  # unused link time carried over between plans at most (burst bound)
 _Queue = tuple[np.ndarray, np.ndarray]  # ranked candidate rows and their EDF keys
 
 
 class SloPolicy(Policy):
     _last_plan_s: float | None = None
+    _pacing_clock_s: float | None = None  # when the pacing credit was last topped up
+    _pacing_credit_s: float = _PACING_CREDIT_MAX_S  # GPU seconds pacing may still cost
 
     def _link_window_s(self, now_s: float, costs: Costs) -> float:
         """Seconds of link time this plan may spend a share of: since the last plan, at least
@@ -86,12 +90,13 @@ class SloPolicy(Policy):
                 - int(t.decode_reservation(resident, cap.new_token_ratio,
                                            cap.fixed_length_ratio).sum()))
         budget = None
-        if cfg.prefill_pacing:
+        compute_bound = snapshot.bound == "compute"
+        if cfg.prefill_pacing and self._pacing_affordable(now_s, compute_bound, costs):
             start_s = max(now_s, gpu_free_at_s or now_s)
             room = min(max_prefill_tokens, max(free, 0))
             budget = self._prefill_budget(
                 start_s, cap.bytes_per_token, costs, room,
-                lambda: self._batch_wanted(now_s, room, costs, snapshot.bound == "compute"))
+                lambda: self._batch_wanted(now_s, room, costs, compute_bound))
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         window = self._link_window_s(now_s, costs)
@@ -106,6 +111,8 @@ class SloPolicy(Policy):
             head = min(int(t.num_prompt_tokens[t.row(plan.admit[0])]), max_prefill_tokens)
             if head > budget:
                 budget = 0
+        if compute_bound and budget == 0 and plan.admit:
+            self._pacing_credit_s -= costs.decode_step_s  # a step ahead of a runnable prefill
         plan.prefill_token_budget = budget
         blocked_new = deficit is not None and not urgent
         why = "bring back an urgent stream" if urgent else "make room for the EDF head"
@@ -118,7 +125,7 @@ class SloPolicy(Policy):
             needed_by_s = now_s + wait_s
             why = "keep the free reserve"
         if needed_by_s is not None and deficit > 0 and (
-                snapshot.bound == "compute" or needed_by_s < now_s
+                compute_bound or needed_by_s < now_s
                 or (self._room_comes_in_time(queue, free - used, now_s, cap, costs)
                     if blocked_new else self._freed_by(needed_by_s, now_s, cap, costs) >= deficit)):
             # Moving bytes would buy nothing: the GPU, not memory, holds new work back; the
@@ -134,6 +141,20 @@ class SloPolicy(Policy):
             self._urgent_returns(plan, now_s, free - used, cap, costs, window)
         plan.check()
         return plan
+
+    def _pacing_affordable(self, now_s: float, compute_bound: bool, costs: Costs) -> bool:
+        """Whether this step's prefill may be paced. Pacing is free unless compute binds;
+        then each decode step it puts ahead of a prefill that could run costs a step of GPU
+        time (throughput), paid from a credit that grows by ``pacing_cost_share`` of the
+        elapsed time (up to _PACING_CREDIT_MAX_S). Without credit, prefill runs unpaced and
+        the decoding streams' TBT is served late: throughput first, since the GPU is what
+        everyone waits for."""
+        last, self._pacing_clock_s = self._pacing_clock_s, now_s
+        if last is not None:
+            self._pacing_credit_s = min(
+                self._pacing_credit_s + self.config.pacing_cost_share * max(now_s - last, 0.0),
+                _PACING_CREDIT_MAX_S)
+        return not compute_bound or self._pacing_credit_s >= costs.decode_step_s * _ROUNDING
 
     def _batch_wanted(self, now_s: float, room: int, costs: Costs,
                       compute_bound: bool) -> tuple[int, float | None]:
