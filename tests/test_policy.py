@@ -704,3 +704,20 @@ def test_where_compute_binds_pacing_spends_only_its_share_of_gpu_time():
     assert budget(p, 1.4, "compute") is None
     p = policy()
     assert all(budget(p, 1.0, bound) == 0 for _ in range(3 * paced) for bound in ("memory", "none"))
+
+
+def test_pacing_pays_for_a_decode_step_first_and_for_a_batch_cut_short():
+    """What pacing costs where compute binds: a decode step ahead of a runnable prefill costs
+    the step; a batch cut short of what the queue would fill costs a forward's fixed part
+    again; a batch that memory or the queue limits costs pacing nothing."""
+    costs = dataclasses.replace(COSTS, prefill_overhead_s=0.03)
+    p = SloPolicy(RotaConfig())
+    add(p, "w", 0.9, 3000, 1.0, 0.1, 10)
+    credit = p._pacing_credit_s
+    p._charge_pacing(0, 16384, costs)
+    assert p._pacing_credit_s == pytest.approx(credit - 0.02)
+    p._charge_pacing(1000, 16384, costs)  # the queue's 3000 tokens would fit: a cut
+    assert p._pacing_credit_s == pytest.approx(credit - 0.05)
+    p._charge_pacing(3000, 16384, costs)  # the whole queue
+    p._charge_pacing(1000, 800, costs)  # memory allows less than the budget anyway
+    assert p._pacing_credit_s == pytest.approx(credit - 0.05)

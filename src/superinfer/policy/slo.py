@@ -90,6 +90,7 @@ class SloPolicy(Policy):
                 - int(t.decode_reservation(resident, cap.new_token_ratio,
                                            cap.fixed_length_ratio).sum()))
         budget = None
+        room = 0  # prefill tokens free memory and the batch limit allow (when paced)
         compute_bound = snapshot.bound == "compute"
         if cfg.prefill_pacing and self._pacing_affordable(now_s, compute_bound, costs):
             start_s = max(now_s, gpu_free_at_s or now_s)
@@ -111,8 +112,8 @@ class SloPolicy(Policy):
             head = min(int(t.num_prompt_tokens[t.row(plan.admit[0])]), max_prefill_tokens)
             if head > budget:
                 budget = 0
-        if compute_bound and budget == 0 and plan.admit:
-            self._pacing_credit_s -= costs.decode_step_s  # a step ahead of a runnable prefill
+        if compute_bound and plan.admit and budget is not None:
+            self._charge_pacing(budget, room, costs)
         plan.prefill_token_budget = budget
         blocked_new = deficit is not None and not urgent
         why = "bring back an urgent stream" if urgent else "make room for the EDF head"
@@ -141,6 +142,17 @@ class SloPolicy(Policy):
             self._urgent_returns(plan, now_s, free - used, cap, costs, window)
         plan.check()
         return plan
+
+    def _charge_pacing(self, budget: int, room: int, costs: Costs) -> None:
+        """Pay for what pacing did to a runnable prefill where compute binds: a decode step
+        ahead of it (budget 0), or a batch cut short of what the queue would fill in ``room``
+        (the rest pays a forward's fixed cost again)."""
+        if budget == 0:
+            self._pacing_credit_s -= costs.decode_step_s
+            return
+        waiting = self._table.rows_in(Phase.WAITING)
+        if budget < min(room, int(self._table.num_prompt_tokens[waiting].sum())):
+            self._pacing_credit_s -= costs.prefill_overhead_s
 
     def _pacing_affordable(self, now_s: float, compute_bound: bool, costs: Costs) -> bool:
         """Whether this step's prefill may be paced. Pacing is free unless compute binds;
