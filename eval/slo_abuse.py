@@ -11,11 +11,19 @@ One rotasched server per ``--rota-request-slo`` mode; on each, the same requests
   costs, so the abuse's own effect is ``honest - abuse``.
 
 Reported per mode: everyone else's TTFT attainment in each run (the abusive client's requests
-are left out), the drop from ``baseline`` to ``abuse`` in points (the goal: at most 5 in every
-protecting mode) and from ``honest`` to ``abuse``, and what the abusive client got (served,
-refused with 400). Modes: ``clamp`` (the default), ``reject``, ``off``, and ``unprotected``
-(clamp with a floor of 1e-6 x the server's SLO, i.e. the behavior before the floor existed):
-the control that shows the run can see an abuse at all. Results go to --out after every run,
+are left out), the drop from ``baseline`` to ``abuse`` in points, how much of it the extra
+load alone explains (``baseline`` to ``honest``), the rest (``honest`` to ``abuse``: the abuse's
+own effect; the goal: at most 5 points in every protecting mode), and what the abusive client
+got (served, refused with 400). Near the knee the extra 30% load alone costs tens of points, so
+the drop from ``baseline`` says little about the abuse.
+
+The abusive SLO must be tight but reachable (the default: 0.3 s against the server's 1 s): one no
+request can meet (0.001 s) is late at once, and rotasched serves late requests after those that
+can still make it (README's rule 1), so such an abuse defeats itself.
+
+Modes: ``clamp`` (the default), ``reject``, ``off``, and ``unprotected`` (clamp with a floor of
+1e-6 x the server's SLO, i.e. the behavior before the floor existed): the control that shows
+the run can see an abuse at all. Results go to --out after every run,
 so a run cut short keeps what it measured; raw records to --raw-dir. Stdlib + aiohttp + numpy.
 
     python -m eval.slo_abuse --rate 22 --num 300 --cap 60000 --budget 540 \\
@@ -66,7 +74,7 @@ MODES: dict[str, list[str]] = {
 }
 CONTROL = "unprotected"  # expected to fail the goal: it shows the abuse is visible at all
 RUNS = ("baseline", "abuse", "honest")
-GOAL_POINTS = 5.0  # everyone else's TTFT attainment may drop at most this much under abuse
+GOAL_POINTS = 5.0  # the abuse may cost everyone else at most this much beyond the extra load
 STOP_MARGIN_S = 40.0
 STARTUP_GUESS_S = 150.0
 
@@ -164,7 +172,7 @@ def mode_report(mode: str, runs: dict[str, dict[str, Any] | None]) -> dict[str, 
         return None if s is None else s["others"][key]
 
     ttft = {run: others(run, "ttft_attainment") for run in RUNS}
-    drop = _points(ttft["baseline"], ttft["abuse"])
+    beyond = _points(ttft["honest"], ttft["abuse"])
     abuse = runs.get("abuse")
     extra = abuse["extra"] if abuse is not None else None
     return {
@@ -173,29 +181,31 @@ def mode_report(mode: str, runs: dict[str, dict[str, Any] | None]) -> dict[str, 
         "others_ttft_attainment": ttft,
         "others_tbt_attainment": {run: others(run, "tbt_attainment") for run in RUNS},
         "others_errors": {run: others(run, "errors") for run in RUNS},
-        "drop_points": drop,  # baseline -> abuse
+        "drop_points": _points(ttft["baseline"], ttft["abuse"]),
         "load_drop_points": _points(ttft["baseline"], ttft["honest"]),  # extra load alone
-        "abuse_beyond_load_points": _points(ttft["honest"], ttft["abuse"]),
+        "abuse_beyond_load_points": beyond,  # the abuse's own effect: what the goal judges
         "abuser_ttft_attainment": None if extra is None else extra["ttft_attainment"],
         "abuser_errors": None if extra is None else extra["errors"],
         "abuser_refused_400": None if abuse is None else abuse["extra_refused_400"],
         "goal_points": GOAL_POINTS,
-        "met": None if drop is None else drop <= GOAL_POINTS,
+        "met": None if beyond is None else beyond <= GOAL_POINTS,
     }
 
 
 def report(result: dict[str, Any]) -> dict[str, Any]:
-    """Per mode, and overall: did every protecting mode that ran keep the drop within the goal,
-    and did the control (no floor) show a larger drop than the default (the run can see it)."""
+    """Per mode, and overall: did every protecting mode that ran keep the abuse's own effect
+    within the goal, and did the control (no floor) show a larger one than the default (the
+    run can see an abuse at all)."""
     modes = {m: mode_report(m, r["runs"]) for m, r in result["modes"].items()}
     protecting = [r for r in modes.values() if not r["control"] and r["met"] is not None]
     control, default = modes.get(CONTROL), modes.get("clamp")
     visible = None
-    if control and default and None not in (control["drop_points"], default["drop_points"]):
-        visible = control["drop_points"] > default["drop_points"]
+    key = "abuse_beyond_load_points"
+    if control and default and None not in (control[key], default[key]):
+        visible = control[key] > default[key]
     return {"modes": modes,
             "protected_met": all(r["met"] for r in protecting) if protecting else None,
-            "control_drop_points": control["drop_points"] if control else None,
+            "control_beyond_load_points": control[key] if control else None,
             "abuse_visible_in_control": visible}
 
 
@@ -220,8 +230,9 @@ def table(rep: dict[str, Any]) -> str:
                      f"{pct(t['honest']):>6} | {pts(r['drop_points']):>5} "
                      f"{pts(r['load_drop_points']):>5} {pts(r['abuse_beyond_load_points']):>6} | "
                      f"{pct(r['abuser_ttft_attainment'])} / {errors} / {refused} | {met}")
-    lines.append(f"protecting modes within {GOAL_POINTS:g} points: {rep['protected_met']}; "
-                 f"control drop {pts(rep['control_drop_points']).strip()} points, "
+    lines.append(f"abuse beyond the extra load within {GOAL_POINTS:g} points in every protecting "
+                 f"mode: {rep['protected_met']}; control "
+                 f"{pts(rep['control_beyond_load_points']).strip()} points, "
                  f"abuse visible in control: {rep['abuse_visible_in_control']}")
     return "\n".join(lines)
 
@@ -306,8 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num", type=int, default=300, help="everyone else's requests per run")
     ap.add_argument("--abuse-frac", type=float, default=0.3,
                     help="the extra client's requests, as a fraction of --num (and of --rate)")
-    ap.add_argument("--abuse-ttft-slo", type=float, default=0.001,
-                    help="the TTFT SLO the abusive client asks for, s")
+    ap.add_argument("--abuse-ttft-slo", type=float, default=0.3,
+                    help="the TTFT SLO the abusive client asks for, s: tight but reachable (one "
+                         "no request can meet is served late, after everyone, by rotasched)")
     ap.add_argument("--abuse-tbt-slo", type=float, default=None,
                     help="also ask for this TBT SLO, s (default: no TBT override)")
     ap.add_argument("--arrival", choices=ARRIVALS, default="poisson")

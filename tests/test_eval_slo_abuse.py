@@ -126,13 +126,17 @@ def test_mode_report_drops_and_goal():
             "honest": run_summary(0.90, 0.6)}
     r = mode_report("clamp", runs)
     assert r["others_ttft_attainment"] == {"baseline": 0.96, "abuse": 0.92, "honest": 0.90}
-    assert r["drop_points"] == pytest.approx(4.0) and r["met"] is True
+    assert r["drop_points"] == pytest.approx(4.0)
     assert r["load_drop_points"] == pytest.approx(6.0)
-    assert r["abuse_beyond_load_points"] == pytest.approx(-2.0)
+    # the goal judges the abuse's own effect, beyond what the extra load alone costs
+    assert r["abuse_beyond_load_points"] == pytest.approx(-2.0) and r["met"] is True
     assert (r["abuser_ttft_attainment"], r["abuser_errors"]) == (0.5, 0)
     assert not r["control"] and mode_report(CONTROL, runs)["control"]
-    missed = mode_report("clamp", {**runs, "abuse": run_summary(0.90)})
-    assert missed["drop_points"] == pytest.approx(6.0) and missed["met"] is False
+    missed = mode_report("clamp", {**runs, "abuse": run_summary(0.84)})
+    assert missed["abuse_beyond_load_points"] == pytest.approx(6.0) and missed["met"] is False
+    # a large drop that the extra load explains is no abuse
+    loaded = mode_report("clamp", {**runs, "abuse": run_summary(0.70), "honest": run_summary(0.72)})
+    assert loaded["drop_points"] == pytest.approx(26.0) and loaded["met"] is True
     partial = mode_report("off", {"baseline": run_summary(1.0), "abuse": None, "honest": None})
     assert partial["met"] is None and partial["drop_points"] is None
     assert partial["abuser_refused_400"] is None
@@ -149,7 +153,7 @@ def test_report_and_table():
                         "off": {"runs": dict.fromkeys(RUNS)}}}
     rep = report(result)
     assert rep["protected_met"] is True and rep["abuse_visible_in_control"] is True
-    assert rep["control_drop_points"] == pytest.approx(35.0)
+    assert rep["control_beyond_load_points"] == pytest.approx(34.0)
     assert rep["modes"]["reject"]["abuser_refused_400"] == 90
     assert rep["modes"]["off"]["met"] is None  # not run: neither met nor missed
     text = table(rep)
@@ -158,7 +162,7 @@ def test_report_and_table():
     result["modes"]["clamp"] = mode(0.95, 0.80)
     assert report(result)["protected_met"] is False
     assert report({"modes": {}}) == {"modes": {}, "protected_met": None,
-                                     "control_drop_points": None,
+                                     "control_beyond_load_points": None,
                                      "abuse_visible_in_control": None}
 
 
@@ -166,7 +170,7 @@ def test_defaults_run_the_default_mode_and_the_control_first(tmp_path):
     args = parse_args(["--out", str(tmp_path / "x.json")])
     assert args.modes[:2] == ["clamp", CONTROL] and set(args.modes) == {"clamp", CONTROL,
                                                                          "reject", "off"}
-    assert args.runs == list(RUNS) and args.abuse_frac == 0.3 and args.abuse_ttft_slo == 0.001
+    assert args.runs == list(RUNS) and args.abuse_frac == 0.3 and args.abuse_ttft_slo == 0.3
     assert args.trace_name == "azure_conv"
     assert isinstance(RequestSets([], []), RequestSets)
 
@@ -193,7 +197,7 @@ def run_script(tmp_path: Path, port: int, csv: Path, out: Path, modes: list[str]
 def test_slo_abuse_runs_every_mode_against_stand_in_servers(tmp_path: Path, port_base: int) -> None:
     csv, out = conv_csv(tmp_path / "conv.csv"), tmp_path / "abuse.json"
     run = run_script(tmp_path, port_base, csv, out, ["clamp", "reject", CONTROL])
-    assert "protecting modes within 5 points: True" in run.stdout
+    assert "within 5 points in every protecting mode: True" in run.stdout
     run_script(tmp_path, port_base, csv, out, ["off"], "--merge")
     doc = json.loads(out.read_text())
     assert doc["skipped"] == [] and doc["command"].startswith("python -m eval.slo_abuse")
