@@ -139,9 +139,10 @@ class RotaConfig:
     # queue waits for (its tokens would have ridden in later, larger steps): README's rule 5.
     pacing_cost_share: float = _flag(
         "--rota-pacing-cost-share", 0.03,
-        "where compute binds, the most GPU time that prefill pacing may spend on decode steps "
-        "ahead of a runnable prefill, as a share of elapsed time; past it, prefill runs unpaced "
-        "and decoding streams' TBT is served late. 1.0 paces whatever it costs.", SHARE)
+        "where compute binds, the most GPU time that prefill pacing may cost (decode steps "
+        "ahead of a runnable prefill, batches cut short), as a share of elapsed time; past it, "
+        "prefill runs unpaced and decoding streams' TBT is served late. 1.0 paces whatever it "
+        "costs.", SHARE)
     # Smallest paced prefill worth a forward (the fitted overhead can raise it): below it,
     # decode first instead.
     min_prefill_chunk: int = _internal(256, AT_LEAST_1)

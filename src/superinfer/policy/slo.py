@@ -31,7 +31,9 @@ Each iteration:
    make their TTFT: each cut pays the prefill's fixed cost again. Where compute binds and
    requests are late already, the batch is the whole queue's, and requests that could make
    their TTFT only in smaller batches are served late: throughput first, since the GPU is
-   what everyone waits for.
+   what everyone waits for. For the same reason, where compute binds pacing runs only while
+   its cost (decode steps ahead of a runnable prefill, batches cut short) stays within
+   ``pacing_cost_share`` of the elapsed time.
 
 Memory is counted the way SGLang's PrefillAdder counts it: a running request holds its KV plus
 ``new_token_ratio`` × its remaining output (``fixed_length_ratio`` × it for a fixed-length one,
