@@ -8,9 +8,10 @@ eval/results/faults.json: one entry per case with ``case``, ``expected``, ``obse
   naming the limit.
 - ``d2h_copy_failure`` / ``h2d_copy_failure``: ``SUPERINFER_TEST_FAIL_COPY`` fails one
   rotation copy each way during eval.e2e_rotation's burst (outputs against an uncapped baseline)
-  and abort soak. A failed rotate-out leaves its request decoding (every output still equal); a
-  failed rotate-in fails exactly that request with an error (the others equal). Either way the
-  failure is logged and counted, and no page leaks.
+  and abort soak; asked for together, one run injects both (half the device time). A failed
+  rotate-out leaves its request decoding (every output still equal); a failed rotate-in fails
+  exactly that request with an error (the others equal). Either way the failure is logged and
+  counted, and no page leaks.
 - ``full_tier``: a host tier that holds only a few requests, through the burst and a soak of
   minutes: rotations fall back to SGLang's retraction, outputs stay equal, nothing leaks.
 - ``long_soak``: at least 30 minutes against one server. Recorded as not run when
@@ -45,6 +46,7 @@ from superinfer.env import TEST_FAIL_COPY
 EVAL = Path(__file__).resolve().parent
 CASES = ("tier_too_large", "pinning_failure", "d2h_copy_failure", "h2d_copy_failure",
          "full_tier", "long_soak")
+COPY_CASES = ("d2h_copy_failure", "h2d_copy_failure")
 FAIL_AT = 3  # the rotation copy (per direction, from 1) the injection fails
 Case = dict[str, Any]
 
@@ -133,6 +135,27 @@ def judge_e2e(case: Case, result: dict[str, Any] | None, log: str, *, failed_out
     return {**case, "observed": observed, "passed": ok}
 
 
+def copy_failure_cases(ways: list[str], args: argparse.Namespace) -> list[Case]:
+    """The copy-failure cases of ``ways`` ("d2h", "h2d") from one eval.e2e_rotation run:
+    asked for together, one run injects both failures (half the device time), and each
+    case's entry judges that whole run, the other direction's failure expected too."""
+    outcome = {"d2h": "that request stays on the device and decodes on, every output equals "
+                      "the baseline's",
+               "h2d": "that request fails with an error response (HTTP 500, a message), every "
+                      "other output equals the baseline's"}
+    name = f"{ways[0]}_copy_failure" if len(ways) == 1 else "copy_failures"
+    together = (f" (one run: the {FAIL_AT}rd copy of the other direction fails too)"
+                if len(ways) > 1 else "")
+    case, result, log = e2e_case(name, args, "", {TEST_FAIL_COPY: ",".join(
+        f"{way}:{FAIL_AT}" for way in ways)}, [])
+    judged = judge_e2e(case, result, log, failed_out=int("d2h" in ways),
+                       failed_in=int("h2d" in ways))
+    return [{**judged, "case": f"{way}_copy_failure",
+             "expected": f"the {FAIL_AT}rd rotation copy {way} fails{together}: {outcome[way]}; "
+                         "the failure logged and counted; no page leaks after the abort soak"}
+            for way in ways]
+
+
 def run_case(name: str, args: argparse.Namespace) -> Case:
     if name == "tier_too_large":
         return startup_case(
@@ -153,19 +176,8 @@ def run_case(name: str, args: argparse.Namespace) -> Case:
                 "observed": "not run: a device session on this GPU machine is 30 minutes in "
                             "all (and a machine is returned after 30 minutes held), so a 30-minute "
                             "soak against one server does not fit"}
-    if name in ("d2h_copy_failure", "h2d_copy_failure"):
-        way = name[:3]
-        case, result, log = e2e_case(
-            name, args,
-            f"the {FAIL_AT}rd rotation copy {way} fails: "
-            + ("that request stays on the device and decodes on, every output equals the "
-               "baseline's" if way == "d2h" else
-               "that request fails with an error response (HTTP 500, a message), every other "
-               "output equals the baseline's")
-            + "; the failure logged and counted; no page leaks after the abort soak",
-            {TEST_FAIL_COPY: f"{way}:{FAIL_AT}"}, [])
-        return judge_e2e(case, result, log, failed_out=int(way == "d2h"),
-                         failed_in=int(way == "h2d"))
+    if name in COPY_CASES:
+        return copy_failure_cases([name[:3]], args)[0]
     if name == "full_tier":
         case, result, log = e2e_case(
             name, args,
@@ -194,15 +206,25 @@ def main(argv: list[str] | None = None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {"cases": []}
     gpu = ", ".join(gpu_names()) or None
-    for name in args.cases:
+    pending = list(dict.fromkeys(args.cases))
+    while pending:
+        name = pending.pop(0)
         print(f"[faults] {name} ...", flush=True)
-        entry = {**run_case(name, args), "gpu": gpu, "commit": source_commit(),
-                 "date": time.strftime("%Y-%m-%d")}
-        doc["cases"] = [c for c in doc["cases"] if c["case"] != name] + [entry]
+        if name in COPY_CASES:  # both directions in one run when both are asked for
+            ways = [c[:3] for c in (name, *pending) if c in COPY_CASES]
+            pending = [c for c in pending if c not in COPY_CASES]
+            entries = copy_failure_cases(ways, args)
+        else:
+            entries = [run_case(name, args)]
+        for entry in entries:
+            entry = {**entry, "gpu": gpu, "commit": source_commit(),
+                     "date": time.strftime("%Y-%m-%d")}
+            doc["cases"] = [c for c in doc["cases"] if c["case"] != entry["case"]] + [entry]
+            doc.get("not_run", {}).pop(entry["case"], None)
+            print(f"[faults] {entry['case']}: passed={entry['passed']} "
+                  f"{json.dumps(entry['observed'])[:300]}", flush=True)
         doc["command"] = command_line("eval.faults", argv)
         write_json(args.out, doc)
-        print(f"[faults] {name}: passed={entry['passed']} {json.dumps(entry['observed'])[:300]}",
-              flush=True)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,29 @@ def test_long_soak_is_recorded_as_not_run(tmp_path):
     [case] = json.loads(out.read_text())["cases"]
     assert case["case"] == "long_soak" and case["passed"] is None
     assert case["observed"].startswith("not run")
+
+
+def test_both_copy_failures_come_from_one_run(tmp_path, monkeypatch):
+    """Asked for together, the two copy-failure cases share one eval.e2e_rotation run that
+    injects both failures; each entry judges that run, and leaves the not-run list."""
+    runs = []
+    log = (stats_log(copies_failed_d2h=1, copies_failed_h2d=1)
+           + "rotasched: rotate-out copy of r3 failed\nrotasched: rotate-in copy of r4 failed\n")
+
+    def fake_e2e(name, _args, expected, env, extra):
+        runs.append((name, env))
+        return {"case": name, "expected": expected, "command": "x"}, e2e_result(errors=1), log
+
+    monkeypatch.setattr(faults, "e2e_case", fake_e2e)
+    out = tmp_path / "faults.json"
+    out.write_text(json.dumps({"cases": [], "not_run": {"d2h_copy_failure": "later",
+                                                        "full_tier": "later"}}))
+    faults.main(["--cases", "h2d_copy_failure", "long_soak", "d2h_copy_failure",
+                 "--out", str(out), "--out-dir", str(tmp_path)])
+    assert runs == [("copy_failures", {faults.TEST_FAIL_COPY: "h2d:3,d2h:3"})]
+    doc = json.loads(out.read_text())
+    cases = {c["case"]: c for c in doc["cases"]}
+    assert set(cases) == {"h2d_copy_failure", "d2h_copy_failure", "long_soak"}
+    assert cases["d2h_copy_failure"]["passed"] and cases["h2d_copy_failure"]["passed"]
+    assert "the other direction fails too" in cases["d2h_copy_failure"]["expected"]
+    assert doc["not_run"] == {"full_tier": "later"}
