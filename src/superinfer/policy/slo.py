@@ -157,7 +157,8 @@ class SloPolicy(Policy):
             self._pacing_credit_s -= costs.prefill_overhead_s
 
     def _pacing_affordable(self, now_s: float, compute_bound: bool, costs: Costs) -> bool:
-        """Whether this step's prefill may be paced. Pacing is free unless compute binds;
+        """Top up pacing's credit for the time since the last plan, and say whether this
+        step's prefill may be paced. Pacing is free unless compute binds;
         then each decode step it puts ahead of a prefill that could run costs a step of GPU
         time (throughput), paid from a credit that grows by ``pacing_cost_share`` of the
         elapsed time (up to _PACING_CREDIT_MAX_S). Without credit, prefill runs unpaced and
