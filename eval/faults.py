@@ -157,6 +157,7 @@ def copy_failure_cases(ways: list[str], args: argparse.Namespace) -> list[Case]:
 
 
 def run_case(name: str, args: argparse.Namespace) -> Case:
+    """A case other than the copy failures (those go through ``copy_failure_cases``)."""
     if name == "tier_too_large":
         return startup_case(
             name, args, ["--rota-host-kv-gb", "1000000"],
@@ -176,8 +177,6 @@ def run_case(name: str, args: argparse.Namespace) -> Case:
                 "observed": "not run: a device session on this GPU machine is 30 minutes in "
                             "all (and a machine is returned after 30 minutes held), so a 30-minute "
                             "soak against one server does not fit"}
-    if name in COPY_CASES:
-        return copy_failure_cases([name[:3]], args)[0]
     if name == "full_tier":
         case, result, log = e2e_case(
             name, args,

@@ -62,14 +62,18 @@ _Queue = tuple[np.ndarray, np.ndarray]  # ranked candidate rows and their EDF ke
 
 class SloPolicy(Policy):
     _last_plan_s: float | None = None
-    _pacing_clock_s: float | None = None  # when the pacing credit was last topped up
     _pacing_credit_s: float = _PACING_CREDIT_MAX_S  # GPU seconds pacing may still cost
 
-    def _link_window_s(self, now_s: float, costs: Costs) -> float:
+    def _since_last_plan_s(self, now_s: float) -> float | None:
+        """Seconds since the last plan (None for the first), and this plan is the last now."""
+        last, self._last_plan_s = self._last_plan_s, now_s
+        return None if last is None else max(now_s - last, 0.0)
+
+    @staticmethod
+    def _link_window_s(since_s: float | None, costs: Costs) -> float:
         """Seconds of link time this plan may spend a share of: since the last plan, at least
         a decode step, at most _LINK_WINDOW_MAX_S."""
-        last, self._last_plan_s = self._last_plan_s, now_s
-        since = costs.decode_step_s if last is None else now_s - last
+        since = costs.decode_step_s if since_s is None else since_s
         return min(max(since, costs.decode_step_s), max(_LINK_WINDOW_MAX_S, costs.decode_step_s))
 
     def _link_tokens(self, bytes_per_s: float, window_s: float, cap: Capacity) -> int:
@@ -91,10 +95,11 @@ class SloPolicy(Policy):
         free = (cap.available_device_tokens + int(t.num_tokens[leaving].sum())
                 - int(t.decode_reservation(resident, cap.new_token_ratio,
                                            cap.fixed_length_ratio).sum()))
+        since_s = self._since_last_plan_s(now_s)
         budget = None
         room = 0  # prefill tokens free memory and the batch limit allow (when paced)
         compute_bound = snapshot.bound == "compute"
-        if cfg.prefill_pacing and self._pacing_affordable(now_s, compute_bound, costs):
+        if cfg.prefill_pacing and self._pacing_affordable(since_s, compute_bound, costs):
             start_s = max(now_s, gpu_free_at_s or now_s)
             room = min(max_prefill_tokens, max(free, 0))
             budget = self._prefill_budget(
@@ -102,7 +107,7 @@ class SloPolicy(Policy):
                 lambda: self._batch_wanted(now_s, room, costs, compute_bound))
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
-        window = self._link_window_s(now_s, costs)
+        window = self._link_window_s(since_s, costs)
         batch_limit = (max_prefill_tokens if budget is None
                        else min(max_prefill_tokens, max(budget, 1)))
         used, deficit, wait_s, urgent, queue = self._admit(plan, now_s, free, cap, costs,
@@ -156,18 +161,17 @@ class SloPolicy(Policy):
         if budget < min(room, int(self._table.num_prompt_tokens[waiting].sum())):
             self._pacing_credit_s -= costs.prefill_overhead_s
 
-    def _pacing_affordable(self, now_s: float, compute_bound: bool, costs: Costs) -> bool:
-        """Top up pacing's credit for the time since the last plan, and say whether this
-        step's prefill may be paced. Pacing is free unless compute binds;
-        then each decode step it puts ahead of a prefill that could run costs a step of GPU
-        time (throughput), paid from a credit that grows by ``pacing_cost_share`` of the
-        elapsed time (up to _PACING_CREDIT_MAX_S). Without credit, prefill runs unpaced and
-        the decoding streams' TBT is served late: throughput first, since the GPU is what
-        everyone waits for."""
-        last, self._pacing_clock_s = self._pacing_clock_s, now_s
-        if last is not None:
+    def _pacing_affordable(self, since_s: float | None, compute_bound: bool,
+                           costs: Costs) -> bool:
+        """Top up pacing's credit for the ``since_s`` seconds since the last plan, and say
+        whether this step's prefill may be paced. Pacing is free unless compute binds; then
+        what it costs in GPU time (``_charge_pacing``) is paid from a credit that grows by
+        ``pacing_cost_share`` of the elapsed time (up to _PACING_CREDIT_MAX_S). Without
+        credit, prefill runs unpaced and the decoding streams' TBT is served late: throughput
+        first, since the GPU is what everyone waits for."""
+        if since_s is not None:
             self._pacing_credit_s = min(
-                self._pacing_credit_s + self.config.pacing_cost_share * max(now_s - last, 0.0),
+                self._pacing_credit_s + self.config.pacing_cost_share * since_s,
                 _PACING_CREDIT_MAX_S)
         return not compute_bound or self._pacing_credit_s >= costs.decode_step_s * _ROUNDING
 
