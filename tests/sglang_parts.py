@@ -127,7 +127,7 @@ class SchedulerParts:
         self.last_batch = None
         self.tp_cpu_group = None
         if has_parallel_state():
-            self.ps = types.SimpleNamespace(tp_rank=0)
+            self.ps = types.SimpleNamespace(tp_rank=0, gpu_id=0)
         else:  # what the launcher writes for a scheduler process
             from sglang.srt.runtime_context import get_parallel
 

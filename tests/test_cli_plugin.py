@@ -63,13 +63,13 @@ def test_server_args_carry_rotasched_fields():
     assert parse(["--model-path", "m", "--rota-disable-prefill-pacing"]).rota_disable_prefill_pacing
     assert rota_config(ns).keep_host_copy is False
     assert rota_config(parse(["--model-path", "m", "--rota-keep-host-copy"])).keep_host_copy is True
-    assert rota_config(ns).host_numa_node is None and rota_config(ns).write_through is False
+    assert rota_config(ns).host_numa_node == "auto" and rota_config(ns).write_through is False
     assert rota_config(parse(["--model-path", "m", "--rota-write-through"])).write_through is True
     # Write-through implies kept copies: RotaConfig sets keep_host_copy itself.
     assert rota_config(parse(["--model-path", "m", "--rota-write-through"])).keep_host_copy is True
     assert rota_config(ns).keep_host_copy is False
     numa = parse(["--model-path", "m", "--rota-host-numa-node", "1"])
-    assert rota_config(numa).host_numa_node == 1
+    assert rota_config(numa).host_numa_node == "1"
     fields = set(compat.server_args_fields(ServerArgs))
     assert {"rota_ttft_slo", "rota_tbt_slo", "rota_host_kv_gb", "rota_policy"} <= fields
 
@@ -93,8 +93,8 @@ def test_scheduler_policy_spelling_is_accepted():
     (["--rota-host-kv-gb", "0"], "--rota-host-kv-gb must be a positive"),
     (["--rota-policy", "fifo"], "invalid choice"),
     (["--rota-link-share", "1.5"], "--rota-link-share must be in (0, 1]"),
-    (["--rota-host-numa-node", "-1"], "--rota-host-numa-node must be >= 0"),
-    (["--rota-host-numa-node", "grace"], "--rota-host-numa-node expects a node number"),
+    (["--rota-host-numa-node", "-1"], "--rota-host-numa-node must be 'auto', 'off' or a node"),
+    (["--rota-host-numa-node", "grace"], "--rota-host-numa-node must be 'auto', 'off' or a"),
     (["--schedule-policy", "rotasched2"], "invalid choice"),
 ])
 def test_bad_values_exit_2_with_a_message(flags, needle, capsys):
@@ -211,7 +211,8 @@ def test_plugin_entry_point_hooks_the_scheduler():
         "HookRegistry.apply_hooks()\n"
         "from sglang.srt.managers.scheduler import Scheduler\n"
         "names = ['init_schedule_policy', 'get_next_batch_to_run', '_add_request_to_queue',\n"
-        "         'process_batch_result', 'abort_request', 'is_fully_idle']\n"
+        "         'process_batch_result', 'abort_request', 'is_fully_idle',\n"
+        "         'init_load_inquirer']\n"
         "print(all(hasattr(getattr(Scheduler, n), '__wrapped__') for n in names))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,

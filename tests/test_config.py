@@ -26,7 +26,7 @@ FLAGS = {
     "--rota-pacing-cost-share": ("pacing_cost_share", 0.03),
     "--rota-keep-host-copy": ("keep_host_copy", False),
     "--rota-write-through": ("write_through", False),
-    "--rota-host-numa-node": ("host_numa_node", None),
+    "--rota-host-numa-node": ("host_numa_node", "auto"),
     "--rota-disable-prefill-pacing": ("prefill_pacing", False),
     "--rota-request-slo": ("request_slo", "clamp"),
     "--rota-min-request-slo-ratio": ("min_request_slo_ratio", 1.0),
@@ -85,8 +85,8 @@ def test_every_flag_is_generated_with_the_config_default_and_help():
     ("--rota-link-share", "0", "must be in (0, 1]"),
     ("--rota-link-share", "1.01", "must be in (0, 1]"),
     ("--rota-link-share", "half", "expects a number"),
-    ("--rota-host-numa-node", "-1", "must be >= 0"),
-    ("--rota-host-numa-node", "1.5", "expects a node number"),
+    ("--rota-host-numa-node", "-1", "must be 'auto', 'off' or a node number"),
+    ("--rota-host-numa-node", "1.5", "must be 'auto', 'off' or a node number"),
     ("--rota-min-request-slo-ratio", "0", "must be in (0, 1]"),
     ("--rota-min-request-slo-ratio", "1.5", "must be in (0, 1]"),
     ("--rota-min-request-slo-ratio", "-0.5", "must be in (0, 1]"),
@@ -115,12 +115,12 @@ def test_server_args_round_trip_to_the_config():
                       rota_ttft_slo=0.5, rota_tbt_slo=0.05, rota_host_kv_gb=2.0,
                       rota_policy="lvf", rota_mover="direct", rota_slack_margin=3.0,
                       rota_link_share=0.25, rota_keep_host_copy=True, rota_write_through=False,
-                      rota_host_numa_node=1, rota_disable_prefill_pacing=True,
+                      rota_host_numa_node="1", rota_disable_prefill_pacing=True,
                       rota_request_slo="reject", rota_min_request_slo_ratio=0.5)
     assert rota_config(args) == RotaConfig(
         ttft_slo_s=0.5, tbt_slo_s=0.05, host_kv_gb=2.0, policy="lvf", mover="direct",
         slack_margin=3.0, link_share=0.25, keep_host_copy=True, write_through=False,
-        host_numa_node=1, prefill_pacing=False, request_slo="reject",
+        host_numa_node="1", prefill_pacing=False, request_slo="reject",
         min_request_slo_ratio=0.5)
     assert rota_config(ServerArgs(model_path="dummy", device="cpu")) == RotaConfig()
     assert rota_config(parse([])) == RotaConfig()
@@ -146,8 +146,8 @@ def test_server_args_built_in_python_are_checked_too():
     ("link_share", 1.5, "--rota-link-share must be in (0, 1]"),
     ("policy", "fifo", "--rota-policy must be one of"),
     ("mover", "dma", "--rota-mover must be one of"),
-    ("host_numa_node", -1, "--rota-host-numa-node must be >= 0"),
-    ("host_numa_node", 1.0, "--rota-host-numa-node expects a node number"),
+    ("host_numa_node", "-1", "--rota-host-numa-node must be 'auto', 'off' or a node number"),
+    ("host_numa_node", 1, "--rota-host-numa-node expects 'auto', 'off' or a node number"),
     ("request_slo", "deny", "--rota-request-slo must be one of"),
     ("min_request_slo_ratio", 0, "--rota-min-request-slo-ratio must be in (0, 1]"),
     ("min_request_slo_ratio", 1.01, "--rota-min-request-slo-ratio must be in (0, 1]"),
@@ -170,7 +170,7 @@ def test_boundaries_that_are_allowed():
     assert RotaConfig(min_request_slo_ratio=1).min_request_slo_ratio == 1.0
     assert RotaConfig(min_request_slo_ratio=1e-6).min_request_slo_ratio == 1e-6
     assert RotaConfig(reserve_window_s=0.0, reserve_max_frac=0.0, lvf_budget_tokens=0,
-                      host_numa_node=0, min_prefill_chunk=1).host_numa_node == 0
+                      host_numa_node="0", min_prefill_chunk=1).host_numa_node == "0"
     assert RotaConfig(ttft_slo_s=2).ttft_slo_s == 2  # ints are numbers of seconds too
 
 

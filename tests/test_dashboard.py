@@ -150,3 +150,19 @@ def test_metric_regex_catches_names():
             '{instance=~"$instance"}[$__rate_interval]))) / superinfer:rotations_out_total')
     assert _METRIC.findall(expr) == ["sglang:time_to_first_token_seconds_bucket",
                                      "superinfer:rotations_out_total"]
+
+
+def test_rotation_metrics_carry_the_dp_rank(monkeypatch):
+    """Every DP replica has a TP rank 0: without the DP rank, two replicas' gauges would
+    overwrite each other in SGLang's multiprocess collector."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from superinfer.adapters.sglang.metrics import RotationMetrics
+
+    registry = prometheus_client.CollectorRegistry()
+    for cls in ("Counter", "Gauge"):
+        monkeypatch.setattr(prometheus_client, cls, functools.partial(
+            getattr(prometheus_client, cls), registry=registry))
+    RotationMetrics(enabled=True, tp_rank=0, dp_rank=1)
+    labels = [s.labels for fam in registry.collect() for s in fam.samples
+              if s.name.startswith("superinfer:")]
+    assert labels and all(lab == {"tp_rank": "0", "dp_rank": "1"} for lab in labels)

@@ -284,6 +284,16 @@ def test_prometheus_parse_and_check():
     assert not m["ok"] and m["missing"] == ["superinfer:host_tier_tokens_used"]
 
 
+def test_prometheus_check_keeps_dp_replicas_apart():
+    """Under --dp-size each replica's TP rank 0 publishes its own series, told apart by dp_rank
+    (RotationMetrics labels both)."""
+    two = PROM.replace('tp_rank="0"', 'tp_rank="0",dp_rank="0"').replace(
+        'tp_rank="1"', 'tp_rank="0",dp_rank="1"')
+    m = probes.check_metrics(probes.parse_prometheus(two))
+    assert m["ok"] and m["tp_ranks"] == ["dp0.tp0", "dp1.tp0"]
+    assert m["values"]["superinfer:rotations_out_total"] == {"dp0.tp0": 42.0, "dp1.tp0": 42.0}
+
+
 # --- plans and commands ---------------------------------------------------------------------
 def args_for(*extra: str):
     return e2e.parse_args(["--trace", "t.csv", *extra])
@@ -394,6 +404,13 @@ def test_request_sets():
     assert [s.idx for s in soak] == list(range(30, 80))
     assert soak[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in pairwise(soak))
     assert all(32 <= s.output_len <= 256 for s in soak)
+    # --burst-rate: the same requests, spread as Poisson arrivals at that rate
+    spread = outputs.burst_specs(rows, args_for("--num", "30", "--max-prompt", "1500",
+                                                "--burst-rate", "20"))
+    assert [(s.idx, s.prompt_len, s.output_len) for s in spread] == [
+        (s.idx, s.prompt_len, s.output_len) for s in burst]
+    assert spread[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in pairwise(spread))
+    assert 0.5 < spread[-1].arrival < 3.0  # 29 gaps of 1/20 s on average
 
 
 # --- headline fields ------------------------------------------------------------------------

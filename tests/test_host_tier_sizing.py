@@ -74,7 +74,7 @@ def test_memlock_limit_is_per_rank_and_says_how_to_raise_it():
 def test_ranks_on_host_counts_every_scheduler_process_of_this_host():
     from types import SimpleNamespace
 
-    from superinfer.adapters.sglang.rotator import ranks_on_host
+    from superinfer.adapters.sglang.placement import ranks_on_host
 
     assert ranks_on_host(SimpleNamespace(tp_size=8, pp_size=1, dp_size=1, nnodes=1)) == 8
     assert ranks_on_host(SimpleNamespace(tp_size=2, pp_size=1, dp_size=2, nnodes=1)) == 4

@@ -465,7 +465,7 @@ def test_config_validation():
     with pytest.raises(ConfigError):
         RotaConfig(tbt_slo_s=float("nan"))
     with pytest.raises(ConfigError, match="--rota-host-numa-node"):
-        RotaConfig(host_numa_node=-1)
+        RotaConfig(host_numa_node="node1")
 
 
 def _simulate(seed: int, policy_name: str, steps: int = 300, bursts: bool = False

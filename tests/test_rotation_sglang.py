@@ -4,8 +4,10 @@ FutureMap and ScheduleBatch (see sglang_parts.py). Only the model forward is sto
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections import deque
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -782,3 +784,41 @@ def test_a_mixed_chunk_batch_counts_as_a_decode_step_for_the_running_streams():
     for rid in ("r1", "r2"):
         assert rot.policy.phase_of(rid) is Phase.RUNNING
         assert rot.policy.view(rid).num_output_tokens == before[rid] + 1
+
+
+def test_published_load_counts_rotated_out_requests():
+    """SGLang's load snapshot (what /v1/loads, /get_load and the router read) keeps a request
+    that is on the host: as running, with its KV as tokens the server must hold again."""
+    from sglang.srt.managers.load_snapshot import LoadSnapshot
+
+    from superinfer.adapters.sglang import hooks
+
+    parts, rot, batch = setup(1, False)
+    base = LoadSnapshot(num_running_reqs=3, num_used_tokens=200, num_total_tokens=200,
+                        num_active_tokens=200)
+    sched = types.SimpleNamespace(_superinfer_rotator=rot, load_inquirer=types.SimpleNamespace(
+        get_loads=lambda: msgspec.structs.replace(base), max_running_requests=7))
+    hooks._init_load_inquirer(None, sched)
+    assert sched.load_inquirer.get_loads() == base  # nothing away: SGLang's figures as they are
+    assert sched.load_inquirer.max_running_requests == 7  # the rest is SGLang's inquirer's
+    batch = rot.rotate_out(batch, {"r1"})
+    rot._collect(batch)
+    assert rot.policy.table.phase_of("r1") is Phase.ON_HOST
+    r1 = rot.away["r1"]
+    assert rot.away_load() == (1, r1.seqlen)
+    load = sched.load_inquirer.get_loads()
+    assert (load.num_running_reqs, load.num_total_tokens, load.num_active_tokens) == (
+        4, 200 + r1.seqlen, 200 + r1.seqlen)
+    assert load.num_used_tokens == 200  # device KV in use is what it is
+    finish_all(parts, rot, batch)
+    rot.on_abort("r1", abort_all=False)
+    assert rot.away_load() == (0, 0)
+
+
+def test_no_rotator_no_wrapper():
+    from superinfer.adapters.sglang import hooks
+
+    inner = types.SimpleNamespace(get_loads=lambda: None)
+    sched = types.SimpleNamespace(load_inquirer=inner)
+    hooks._init_load_inquirer(None, sched)
+    assert sched.load_inquirer is inner

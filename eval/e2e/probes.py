@@ -60,15 +60,21 @@ def parse_prometheus(text: str) -> Samples:
     return out
 
 
+def rank_of(labels: dict[str, str]) -> str:
+    """A series' scheduler rank: its TP rank, as ``dp<D>.tp<T>`` where it carries a DP rank
+    (every DP replica has a TP rank 0)."""
+    tp = labels.get("tp_rank", "?")
+    return f"dp{labels['dp_rank']}.tp{tp}" if "dp_rank" in labels else tp
+
+
 def check_metrics(series: Samples) -> dict[str, Any]:
-    """Every superinfer:* series present (with rank 0's), and rotations_out_total > 0; the ranks
-    that export them are listed (every TP rank's rotator publishes its own)."""
+    """Every superinfer:* series present (with a TP rank 0's), and rotations_out_total > 0; the
+    ranks that export them are listed (every TP rank and DP replica publishes its own)."""
     missing = [n for n in SUPERINFER_SERIES if n not in series]
-    ranks = sorted({lab["tp_rank"] for n in SUPERINFER_SERIES for lab, _ in series.get(n, [])
-                    if "tp_rank" in lab})
-    values = {n: {lab.get("tp_rank", "?"): v for lab, v in series.get(n, [])}
-              for n in SUPERINFER_SERIES}
+    labels = [lab for n in SUPERINFER_SERIES for lab, _ in series.get(n, []) if "tp_rank" in lab]
+    ranks = sorted({rank_of(lab) for lab in labels})
+    values = {n: {rank_of(lab): v for lab, v in series.get(n, [])} for n in SUPERINFER_SERIES}
     rotations = sum(values["superinfer:rotations_out_total"].values())
     sglang_series = sum(n.startswith("sglang:") for n in series)
     return {"missing": missing, "tp_ranks": ranks, "values": values, "sglang_series": sglang_series,
-            "ok": not missing and rotations > 0 and "0" in ranks}
+            "ok": not missing and rotations > 0 and any(lab["tp_rank"] == "0" for lab in labels)}

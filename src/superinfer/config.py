@@ -71,7 +71,8 @@ SHARE = Check(float, "a number", "must be in (0, 1]", lambda v: 0 < v <= 1)
 FRACTION_BELOW_1 = Check(float, "a number", "must be in [0, 1)", lambda v: 0 <= v < 1)
 NON_NEGATIVE = Check(float, "a number", "must be a finite number >= 0",
                      lambda v: 0 <= v < math.inf)
-NODE = Check(int, "a node number", "must be >= 0", lambda v: v >= 0)
+NUMA_NODE = Check(str, "'auto', 'off' or a node number", "must be 'auto', 'off' or a node number",
+                  lambda v: v in ("auto", "off") or v.isdecimal())
 COUNT = Check(int, "an integer", "must be >= 0", lambda v: v >= 0)
 AT_LEAST_1 = Check(int, "an integer", "must be >= 1", lambda v: v >= 1)
 
@@ -163,10 +164,11 @@ class RotaConfig:
         "--rota-write-through", False,
         "while the host link is idle, copy running requests' full pages to the host in the "
         "background (implies --rota-keep-host-copy).")
-    host_numa_node: int | None = _flag(
-        "--rota-host-numa-node", None,
-        "NUMA node for the host KV tier's memory (e.g. Grace's on a GH200); default: wherever "
-        "first touch puts it.", NODE)
+    host_numa_node: str = _flag(
+        "--rota-host-numa-node", "auto",
+        "NUMA node for each rank's host KV tier: 'auto' (default) binds it to its GPU's node "
+        "where the host has more than one memory node, a number binds every rank's to that node "
+        "(e.g. Grace's on a GH200), 'off' leaves placement to first touch.", NUMA_NODE)
     # A tighter SLO is a higher priority (EDF admits it first, it is rarely a rotation victim,
     # and a tight TBT bounds every step's prefill), so by default a client may only loosen its
     # SLOs: as in SGLang, where priorities need --enable-priority-scheduling, the operator

@@ -32,13 +32,15 @@ class TierSpec:
 
 def build_host_tier(planes: LayerPlanes, device_page_size: int, host_kv_gb: float,
                     mover_flag: str, keep_copies: bool, numa_node: int | None = None,
-                    ranks_on_host: int = 1, memory: HostMemory | None = None,
+                    ranks_on_host: int = 1, ranks_on_node: int | None = None,
+                    memory: HostMemory | None = None,
                     fail_copies: dict[bool, frozenset[int]] | None = None
                     ) -> tuple[HostTierManager, TierSpec]:
     """A host tier of about ``host_kv_gb`` GB beside SGLang's layer-first device KV ``planes``
     (per layer, its ``[slots, heads, head_dim]`` buffers: K and V of an MHA pool, the latent of
     an MLA pool). Raises HostTierSizeError, before anything is pinned, if ``ranks_on_host``
-    such tiers do not fit the host's ``memory`` (read from this machine by default)."""
+    such tiers do not fit the host's ``memory`` (read from this machine by default), or
+    ``ranks_on_node`` of them (default: all) the free memory of ``numa_node``."""
     layout = KVLayout.of(planes)
     p0 = planes[0][0]
     piece = device_page_size * p0[0].numel() * p0.element_size()  # one page of one plane
@@ -52,7 +54,8 @@ def build_host_tier(planes: LayerPlanes, device_page_size: int, host_kv_gb: floa
     memory = memory if memory is not None else read_host_memory(numa_node)
     if not p0.is_cuda:  # nothing is pinned, so the locked-memory limit does not apply
         memory = dataclasses.replace(memory, memlock_limit=None)
-    check_host_tier_size(num_tokens * layout.bytes_per_token, ranks_on_host, memory)
+    check_host_tier_size(num_tokens * layout.bytes_per_token, ranks_on_host, memory,
+                         ranks_on_node=ranks_on_node)
     pool = HostKVPool(layout, num_tokens, page, p0.dtype, pin_memory=p0.is_cuda,
                       numa_node=numa_node, page_major=path == "direct")
     mover = _make_mover(path, planes, pool)

@@ -44,21 +44,26 @@ def read_host_memory(numa_node: int | None = None, root: Path = Path("/")) -> Ho
 
 
 def check_host_tier_size(asked_bytes: int, ranks_on_host: int, memory: HostMemory,
-                         flag: str = "--rota-host-kv-gb") -> None:
-    """Raise HostTierSizeError unless ``ranks_on_host`` tiers of ``asked_bytes`` fit."""
-    total = asked_bytes * ranks_on_host
-    limits = [("MemAvailable", memory.mem_available, MAX_SHARE_OF_AVAILABLE)]
+                         flag: str = "--rota-host-kv-gb", ranks_on_node: int | None = None
+                         ) -> None:
+    """Raise HostTierSizeError unless ``ranks_on_host`` tiers of ``asked_bytes`` fit the host,
+    and ``ranks_on_node`` of them (default: all) the bound NUMA node."""
+    share = MAX_SHARE_OF_AVAILABLE
+    limits = [("this host", "MemAvailable", memory.mem_available, ranks_on_host)]
     if memory.cgroup_room is not None:
-        limits.append(("the cgroup's memory limit", memory.cgroup_room, MAX_SHARE_OF_AVAILABLE))
+        limits.append(("this host", "the cgroup's memory limit", memory.cgroup_room,
+                       ranks_on_host))
     if memory.numa_free is not None:
-        limits.append(("the NUMA node's free memory", memory.numa_free, MAX_SHARE_OF_AVAILABLE))
-    for name, room, share in limits:
+        limits.append(("its NUMA node", "the NUMA node's free memory", memory.numa_free,
+                       ranks_on_node or ranks_on_host))
+    for where, name, room, ranks in limits:
+        total = asked_bytes * ranks
         if total > share * room:
             raise HostTierSizeError(
-                f"{flag} {asked_bytes / GB:g} per rank x {ranks_on_host} rank(s) on this host = "
+                f"{flag} {asked_bytes / GB:g} per rank x {ranks} rank(s) on {where} = "
                 f"{total / GB:.1f} GB of pinned memory, but {name} leaves {room / GB:.1f} GB "
                 f"(a tier may take {share:.0%} of it: at most "
-                f"{share * room / ranks_on_host / GB:.1f} GB per rank); lower {flag}")
+                f"{share * room / ranks / GB:.1f} GB per rank); lower {flag}")
     if memory.memlock_limit is not None and asked_bytes > memory.memlock_limit:
         raise HostTierSizeError(
             f"{flag} {asked_bytes / GB:g} per rank exceeds the locked-memory limit of "

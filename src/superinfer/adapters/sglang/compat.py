@@ -227,6 +227,17 @@ def scheduler_ranks(scheduler: Any) -> tuple[int, int]:
     return parallel.tp_rank, dp_rank or 0
 
 
+def scheduler_gpu_id(scheduler: Any) -> int:
+    """The CUDA device a scheduler process runs on (``scheduler.ps.gpu_id``; from 0.5.21 the
+    runtime context's ``get_device()``)."""
+    ps = getattr(scheduler, "ps", None)
+    if ps is not None:
+        return ps.gpu_id
+    from sglang.srt.runtime_context import get_device
+
+    return get_device().gpu_id
+
+
 # --- admission -------------------------------------------------------------------------------
 
 

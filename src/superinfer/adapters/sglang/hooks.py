@@ -16,6 +16,8 @@ binding probe alone, ``--rota-monitor`` under another policy):
 - ``abort_request``: aborts reach requests that are rotated out.
 - ``is_fully_idle``: rotated-out requests keep the scheduler awake; entering idle logs the
   pool check (device and host back at their initial free sizes) and the binding record.
+- ``init_load_inquirer``: the load SGLang publishes (``/v1/loads``, ``/get_load``, DP
+  balancing, the router) counts rotated-out requests (``load_signal.RotationAwareLoad``).
 """
 
 from __future__ import annotations
@@ -126,6 +128,15 @@ def _is_fully_idle(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     return idle
 
 
+def _init_load_inquirer(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    rot = _rotator(self)
+    if rot is not None and hasattr(self, "load_inquirer"):
+        from .load_signal import RotationAwareLoad
+
+        self.load_inquirer = RotationAwareLoad(self.load_inquirer, rot.away_load)
+    return result
+
+
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -137,5 +148,6 @@ def register() -> None:
         ("process_batch_result", _process_batch_result, after),
         ("abort_request", _abort_request, after),
         ("is_fully_idle", _is_fully_idle, after),
+        ("init_load_inquirer", _init_load_inquirer, after),
     ):
         HookRegistry.register(f"{_SCHED}.{name}", hook, kind)

@@ -25,14 +25,16 @@ _COUNTERS = {
 class RotationMetrics:
     """Publishes counter deltas and tier gauges; a no-op when metrics are off."""
 
-    def __init__(self, enabled: bool, tp_rank: int) -> None:
+    def __init__(self, enabled: bool, tp_rank: int, dp_rank: int = 0) -> None:
         self._enabled = enabled
         self._last = dict.fromkeys(_COUNTERS, 0)
         if not enabled:
             return
         from prometheus_client import Counter, Gauge
 
-        labels = {"tp_rank": str(tp_rank)}
+        # Under --dp-size every replica has a TP rank 0: the DP rank keeps their series apart
+        # (SGLang's own scheduler metrics carry both too).
+        labels = {"tp_rank": str(tp_rank), "dp_rank": str(dp_rank)}
         self._counters = {
             n: Counter(f"superinfer:{n}_total", doc, labelnames=list(labels)).labels(**labels)
             for n, doc in _COUNTERS.items()

@@ -33,6 +33,7 @@ from .binding_probe import BindingProbe
 from .kv_ops import SglangKV, device_planes
 from .metrics import RotationMetrics
 from .pacing import PrefillPacer
+from .placement import tier_placement
 from .stats import RotationStats, format_record
 from .tp_sync import TpAgreement
 
@@ -54,10 +55,15 @@ class Rotator:
         self.costs = CostModel()
         self.stats = RotationStats()
         planes = device_planes(scheduler.token_to_kv_pool_allocator.get_kvcache())
+        on_gpu = planes[0][0].is_cuda
+        self.placement = tier_placement(scheduler.server_args,
+                                        compat.scheduler_gpu_id(scheduler) if on_gpu else None,
+                                        config.host_numa_node)
         self.tier, self.tier_spec = build_host_tier(
             planes, self.kv.page_size, config.host_kv_gb, config.mover,
-            config.keep_host_copy, config.host_numa_node,
-            ranks_on_host=ranks_on_host(scheduler.server_args), fail_copies=test_fail_copies())
+            config.keep_host_copy, self.placement.numa_node,
+            ranks_on_host=self.placement.ranks_on_host,
+            ranks_on_node=self.placement.ranks_on_node, fail_copies=test_fail_copies())
         self.pacer = PrefillPacer(scheduler, self.policy, config.min_prefill_chunk)
         self.binding = BindingProbe(scheduler)
         self._room_needed = False  # the last plan's EDF head waited for room
@@ -69,7 +75,7 @@ class Rotator:
         self._next_report_s = 0.0
         self._idle_checked = False
         self._ranks = compat.scheduler_ranks(scheduler)
-        self.metrics = RotationMetrics(bool(scheduler.server_args.enable_metrics), self._ranks[0])
+        self.metrics = RotationMetrics(bool(scheduler.server_args.enable_metrics), *self._ranks)
         self.initial_host_tokens = self.tier.pages.available_size()
         self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
         self._last_decode_launch: float | None = None
@@ -77,7 +83,8 @@ class Rotator:
         spec = self.tier_spec
         self._record("start", policy=config.policy, host_kv_gb=config.host_kv_gb,
                      host_tokens=spec.host_tokens, host_page=spec.host_page, mover=spec.mover,
-                     path=spec.path)
+                     path=spec.path, numa_node=self.placement.numa_node,
+                     ranks_on_host=self.placement.ranks_on_host)
 
     # --- the per-iteration step -----------------------------------------------------------
     def step(self, running: ScheduleBatch) -> ScheduleBatch:
@@ -382,6 +389,12 @@ class Rotator:
                      aborted_while_rotated=self.stats.aborted_while_rotated, check_error=error)
         self.times_rotated.clear()
 
+    def away_load(self) -> tuple[int, int]:
+        """Requests away from the device batch (rotating out, on the host, rotating in) and
+        their KV tokens: load that SGLang's own figures miss (``load_signal``). One whose copy
+        out is in flight still holds its device KV too, counted twice for a step or two."""
+        return len(self.away), sum(r.seqlen for r in self.away.values())
+
     def busy(self) -> bool:
         """Requests away from the batch (or copies in flight) keep the scheduler awake."""
         return self.tier.busy()
@@ -394,13 +407,3 @@ class Rotator:
             raise AssertionError(f"tier holds {sorted(self.tier.away_ids())} away, "
                                  f"rotator {sorted(self.away)}")
 
-
-def ranks_on_host(server_args: object) -> int:
-    """Scheduler processes on this host, each with its own host tier: TP x PP ranks, times DP
-    replicas unless DP attention shares the TP ranks, over the nodes."""
-    tp = getattr(server_args, "tp_size", 1) or 1
-    pp = getattr(server_args, "pp_size", 1) or 1
-    dp = getattr(server_args, "dp_size", 1) or 1
-    if getattr(server_args, "enable_dp_attention", False):
-        dp = 1
-    return max(tp * pp * dp // max(getattr(server_args, "nnodes", 1) or 1, 1), 1)
