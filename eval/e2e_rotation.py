@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                     help="baselines serve the burst again in reverse order (determinism floor)")
     ap.add_argument("--num", type=int, default=300, help="burst requests")
+    ap.add_argument("--burst-rate", type=float, default=None,
+                    help="send the burst as Poisson arrivals at this rate, req/s (default: all "
+                         "at once)")
     ap.add_argument("--start", type=int, default=0, help="first trace row")
     ap.add_argument("--max-prompt", type=int, default=1500)
     ap.add_argument("--min-output", type=int, default=32)

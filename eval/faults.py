@@ -7,7 +7,8 @@ eval/results/faults.json: one entry per case with ``case``, ``expected``, ``obse
 - ``pinning_failure``: a locked-memory limit (``ulimit -l``) under the tier's size: the same,
   naming the limit.
 - ``d2h_copy_failure`` / ``h2d_copy_failure``: ``SUPERINFER_TEST_FAIL_COPY`` fails one
-  rotation copy each way during eval.e2e_rotation's burst (outputs against an uncapped baseline)
+  rotation copy each way during eval.e2e_rotation's burst (Poisson arrivals at ``--burst-rate``;
+  outputs against an uncapped baseline)
   and abort soak; asked for together, one run injects both (half the device time). A failed
   rotate-out leaves its request decoding (every output still equal); a failed rotate-in fails
   exactly that request with an error (the others equal). Either way the failure is logged and
@@ -85,7 +86,8 @@ def e2e_case(name: str, args: argparse.Namespace, expected: str, env: dict[str, 
     out = args.out_dir / f"{name}.json"
     raw = args.out_dir / name
     cmd = [sys.executable, "-m", "eval.e2e_rotation", "--servers", "baseline", "rota_p1",
-           "--soak-servers", "rota_p1", "--num", str(args.num), "--max-prompt", "1000",
+           "--soak-servers", "rota_p1", "--num", str(args.num), "--burst-rate",
+           str(args.burst_rate), "--max-prompt", "1000",
            "--max-output", "128", "--model-path", str(args.model_path),
            "--budget", str(args.case_budget), "--out", str(out), "--out-dir", str(raw), *extra]
     shown = " ".join(f"{k}={v}" for k, v in env.items())
@@ -196,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/faults"),
                     help="server logs and each e2e run's JSON and records")
     ap.add_argument("--num", type=int, default=100, help="burst requests per e2e case")
+    ap.add_argument("--burst-rate", type=float, default=20.0,
+                    help="the burst's Poisson arrival rate, req/s: spread enough that memory, "
+                         "not compute, binds, so requests rotate and the injected copies fail "
+                         "where outputs are compared (all at once, no request rotates)")
     ap.add_argument("--case-budget", type=float, default=420.0,
                     help="wall seconds for each e2e case (eval.e2e_rotation --budget)")
     ap.add_argument("--startup-timeout", type=float, default=300.0)

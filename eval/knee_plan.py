@@ -3,7 +3,9 @@
 The matrix's GPU points run "three rates around each model's knee", and a model's knee is not
 known before it is profiled. This finds it the way eval.sim_matrix does (fcfs, Poisson, TTFT 1 s
 / TBT 100 ms, the same KV memory in GB for every model, so the cap in tokens follows from the
-model's bytes per token) and writes an eval.sweep_plan plan: each trace at knee x ``--factors``
+model's bytes per token), but by default where fcfs starts to miss either SLO, not the TTFT SLO
+alone (``--knee-metric``: a model whose decode binds first loses TBT long before TTFT), and
+writes an eval.sweep_plan plan: each trace at knee x ``--factors``
 (rounded to 0.5 req/s), the named systems back to back in one queue. The simulator's JSON (knees
 and its predictions at those rates) goes to ``--sim-out``; with ``--resume`` the knees already
 there are kept, so a second trace costs no second search. Runs where the profile is: on the GPU
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     ap.add_argument("--sim-out", type=Path, required=True, help="eval.sim_matrix's JSON")
     ap.add_argument("--resume", action="store_true", help="keep knees already in --sim-out")
+    ap.add_argument("--knee-metric", choices=sorted(sim_matrix.KNEE_METRICS), default="both",
+                    help="both (default): where fcfs keeps under 90%% within both SLOs, so the "
+                         "points sit where the baseline starts to miss either; ttft: the sim "
+                         "matrix's knee")
     ap.add_argument("--server-extra", nargs=argparse.REMAINDER, default=SERVER_EXTRA)
     ap.add_argument("--out", type=Path, required=True, help="the plan")
     args = ap.parse_args(argv)
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     sim_argv = ["--gpu", args.gpu, "--models", args.model, "--models-dir", str(args.models_dir),
                 "--traces", *args.traces, "--arrivals", "poisson", "--ttft-slos", "1",
                 "--tbt-slos", "0.1", "--rate-factors", *map(str, args.factors),
-                "--num", str(args.num), "--kv-gb", str(args.kv_gb), "--out", str(args.sim_out)]
+                "--num", str(args.num), "--kv-gb", str(args.kv_gb), "--out", str(args.sim_out),
+                "--knee-metric", args.knee_metric]
     sim_matrix.main(sim_argv + (["--resume"] if args.resume else []))
     knees = json.loads(args.sim_out.read_text())["knees"]
     plan = build_plan(args.model, args.gpu, knees, args.traces, args.factors, args.systems,

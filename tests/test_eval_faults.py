@@ -106,3 +106,21 @@ def test_both_copy_failures_come_from_one_run(tmp_path, monkeypatch):
     assert cases["d2h_copy_failure"]["passed"] and cases["h2d_copy_failure"]["passed"]
     assert "the other direction fails too" in cases["d2h_copy_failure"]["expected"]
     assert doc["not_run"] == {"full_tier": "later"}
+
+
+def test_the_copy_failure_burst_is_spread_so_requests_rotate(tmp_path, monkeypatch):
+    """All at once, every request is late at once and none rotates (no copy to fail where
+    outputs are compared): the e2e run gets the burst as arrivals at --burst-rate."""
+    cmds = []
+
+    def run(cmd, **kw):
+        if "eval.e2e_rotation" in cmd:
+            cmds.append(cmd)
+        return faults.subprocess.CompletedProcess(cmd, 1, "", "")
+
+    monkeypatch.setattr(faults.subprocess, "run", run)
+    faults.main(["--cases", "d2h_copy_failure", "--burst-rate", "15",
+                 "--out", str(tmp_path / "f.json"), "--out-dir", str(tmp_path)])
+    (cmd,) = cmds
+    assert cmd[cmd.index("--burst-rate") + 1] == "15.0"
+    assert not json.loads((tmp_path / "f.json").read_text())["cases"][0]["passed"]  # no result

@@ -43,3 +43,19 @@ def test_bad_sizes_are_refused_before_any_simulation(tmp_path: Path, flag):
         knee_plan.main(["--model", "llama-3.1-8b", "--gpu", "h100", "--sim-out",
                         str(tmp_path / "k.json"), "--out", str(tmp_path / "p.json"), *flag])
     assert not (tmp_path / "k.json").exists()
+
+
+def test_the_default_knee_is_where_either_slo_starts_to_miss(tmp_path: Path):
+    """DeepSeek-V2-Lite with 7.9 GB of KV holds 250k tokens: decode binds long before memory,
+    so fcfs misses TBT at rates where every TTFT holds. The plan's knee (both SLOs) sits below
+    the sim matrix's (TTFT alone), and a --resume with the other metric searches again."""
+    def knee(metric: str) -> float:
+        out = tmp_path / f"plan_{metric}.json"
+        knee_plan.main(["--model", "deepseek-v2-lite", "--gpu", "h100", "--num", "150",
+                        "--factors", "1", "--sim-out", str(tmp_path / "knees.json"), "--resume",
+                        "--out", str(out), "--knee-metric", metric])
+        (rec,) = json.loads(out.read_text())["knees"].values()
+        return rec["knee"]
+
+    both, ttft = knee("both"), knee("ttft")
+    assert both < 0.75 * ttft

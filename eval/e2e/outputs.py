@@ -19,7 +19,15 @@ def forced(spec: RequestSpec, arrival: float, min_output: int, max_output: int) 
 
 
 def burst_specs(rows: list[TraceRow], args: argparse.Namespace) -> list[RequestSpec]:
-    """The correctness burst: trace lengths (prompts capped, outputs forced), all sent at t=0."""
+    """The correctness burst: trace lengths (prompts capped, outputs forced), all sent at t=0,
+    or with ``--burst-rate`` as Poisson arrivals at that rate: rotasched does not rotate for a
+    burst whose requests are late at once (compute binds; moving bytes buys nothing), so a
+    check that needs rotations, such as eval.faults's copy failures, spreads the burst out."""
+    rate = getattr(args, "burst_rate", None)
+    if rate:
+        specs = make_specs(rows, num=args.num, start=args.start, arrival="poisson", rate=rate,
+                           seed=args.seed, max_prompt=args.max_prompt)
+        return [forced(s, s.arrival, args.min_output, args.max_output) for s in specs]
     specs = make_specs(rows, num=args.num, start=args.start, max_prompt=args.max_prompt)
     return [forced(s, 0.0, args.min_output, args.max_output) for s in specs]
 

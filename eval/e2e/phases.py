@@ -39,7 +39,9 @@ def correctness_phase(args: argparse.Namespace, up: list[Server], specs: list[Re
         result["skipped"].append({"phase": "correctness", "reason": "budget"})
         log("correctness: skipped (budget)")
         return
-    log(f"correctness: {len(specs)} requests at once to {', '.join(s.name for s in up)} "
+    spread = max((s.arrival for s in specs), default=0.0)
+    when = f"over {spread:.0f}s" if spread else "at once"
+    log(f"correctness: {len(specs)} requests {when} to {', '.join(s.name for s in up)} "
         f"(limit {limit:.0f}s)")
     outs = asyncio.run(_bursts(args, up, specs, limit))
     for s in up:
