@@ -221,12 +221,21 @@ def profile_worker(server_args: Any, port_args: Any, bench_args: Any, gpu_id: in
 
     t0 = time.monotonic()
     max_b = max([r["batch_size"] for r in plan["points"]] + [1])
+    oom_from: int | None = None  # prefill tokens (batch x input) that ran out of memory
     for b, n, o in [*WARMUP, (max_b, 128, 4)]:
         if b * (n + o) <= capacity and (context is None or n + o <= context):
-            run_once(b, n, o)
+            try:
+                run_once(b, n, o)
+            except torch.cuda.OutOfMemoryError as e:
+                # e.g. a MoE model's workspace for the largest batch beside a full KV pool:
+                # the rows that big are skipped below instead of ending the profile
+                oom_from = b * n if oom_from is None else min(oom_from, b * n)
+                torch.cuda.empty_cache()
+                if lead:
+                    log(f"warm-up {b}x{n}: out of memory ({str(e).splitlines()[0][:120]}); "
+                        f"rows from {oom_from} prefill tokens on are skipped")
     if lead:
         log(f"warm-up done in {time.monotonic() - t0:.0f}s; {len(plan['points'])} rows")
-    oom_from: int | None = None
     for i, row in enumerate(plan["points"], 1):
         b, n, o = row["batch_size"], row["input_len"], row["output_len"]
         why = None

@@ -339,3 +339,22 @@ def test_simulator_runs_on_a_profile_and_names_missing_ones(tmp_path):
                           "--model", "no-such-model", "--gpu", "h100"],
                          capture_output=True, text=True, cwd=ROOT, check=False)
     assert run.returncode == 2 and "no GPU profile for model no-such-model" in run.stderr
+
+
+def test_a_warm_up_out_of_memory_skips_those_rows_instead_of_ending_the_profile(
+        monkeypatch, tmp_path):
+    """DeepSeek-V2-Lite beside a 1.25M-token pool on an H100: the warm-up's largest batch ran
+    out of memory, and the profile ended with no row measured."""
+    grid = profile_model.GRIDS["default"]
+    points, _ = profile_model.build_points(grid["prefill"], grid["decode"], repeats=1,
+                                           decode_steps=31, max_row_tokens=65536)
+    max_b = max(p["batch_size"] for p in points)
+    oom_at = max_b * 128  # the warm-up's (largest batch, 128 tokens) fails, its small rows do not
+    calls, rows = _run_worker(monkeypatch, tmp_path, points, oom_at=oom_at)
+    assert (max_b, 128, 4) in calls[:3]
+    body = rows[1:]
+    assert len(body) == len(points)
+    skipped = [r for r in body if "skipped" in r]
+    assert all(f"out of memory at {oom_at}" in r["skipped"] for r in skipped)
+    assert {r["batch_size"] * r["input_len"] >= oom_at for r in skipped} == {True}
+    assert sum("skipped" not in r for r in body) > 20
