@@ -52,6 +52,8 @@ SYSTEMS: dict[str, list[str]] = {
 SERIES = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s",
           "ttft_p50", "ttft_p90", "ttft_p99", "tbt_p50", "tbt_p99", "tbt_gap_attainment",
           "errors")
+# The rotator's cumulative plan counters, read from each replay's last idle record.
+PLAN_COUNTERS = ("rotations_out", "plans_decode_first", "plans_head_blocked")
 STOP_MARGIN_S = 40.0  # kept free at the end of the budget to stop a server cleanly
 STARTUP_GUESS_S = 150.0  # start-up on a fresh H200 until one server has been timed
 
@@ -163,8 +165,10 @@ def replay_rates(name: str, args: argparse.Namespace, rate_specs: list[list[Requ
         if not wait_idle(base, args.drain_timeout):
             give_up(i + 1, f"stopped after rate {rate}: server did not drain", "drain failed")
             return
-        binding = read_binding(server_log, log_offset)
+        logged = read_replay_records(server_log, log_offset)
+        binding = binding_summary(logged)
         sysres["binding"][i] = binding
+        sysres.setdefault("plan_counters", [None] * len(rates))[i] = plan_counters(logged)
         sysres["bound"][i] = binding["bound"] if binding else None
         write_json(args.out, result)
         if binding:
@@ -173,15 +177,25 @@ def replay_rates(name: str, args: argparse.Namespace, rate_specs: list[list[Requ
                 f"{_pct(binding['compute_wait_share'])})")
 
 
-def read_binding(server_log: Path, offset: int, settle_s: float = 1.0) -> dict[str, Any] | None:
-    """Which resource bound the replay that began at ``offset`` of the server's log: its
-    ``binding`` records added up. The scheduler logs the last one on going idle, so this waits
-    ``settle_s`` after the server reported idle."""
+def read_replay_records(server_log: Path, offset: int, settle_s: float = 1.0
+                        ) -> list[dict[str, Any]]:
+    """The stats records the server logged from ``offset`` on: the replay that began there. The
+    scheduler logs its last ones on going idle, so this waits ``settle_s`` after the server
+    reported idle."""
     time.sleep(settle_s)
     with open(server_log, "rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
-    return binding_summary(parse_records(text))
+    return parse_records(text)
+
+
+def plan_counters(records: list[dict[str, Any]]) -> dict[str, int] | None:
+    """The rotator's cumulative counters at the replay's last idle record (rank 0), None for a
+    server that does not rotate; one replay's own counts are the difference to the last one."""
+    idle = [r for r in records if r["kind"] == "idle" and r.get("tp_rank", 0) == 0]
+    if not idle:
+        return None
+    return {k: idle[-1][k] for k in PLAN_COUNTERS if k in idle[-1]}
 
 
 def _pct(x: float | None) -> str:

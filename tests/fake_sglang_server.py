@@ -121,7 +121,9 @@ class State:
                           "rotations_out": self.out, "rotated_reqs": len(counts),
                           "multi_rotated_reqs": sum(c > 1 for c in counts),
                           "max_per_req": max(counts, default=0),
-                          "aborted_while_rotated": self.aborted_rotated, "check_error": None})
+                          "aborted_while_rotated": self.aborted_rotated,
+                          "plans_decode_first": self.out, "plans_head_blocked": 0,
+                          "check_error": None})
         self.period.clear()
 
     def stats(self) -> None:

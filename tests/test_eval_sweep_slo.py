@@ -44,6 +44,11 @@ def test_sweep_runs_every_system_and_rate(tmp_path: Path, port_base: int) -> Non
         # each replay's binding records, added up (the stand-in logs one per busy period)
         assert system["bound"] == ["memory", "memory"]
         assert all(b["prefill_share"] == 0.4 for b in system["binding"])
+    # the rotator's plan counters at each replay's idle record (none under fcfs: no rotator)
+    assert doc["systems"]["fcfs"]["plan_counters"] == [None, None]
+    counters = doc["systems"]["rotasched"]["plan_counters"]
+    assert all(c["plans_decode_first"] == c["rotations_out"] for c in counters)
+    assert counters[1]["rotations_out"] >= counters[0]["rotations_out"]  # cumulative
     assert "--rota-monitor" in doc["systems"]["fcfs"]["flags"]
     rota_log = Path(doc["systems"]["rotasched"]["server_log"]).read_text()
     assert [r["kind"] for r in parse_records(rota_log)][0] == "start"  # the server's own log

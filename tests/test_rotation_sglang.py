@@ -326,6 +326,10 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
     assert len(idle) == 2
     assert idle[0]["device_free"] == 1024 and idle[0]["device_total"] == 1024
     assert idle[0]["table"] == 0
+    # the plan counters ride on every idle record, so a replay that never rotates (no stats
+    # records) still tells how often prefill waited for a decode step
+    assert idle[1]["plans_decode_first"] == rot.stats.plans_decode_first
+    assert idle[1]["plans_head_blocked"] == rot.stats.plans_head_blocked
 
 
 def test_chunked_prefill_request_is_never_a_victim():

@@ -386,7 +386,9 @@ class Rotator:
                      table=len(self.policy), rotations_out=self.stats.rotations_out,
                      rotated_reqs=len(counts), multi_rotated_reqs=sum(c > 1 for c in counts),
                      max_per_req=max(counts, default=0),
-                     aborted_while_rotated=self.stats.aborted_while_rotated, check_error=error)
+                     aborted_while_rotated=self.stats.aborted_while_rotated,
+                     plans_decode_first=self.stats.plans_decode_first,
+                     plans_head_blocked=self.stats.plans_head_blocked, check_error=error)
         self.times_rotated.clear()
 
     def away_load(self) -> tuple[int, int]:

@@ -7,7 +7,8 @@ the wording of a log message. Four kinds:
 - ``start``: once per scheduler process (policy, host tier size and page, mover, data path);
 - ``stats``: every few seconds while requests rotate (cumulative counters, tier gauges);
 - ``idle``: once per idle period (pools back at their initial free sizes, per-request counts
-  for the busy period that just ended);
+  for the busy period that just ended, the cumulative plan counters: a replay that never
+  rotates logs no ``stats`` record);
 - ``binding``: every few seconds while busy and once on going idle, under rotasched or
   ``--rota-monitor``: seconds of prefill, decode and idle GPU time, of requests waiting for
   room or for the GPU, and the bound they add up to (``policy.binding``), with ``wall_s``.
