@@ -3,6 +3,7 @@ FutureMap and ScheduleBatch (see sglang_parts.py). Only the model forward is sto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 from collections import deque
@@ -14,6 +15,7 @@ import torch
 from sglang_parts import SchedulerParts
 
 from superinfer.adapters.sglang import compat
+from superinfer.adapters.sglang.pacing import joins_running
 from superinfer.adapters.sglang.rotator import Rotator
 from superinfer.adapters.sglang.stats import parse_records
 from superinfer.adapters.sglang.tp_sync import TpAgreement
@@ -357,18 +359,18 @@ def test_paced_prefill_limits_then_restores_the_scheduler():
     queue = [parts.make_req("w", 10)]
     parts.waiting_queue = list(queue)
     rot.pacer.prefill_budget = 1000
-    with rot.pacer.paced_prefill(batch):
+    with rot.pacer.paced_prefill(not batch.is_empty()):
         assert parts.max_prefill_tokens == 992  # page-aligned
         assert parts.chunked_prefill_size == 8192  # chunks run back to back: never shrunk
         assert parts.waiting_queue == queue
     rot.pacer.prefill_budget = 0  # no slack left: decode first, prefill waits
-    with rot.pacer.paced_prefill(batch):
+    with rot.pacer.paced_prefill(not batch.is_empty()):
         assert parts.waiting_queue == []
         parts.waiting_queue.append(late := parts.make_req("late", 10))  # arrives meanwhile
     assert (parts.max_prefill_tokens, parts.chunked_prefill_size) == (16384, 8192)
     assert parts.waiting_queue == queue + [late]
     rot.pacer.prefill_budget = None
-    with rot.pacer.paced_prefill(batch):
+    with rot.pacer.paced_prefill(not batch.is_empty()):
         assert parts.max_prefill_tokens == 16384
 
 
@@ -381,7 +383,7 @@ def test_paced_prefill_shows_sglang_only_the_admitted_requests():
     parts.waiting_queue = []
     enqueue(parts, rot, a, b, c, d)
     rot.pacer.prefill_budget, rot.pacer.admitted = 1000, ["c", "a"]
-    with rot.pacer.paced_prefill(batch):
+    with rot.pacer.paced_prefill(not batch.is_empty()):
         assert parts.waiting_queue == [a, c]  # SGLang's order kept; b and d hidden
         parts.waiting_queue = [c]  # SGLang took a
         parts.waiting_queue.append(late := parts.make_req("late", 10))
@@ -389,13 +391,13 @@ def test_paced_prefill_shows_sglang_only_the_admitted_requests():
     # no pacing: the admissions still bound it
     rot.pacer.prefill_budget, rot.pacer.admitted = None, ["d"]
     parts.waiting_queue = [b, d]
-    with rot.pacer.paced_prefill(batch):
+    with rot.pacer.paced_prefill(not batch.is_empty()):
         assert parts.waiting_queue == [d]
         assert parts.max_prefill_tokens == 16384
     assert parts.waiting_queue == [d, b]
     stray = parts.make_req("stray", 10)  # queued behind every hook's back: never hidden
     parts.waiting_queue = [b, stray, d]
-    with rot.pacer.paced_prefill(batch):
+    with rot.pacer.paced_prefill(not batch.is_empty()):
         assert parts.waiting_queue == [stray, d]
 
 
@@ -826,3 +828,69 @@ def test_no_rotator_no_wrapper():
     sched = types.SimpleNamespace(load_inquirer=inner)
     hooks._init_load_inquirer(None, sched)
     assert sched.load_inquirer is inner
+
+
+def test_decode_first_holds_right_after_a_prefill_with_nothing_else_running():
+    """SGLang merges the last prefill batch into the running batch inside the very call the
+    hook wraps, so the running batch the hook sees can be empty while streams that just got
+    their first token are about to decode. Decode first must still hide the queue: else the
+    next prefill (and the chunks after it) stalls those streams."""
+    parts, rot = fresh()
+    a = parts.make_req("a", 40)
+    enqueue(parts, rot, a)
+    last = parts.prefill([a])
+    parts.waiting_queue.clear()
+    rot.on_batch_result(last)
+    enqueue(parts, rot, parts.make_req("b", 30))
+    queue = list(parts.waiting_queue)
+    running = parts.empty_batch()  # `a` not merged yet
+    rot.step(running, last)
+    assert rot.streams_decoding
+    rot.pacer.prefill_budget = 0
+    with rot.pacer.paced_prefill(rot.streams_decoding):
+        assert parts.waiting_queue == []
+    assert parts.waiting_queue == queue
+    # nothing prefilled last and nothing running: no decode step to put first
+    rot.step(running, None)
+    assert not rot.streams_decoding
+    with rot.pacer.paced_prefill(rot.streams_decoding):
+        assert parts.waiting_queue == queue
+
+
+def test_a_prompt_cut_mid_way_does_not_join_the_running_batch():
+    parts, rot = fresh()
+    c = parts.make_req("c", 100)
+    enqueue(parts, rot, c)
+    last = parts.prefill([c], chunk=32)
+    assert parts.chunked_req is c
+    assert not joins_running(last, parts.chunked_req)
+    assert not joins_running(None, None)
+    assert not joins_running(parts.empty_batch(), None)
+    d = parts.make_req("d", 20)
+    enqueue(parts, rot, d)
+    assert joins_running(parts.prefill([d]), c)
+
+
+def test_the_hook_hands_sglangs_last_batch_to_the_step():
+    """SGLang 0.5.17-0.5.23 call get_next_batch_to_run(running_batch=..., last_batch=...)."""
+    from superinfer.adapters.sglang import hooks
+
+    seen = []
+
+    class Rot:
+        streams_decoding = True
+        pacer = types.SimpleNamespace(paced_prefill=lambda flag: seen.append(("paced", flag))
+                                      or contextlib.nullcontext())
+
+        def step(self, running, last):
+            seen.append(("step", running, last))
+            return running
+
+        def on_launch(self, batch):
+            seen.append(("launch", batch))
+
+    sched = types.SimpleNamespace(_superinfer_rotator=Rot())
+    plan = types.SimpleNamespace(batch_to_run="b")
+    out = hooks._get_next_batch_to_run(lambda self, running, **kw: plan, sched, "r",
+                                       last_batch="L")
+    assert out is plan and seen == [("step", "r", "L"), ("paced", True), ("launch", "b")]

@@ -70,9 +70,10 @@ def _get_next_batch_to_run(original: Callable, self: Any, running_batch: Any, *a
         if (probe := _probe(self)) is not None:
             probe.launched(plan.batch_to_run)
         return plan
-    running_batch = rot.step(running_batch)
+    last_batch = kwargs.get("last_batch", args[0] if args else None)
+    running_batch = rot.step(running_batch, last_batch)
     self.running_batch = running_batch
-    with rot.pacer.paced_prefill(running_batch):
+    with rot.pacer.paced_prefill(rot.streams_decoding):
         plan = original(self, running_batch, *args, **kwargs)
     rot.on_launch(plan.batch_to_run)  # SGLang 0.5.17 returns a NextBatchPlan
     return plan

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...policy import Policy, StepPlan
 from . import compat
 
 if TYPE_CHECKING:
-    from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.managers.scheduler import Scheduler
 
 
@@ -47,10 +46,12 @@ class PrefillPacer:
         return max(len(req.origin_input_ids) - compat.kv_allocated_len(req), 0)
 
     @contextmanager
-    def paced_prefill(self, running: ScheduleBatch) -> Iterator[None]:
+    def paced_prefill(self, streams_decoding: bool) -> Iterator[None]:
         """While SGLang builds this step's batch, hold its prefill to the plan: only the
         requests the plan admitted are in the waiting queue, under a prefill limit no larger
-        than the budget; none at all (decode first) when a decoding stream has no slack left.
+        than the budget; none at all (decode first) when a decoding stream has no slack left
+        (``streams_decoding``: there is a decode step to run instead, counting the requests
+        SGLang merges from the last prefill batch while it builds this one).
 
         Why hide the rest: with chunked prefill on, SGLang's PrefillAdder adds requests while
         any of its token limit remains and cuts the last one at the chunk size, and the cut
@@ -59,7 +60,7 @@ class PrefillPacer:
         stretch the stall."""
         s, budget = self.scheduler, self.prefill_budget
         saved_limit, queue = s.max_prefill_tokens, s.waiting_queue
-        if budget == 0 and not running.is_empty():
+        if budget == 0 and streams_decoding:
             s.waiting_queue = []
         elif self.admitted:
             # A request the policy does not know (queued by a path no hook sees) stays
@@ -90,3 +91,15 @@ class PrefillPacer:
         head = [by_rid[rid] for rid in front if rid in by_rid]
         chosen = {id(r) for r in head}
         self.scheduler.waiting_queue = head + [r for r in queue if id(r) not in chosen]
+
+
+def joins_running(last_batch: Any, chunked_req: Any) -> bool:
+    """Whether SGLang merges requests of ``last_batch`` into the running batch when its next
+    ``get_next_batch_to_run`` starts (after a hook on it has seen the running batch): those of
+    a prefill batch, but not a prompt cut mid-way (``chunked_req``, the batch's or the
+    scheduler's), which stays out until its last chunk."""
+    mode = getattr(last_batch, "forward_mode", None)  # None: no batch, or one never built
+    if mode is None or not mode.is_extend():
+        return False
+    cut = {id(chunked_req), id(getattr(last_batch, "chunked_req", None))}
+    return any(id(r) not in cut and not r.finished() for r in last_batch.reqs)

@@ -32,7 +32,7 @@ from . import batch_surgery, compat, translate
 from .binding_probe import BindingProbe
 from .kv_ops import SglangKV, device_planes
 from .metrics import RotationMetrics
-from .pacing import PrefillPacer
+from .pacing import PrefillPacer, joins_running
 from .placement import tier_placement
 from .stats import RotationStats, format_record
 from .tp_sync import TpAgreement
@@ -67,6 +67,7 @@ class Rotator:
         self.pacer = PrefillPacer(scheduler, self.policy, config.min_prefill_chunk)
         self.binding = BindingProbe(scheduler)
         self._room_needed = False  # the last plan's EDF head waited for room
+        self.streams_decoding = False  # this step has a decode step to run (see step)
         group = scheduler.tp_cpu_group if scheduler.server_args.tp_size > 1 else None
         self.tp = tp if tp is not None else TpAgreement(group)
         self.away: dict[str, Req] = {}  # SGLang's objects of the requests the tier holds away
@@ -87,11 +88,16 @@ class Rotator:
                      ranks_on_host=self.placement.ranks_on_host)
 
     # --- the per-iteration step -----------------------------------------------------------
-    def step(self, running: ScheduleBatch) -> ScheduleBatch:
-        """Before SGLang builds the next batch: finish transfers, plan, act."""
+    def step(self, running: ScheduleBatch, last_batch: ScheduleBatch | None = None
+             ) -> ScheduleBatch:
+        """Before SGLang builds the next batch: finish transfers, plan, act. ``last_batch``:
+        SGLang's previous batch, whose prefilled requests it merges into ``running`` only
+        after this step (they decode next unless another prefill comes first)."""
         self._iteration += 1
         running = self._collect(running)
         self.pacer.follow(None)
+        joining = joins_running(last_batch, self.scheduler.chunked_req)
+        self.streams_decoding = joining or not running.is_empty()
         if len(self.policy):
             self._idle_checked = False
         if self._iteration % _RECONCILE_EVERY == 0:
@@ -121,10 +127,11 @@ class Rotator:
         # prefill held back for a decode step (counted as eval.sim_policy counts it: requests
         # waiting, streams decoding, no chunked prompt that SGLang continues anyway)
         self.stats.plans_decode_first += (plan.prefill_token_budget == 0 and bool(s.waiting_queue)
-                                          and not running.is_empty() and s.chunked_req is None)
+                                          and self.streams_decoding and s.chunked_req is None)
         self.stats.plans_head_blocked += plan.head_blocked
         if plan.rotate_out:
             running = self.rotate_out(running, set(plan.rotate_out))
+            self.streams_decoding = joining or not running.is_empty()
         for rid in plan.rotate_in:
             self.rotate_in(rid)
         self.pacer.follow(plan)
