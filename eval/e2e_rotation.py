@@ -39,6 +39,7 @@ from eval.e2e.phases import checks_phase, correctness_phase, soak_phase
 from eval.e2e.reanalyze import reanalyze
 from eval.e2e.report import new_result, overall, server_entries, summary_table
 from eval.e2e.servers import (
+    DP2,
     EXTRA,
     SINGLE,
     TP2,
@@ -70,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="server logs, raw records, progress log and a copy of --out")
     ap.add_argument("--budget", type=float, default=540.0, help="wall seconds for everything")
     ap.add_argument("--tp2", action="store_true", help="also baseline_tp2 and rota_tp2 (2 GPUs)")
-    ap.add_argument("--servers", nargs="+", choices=SINGLE + TP2 + EXTRA, default=None,
+    ap.add_argument("--servers", nargs="+", choices=SINGLE + TP2 + DP2 + EXTRA,
+                    default=None,
                     help="start only these (default: the four single-GPU ones, + TP=2 with --tp2)")
     ap.add_argument("--soak-servers", nargs="+", default=None,
                     help="rotasched servers to soak (default: every rotasched server up)")
@@ -150,7 +152,7 @@ def print_plan(args: argparse.Namespace, plans: list[ServerPlan], skipped: list[
           f"budget {args.budget:g}s")
     for i, p in enumerate(plans):
         env = server_env(p)
-        extra = " SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK=0" if p.tp > 1 else ""
+        extra = " SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK=0" if p.n_gpus > 1 else ""
         print(f"\n# {p.name} (compared with {p.reference or '-'})\n"
               f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}{extra} "
               + shlex.join(server_cmd(args, p, args.port + 10 * i, args.deterministic)))

@@ -46,7 +46,7 @@ POLICIES = ("round_robin", "cache_aware", "power_of_two", "random")
 FIELDS = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s",
           "ttft_p50", "ttft_p99", "tbt_p99", "errors")
 STOP_MARGIN_S = 40.0
-STARTUP_GUESS_S = 150.0
+ROUTER_METRICS_OFFSET = 50  # the router's Prometheus port, from its own
 
 log = Progress()
 
@@ -64,10 +64,12 @@ def server_cmds(args: argparse.Namespace, system: str, ports: list[int]) -> list
 
 
 def router_cmd(args: argparse.Namespace, urls: list[str], policy: str, port: int) -> list[str]:
+    """The router in front of ``urls``; its Prometheus port (29000 by default) moves with its
+    own, so routers started one after another (or runs side by side) never collide."""
     launcher = shlex.split(args.router_launcher) if args.router_launcher else [
         sys.executable, "-m", "sglang_router.launch_router"]
     return [*launcher, "--worker-urls", *urls, "--policy", policy, "--host", "127.0.0.1",
-            "--port", str(port)]
+            "--port", str(port), "--prometheus-port", str(port + ROUTER_METRICS_OFFSET)]
 
 
 def setup_text(args: argparse.Namespace) -> str:
@@ -104,8 +106,8 @@ def start_servers(args: argparse.Namespace, system: str, stack: ExitStack,
 
 
 def start_router(args: argparse.Namespace, bases: list[str], policy: str, stack: ExitStack,
-                 tag: str) -> str | None:
-    port = args.router_port
+                 tag: str, nth: int) -> str | None:
+    port = args.router_port + nth  # a fresh port per router: no wait for the last one's socket
     router = ServerProcess(router_cmd(args, bases, policy, port),
                            args.raw_dir / f"router_{tag}_{policy}.log")
     base = f"http://127.0.0.1:{port}"
@@ -155,7 +157,9 @@ def run_system(args: argparse.Namespace, system: str, rate_specs: dict[float, li
         salt = 1
         for policy in args.policies:
             with ExitStack() as routed:
-                url = start_router(args, bases, policy, routed, system)
+                url = start_router(args, bases, policy, routed, system,
+                                   args.systems.index(system) * len(args.policies)
+                                   + args.policies.index(policy))
                 if url is None:
                     result["skipped"].append({"system": system, "routing": policy,
                                               "reason": "router failed to start"})

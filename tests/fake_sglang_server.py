@@ -5,7 +5,8 @@ It speaks what the script uses, in sglang 0.5.17's formats: /health, /generate (
 ``stream`` SSE with --incremental-streaming-output deltas, or one JSON answer), /flush_cache
 (200 only when idle), /metrics (Prometheus text), and it logs the rotator's stats records
 (``superinfer.adapters.sglang.stats.format_record``) the way SGLang's scheduler logger prints
-them (``[date time TPn] record`` with --tp-size > 1). Output ids depend only
+them (``[date time TPn] record`` with --tp-size > 1, ``[date time DPd TPn]`` with --dp-size >
+1). Output ids depend only
 on the prompt, so every server agrees. Under rotasched every request counts as rotated
 ``idx % 3`` times; a per-request SLO is checked by SuperInfer's own ``parse_request_slo`` under
 the --rota-* SLO flags, and a refused one is answered as SGLang + SuperInfer do (HTTP 400, or an
@@ -44,6 +45,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--dp-size", type=int, default=1)
     ap.add_argument("--schedule-policy", "--scheduler-policy", dest="policy", default="fcfs")
     ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--max-total-tokens", type=int, default=100000)
@@ -78,11 +80,14 @@ class State:
         self.busy_since: float | None = None
 
     def log(self, kind: str, fields: dict) -> None:
-        """One record per TP rank, as every rank's rotator logs its own."""
+        """One record per scheduler (TP rank of each DP replica), as every rank's rotator logs
+        its own, tagged the way SGLang's logger prefixes them."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        for rank in range(self.args.tp_size):
-            tag = f" TP{rank}" if self.args.tp_size > 1 else ""
-            sys.stderr.write(f"[{stamp}{tag}] {format_record(kind, rank, 0, fields)}\n")
+        for dp in range(self.args.dp_size):
+            for rank in range(self.args.tp_size):
+                tag = (f" DP{dp}" if self.args.dp_size > 1 else "") + (
+                    f" TP{rank}" if self.args.tp_size > 1 or self.args.dp_size > 1 else "")
+                sys.stderr.write(f"[{stamp}{tag}] {format_record(kind, rank, dp, fields)}\n")
         sys.stderr.flush()
 
     def begin(self) -> int:
@@ -200,8 +205,8 @@ async def metrics(request: web.Request) -> web.Response:
     lines = ["# TYPE sglang:num_running_reqs gauge",
              f"sglang:num_running_reqs {len(st.inflight)}.0"]
     if st.rota:
-        for rank in range(st.args.tp_size):
-            lab = f'{{tp_rank="{rank}"}}'
+        for rank, dp in ((t, d) for d in range(st.args.dp_size) for t in range(st.args.tp_size)):
+            lab = f'{{tp_rank="{rank}",dp_rank="{dp}"}}'
             lines += [f"superinfer:rotations_out_total{lab} {st.out}.0",
                       f"superinfer:rotations_in_total{lab} {st.in_}.0",
                       f"superinfer:bytes_d2h_total{lab} {st.out * BYTES_PER_ROTATION}.0",

@@ -45,8 +45,9 @@ def rotator_record_fields() -> dict[str, set[str]]:
 def record_line(prefix: str, kind: str, fields: dict) -> str:
     """A log line as SGLang's scheduler logger prints a record: the rank in the prefix's TPn tag
     (none at TP=1) is the rank the record carries."""
-    tag = re.search(r"\bTP(\d+)\b", prefix)
-    return f"{prefix} " + format_record(kind, int(tag.group(1)) if tag else 0, 0, fields)
+    tag, dp = re.search(r"\bTP(\d+)\b", prefix), re.search(r"\bDP(\d+)\b", prefix)
+    return f"{prefix} " + format_record(kind, int(tag.group(1)) if tag else 0,
+                                        int(dp.group(1)) if dp else 0, fields)
 
 
 def idle_line(prefix: str = "[2026-11-29 12:00:00]", **kw: int) -> str:
@@ -138,6 +139,28 @@ def test_phase_rotations_subtract_cumulative_and_sum_busy_periods():
     assert r["leaks"] == {"device_tokens": 16, "host_tokens": 16, "device_pages": 1,
                           "host_pages": 1, "table": 1, "clean": False}
     assert rs.phase_rotations([], [], 1) == {}
+
+
+def test_dp_replicas_are_kept_apart_and_their_totals_add_up():
+    """Under --dp-size 2 both replicas' schedulers are TP rank 0 ("[t DP1 TP0]" in SGLang's
+    log): each is its own rank for pools and leaks, and the server's rotations are the sum."""
+    text = "\n".join([start_line("[t DP0 TP0]"), start_line("[t DP1 TP0]")])
+    assert rs.rotator_ranks(text) == ["0", "dp1.tp0"]
+    during = rs.rotation_records("\n".join([
+        idle_line("[t DP0 TP0]", rotations_out=4, rotated_reqs=3, max_per_req=2),
+        idle_line("[t DP1 TP0]", rotations_out=6, rotated_reqs=5, max_per_req=1, table=1),
+    ]))
+    by_rank = rs.phase_rotations([], during, page_size=1)
+    assert list(by_rank) == ["0", "dp1.tp0"]
+    assert by_rank["0"]["leaks"]["clean"] and not by_rank["dp1.tp0"]["leaks"]["clean"]
+    total = rs.first_rank(by_rank)
+    assert (total["rotations_out"], total["rotated_reqs"], total["max_per_req"]) == (10, 8, 2)
+    assert total["replicas"] == 2 and total["leaks"] is None
+    assert rs.idle_leaks(by_rank)["dp1.tp0"]["table"] == 1
+    # TP ranks of one replica make the same decisions: one of them counts
+    tp = rs.phase_rotations([], rs.rotation_records("\n".join([
+        idle_line("[t TP0]", rotations_out=4), idle_line("[t TP1]", rotations_out=4)])), 1)
+    assert rs.first_rank(tp)["rotations_out"] == 4
 
 
 def test_phase_without_idle_check_falls_back_on_stats_lines():
@@ -290,8 +313,8 @@ def test_prometheus_check_keeps_dp_replicas_apart():
     two = PROM.replace('tp_rank="0"', 'tp_rank="0",dp_rank="0"').replace(
         'tp_rank="1"', 'tp_rank="0",dp_rank="1"')
     m = probes.check_metrics(probes.parse_prometheus(two))
-    assert m["ok"] and m["tp_ranks"] == ["dp0.tp0", "dp1.tp0"]
-    assert m["values"]["superinfer:rotations_out_total"] == {"dp0.tp0": 42.0, "dp1.tp0": 42.0}
+    assert m["ok"] and m["tp_ranks"] == ["0", "dp1.tp0"]
+    assert m["values"]["superinfer:rotations_out_total"] == {"0": 42.0, "dp1.tp0": 42.0}
 
 
 # --- plans and commands ---------------------------------------------------------------------
@@ -305,11 +328,18 @@ def test_plans_default_tp2_and_gpu_placement():
     assert all(p.gpus == (0,) for p in plans)
     plans, skipped = servers.plan_servers(args_for("--tp2"), 2, 50000)
     by = {p.name: p for p in plans}
-    assert by["baseline"].gpus == (1,) and by["rota_tp2"].gpus == (0, 1) and by["rota_tp2"].tp == 2
+    assert by["baseline"].gpus == (1,) and by["rota_tp2"].n_gpus == 2
     assert by["rota_tp2"].reference == "baseline_tp2" and by["rota_p16"].reference == "baseline"
     plans, skipped = servers.plan_servers(args_for("--tp2"), 1, 50000)
     assert [p.name for p in plans] == list(servers.SINGLE) and plans[0].gpus == (0,)
     assert [s["server"] for s in skipped] == list(servers.TP2)
+    # --dp-size 2: one replica per GPU, compared with an fcfs server of the same shape
+    dp = args_for("--servers", "baseline", "rota_p1", *servers.DP2)
+    by = {p.name: p for p in servers.plan_servers(dp, 2, 50000)[0]}
+    assert by["rota_dp2"].flags[:2] == ("--dp-size", "2") and by["rota_dp2"].gpus == (0, 1)
+    assert by["rota_dp2"].reference == "baseline_dp2" and by["baseline"].gpus == (1,)
+    plans, skipped = servers.plan_servers(dp, 1, 50000)
+    assert [s["server"] for s in skipped] == list(servers.DP2)
     args = args_for("--servers", "baseline", "rota_p16", "--baseline-gpu", "1")
     plans, _ = servers.plan_servers(args, 1, 9)
     assert [p.name for p in plans] == ["baseline", "rota_p16"] and plans[0].gpus == (1,)
@@ -356,14 +386,15 @@ def test_sglang_parser_accepts_every_command():
     from superinfer.adapters.sglang.cli import extend_server_args
 
     extend_server_args(sa)
-    args = args_for("--tp2", "--rota-extra", "--rota-policy lvf")
+    args = args_for("--servers", *servers.SINGLE, *servers.TP2, *servers.DP2, "--rota-extra",
+                    "--rota-policy lvf")
     plans, _ = servers.plan_servers(args, 2, 80000)
     for i, p in enumerate(plans):
         parser = argparse.ArgumentParser()
         sa.ServerArgs.add_cli_args(parser)
         ns = parser.parse_args(servers.server_cmd(args, p, 31000 + 10 * i, True)[3:])
         assert ns.enable_deterministic_inference and ns.load_format == "dummy"
-        assert ns.tp_size == p.tp and ns.page_size == p.page_size
+        assert ns.tp_size * ns.dp_size == p.n_gpus and ns.page_size == p.page_size
         assert ns.schedule_policy == ("rotasched" if p.rotasched else "fcfs")
         assert ns.max_total_tokens == (args.cap if p.rotasched else 80000)
         assert ns.enable_metrics == p.rotasched and ns.incremental_streaming_output
@@ -491,6 +522,20 @@ def test_script_end_to_end_on_stand_in_servers(tmp_path, port_base):
     assert r["correctness"]["baseline"]["control_reversed"]["n_equal"] == 16
     assert (tmp_path / "raw" / "server_rota_tp2.log").exists()
     assert (tmp_path / "raw" / "e2e.json").exists() and r["command"] and r["date"]
+
+
+def test_script_checks_a_dp2_server_against_its_own_baseline(tmp_path, port_base):
+    """--dp-size 2 (issue 16): outputs against an fcfs server of the same shape, each replica's
+    pools checked on its own after the abort soak."""
+    rc, r = run_script(tmp_path, port_base, "--gpus", "2", "--servers", "baseline", "rota_p1",
+                       *servers.DP2, "--no-control")
+    assert rc == 0 and r["passed"], json.dumps(r)[:3000]
+    assert r["correctness"]["rota_dp2"]["reference"] == "baseline_dp2"
+    assert r["correctness"]["rota_dp2"]["compare"]["n_equal"] == 16
+    assert r["servers"]["rota_dp2"]["rotator_ranks"] == ["0", "dp1.tp0"]
+    soak = r["soak"]["rota_dp2"]
+    assert set(soak["rotations_by_rank"]) == {"0", "dp1.tp0"}
+    assert all(v["clean"] for v in soak["leaks"].values())
 
 
 def test_script_retries_without_determinism_and_reports_leaks(tmp_path, port_base):

@@ -21,12 +21,13 @@ def test_both_systems_through_two_routing_policies(tmp_path: Path, port_base: in
     cmd = [sys.executable, "-m", "eval.scaleout", "--trace", str(TRACE), "--rates", "20",
            "--num", "16", "--servers", "2", "--gpus", "1", "--systems", "lpm", "rotasched",
            "--policies", "round_robin", "cache_aware", "--tail", "10", "--budget", "200",
-           "--port", str(port_base), "--router-port", str(port_base + 90),
+           "--port", str(port_base), "--router-port", str(port_base + 40),
            "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
            "--raw-dir", str(tmp_path / "raw")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     doc = json.loads(out.read_text())
+    assert doc["skipped"] == [], doc["skipped"]
     got = {(e["system"], e["routing"], e["rate"]): e for e in doc["entries"]}
     assert set(got) == {(s, r, rate) for s in ("lpm", "rotasched")
                         for r, rate in (("round_robin", 20), ("cache_aware", 20),

@@ -61,10 +61,10 @@ def parse_prometheus(text: str) -> Samples:
 
 
 def rank_of(labels: dict[str, str]) -> str:
-    """A series' scheduler rank: its TP rank, as ``dp<D>.tp<T>`` where it carries a DP rank
-    (every DP replica has a TP rank 0)."""
-    tp = labels.get("tp_rank", "?")
-    return f"dp{labels['dp_rank']}.tp{tp}" if "dp_rank" in labels else tp
+    """A series' scheduler, named as ``rotator_stats.rank_of`` names a record's: its TP rank,
+    as ``dp<D>.tp<T>`` for a DP replica past the first (every replica has a TP rank 0)."""
+    tp, dp = labels.get("tp_rank", "?"), labels.get("dp_rank", "0")
+    return tp if dp == "0" else f"dp{dp}.tp{tp}"
 
 
 def check_metrics(series: Samples) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 The rotator logs one JSON record per line (``superinfer.adapters.sglang.stats``): ``start`` once
 per scheduler process, ``stats`` every few seconds while rotating (cumulative counters), ``idle``
 once per idle period (pools against their initial free sizes, per-request counts of the busy
-period that just ended). Every record names its ``tp_rank``; these servers run without data
-parallelism, so the TP rank identifies the scheduler.
+period that just ended). Every record names its ``tp_rank`` and ``dp_rank``: a scheduler is
+its TP rank (``"0"``), or under ``--dp-size`` its replica's and TP rank (``"dp1.tp0"``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,28 @@ def rotation_records(text: str) -> list[Record]:
     return [r for r in parse_records(text) if r["kind"] in ("stats", "idle")]
 
 
-def rotator_ranks(text: str) -> list[int]:
-    """TP ranks that logged a start record (the plugin is active there)."""
-    return sorted({r["tp_rank"] for r in parse_records(text) if r["kind"] == "start"})
+def rank_of(record: Record) -> str:
+    """The scheduler that logged ``record``: its TP rank, prefixed by its DP replica's under
+    data parallelism (every replica has a TP rank 0)."""
+    dp = record.get("dp_rank") or 0
+    return f"dp{dp}.tp{record['tp_rank']}" if dp else str(record["tp_rank"])
+
+
+def rank_order(rank: str) -> tuple[int, int]:
+    """(DP rank, TP rank) of a ``rank_of`` key, for sorting."""
+    if rank.startswith("dp"):
+        dp, tp = rank[2:].split(".tp")
+        return int(dp), int(tp)
+    return 0, int(rank)
+
+
+def rotator_ranks(text: str) -> list[int | str]:
+    """Schedulers that logged a start record (the plugin is active there): TP ranks, or
+    ``rank_of`` keys where a DP replica past the first logged."""
+    starts = [r for r in parse_records(text) if r["kind"] == "start"]
+    if all(not r.get("dp_rank") for r in starts):
+        return sorted({r["tp_rank"] for r in starts})
+    return sorted({rank_of(r) for r in starts}, key=rank_order)
 
 
 def rotator_host_page(text: str) -> int:
@@ -62,9 +81,9 @@ def phase_rotations(before: list[Record], during: list[Record], page_size: int,
     (None). Stats records come every few seconds, so rotations after the last one count in the
     next phase."""
     out = {}
-    for rank in sorted({r["tp_rank"] for r in during}):
-        mine = [r for r in during if r["tp_rank"] == rank]
-        prev = [r for r in before if r["tp_rank"] == rank]
+    for rank in sorted({rank_of(r) for r in during}, key=rank_order):
+        mine = [r for r in during if rank_of(r) == rank]
+        prev = [r for r in before if rank_of(r) == rank]
         idle = [r for r in mine if r["kind"] == "idle"]
         prev_idle = [r for r in prev if r["kind"] == "idle"]
         stats = [r for r in prev + mine if r["kind"] == "stats"]
@@ -91,7 +110,7 @@ def phase_rotations(before: list[Record], during: list[Record], page_size: int,
                 carried_rotations=start - first["rotations_out"],
                 pools={k: last[k] for k in POOL_KEYS},
                 leaks=leak_summary(last, page_size, host_page))
-        out[str(rank)] = entry
+        out[rank] = entry
     return out
 
 
@@ -103,9 +122,27 @@ def idle_leaks(by_rank: dict[str, Record]) -> dict[str, Record] | None:
     return {r: v["leaks"] for r, v in by_rank.items()}
 
 
+SUMMED = ("rotations_out", "rotated_reqs", "multi_rotated_reqs", "aborted_while_rotated",
+          "carried_rotations", "idle_checks", "cumulative_in", "cumulative_fallbacks")
+
+
 def first_rank(by_rank: dict[str, Record]) -> Record:
-    """The lowest TP rank's entry ({} without any): totals count one rank, as TP=1 does."""
-    return by_rank[min(by_rank, key=int)] if by_rank else {}
+    """The server's totals ({} without any entry): TP ranks make the same decisions, so one
+    TP rank 0 counts them; DP replicas serve different requests, so theirs add up (counts
+    summed, ``max_per_req`` the largest; pools and leaks stay per rank)."""
+    if not by_rank:
+        return {}
+    leads = [by_rank[k] for k in sorted(by_rank, key=rank_order) if rank_order(k)[1] == 0]
+    if len(leads) == 1:
+        return leads[0]
+    total: Record = {"source": "+".join(sorted({e["source"] for e in leads})),
+                     "pools": None, "leaks": None, "replicas": len(leads)}
+    for key in SUMMED:
+        values = [e[key] for e in leads]
+        total[key] = None if None in values else sum(values)
+    per_req = [e["max_per_req"] for e in leads]
+    total["max_per_req"] = None if None in per_req else max(per_req)
+    return total
 
 
 def ranks_agree(records: list[Record]) -> Record:

@@ -26,6 +26,9 @@ DETERMINISM_WORDS = ("determinis", "batch_invariant", "batch invariant")
 
 SINGLE = ("baseline", "rota_p1", "rota_p16", "rota_p1_noradix")
 TP2 = ("baseline_tp2", "rota_tp2")
+# Data parallelism (--dp-size 2: one scheduler per GPU, SGLang's controller spreading requests):
+# rotasched's outputs against an fcfs server of the same shape; leaks checked per replica.
+DP2 = ("baseline_dp2", "rota_dp2")
 # Not run by default: 64-token pages, where --rota-mover auto picks the direct path (Llama-3.1-8B),
 # and kept host copies (--rota-keep-host-copy) or write-through on 16-token pages.
 EXTRA = ("rota_p64", "rota_p16_keep", "rota_p16_wt")
@@ -43,7 +46,7 @@ class ServerPlan:
     reference: str | None = None
 
     @property
-    def tp(self) -> int:
+    def n_gpus(self) -> int:
         return len(self.gpus)
 
 
@@ -52,13 +55,14 @@ def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
     """The servers to start, and those skipped (with the reason)."""
     names = list(args.servers or (SINGLE + TP2 if args.tp2 else SINGLE))
     skipped = []
-    if n_gpus < 2 and any(n in TP2 for n in names):
+    two = TP2 + DP2
+    if n_gpus < 2 and any(n in two for n in names):
         skipped = [{"server": n, "reason": f"needs 2 GPUs, found {n_gpus}"}
-                   for n in names if n in TP2]
-        names = [n for n in names if n not in TP2]
-    tp2 = any(n in TP2 for n in names)
-    # Next to the TP=2 pair, GPU 0 cannot also hold a baseline sized for the whole burst.
-    base_gpu = (1 if tp2 else 0) if args.baseline_gpu == "auto" else int(args.baseline_gpu)
+                   for n in names if n in two]
+        names = [n for n in names if n not in two]
+    pair = any(n in two for n in names)
+    # Next to a 2-GPU pair, GPU 0 cannot also hold a baseline sized for the whole burst.
+    base_gpu = (1 if pair else 0) if args.baseline_gpu == "auto" else int(args.baseline_gpu)
     fcfs = ("--schedule-policy", "fcfs", "--page-size", "1",
             "--max-total-tokens", str(baseline_tokens))
     rota = ("--max-total-tokens", str(args.cap), "--enable-metrics", "--rota-host-kv-gb",
@@ -82,6 +86,9 @@ def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
         "baseline_tp2": ServerPlan("baseline_tp2", ("--tp-size", "2", *fcfs), (0, 1), 1, False),
         "rota_tp2": ServerPlan("rota_tp2", ("--tp-size", "2", *rotasched(1)), (0, 1), 1, True,
                                "baseline_tp2"),
+        "baseline_dp2": ServerPlan("baseline_dp2", ("--dp-size", "2", *fcfs), (0, 1), 1, False),
+        "rota_dp2": ServerPlan("rota_dp2", ("--dp-size", "2", *rotasched(1)), (0, 1), 1, True,
+                               "baseline_dp2"),
     }
     return [table[n] for n in names], skipped
 
@@ -100,7 +107,7 @@ def server_env(plan: ServerPlan) -> dict[str, str]:
     gpus = visible_devices(plan.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=gpus)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # each server makes its own
-    if plan.tp > 1:
+    if plan.n_gpus > 1:
         # GPU 0 also holds the single-GPU servers: SGLang would refuse the unequal free memory.
         env["SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"] = "0"
     return env
