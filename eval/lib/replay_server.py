@@ -17,6 +17,8 @@ from eval.lib.replay import replay
 from eval.lib.server import ServerProcess, stop_servers
 from eval.lib.traces import RequestSpec
 
+EXIT_GRACE_S = 5.0  # after warm-up errors, how long a dying server gets to exit
+
 
 @dataclass(frozen=True)
 class ReadyServer:
@@ -50,6 +52,8 @@ def ready_server(name: str, cmd: list[str], port: int, log_path: Path, warmup: l
         ready = ReadyServer(base, time.monotonic() - server.started,
                             sum(r["error"] is not None for r in warm))
         log(f"{name}: up in {ready.startup_s:.0f}s (warm-up errors: {ready.warmup_errors})")
+        if ready.warmup_errors:  # a server that is dying may take a moment to be gone
+            _wait_exit(server, EXIT_GRACE_S)
         if not server.alive():
             first = next((r["error"] for r in warm if r["error"] is not None), None)
             give_up(f"server exited during warm-up (first error: {first}), see {log_path}",
@@ -63,3 +67,9 @@ def ready_server(name: str, cmd: list[str], port: int, log_path: Path, warmup: l
         yield ready
     finally:
         stop_servers([server], grace_s=30.0)
+
+
+def _wait_exit(server: ServerProcess, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while server.alive() and time.monotonic() < end:
+        time.sleep(0.1)
