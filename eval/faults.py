@@ -8,11 +8,10 @@ eval/results/faults.json: one entry per case with ``case``, ``expected``, ``obse
   naming the limit.
 - ``d2h_copy_failure`` / ``h2d_copy_failure``: ``SUPERINFER_TEST_FAIL_COPY`` fails one
   rotation copy each way during eval.e2e_rotation's burst (Poisson arrivals at ``--burst-rate``;
-  outputs against an uncapped baseline)
-  and abort soak; asked for together, one run injects both (half the device time). A failed
-  rotate-out leaves its request decoding (every output still equal); a failed rotate-in fails
-  exactly that request with an error (the others equal). Either way the failure is logged and
-  counted, and no page leaks.
+  outputs against an uncapped baseline) and abort soak; asked for together, one run injects
+  both (half the device time). A failed rotate-out leaves its request decoding (every output
+  still equal); a failed rotate-in fails exactly that request with an error (the others
+  equal). Either way the failure is logged and counted, and no page leaks.
 - ``full_tier``: a host tier that holds only a few requests, through the burst and a soak of
   minutes: rotations fall back to SGLang's retraction, outputs stay equal, nothing leaks.
 - ``long_soak``: at least 30 minutes against one server. Recorded as not run when

@@ -101,3 +101,11 @@ def test_sysfs_reading(tmp_path: Path):
 def test_a_pool_off_the_gpu_is_never_bound_by_auto():
     args = _args(dp_size=2)
     assert tier_placement(args, None, "auto", _node_of, [0, 1], lambda: True).numa_node is None
+
+
+def test_a_gpu_this_process_cannot_see_has_no_node():
+    """torch raises for a device id it cannot see (or without a driver): placement falls back
+    to first touch instead of failing the server's start."""
+    from superinfer.adapters.sglang.placement import cuda_gpu_numa_node
+
+    assert cuda_gpu_numa_node(10_000) is None

@@ -49,10 +49,15 @@ def server_gpus(server_args: object) -> list[int]:
 
 
 def cuda_gpu_numa_node(gpu_id: int) -> int | None:
-    """The NUMA node of CUDA device ``gpu_id`` (as this process numbers it), from sysfs."""
+    """The NUMA node of CUDA device ``gpu_id`` (as this process numbers it), from sysfs; None
+    for a device this process cannot see (placement then falls back to first touch rather
+    than failing the server's start)."""
     import torch
 
-    props = torch.cuda.get_device_properties(gpu_id)
+    try:
+        props = torch.cuda.get_device_properties(gpu_id)
+    except (AssertionError, RuntimeError):  # torch: "Invalid device id"
+        return None
     return pci_numa_node(pci_address(props.pci_domain_id, props.pci_bus_id,
                                      props.pci_device_id))
 

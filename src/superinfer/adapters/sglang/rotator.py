@@ -97,7 +97,7 @@ class Rotator:
         running = self._collect(running)
         self.pacer.follow(None)
         joining = joins_running(last_batch, self.scheduler.chunked_req)
-        self.streams_decoding = joining or not running.is_empty()
+        self.streams_decoding = joining or not running.is_empty()  # unless all rotate out
         if len(self.policy):
             self._idle_checked = False
         if self._iteration % _RECONCILE_EVERY == 0:
@@ -124,14 +124,14 @@ class Rotator:
                                              self._launched_done_at_s if unprocessed else None,
                                              self.binding.bound()))
         self._room_needed = plan.room_needed
+        if plan.rotate_out:
+            running = self.rotate_out(running, set(plan.rotate_out))
+            self.streams_decoding = joining or not running.is_empty()
         # prefill held back for a decode step (counted as eval.sim_policy counts it: requests
         # waiting, streams decoding, no chunked prompt that SGLang continues anyway)
         self.stats.plans_decode_first += (plan.prefill_token_budget == 0 and bool(s.waiting_queue)
                                           and self.streams_decoding and s.chunked_req is None)
         self.stats.plans_head_blocked += plan.head_blocked
-        if plan.rotate_out:
-            running = self.rotate_out(running, set(plan.rotate_out))
-            self.streams_decoding = joining or not running.is_empty()
         for rid in plan.rotate_in:
             self.rotate_in(rid)
         self.pacer.follow(plan)
