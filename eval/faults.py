@@ -13,7 +13,9 @@ eval/results/faults.json: one entry per case with ``case``, ``expected``, ``obse
   still equal); a failed rotate-in fails exactly that request with an error (the others
   equal). Either way the failure is logged and counted, and no page leaks.
 - ``full_tier``: a host tier that holds only a few requests, through the burst and a soak of
-  minutes: rotations fall back to SGLang's retraction, outputs stay equal, nothing leaks.
+  minutes: the tier turns rotations the policy wants away (``plans_host_full``) for a minute
+  or more in all, SGLang's own admission and retraction take over, outputs stay equal, nothing
+  leaks.
 - ``long_soak``: at least 30 minutes against one server. Recorded as not run when
   ``--long-soak-s`` is 0 (the default here: a device session on the GPU machine is 30 minutes).
 
@@ -28,6 +30,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -48,6 +51,8 @@ CASES = ("tier_too_large", "pinning_failure", "d2h_copy_failure", "h2d_copy_fail
          "full_tier", "long_soak")
 COPY_CASES = ("d2h_copy_failure", "h2d_copy_failure")
 FAIL_AT = 3  # the rotation copy (per direction, from 1) the injection fails
+# full_tier: the soak's length and rate, and how long in all the tier must have been full
+FULL_SOAK_S, FULL_SOAK_RATE, FULL_FOR_S = 180, 20.0, 60
 Case = dict[str, Any]
 
 
@@ -103,13 +108,23 @@ def tier_counters(log: str) -> dict[str, int]:
     stats = [r for r in parse_records(log) if r["kind"] == "stats" and r.get("tp_rank", 0) == 0]
     last = stats[-1] if stats else {}
     keys = ("rotations_out", "rotations_in", "fallbacks", "copies_failed_d2h",
-            "copies_failed_h2d")
+            "copies_failed_h2d", "plans_host_full", "requeued")
     return {k: int(last.get(k, 0)) for k in keys}
 
 
+def host_full_seconds(log: str) -> float:
+    """Seconds, between consecutive stats records of rank 0, over which the host tier turned
+    away a rotation the policy wanted (``plans_host_full`` grew)."""
+    stats = [r for r in parse_records(log)
+             if r["kind"] == "stats" and r.get("tp_rank", 0) == 0 and "at_s" in r]
+    return round(sum(b["at_s"] - a["at_s"] for a, b in itertools.pairwise(stats)
+                     if b.get("plans_host_full", 0) > a.get("plans_host_full", 0)), 1)
+
+
 def judge_e2e(case: Case, result: dict[str, Any] | None, log: str, *, failed_out: int = 0,
-              failed_in: int = 0, fallbacks: bool = False) -> Case:
-    """Outputs against the baseline, leaks, counters and log lines of one e2e run."""
+              failed_in: int = 0, host_full_s: float = 0.0) -> Case:
+    """Outputs against the baseline, leaks, counters and log lines of one e2e run;
+    ``host_full_s``: the least time the host tier must have been full (turned rotations away)."""
     if result is None:
         return {**case, "observed": "eval.e2e_rotation wrote no result", "passed": False}
     burst = (result.get("correctness") or {}).get("rota_p1") or {}
@@ -122,7 +137,7 @@ def judge_e2e(case: Case, result: dict[str, Any] | None, log: str, *, failed_out
                 "counters": counters, "leaks": leaks,
                 "logged": {"rotate-out copy failed": log.count("rotate-out copy of"),
                            "rotate-in copy failed": log.count("rotate-in copy of")},
-                "e2e_passed": result.get("passed")}
+                "host_full_s": host_full_seconds(log), "e2e_passed": result.get("passed")}
     ok = (all(v == 0 for v in leaks.values())
           and compare.get("n_mismatched") == 0
           and burst.get("errors") == failed_in
@@ -131,7 +146,8 @@ def judge_e2e(case: Case, result: dict[str, Any] | None, log: str, *, failed_out
           and counters["copies_failed_h2d"] == failed_in
           and observed["logged"]["rotate-out copy failed"] == failed_out
           and observed["logged"]["rotate-in copy failed"] == failed_in
-          and (counters["fallbacks"] > 0 if fallbacks else True)
+          and observed["host_full_s"] >= host_full_s
+          and (counters["plans_host_full"] > 0 or not host_full_s)
           and counters["rotations_out"] > 0)
     return {**case, "observed": observed, "passed": ok}
 
@@ -181,10 +197,13 @@ def run_case(name: str, args: argparse.Namespace) -> Case:
     if name == "full_tier":
         case, result, log = e2e_case(
             name, args,
-            "a 0.5 GB host tier (a few requests) through the burst and a 3-minute soak: "
-            "rotations fall back to SGLang's retraction, outputs equal, no page leaks",
-            {}, ["--host-kv-gb", "0.5", "--soak-seconds", "180"])
-        return judge_e2e(case, result, log, fallbacks=True)
+            f"a 0.5 GB host tier (a few requests) through the burst and a {FULL_SOAK_S}-second "
+            f"soak at {FULL_SOAK_RATE:g} req/s with client aborts: the tier turns rotations the "
+            f"policy wants away for {FULL_FOR_S} s or more in all (SGLang's own admission and "
+            "retraction take over), outputs equal, no request lost, no page leaks",
+            {}, ["--host-kv-gb", "0.5", "--soak-rate", str(FULL_SOAK_RATE), "--soak-num",
+                 str(int(FULL_SOAK_RATE * FULL_SOAK_S)), "--soak-seconds", str(FULL_SOAK_S)])
+        return judge_e2e(case, result, log, host_full_s=FULL_FOR_S)
     raise ValueError(f"unknown case {name!r}; cases: {', '.join(CASES)}")
 
 

@@ -68,10 +68,25 @@ def test_judging_copy_failures():
     assert not faults.judge_e2e({}, None, h2d_log)["passed"]
 
 
-def test_judging_a_full_tier_needs_fallbacks():
-    full = stats_log(fallbacks=7)
-    assert faults.judge_e2e({}, e2e_result(), full, fallbacks=True)["passed"]
-    assert not faults.judge_e2e({}, e2e_result(), stats_log(), fallbacks=True)["passed"]
+def timed_stats_log(full_counts: list[int], every_s: float = 5.0) -> str:
+    """Stats records ``every_s`` apart whose cumulative plans_host_full are ``full_counts``."""
+    return "".join(
+        "[t] " + format_record("stats", 0, 0, {"rotations_out": 12, "plans_host_full": n,
+                                               "at_s": i * every_s}) + "\n"
+        for i, n in enumerate(full_counts))
+
+
+def test_judging_a_full_tier_needs_a_tier_full_long_enough():
+    # full over 3 of 4 intervals (15 s), then idle; rank 1's records do not count twice
+    log = timed_stats_log([0, 3, 9, 9, 20])
+    log += "[t] " + format_record("stats", 1, 0, {"plans_host_full": 99, "at_s": 30.0}) + "\n"
+    assert faults.host_full_seconds(log) == 15.0
+    judged = faults.judge_e2e({}, e2e_result(), log, host_full_s=15.0)
+    assert judged["passed"] and judged["observed"]["host_full_s"] == 15.0
+    assert not faults.judge_e2e({}, e2e_result(), log, host_full_s=60.0)["passed"]
+    assert not faults.judge_e2e({}, e2e_result(), stats_log(), host_full_s=1.0)["passed"]
+    # full long enough, but an output differs: failed
+    assert not faults.judge_e2e({}, e2e_result(equal=9), log, host_full_s=15.0)["passed"]
 
 
 def test_long_soak_is_recorded_as_not_run(tmp_path):

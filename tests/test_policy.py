@@ -230,8 +230,9 @@ def test_rotation_respects_host_capacity_and_transfer_budget():
     budget_tokens = int(COSTS.d2h_bytes_per_s * COSTS.decode_step_s / BPT)  # ~7.6k tokens
     plan = plan_at(p, 1.0, cap(1000), COSTS, 65536)
     moved = 4000 * len(plan.rotate_out)
-    assert 0 < moved <= max(budget_tokens, 4000)
-    assert plan_at(p, 1.0, cap(1000, host=3999), COSTS, 65536).rotate_out == []
+    assert 0 < moved <= max(budget_tokens, 4000) and not plan.host_full
+    full = plan_at(p, 1.0, cap(1000, host=3999), COSTS, 65536)
+    assert full.rotate_out == [] and full.host_full  # counted: SGLang's own fallback takes over
 
 
 def test_adaptive_reserve_rotates_proactively_only_under_arrivals():
@@ -374,8 +375,10 @@ def test_lvf_fifo_and_longest_resident_victims():
     plan = plan_at(p, 1.0, cap(500), COSTS, 16384)
     assert plan.admit == ["w0"]  # FIFO head, does not fit: admission stops there
     assert plan.rotate_out == ["r1", "r2", "r0"][: len(plan.rotate_out)]
-    assert plan.rotate_out[0] == "r1"
+    assert plan.rotate_out[0] == "r1" and not plan.host_full
     assert plan_at(p, 1.0, cap(50_000), COSTS, 16384).rotate_out == []  # free >= budget: no trigger
+    one_fits = plan_at(p, 1.0, cap(500, host=1500), COSTS, 16384)
+    assert one_fits.rotate_out == ["r1"] and one_fits.host_full  # the next victim had no room
 
 
 def test_table_rejects_illegal_transitions_and_duplicates():

@@ -210,6 +210,25 @@ def test_policy_driven_rotation_under_memory_pressure(monkeypatch):
     assert_pools_initial(parts, rot)
 
 
+def test_a_rotation_the_host_tier_cannot_take_is_counted(monkeypatch):
+    """The newcomer of the test above, with a host tier of a few tokens: no rotation, the
+    plan counted as host-full (SGLang's own admission and retraction take over)."""
+    parts, rot = fresh(size=512, host_kv_gb=0.000004, reserve_window_s=0.0)
+    monkeypatch.setattr(CostModel, "observe_decode", lambda self, elapsed_s: None)
+    reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
+    running = prefill_and_decode(parts, rot, reqs, steps=2)
+    rot.policy.table.first_token_s[:] += 5.0
+    enqueue(parts, rot, parts.make_req("new", 200, max_new_tokens=8))
+    rot.policy.table.ttft_slo_s[rot.policy.table.row("new")] = 0.5
+    running = rot.step(running)
+    assert rot.stats.plans_host_full == 1 and rot.stats.rotations_out == 0
+    assert rot.stats.fallbacks == 0  # the plan never asked for what the tier cannot hold
+    parts.waiting_queue.clear()
+    rot.policy.update([Finished("new")])
+    finish_all(parts, rot, running)
+    assert_pools_initial(parts, rot)
+
+
 def hooked(**config):
     """Parts whose ``_add_request_to_queue`` goes through the hook, with a rotator of
     ``config`` (``streamed``: what went back to the client at once)."""
@@ -461,6 +480,7 @@ def test_sglang_retraction_puts_the_request_back_to_waiting():
         view = rot.policy.table.view(req.rid)
         assert view.phase is Phase.WAITING
         assert view.num_prompt_tokens == len(req.origin_input_ids) + len(req.output_ids)
+    assert rot.stats.requeued == len(retracted)
     parts.waiting_queue.clear()
     for req in retracted:
         # (they would be re-prefilled; not part of this test)

@@ -34,14 +34,18 @@ class LvfPolicy(Policy):
         waiting = t.rows_in(Phase.WAITING)
         demand = running.size + int(t.num_prompt_tokens[waiting].sum())
         budget = self.config.lvf_budget_tokens
-        if demand > free and free < budget and host_used_frac < 0.95:
+        plan.host_full = demand > free and free < budget and host_used_frac >= 0.95
+        if demand > free and free < budget and not plan.host_full:
             decode = running[~np.isnan(t.first_token_s[running])
                              & (t.max_new_tokens[running] - t.num_output_tokens[running] > 2)]
             order = np.lexsort((t.seq[decode], t.resident_since_s[decode]))
             freed = 0
             for s in decode[order].tolist():
                 n = int(t.num_tokens[s])
-                if freed + n > budget or freed + n > cap.free_host_tokens:
+                if freed + n > budget:
+                    break
+                if freed + n > cap.free_host_tokens:
+                    plan.host_full = True
                     break
                 req_id = t.id_at(s)
                 plan.rotate_out.append(req_id)

@@ -517,7 +517,9 @@ class SloPolicy(Policy):
             # with a resident, whose copy lands before the returning one's host pages are free.
             host_room -= largest
         fits = (moved <= max(d2h_budget, int(moved[0]))) & (moved <= host_room)
-        take = min(int(np.searchsorted(freed, deficit)) + 1, int(fits.sum()))
+        need = int(np.searchsorted(freed, deficit)) + 1
+        take = min(need, int(fits.sum()))
+        plan.host_full = bool(np.any(moved[:need] > host_room))
         if grows_away and take > self._away_room(costs):
             return  # the streams on the host could not all be brought back on time
         for req_id in t.ids(run[:take]):

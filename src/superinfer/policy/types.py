@@ -142,6 +142,9 @@ class StepPlan:
     # The EDF head is a new request that needed room (made by rotation or not): it waits for
     # KV memory, which is what policy.binding counts as memory binding.
     room_needed: bool = False
+    # Room was wanted from rotation but the host tier had none for the streams it takes: what
+    # rotation cannot do, SGLang's own admission and retraction then do.
+    host_full: bool = False
 
     def check(self) -> None:
         ids = self.admit + self.rotate_in + self.rotate_out

@@ -19,6 +19,8 @@ _COUNTERS = {
     "bytes_d2h_saved": "KV bytes a rotate-out did not copy: still on the host in a kept copy.",
     "host_copies_evicted": "Kept host copies dropped to make room on the host tier.",
     "bytes_written_through": "KV bytes copied to the host in the background (write-through).",
+    "plans_host_full": "Scheduling steps that wanted a rotation the host tier had no room for.",
+    "requeued": "Requests SGLang retracted to recompute later (its own fallback under pressure).",
 }
 
 

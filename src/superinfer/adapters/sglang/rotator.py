@@ -132,6 +132,7 @@ class Rotator:
         self.stats.plans_decode_first += (plan.prefill_token_budget == 0 and bool(s.waiting_queue)
                                           and self.streams_decoding and s.chunked_req is None)
         self.stats.plans_head_blocked += plan.head_blocked
+        self.stats.plans_host_full += plan.host_full
         for rid in plan.rotate_in:
             self.rotate_in(rid)
         self.pacer.follow(plan)
@@ -264,6 +265,8 @@ class Rotator:
         self._apply([event])
         if isinstance(event, ev.Arrived):
             self.costs.observe_arrival(self.now_s, len(req.origin_input_ids))
+        else:
+            self.stats.requeued += 1
 
     def on_launch(self, batch: ScheduleBatch | None) -> None:
         """SGLang chose ``batch`` to run next. With the overlap scheduler its result comes back
@@ -363,7 +366,7 @@ class Rotator:
         if self.stats.rotations_out:
             self._record("stats", **self.stats.as_dict(), **tier.stats.as_dict(),
                          away=tier.num_away(), host_used=tier.used_tokens(),
-                         kept=tier.num_kept())
+                         kept=tier.num_kept(), at_s=round(self.now_s, 3))
 
     def on_idle(self) -> None:
         """Fully idle: every pool must be back at its initial free size. Checked and recorded
@@ -395,7 +398,9 @@ class Rotator:
                      max_per_req=max(counts, default=0),
                      aborted_while_rotated=self.stats.aborted_while_rotated,
                      plans_decode_first=self.stats.plans_decode_first,
-                     plans_head_blocked=self.stats.plans_head_blocked, check_error=error)
+                     plans_head_blocked=self.stats.plans_head_blocked,
+                     plans_host_full=self.stats.plans_host_full, requeued=self.stats.requeued,
+                     check_error=error)
         self.times_rotated.clear()
 
     def away_load(self) -> tuple[int, int]:

@@ -38,6 +38,8 @@ class RotationStats:
     aborted_while_rotated: int = 0
     plans_decode_first: int = 0  # plans that held waiting prefill back for a decode step
     plans_head_blocked: int = 0  # plans where the new EDF head waited for room
+    plans_host_full: int = 0  # plans that wanted a rotation the host tier had no room for
+    requeued: int = 0  # requests SGLang retracted (back in its waiting queue to recompute)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
