@@ -19,6 +19,8 @@ simulates.
     python -m eval.profile_model --model qwen2.5-32b --tp 2 --repeats 1 --out-dir $OUT
     python -m eval.profile_model --model llama-3.1-8b --dry-run       # the grid, anywhere
     python -m eval.profile_model --model llama-3.1-8b --fit-only ROWS.jsonl --gpu-name h100
+    python -m eval.profile_model --model mixtral-8x7b \\
+        --refit eval/models/mixtral-8x7b/profile_h200.json      # the rows fitted again
 
 Arguments after ``--`` go to SGLang's ServerArgs as they are (they come last, so they win).
 Rows beyond the context are skipped up front, rows beyond the KV pool once SGLang has sized it;
@@ -41,7 +43,13 @@ from typing import Any
 
 from eval.lib.gpu_model import MODELS_DIR, GpuModel, gpu_slug
 from eval.lib.jsonfiles import command_line, read_jsonl, write_json
-from eval.lib.profile_fit import describe_fit, fit_rows, kv_bytes_per_token
+from eval.lib.profile_fit import (
+    captured_graph_max_bs,
+    describe_fit,
+    fit_rows,
+    kv_bytes_per_token,
+    moe_routing,
+)
 from eval.lib.server import DUMMY_SERVER_FLAGS
 
 PLAN_ENV = "EVAL_PROFILE_PLAN"  # the worker's plan (spawned TP ranks inherit the environment)
@@ -61,7 +69,10 @@ GRIDS: dict[str, dict[str, list[tuple[int, int]]]] = {
         # under the sweeps' cap, and a fit past its rows extrapolates (MoE steps flatten once
         # every expert is active)
         "decode": [(b, n) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-                   for n in (128, 512, 2048, 8192) if b * n <= 65536],
+                   for n in (128, 512, 2048, 8192) if b * n <= 65536]
+        # past the eval servers' CUDA-graph limit (--cuda-graph-max-bs 128), short enough to
+        # stay under a lowered --max-row-tokens: what an eager step costs (profile_fit)
+        + [(256, 32), (512, 32)],
     },
     "quick": {
         "prefill": [(1, 256), (1, 2048), (1, 8192), (16, 512), (4, 2048)],
@@ -314,7 +325,7 @@ def build_profile(rows_all: list[dict[str, Any]], *, model: str, config: dict[st
     kv["pool_gb"] = meta.get("kv_pool_gb")
     if kv["pool_gb"] and kv["max_total_num_tokens"]:
         kv["sglang_bytes_per_token"] = round(kv["pool_gb"] * 2**30 / kv["max_total_num_tokens"])
-    fit = fit_rows(rows, prefill_terms)
+    fit = fit_rows(rows, prefill_terms, moe_routing(config), captured_graph_max_bs(sa))
     return {
         "model": model, "gpu": gpu_slug(gpu_name, tp_size), "gpu_name": gpu_name,
         "tp_size": tp_size,
@@ -331,6 +342,20 @@ def build_profile(rows_all: list[dict[str, Any]], *, model: str, config: dict[st
                  "scheduling) fitted by eval.lib.profile_fit; the simulator's copy-slowdown model "
                  "is the H200's and not part of this profile"),
     }
+
+
+def refit(path: Path, args: argparse.Namespace, command: str) -> int:
+    """Fit a written profile's rows again (``--refit``) and rewrite it in place."""
+    doc = json.loads(path.read_text())
+    before = describe_fit(doc["fit"])
+    doc["fit"] = fit_rows(doc["rows"], args.prefill_terms, moe_routing(args.config),
+                          captured_graph_max_bs(doc.get("server_args") or {}))
+    doc["refit"] = {"command": command,
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "before": before}
+    write_json(path, doc)
+    print(f"was:\n{before}\nnow:\n{describe_fit(doc['fit'])}", flush=True)
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -373,6 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     ap.add_argument("--fit-only", type=Path, default=None, metavar="ROWS_JSONL",
                     help="no GPU: fit rows written before (by --rows) and write the profile")
+    ap.add_argument("--refit", type=Path, default=None, metavar="PROFILE_JSON",
+                    help="no GPU: fit a written profile's rows again with this fitting code and "
+                         "rewrite it in place (the rows and all else kept; `refit` records when)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the grid and its estimated time (built-in H200 8B model)")
     args = ap.parse_args(argv)
@@ -423,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             print("  run ", r)
         print("sglang args:", " ".join(args.sglang_argv))
         return 0
+    if args.refit:
+        return refit(args.refit, args, command)
     failed = None
     if args.fit_only:
         rows_all = read_jsonl(args.fit_only)

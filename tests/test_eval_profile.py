@@ -24,11 +24,14 @@ from eval.lib.gpu_model import (
     resolve_gpu_model,
 )
 from eval.lib.profile_fit import (
+    captured_graph_max_bs,
     causal_pairs,
     decode_kv_tokens,
+    expert_share,
     fit_decode,
     fit_prefill,
     kv_bytes_per_token,
+    moe_routing,
     nonneg_relative_lstsq,
 )
 
@@ -100,6 +103,54 @@ def test_decode_fit_recovers_known_costs():
     # the KV of a row's median step: 128 x (512 + 32 / 2)
     pt = next(p for p in fit["points"] if p["batch_size"] == 128 and p["input_len"] == 512)
     assert pt["kv_tokens"] == 128 * 528
+
+
+def moe_rows(experts: int, top_k: int, per_share: float, eager_s: float, graph_max_bs: int,
+             noise: float = 0.02) -> list[dict]:
+    """Decode rows of an MoE model: TRUE's costs plus ``per_share`` x the share of experts the
+    batch touches, plus ``eager_s`` past the CUDA-graph limit."""
+    rng = random.Random(2)
+    rows = []
+    for r in synthetic_rows(0.0, noise=0.0):
+        if "median_decode_latency" in r:
+            b = r["batch_size"]
+            t = (r["median_decode_latency"] + per_share * expert_share(b, experts, top_k)
+                 + (eager_s if b > graph_max_bs else 0.0))
+            r["median_decode_latency"] = t * (1 + rng.gauss(0, noise))
+        rows.append(r)
+    return rows
+
+
+def test_decode_fit_follows_the_experts_a_batch_touches_and_eager_steps():
+    rows = moe_rows(8, 2, per_share=0.015, eager_s=0.03, graph_max_bs=128)
+    fit = fit_decode(rows, (8, 2), graph_max_bs=128)
+    assert fit["s_per_expert_share"] == pytest.approx(0.015, rel=0.15)
+    assert fit["eager_s"] == pytest.approx(0.03, rel=0.15) and fit["eager_rows"] > 0
+    assert fit["base_s"] == pytest.approx(TRUE["base"], rel=0.3)
+    assert fit["rms_rel"] < 0.03
+    # the dense fit of the same rows cannot follow them
+    assert fit_decode(rows)["rms_rel"] > 3 * fit["rms_rel"]
+    # and the simulator's model of a profile with these terms costs steps the same way
+    model = GpuModel(decode_base_s=fit["base_s"], decode_s_per_req=fit["s_per_req"],
+                     decode_s_per_kv_token=fit["s_per_kv_token"],
+                     decode_s_per_expert_share=fit["s_per_expert_share"], moe_experts=8,
+                     moe_top_k=2, decode_eager_s=fit["eager_s"], cuda_graph_max_bs=128)
+    for b, kv in ((1, 512), (16, 8192), (256, 32768)):
+        true = (TRUE["base"] + TRUE["per_req"] * b + TRUE["per_kv"] * kv
+                + 0.015 * expert_share(b, 8, 2) + (0.03 if b > 128 else 0.0))
+        assert model.decode_s(b, kv) == pytest.approx(true, rel=0.1)
+
+
+def test_moe_routing_and_graph_limit_from_configs():
+    assert moe_routing(LLAMA) is None
+    assert moe_routing(json.loads((ROOT / "eval/models/mixtral-8x7b/config.json").read_text())
+                       ) == (8, 2)
+    assert moe_routing(json.loads(
+        (ROOT / "eval/models/deepseek-v2-lite/config.json").read_text())) == (64, 6)
+    assert expert_share(1, 8, 2) == pytest.approx(0.25) and expert_share(64, 8, 2) > 0.99
+    assert captured_graph_max_bs({"decode_cuda_graph_bs": [1, 2, 4, 128]}) == 128
+    assert captured_graph_max_bs({"cuda_graph_max_bs": 256}) == 256
+    assert captured_graph_max_bs({"disable_cuda_graph": True, "cuda_graph_max_bs": 8}) is None
 
 
 def test_fit_keeps_coefficients_non_negative():

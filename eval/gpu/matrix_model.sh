@@ -9,7 +9,10 @@
 #       simulator (eval.knee_plan), then TRACE (conv|code) at 1/1.4/1.8 x knee, SYSTEMS (default
 #       lpm rotasched) back to back: ~6 min for an 8B-16B model. KV_GB=<GB> sets the device KV
 #       the knee and the cap assume (default 7.86: 60,000 Llama-3.1-8B tokens) where the card
-#       holds less beside the weights (Qwen2.5-32B on an H100).
+#       holds less beside the weights (Qwen2.5-32B on an H100). A model that starts slowly
+#       (Mixtral-8x7B: ~150 s per server) fits one system per call: `sweep MODEL conv lpm`, then
+#       `sweep MODEL conv rotasched` on the same warm machine (the knee is kept in /tmp); merge
+#       the two results with `python -m eval.merge_slo OUT --pick lpm=...@SHA --pick ...`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 step=${1:-} model=${2:-}

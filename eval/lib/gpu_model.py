@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from eval.lib.profile_fit import expert_share
+
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 PROFILE_GLOB = "profile_*.json"
 
@@ -41,6 +43,13 @@ class GpuModel:
     decode_base_s: float = 0.005
     decode_s_per_req: float = 3e-5
     decode_s_per_kv_token: float = 2.7e-8
+    # MoE: the decode term in the share of routed experts a batch touches (profile_fit)
+    decode_s_per_expert_share: float = 0.0
+    moe_experts: int = 0
+    moe_top_k: int = 0
+    # a step of a batch past the largest captured CUDA graph runs eagerly (0: not modelled)
+    decode_eager_s: float = 0.0
+    cuda_graph_max_bs: int = 0
     link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
     bytes_per_token: int = 131072
     mover: str = "staging"
@@ -70,6 +79,11 @@ class GpuModel:
     def decode_s(self, batch: int, kv_tokens: int, d2h: bool = False, h2d: bool = False) -> float:
         step = (self.decode_base_s + batch * self.decode_s_per_req
                 + kv_tokens * self.decode_s_per_kv_token)
+        if self.moe_experts:
+            step += self.decode_s_per_expert_share * expert_share(batch, self.moe_experts,
+                                                                  self.moe_top_k)
+        if self.cuda_graph_max_bs and batch > self.cuda_graph_max_bs:
+            step += self.decode_eager_s
         return step * (1 + self.copy_slowdown(d2h, h2d))
 
     def copy_slowdown(self, d2h: bool, h2d: bool) -> float:
@@ -97,6 +111,11 @@ class GpuModel:
                 "decode_base_s": d["base_s"],
                 "decode_s_per_req": d["s_per_req"],
                 "decode_s_per_kv_token": d["s_per_kv_token"],
+                "decode_s_per_expert_share": d.get("s_per_expert_share", 0.0),
+                "moe_experts": int((d.get("moe") or {}).get("experts", 0)),
+                "moe_top_k": int((d.get("moe") or {}).get("top_k", 0)),
+                "decode_eager_s": d.get("eager_s", 0.0),
+                "cuda_graph_max_bs": int(d.get("graph_max_bs") or 0),
                 "bytes_per_token": int(doc["kv"]["bytes_per_token"]),
             }
         except (KeyError, TypeError) as e:

@@ -5,11 +5,18 @@ A row is one ``(batch_size, input_len, output_len)`` run of ``sglang.benchmark.o
 with ``output_len > 1``, ``median_decode_latency`` over its ``output_len - 1`` decode steps.
 
     prefill_s = overhead + s_per_token * tokens [+ s_per_token_pair * pairs]
-    decode_s  = base + s_per_req * batch + s_per_kv_token * kv_tokens
+    decode_s  = base [+ s_per_expert_share * expert_share] + s_per_req * batch
+                + s_per_kv_token * kv_tokens [+ eager_s if batch > graph_max_bs]
 
 ``tokens`` = batch * input_len, ``pairs`` = the causal (query, key) pairs its attention covers
 (batch * L * (L + 1) / 2), ``kv_tokens`` = the KV the median decode step reads, batch *
-(input_len + output_len / 2). Fits minimize the relative error (short prefills matter as much as
+(input_len + output_len / 2). ``expert_share`` (MoE models only, ``moe_routing``): the share of
+the routed experts a decode step of ``batch`` tokens reads, 1 - (1 - top_k / experts) ** batch
+under uniform routing; a step's weight reads grow with it and stop growing once every expert
+is touched, which a term linear in the batch cannot follow. ``eager_s``: what a step pays
+when its batch is larger than the largest CUDA graph SGLang captured and runs without one
+(fitted only where rows beyond ``graph_max_bs`` exist; a profile without them models such steps
+as captured, too fast). Fits minimize the relative error (short prefills matter as much as
 long ones: they set TTFT), with every coefficient kept >= 0; the pair term is kept only where it
 clearly lowers the residual of the long prompts (``choose_prefill``). numpy only.
 """
@@ -61,6 +68,24 @@ def kv_bytes_per_token(config: dict[str, Any], tp_size: int = 1,
             "dtype": str(dtype), "dtype_bytes": nbytes, "tp_size": tp_size,
             "formula": f"{layers} layers * {per_rank} kv heads per rank ({kv_heads} / tp "
                        f"{tp_size}) * {head_dim} head_dim * 2 (K, V) * {nbytes} B"}
+
+
+# --- mixture of experts ----------------------------------------------------------------------
+def moe_routing(config: dict[str, Any]) -> tuple[int, int] | None:
+    """(routed experts, experts per token) from a HF ``config.json`` (Mixtral
+    ``num_local_experts``, DeepSeek ``n_routed_experts``, Qwen-MoE ``num_experts``); None for a
+    dense model."""
+    cfg = config.get("text_config") or config
+    experts = (cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+               or cfg.get("num_experts"))
+    top_k = cfg.get("num_experts_per_tok")
+    return (int(experts), int(top_k)) if experts and top_k else None
+
+
+def expert_share(batch: int | float | np.ndarray, experts: int, top_k: int):
+    """Expected share of ``experts`` that ``batch`` tokens, each routed to ``top_k`` of them
+    uniformly, touch together."""
+    return 1.0 - (1.0 - top_k / experts) ** batch
 
 
 # --- points from rows ------------------------------------------------------------------------
@@ -202,23 +227,52 @@ def choose_prefill(lin: LinearFit, quad: LinearFit) -> tuple[LinearFit, str]:
     return quad, f"quadratic: the pair term clearly helps ({facts})"
 
 
-def fit_decode(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def fit_decode(rows: list[dict[str, Any]], moe: tuple[int, int] | None = None,
+               graph_max_bs: int | None = None) -> dict[str, Any]:
+    """The decode fit; ``moe`` (``moe_routing``) adds the expert-share term, and rows of
+    batches past ``graph_max_bs`` (the largest captured CUDA graph) the eager term."""
     pts = decode_points(rows)
-    if len(pts) < 3:
-        raise ValueError(f"decode fit needs >= 3 rows with a decode latency, got {len(pts)}")
     for p in pts:
         p["batch"] = p["batch_size"]
-    fit = _fit(pts, ("const", "batch", "kv_tokens"), np.zeros(len(pts), dtype=bool))
+        p["eager"] = float(bool(graph_max_bs) and p["batch_size"] > graph_max_bs)
+        if moe:
+            p["expert_share"] = float(expert_share(p["batch_size"], *moe))
+    terms = ("const", *(("expert_share",) if moe else ()), "batch", "kv_tokens",
+             *(("eager",) if any(p["eager"] for p in pts) else ()))
+    if len(pts) < len(terms):
+        raise ValueError(f"decode fit needs >= {len(terms)} rows with a decode latency, got "
+                         f"{len(pts)}")
+    fit = _fit(pts, terms, np.zeros(len(pts), dtype=bool))
     for p, r in zip(pts, fit.rel_residuals, strict=True):
-        del p["batch"]
+        for t in ("batch", "eager", "expert_share"):
+            p.pop(t, None)
         p["rel_residual"] = r
     return {"base_s": fit.coef["const"], "s_per_req": fit.coef["batch"],
-            "s_per_kv_token": fit.coef["kv_tokens"], "rms_rel": fit.rms_rel,
-            "max_abs_rel": fit.max_abs_rel, "points": pts}
+            "s_per_kv_token": fit.coef["kv_tokens"],
+            "s_per_expert_share": fit.coef.get("expert_share", 0.0),
+            "moe": {"experts": moe[0], "top_k": moe[1]} if moe else None,
+            "eager_s": fit.coef.get("eager", 0.0), "graph_max_bs": graph_max_bs,
+            "eager_rows": sum(p["batch_size"] > (graph_max_bs or 1 << 30) for p in pts),
+            "rms_rel": fit.rms_rel, "max_abs_rel": fit.max_abs_rel, "points": pts}
 
 
-def fit_rows(rows: list[dict[str, Any]], prefill_terms: str = "auto") -> dict[str, Any]:
-    return {"prefill": fit_prefill(rows, prefill_terms), "decode": fit_decode(rows)}
+def fit_rows(rows: list[dict[str, Any]], prefill_terms: str = "auto",
+             moe: tuple[int, int] | None = None, graph_max_bs: int | None = None
+             ) -> dict[str, Any]:
+    return {"prefill": fit_prefill(rows, prefill_terms),
+            "decode": fit_decode(rows, moe, graph_max_bs)}
+
+
+def captured_graph_max_bs(server_args: dict[str, Any]) -> int | None:
+    """The largest decode batch SGLang captured a CUDA graph for, from its resolved server
+    args (None: unknown, or graphs off)."""
+    if server_args.get("disable_cuda_graph"):
+        return None
+    sizes = server_args.get("decode_cuda_graph_bs") or server_args.get("cuda_graph_bs")
+    if sizes:
+        return int(max(sizes))
+    top = server_args.get("cuda_graph_max_bs") or server_args.get("decode_cuda_graph_max_bs")
+    return int(top) if top else None
 
 
 def describe_fit(fit: dict[str, Any]) -> str:
@@ -227,7 +281,16 @@ def describe_fit(fit: dict[str, Any]) -> str:
     return (f"prefill_s = {1e3 * p['overhead_s']:.2f} ms + {1e6 * p['s_per_token']:.3f} us/token"
             f"{pair}  (RMS {100 * p['rms_rel']:.1f}%, worst {100 * p['max_abs_rel']:.1f}%; "
             f"{p['decision']})\n"
-            f"decode_s  = {1e3 * d['base_s']:.2f} ms + {1e6 * d['s_per_req']:.2f} us/request + "
-            f"{1e9 * d['s_per_kv_token']:.3f} ns/KV token  (RMS {100 * d['rms_rel']:.1f}%, "
-            f"worst {100 * d['max_abs_rel']:.1f}%)")
+            f"decode_s  = {1e3 * d['base_s']:.2f} ms + "
+            + (f"{1e3 * d['s_per_expert_share']:.2f} ms * expert share (of "
+               f"{d['moe']['experts']}, top {d['moe']['top_k']}) + "
+               if d.get("moe") else "")
+            + f"{1e6 * d['s_per_req']:.2f} us/request + "
+            f"{1e9 * d['s_per_kv_token']:.3f} ns/KV token"
+            + (f" + {1e3 * d['eager_s']:.2f} ms past a batch of {d['graph_max_bs']}"
+               if d.get("eager_s") else "")
+            + f"  (RMS {100 * d['rms_rel']:.1f}%, worst {100 * d['max_abs_rel']:.1f}%)"
+            + ("" if d.get("eager_rows") or not d.get("graph_max_bs") else
+               f"; no rows past the CUDA-graph batch limit {d['graph_max_bs']}: larger "
+               "batches modelled as captured"))
 
