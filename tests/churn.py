@@ -111,7 +111,6 @@ def _churn(parts: SchedulerParts, rot: Rotator, requests: int | None, seconds: f
     report = ChurnReport()
     running = parts.empty_batch()
     start = time.monotonic()
-    doomed: set[str] = set()  # running requests the client aborted: SGLang ends them next step
 
     def arrivals_open() -> bool:
         if requests is not None:
@@ -138,7 +137,7 @@ def _churn(parts: SchedulerParts, rot: Rotator, requests: int | None, seconds: f
                 parts.waiting_queue.append(req)
                 rot.on_enqueue(req, parse_request_slo(None, rot.config))
         if rng.random() < abort_p:
-            report.aborted += _abort_one(parts, rot, running, rng, doomed)
+            report.aborted += _abort_one(parts, rot, running, rng)
         running = rot.step(running)
         admitted = None
         with rot.pacer.paced_prefill(rot.streams_decoding):  # as the hook wraps SGLang's choice
@@ -161,10 +160,12 @@ def _churn(parts: SchedulerParts, rot: Rotator, requests: int | None, seconds: f
         else:
             parts.decode_step(running)
             spend(DECODE_S)
-            done = {r.rid for r in running.reqs
-                    if r.rid in doomed or len(r.output_ids) >= r.sampling_params.max_new_tokens}
-            report.finished += len(done - doomed)
-            doomed -= done
+            # SGLang's result processing: an abort (to_finish: a client's, or one that reached
+            # a request while its KV was coming back) ends it, else its length does
+            aborted = {r.rid for r in running.reqs if r.to_finish is not None}
+            done = aborted | {r.rid for r in running.reqs
+                              if len(r.output_ids) >= r.sampling_params.max_new_tokens}
+            report.finished += len(done - aborted)
             parts.finish(running, done)
             rot.on_batch_result(running)
             running.filter_batch()
@@ -173,8 +174,8 @@ def _churn(parts: SchedulerParts, rot: Rotator, requests: int | None, seconds: f
             rot._idle_checked = False  # what a scheduler's next request does: re-armed
             _check_idle(parts, rot)
             report.idle_checks += 1
-            done = not arrivals_open()
-            if not done and report.samples and (
+            closing = not arrivals_open()
+            if not closing and report.samples and (
                     time.monotonic() - start - report.samples[-1]["t_s"] < sample_every_s):
                 continue
             gc.collect()
@@ -184,22 +185,24 @@ def _churn(parts: SchedulerParts, rot: Rotator, requests: int | None, seconds: f
                                    "host_free": rot.tier.pages.available_size(),
                                    "device_free": parts.free_tokens(),
                                    "rotations_out": rot.stats.rotations_out})
-            if done:
+            if closing:
                 return report
 
 
-def _abort_one(parts: SchedulerParts, rot: Rotator, running: Any, rng: random.Random,
-               doomed: set[str]) -> int:
+def _abort_one(parts: SchedulerParts, rot: Rotator, running: Any, rng: random.Random) -> int:
     """Abort one live request the way SGLang's abort_request does, then the rotator's hook."""
-    live = ([r.rid for r in parts.waiting_queue] + [r.rid for r in running.reqs]
-            + list(rot.away))
-    live = [rid for rid in live if rid not in doomed]
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    live = ([r.rid for r in parts.waiting_queue]
+            + [r.rid for r in running.reqs if r.to_finish is None]
+            + [rid for rid in rot.away if not rot.tier.dropped(rid)])  # not aborted already
     if not live:
         return 0
     rid = rng.choice(live)
     parts.waiting_queue = [r for r in parts.waiting_queue if r.rid != rid]
-    if any(r.rid == rid for r in running.reqs):
-        doomed.add(rid)  # SGLang sets to_finish; the next step's result processing ends it
+    for r in running.reqs:
+        if r.rid == rid:
+            r.to_finish = FINISH_ABORT()  # the next step's result processing ends it
     rot.on_abort(rid, abort_all=False)
     return 1
 
