@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+from eval.e2e.rotator_stats import rank_key
 from eval.lib.http import http_request
 
 SUPERINFER_SERIES = ("superinfer:rotations_out_total", "superinfer:rotations_in_total",
@@ -61,10 +62,8 @@ def parse_prometheus(text: str) -> Samples:
 
 
 def rank_of(labels: dict[str, str]) -> str:
-    """A series' scheduler, named as ``rotator_stats.rank_of`` names a record's: its TP rank,
-    as ``dp<D>.tp<T>`` for a DP replica past the first (every replica has a TP rank 0)."""
-    tp, dp = labels.get("tp_rank", "?"), labels.get("dp_rank", "0")
-    return tp if dp == "0" else f"dp{dp}.tp{tp}"
+    """A series' scheduler, named as a stats record's (``rotator_stats.rank_key``)."""
+    return rank_key(labels.get("tp_rank", "?"), labels.get("dp_rank"))
 
 
 def check_metrics(series: Samples) -> dict[str, Any]:

@@ -24,11 +24,15 @@ def rotation_records(text: str) -> list[Record]:
     return [r for r in parse_records(text) if r["kind"] in ("stats", "idle")]
 
 
+def rank_key(tp_rank: int | str, dp_rank: int | str | None) -> str:
+    """A scheduler's name: its TP rank, prefixed by its DP replica's past the first (every
+    replica has a TP rank 0). Records carry ints, metric labels strings."""
+    return f"dp{dp_rank}.tp{tp_rank}" if int(dp_rank or 0) else str(tp_rank)
+
+
 def rank_of(record: Record) -> str:
-    """The scheduler that logged ``record``: its TP rank, prefixed by its DP replica's under
-    data parallelism (every replica has a TP rank 0)."""
-    dp = record.get("dp_rank") or 0
-    return f"dp{dp}.tp{record['tp_rank']}" if dp else str(record["tp_rank"])
+    """The scheduler that logged ``record``."""
+    return rank_key(record["tp_rank"], record.get("dp_rank"))
 
 
 def rank_order(rank: str) -> tuple[int, int]:

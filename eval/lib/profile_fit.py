@@ -237,8 +237,9 @@ def fit_decode(rows: list[dict[str, Any]], moe: tuple[int, int] | None = None,
         p["eager"] = float(bool(graph_max_bs) and p["batch_size"] > graph_max_bs)
         if moe:
             p["expert_share"] = float(expert_share(p["batch_size"], *moe))
+    eager_rows = int(sum(p["eager"] for p in pts))
     terms = ("const", *(("expert_share",) if moe else ()), "batch", "kv_tokens",
-             *(("eager",) if any(p["eager"] for p in pts) else ()))
+             *(("eager",) if eager_rows else ()))
     if len(pts) < len(terms):
         raise ValueError(f"decode fit needs >= {len(terms)} rows with a decode latency, got "
                          f"{len(pts)}")
@@ -252,7 +253,7 @@ def fit_decode(rows: list[dict[str, Any]], moe: tuple[int, int] | None = None,
             "s_per_expert_share": fit.coef.get("expert_share", 0.0),
             "moe": {"experts": moe[0], "top_k": moe[1]} if moe else None,
             "eager_s": fit.coef.get("eager", 0.0), "graph_max_bs": graph_max_bs,
-            "eager_rows": sum(p["batch_size"] > (graph_max_bs or 1 << 30) for p in pts),
+            "eager_rows": eager_rows,
             "rms_rel": fit.rms_rel, "max_abs_rel": fit.max_abs_rel, "points": pts}
 
 

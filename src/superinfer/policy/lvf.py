@@ -34,8 +34,9 @@ class LvfPolicy(Policy):
         waiting = t.rows_in(Phase.WAITING)
         demand = running.size + int(t.num_prompt_tokens[waiting].sum())
         budget = self.config.lvf_budget_tokens
-        plan.host_full = demand > free and free < budget and host_used_frac >= 0.95
-        if demand > free and free < budget and not plan.host_full:
+        wants_room = demand > free and free < budget
+        plan.host_full = wants_room and host_used_frac >= 0.95
+        if wants_room and not plan.host_full:
             decode = running[~np.isnan(t.first_token_s[running])
                              & (t.max_new_tokens[running] - t.num_output_tokens[running] > 2)]
             order = np.lexsort((t.seq[decode], t.resident_since_s[decode]))
