@@ -9,7 +9,8 @@
 #       simulator (eval.knee_plan), then TRACE (conv|code) at 1/1.4/1.8 x knee, SYSTEMS (default
 #       lpm rotasched) back to back: ~6 min for an 8B-16B model. KV_GB=<GB> sets the device KV
 #       the knee and the cap assume (default 7.86: 60,000 Llama-3.1-8B tokens) where the card
-#       holds less beside the weights (Qwen2.5-32B on an H100). A model that starts slowly
+#       holds less beside the weights (Qwen2.5-32B on an H100); NUM=<n> sets the requests per rate
+#       (default 300) where device time is short. A model that starts slowly
 #       (Mixtral-8x7B: ~150 s per server) fits one system per call: `sweep MODEL conv lpm`, then
 #       `sweep MODEL conv rotasched` on the same warm machine (the knee is kept in /tmp); merge
 #       the two results with `python -m eval.merge_slo OUT --pick lpm=...@SHA --pick ...`.
@@ -43,7 +44,7 @@ case "$step" in
     plan="$out/plan_${gpu}_${model}_${trace}.json"
     timeout 120 "${run[@]}" python3 -m eval.knee_plan --model "$model" --gpu "$gpu" \
       --traces "$trace" --systems "${systems[@]}" --models-dir "$models" \
-      --sim-out "/tmp/knees_${gpu}_$model.json" --resume --out "$plan" ${KV_GB:+--kv-gb "$KV_GB"} \
+      --sim-out "/tmp/knees_${gpu}_$model.json" --resume --out "$plan" ${KV_GB:+--kv-gb "$KV_GB"} ${NUM:+--num "$NUM"} \
       2>&1 | tail -4 || exit 1
     cp "/tmp/knees_${gpu}_$model.json" "$out/sim_knees_${gpu}_$model.json"
     bash eval/gpu/run_plan.sh "$plan" 430 ;;
