@@ -40,6 +40,7 @@ from eval.e2e.reanalyze import reanalyze
 from eval.e2e.report import new_result, overall, server_entries, summary_table
 from eval.e2e.servers import (
     DP2,
+    DP2_SHARED,
     EXTRA,
     SINGLE,
     TP2,
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="server logs, raw records, progress log and a copy of --out")
     ap.add_argument("--budget", type=float, default=540.0, help="wall seconds for everything")
     ap.add_argument("--tp2", action="store_true", help="also baseline_tp2 and rota_tp2 (2 GPUs)")
-    ap.add_argument("--servers", nargs="+", choices=SINGLE + TP2 + DP2 + EXTRA,
+    ap.add_argument("--servers", nargs="+", choices=SINGLE + TP2 + DP2 + DP2_SHARED + EXTRA,
                     default=None,
                     help="start only these (default: the four single-GPU ones, + TP=2 with --tp2)")
     ap.add_argument("--soak-servers", nargs="+", default=None,

@@ -340,6 +340,16 @@ def test_plans_default_tp2_and_gpu_placement():
     assert by["rota_dp2"].reference == "baseline_dp2" and by["baseline"].gpus == (1,)
     plans, skipped = servers.plan_servers(dp, 1, 50000)
     assert [s["server"] for s in skipped] == list(servers.DP2)
+    # ... or both replicas on one GPU, started through the launcher that allows it
+    shared, skipped = servers.plan_servers(args_for("--servers", *servers.DP2_SHARED), 1, 50000)
+    assert skipped == [] and all(p.gpus == (0,) for p in shared)
+    rota = shared[1]
+    assert rota.reference == "baseline_dp2_1gpu" and rota.rotasched
+    cmd = servers.server_cmd(args_for(), rota, 31000, True)
+    assert cmd[1:3] == ["-m", servers.SHARED_GPU_SERVER]
+    assert " --dp-size 2 --gpu-id-step 0 " in " ".join(cmd)
+    plain = servers.server_cmd(args_for(), plans[0], 31000, True)
+    assert plain[1:3] == ["-m", "sglang.launch_server"]
     args = args_for("--servers", "baseline", "rota_p16", "--baseline-gpu", "1")
     plans, _ = servers.plan_servers(args, 1, 9)
     assert [p.name for p in plans] == ["baseline", "rota_p16"] and plans[0].gpus == (1,)

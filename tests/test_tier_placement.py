@@ -109,3 +109,24 @@ def test_a_gpu_this_process_cannot_see_has_no_node():
     from superinfer.adapters.sglang.placement import cuda_gpu_numa_node
 
     assert cuda_gpu_numa_node(10_000) is None
+
+
+def test_data_parallel_ranks_can_share_one_gpu_under_the_eval_launcher():
+    """eval.e2e.shared_gpu_server lets SGLang take --gpu-id-step 0 (the --dp-size 2 check on a
+    one-GPU machine); every rank's host tier then counts as beside the same GPU. SGLang checks
+    its arguments when the engine launches (check_server_args), as here."""
+    from eval.e2e.shared_gpu_server import allow_shared_gpu
+
+    args = _args(dp_size=2, gpu_id_step=0, served_model_name="dummy",
+                 chunked_prefill_size=8192, page_size=1)
+    with pytest.raises(AssertionError, match="gpu_id_step"):
+        args.check_server_args()
+    allow_shared_gpu()
+    allow_shared_gpu()  # idempotent: one wrapper, not two
+    args.check_server_args()
+    assert args.gpu_id_step == 0
+    assert server_gpus(args) == [0, 0]
+    bad = _args(dp_size=2, gpu_id_step=0, base_gpu_id=-1, served_model_name="dummy",
+                chunked_prefill_size=8192, page_size=1)
+    with pytest.raises(AssertionError, match="base_gpu_id"):  # SGLang's other checks still run
+        bad.check_server_args()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ TP2 = ("baseline_tp2", "rota_tp2")
 # Data parallelism (--dp-size 2: one scheduler per GPU, SGLang's controller spreading requests):
 # rotasched's outputs against an fcfs server of the same shape; leaks checked per replica.
 DP2 = ("baseline_dp2", "rota_dp2")
+# The same on one GPU: both DP ranks on GPU 0 (--gpu-id-step 0, which SGLang refuses unless
+# started through eval.e2e.shared_gpu_server), for machines with one GPU.
+DP2_SHARED = ("baseline_dp2_1gpu", "rota_dp2_1gpu")
+SHARED_GPU_SERVER = "eval.e2e.shared_gpu_server"
 # Not run by default: 64-token pages, where --rota-mover auto picks the direct path (Llama-3.1-8B),
 # and kept host copies (--rota-keep-host-copy) or write-through on 16-token pages.
 EXTRA = ("rota_p64", "rota_p16_keep", "rota_p16_wt")
@@ -44,6 +49,7 @@ class ServerPlan:
     page_size: int
     rotasched: bool
     reference: str | None = None
+    module: str = "sglang.launch_server"  # what `python -m` starts (unless --launcher is given)
 
     @property
     def n_gpus(self) -> int:
@@ -68,6 +74,8 @@ def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
     rota = ("--max-total-tokens", str(args.cap), "--enable-metrics", "--rota-host-kv-gb",
             f"{args.host_kv_gb:g}", *shlex.split(args.rota_extra))
 
+    shared_dp2 = ("--dp-size", "2", "--gpu-id-step", "0")
+
     def rotasched(page: int, *flags: str, alias: bool = False) -> tuple[str, ...]:
         policy = "--scheduler-policy" if alias else "--schedule-policy"  # both are accepted
         return (policy, "rotasched", "--page-size", str(page), *flags, *rota)
@@ -89,13 +97,18 @@ def plan_servers(args: argparse.Namespace, n_gpus: int, baseline_tokens: int
         "baseline_dp2": ServerPlan("baseline_dp2", ("--dp-size", "2", *fcfs), (0, 1), 1, False),
         "rota_dp2": ServerPlan("rota_dp2", ("--dp-size", "2", *rotasched(1)), (0, 1), 1, True,
                                "baseline_dp2"),
+        "baseline_dp2_1gpu": ServerPlan("baseline_dp2_1gpu", (*shared_dp2, *fcfs), (0,), 1, False,
+                                        module=SHARED_GPU_SERVER),
+        "rota_dp2_1gpu": ServerPlan("rota_dp2_1gpu", (*shared_dp2, *rotasched(1)), (0,), 1, True,
+                                    "baseline_dp2_1gpu", module=SHARED_GPU_SERVER),
     }
     return [table[n] for n in names], skipped
 
 
 def server_cmd(args: argparse.Namespace, plan: ServerPlan, port: int,
                deterministic: bool) -> list[str]:
-    launcher = shlex.split(args.launcher) if args.launcher else None
+    launcher = (shlex.split(args.launcher) if args.launcher
+                else [sys.executable, "-m", plan.module])
     flags = ["--random-seed", "1", "--mem-fraction-static", f"{args.mem_fraction_static:g}",
              "--nccl-port", str(port + 1), *plan.flags]
     if deterministic:

@@ -42,9 +42,10 @@ def ranks_on_host(server_args: object) -> int:
 
 def server_gpus(server_args: object) -> list[int]:
     """The GPU ids this server's scheduler processes use on this host (SGLang gives rank k the
-    GPU ``base_gpu_id + k * gpu_id_step``)."""
+    GPU ``base_gpu_id + k * gpu_id_step``; a step of 0 puts every rank on one GPU)."""
     base = getattr(server_args, "base_gpu_id", 0) or 0
-    step = getattr(server_args, "gpu_id_step", 1) or 1
+    step = getattr(server_args, "gpu_id_step", 1)
+    step = 1 if step is None else step
     return [base + k * step for k in range(ranks_on_host(server_args))]
 
 
