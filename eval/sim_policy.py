@@ -163,24 +163,55 @@ class Simulator:
     def run(self) -> list[dict]:
         done = 0
         while done < len(self.reqs) and self.now < self.horizon:
-            self._arrivals()
-            self._collect()
-            budget = self._plan()
-            if not self._prefill(budget) and not self._decode() and not self._wait():
+            if not self._iterate():
                 break
             done = sum(r.done for r in self.reqs)
         # write-through copies may still land after the last request finished
         while self.mover is not None and (done_s := self.mover.next_done_s()) is not None:
             self.now = max(self.now, done_s)
             self._collect()
+        return self.records()
+
+    def records(self) -> list[dict]:
+        """Every request's record, as the replay client writes it."""
         return [{"send": r.spec.arrival, "token_times": r.token_times, "aborted": False,
                  "error": None if r.done else "not finished in the horizon"}
                 for r in self.reqs]
 
-    def _wait(self) -> bool:
-        """Nothing to run: move the clock to the next arrival or copy end. False: nothing is
-        left that could ever happen."""
+    def run_until(self, until_s: float) -> None:
+        """Run up to ``until_s`` (a batch in flight may end past it), idling when nothing is
+        left to run: a router routes its next request then (eval.sim_replicas)."""
+        while self.now < min(until_s, self.horizon) and self._iterate(until_s):
+            pass
+
+    def add_request(self, spec: RequestSpec) -> None:
+        """A request routed here; it arrives at ``spec.arrival`` (at the next iteration, if a
+        batch in flight runs past that)."""
+        r = SimReq(spec, f"r{spec.idx}")
+        self.reqs.append(r)
+        self.pending.append(r)
+
+    def load_tokens(self, count_rotated_out: bool) -> int:
+        """SGLang's load figure for routing (``num_total_tokens``): device KV in use plus the
+        waiting prompts; with SuperInfer's load hook also the KV of rotated-out requests."""
+        queued = sum(r.to_prefill() for r in self.waiting)
+        away = sum(r.spec.prompt_len + max(r.out - 1, 0) for r in self.away.values()
+                   if r.kv == 0) if count_rotated_out else 0
+        return self.used() + queued + away
+
+    def _iterate(self, until_s: float | None = None) -> bool:
+        """One scheduler iteration; False once nothing is left that could ever happen."""
+        self._arrivals()
+        self._collect()
+        budget = self._plan()
+        return self._prefill(budget) or self._decode() or self._wait(until_s)
+
+    def _wait(self, until_s: float | None = None) -> bool:
+        """Nothing to run: move the clock to the next arrival or copy end (or ``until_s``, when
+        more requests may be routed here then). False: nothing is left that could ever happen."""
         nxt = [self.pending[0].spec.arrival] if self.pending else []
+        if until_s is not None:
+            nxt.append(until_s)
         if self.mover is not None and (done_s := self.mover.next_done_s()) is not None:
             nxt.append(done_s)
         if nxt:
