@@ -195,8 +195,10 @@ class Simulator:
         """SGLang's load figure for routing (``num_total_tokens``): device KV in use plus the
         waiting prompts; with SuperInfer's load hook also the KV of rotated-out requests."""
         queued = sum(r.to_prefill() for r in self.waiting)
-        away = sum(r.spec.prompt_len + max(r.out - 1, 0) for r in self.away.values()
-                   if r.kv == 0) if count_rotated_out else 0
+        if not count_rotated_out or self.tier is None:
+            return self.used() + queued
+        # on the host: copied out, device pages released (the others still count in used())
+        away = sum(self.tier.away_kv_len(rid) for rid, r in self.away.items() if r.kv == 0)
         return self.used() + queued + away
 
     def _iterate(self, until_s: float | None = None) -> bool:

@@ -19,6 +19,7 @@ neither count) and with SuperInfer's load hook, which adds it back
         --model llama-3.1-8b --gpu h100 --cap 60000 --rates 18 22 --replicas 2 \\
         --out eval/results/sim_replicas.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu = resolve_gpu_model(args.model, args.gpu)
     rows = load_azure(args.trace)
     host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
+    sim = {"cap": args.cap, "gpu": gpu, "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo,
+           "host_tokens": host_tokens, "horizon_s": args.horizon}
+
+    def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return scored(runs, args.ttft_slo, args.tbt_slo)
+
     points = []
     for rate in args.rates:
         one = make_specs(rows, num=args.num, arrival="poisson", rate=rate, seed=args.seed)
@@ -94,33 +101,22 @@ def main(argv: list[str] | None = None) -> int:
                           rate=rate * args.replicas, seed=args.seed)
         point: dict[str, Any] = {"rate_per_replica": rate, "router_rate": rate * args.replicas}
         for system in SYSTEMS:
-            def run(specs: list[RequestSpec], system: str = system) -> dict[str, Any]:
-                return simulate(specs, system, args.cap, gpu, args.ttft_slo, args.tbt_slo,
-                                host_tokens, args.horizon)
-
-            def routed(aware: bool, system: str = system,
-                       many: list[RequestSpec] = many) -> dict[str, Any]:
-                runs = power_of_two(many, system, args.replicas, aware, args.seed,
-                                    cap=args.cap, gpu=gpu, ttft_slo=args.ttft_slo,
-                                    tbt_slo=args.tbt_slo, host_tokens=host_tokens,
-                                    horizon_s=args.horizon)
-                return scored(runs, args.ttft_slo, args.tbt_slo)
-
             point[system] = {
-                "one_server": scored([run(one)], args.ttft_slo, args.tbt_slo),
-                "round_robin": scored([run(s) for s in round_robin(many, args.replicas)],
-                                      args.ttft_slo, args.tbt_slo),
-                "power_of_two": routed(aware=True)}
+                "one_server": score([simulate(one, system, **sim)]),
+                "round_robin": score([simulate(s, system, **sim)
+                                      for s in round_robin(many, args.replicas)]),
+                "power_of_two": score(power_of_two(many, system, args.replicas, True, args.seed,
+                                                   **sim))}
             if system != "fcfs":  # fcfs rotates nothing: the hook changes no figure of it
-                point[system]["power_of_two_sglang_load"] = routed(aware=False)
-        for where in ("one_server", "round_robin", "power_of_two"):
+                point[system]["power_of_two_sglang_load"] = score(
+                    power_of_two(many, system, args.replicas, False, args.seed, **sim))
+        for where, baseline in (("one_server", "one_server"), ("round_robin", "round_robin"),
+                                ("power_of_two", "power_of_two"),
+                                ("power_of_two_sglang_load", "power_of_two")):
             point[f"ttft_gain_points_{where}"] = round(100 * (
                 point["rotasched"][where]["ttft_attainment"]
-                - point["fcfs"][where]["ttft_attainment"]), 2)
+                - point["fcfs"][baseline]["ttft_attainment"]), 2)
         points.append(point)
-        point["ttft_gain_points_power_of_two_sglang_load"] = round(100 * (
-            point["rotasched"]["power_of_two_sglang_load"]["ttft_attainment"]
-            - point["fcfs"]["power_of_two"]["ttft_attainment"]), 2)
         print(f"{rate:g} req/s per replica: TTFT gain one server "
               f"{point['ttft_gain_points_one_server']:+.1f} points, {args.replicas} replicas "
               f"round robin {point['ttft_gain_points_round_robin']:+.1f}, power of two "

@@ -12,9 +12,9 @@
 #       holds less beside the weights (Qwen2.5-32B on an H100); NUM=<n> sets the requests per rate
 #       (default 300) where device time is short (the knee is simulated at that count: a trace's
 #       first requests are not its average); KNEE_METRIC=ttft places the rates around the TTFT
-#       knee where fcfs misses TBT long before memory binds (eval.knee_plan --knee-metric); BUDGET=<s>
-#       the sweep's seconds (default 430; the device call's limit is 600). A model that starts slowly
-#       (Mixtral-8x7B: ~150 s per server) fits one system per call: `sweep MODEL conv lpm`, then
+#       knee where fcfs misses TBT long before memory binds (eval.knee_plan --knee-metric);
+#       BUDGET=<s> the sweep's seconds (default 430; a device call's limit is 600). A model that
+#       starts slowly (Mixtral-8x7B: ~150 s per server) fits one system per call: `sweep MODEL conv lpm`, then
 #       `sweep MODEL conv rotasched` on the same warm machine (the knee is kept in /tmp); merge
 #       the two results with `python -m eval.merge_slo OUT --pick lpm=...@SHA --pick ...`.
 set -uo pipefail
@@ -47,8 +47,8 @@ case "$step" in
     plan="$out/plan_${gpu}_${model}_${trace}.json"
     timeout 120 "${run[@]}" python3 -m eval.knee_plan --model "$model" --gpu "$gpu" \
       --traces "$trace" --systems "${systems[@]}" --models-dir "$models" \
-      --sim-out "/tmp/knees_${gpu}_$model.json" --resume --out "$plan" ${KV_GB:+--kv-gb "$KV_GB"} ${NUM:+--num "$NUM"} \
-      ${KNEE_METRIC:+--knee-metric "$KNEE_METRIC"} \
+      --sim-out "/tmp/knees_${gpu}_$model.json" --resume --out "$plan" ${KV_GB:+--kv-gb "$KV_GB"} \
+      ${NUM:+--num "$NUM"} ${KNEE_METRIC:+--knee-metric "$KNEE_METRIC"} \
       2>&1 | tail -4 || exit 1
     cp "/tmp/knees_${gpu}_$model.json" "$out/sim_knees_${gpu}_$model.json"
     bash eval/gpu/run_plan.sh "$plan" "${BUDGET:-430}" ;;
