@@ -54,7 +54,7 @@ SERIES = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_to
           "errors")
 # The rotator's cumulative plan counters, read from each replay's last idle record.
 PLAN_COUNTERS = ("rotations_out", "plans_decode_first", "plans_head_blocked", "plans_host_full",
-                 "requeued")
+                 "requeued", "steps", "step_us", "step_us_max")
 STOP_MARGIN_S = 40.0  # kept free at the end of the budget to stop a server cleanly
 STARTUP_GUESS_S = 150.0  # start-up on a fresh H200 until one server has been timed
 

@@ -351,6 +351,9 @@ def test_idle_check_is_logged_once_per_idle_period(caplog):
     # records) still tells how often prefill waited for a decode step
     assert idle[1]["plans_decode_first"] == rot.stats.plans_decode_first
     assert idle[1]["plans_head_blocked"] == rot.stats.plans_head_blocked
+    # and the rotator's own time in the scheduler loop: one more step since the first record
+    assert idle[1]["steps"] == idle[0]["steps"] + 1 == rot.stats.steps
+    assert 0 < idle[1]["step_us_max"] <= idle[1]["step_us"]
 
 
 def test_chunked_prefill_request_is_never_a_victim():

@@ -93,6 +93,15 @@ class Rotator:
         """Before SGLang builds the next batch: finish transfers, plan, act. ``last_batch``:
         SGLang's previous batch, whose prefilled requests it merges into ``running`` only
         after this step (they decode next unless another prefill comes first)."""
+        started = time.perf_counter()
+        running = self._step(running, last_batch)
+        spent_us = int((time.perf_counter() - started) * 1e6)
+        self.stats.steps += 1
+        self.stats.step_us += spent_us
+        self.stats.step_us_max = max(self.stats.step_us_max, spent_us)
+        return running
+
+    def _step(self, running: ScheduleBatch, last_batch: ScheduleBatch | None) -> ScheduleBatch:
         self._iteration += 1
         running = self._collect(running)
         self.pacer.follow(None)
@@ -400,7 +409,8 @@ class Rotator:
                      plans_decode_first=self.stats.plans_decode_first,
                      plans_head_blocked=self.stats.plans_head_blocked,
                      plans_host_full=self.stats.plans_host_full, requeued=self.stats.requeued,
-                     check_error=error)
+                     steps=self.stats.steps, step_us=self.stats.step_us,
+                     step_us_max=self.stats.step_us_max, check_error=error)
         self.times_rotated.clear()
 
     def away_load(self) -> tuple[int, int]:

@@ -40,6 +40,11 @@ class RotationStats:
     plans_head_blocked: int = 0  # plans where the new EDF head waited for room
     plans_host_full: int = 0  # plans that wanted a rotation the host tier had no room for
     requeued: int = 0  # requests SGLang retracted (back in its waiting queue to recompute)
+    # The rotator's own CPU time in the scheduler loop: a step (plan included) delays every
+    # batch behind it, and a long queue in a burst makes plans dearer.
+    steps: int = 0
+    step_us: int = 0
+    step_us_max: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
