@@ -53,8 +53,10 @@ class VirtualClock:
 
 @contextlib.contextmanager
 def virtual_time(clock: VirtualClock) -> Iterator[None]:
-    """The rotator, its binding probe and the scheduler stand-in read ``clock``."""
-    fake = types.SimpleNamespace(monotonic=clock.monotonic, time=clock.monotonic)
+    """The rotator, its binding probe and the scheduler stand-in read ``clock``; the rotator
+    still times its own steps on the real clock."""
+    fake = types.SimpleNamespace(monotonic=clock.monotonic, time=clock.monotonic,
+                                 perf_counter=time.perf_counter)
     modules = (rotator, binding_probe, sglang_parts)
     saved = [m.time for m in modules]
     for m in modules:
