@@ -6,9 +6,11 @@ stream was behind) that a cheap replay can show before a GPU run.
 
 What is modelled here (this is not SGLang): the parts of SGLang's scheduler that decide who
 runs (PrefillAdder's memory rule, chunked prefill, decode retraction, new_token_ratio decay),
-one batch at a time (no overlap scheduling); the GPU's prefill and decode costs and what a
-decode step pays while KV moves each way (``GpuModel``); a host link of a fixed rate per
-direction that moves no bytes (``eval.lib.modelled_mover.ModelledMover``).
+one batch at a time, and SGLang's overlap scheduler's lag: the next batch is planned while
+one runs, so a request that arrives during a batch waits for the one after next (off for a
+server run with ``--disable-overlap-schedule``: ``--no-overlap``); the GPU's prefill and
+decode costs and what a decode step pays while KV moves each way (``GpuModel``); a host link
+of a fixed rate per direction that moves no bytes (``eval.lib.modelled_mover.ModelledMover``).
 
 What is the product's own code: the policy and its cost model, fed only through
 ``update(events)`` and ``plan(StepSnapshot)`` as the SGLang adapter feeds them; and everything
@@ -101,8 +103,11 @@ class Simulator:
     both driven the way the SGLang adapter drives them (adapters/sglang/rotator.py)."""
 
     def __init__(self, specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel,
-                 ttft_slo: float, tbt_slo: float, host_tokens: int, horizon_s: float) -> None:
+                 ttft_slo: float, tbt_slo: float, host_tokens: int, horizon_s: float,
+                 overlap: bool = True) -> None:
         self.gpu, self.cap, self.horizon = gpu, cap, horizon_s
+        self.overlap = overlap
+        self._seen_until = 0.0  # arrivals up to here are in the scheduler's queue
         self.ttft_slo, self.tbt_slo = ttft_slo, tbt_slo
         self.reqs = [SimReq(s, f"r{s.idx}") for s in specs]
         self.pending = deque(sorted(self.reqs, key=lambda r: r.spec.arrival))
@@ -206,7 +211,16 @@ class Simulator:
         self._arrivals()
         self._collect()
         budget = self._plan()
-        return self._prefill(budget) or self._decode() or self._wait(until_s)
+        started = self.now
+        if self._prefill(budget) or self._decode():
+            # Overlap scheduling planned the next batch when this one started: what arrived
+            # while it ran is first seen at the plan after that.
+            self._seen_until = started if self.overlap else self.now
+            return True
+        if not self._wait(until_s):
+            return False
+        self._seen_until = self.now  # an idle scheduler loop sees arrivals at once
+        return True
 
     def _wait(self, until_s: float | None = None) -> bool:
         """Nothing to run: move the clock to the next arrival or copy end (or ``until_s``, when
@@ -241,7 +255,7 @@ class Simulator:
                 self.tier.drop(e.req_id)
 
     def _arrivals(self) -> None:
-        while self.pending and self.pending[0].spec.arrival <= self.now:
+        while self.pending and self.pending[0].spec.arrival <= self._seen_until:
             r = self.pending.popleft()
             self.waiting.append(r)
             self.costs.observe_arrival(self.now, r.spec.prompt_len)
@@ -473,8 +487,8 @@ class Simulator:
 
 
 def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttft_slo: float,
-             tbt_slo: float, host_tokens: int, horizon_s: float) -> dict:
-    sim = Simulator(specs, system, cap, gpu, ttft_slo, tbt_slo, host_tokens, horizon_s)
+             tbt_slo: float, host_tokens: int, horizon_s: float, overlap: bool = True) -> dict:
+    sim = Simulator(specs, system, cap, gpu, ttft_slo, tbt_slo, host_tokens, horizon_s, overlap)
     records = sim.run()
     if sim.tier is not None:
         sim.tier.check()  # every host page has one owner
@@ -527,6 +541,9 @@ def main() -> None:
     ap.add_argument("--gpu", default=None, help="the profile's GPU, e.g. h100, h200, h100-tp2")
     ap.add_argument("--link-gbps", type=float, default=None,
                     help="host link GB/s each way (default 50: PCIe Gen5 as measured on the H200)")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="model a server run with --disable-overlap-schedule (arrivals seen at "
+                    "the next plan, not the one after)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--raw-dir", type=Path,
                     help="also write per-request records (JSON lines) here, "
@@ -554,6 +571,7 @@ def main() -> None:
               "arrival": args.arrival, "cv": args.cv, "ttft_slo": args.ttft_slo,
               "tbt_slo": args.tbt_slo,
               "gpu_model": asdict(gpu), "host_kv_gb": args.host_kv_gb, "seeds": args.seeds,
+              "overlap": not args.no_overlap,
               "systems": {}, "command": command_line("eval.sim_policy"),
               "note": ("eval.sim_policy: the real policy on a modelled GPU; estimates, "
                        "not measurements")}
@@ -568,7 +586,7 @@ def main() -> None:
                                         cv=args.cv,
                                         seed=args.seed + k),
                              system, args.cap, gpu, args.ttft_slo, args.tbt_slo, host_tokens,
-                             args.horizon)
+                             args.horizon, overlap=not args.no_overlap)
                     for k in range(args.seeds)]
             s = {k: statistics.mean(r["summary"][k] for r in runs) for k in keys}
             for k in keys:

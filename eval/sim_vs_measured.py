@@ -83,6 +83,12 @@ def resolve_trace(path: str, override: Path | None) -> Path:
                             f"{p.name}): pass --trace")
 
 
+def overlap_scheduled(doc: dict[str, Any], sysres: dict[str, Any], forced_off: bool) -> bool:
+    """Whether the measured server ran SGLang's overlap scheduler (its default)."""
+    flags = [*(doc.get("server_extra") or []), *(sysres.get("flags") or [])]
+    return not forced_off and "--disable-overlap-schedule" not in flags
+
+
 def model_of(doc: dict[str, Any]) -> str:
     return Path(doc.get("model_path") or "llama-3.1-8b").name
 
@@ -136,7 +142,8 @@ def compare_file(path: Path, args: argparse.Namespace, index: int) -> tuple[dict
             if key not in cache:
                 t0 = time.monotonic()
                 res = simulate(specs[i], sim_name, doc["cap_tokens"], gpu_model, doc["ttft_slo"],
-                               doc["tbt_slo"], host_tokens, args.horizon)
+                               doc["tbt_slo"], host_tokens, args.horizon,
+                               overlap=overlap_scheduled(doc, sysres, args.no_overlap))
                 cache[key] = {"summary": res["summary"], "stats": res["stats"],
                               "sim_seconds": res["sim_seconds"],
                               "wall_s": round(time.monotonic() - t0, 2)}
@@ -275,6 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the CSV to use instead of each file's trace_path")
     ap.add_argument("--link-gbps", type=float, default=None, help="host link GB/s each way")
     ap.add_argument("--horizon", type=float, default=600.0, help="simulated seconds at most")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="simulate every server without SGLang's overlap scheduler's lag "
+                    "(default: as each measured server ran)")
     ap.add_argument("--map", nargs="+", default=[], metavar="MEASURED=SIMULATED",
                     help="map a measured system onto a simulated one (fcfs, rotasched, "
                          "rotasched-keep, rotasched-wt, rotasched-lvf), or =none to leave it out")

@@ -156,3 +156,19 @@ def test_cli_writes_a_result_plot_slo_can_draw(tmp_path):
     assert plot.returncode == 0, plot.stderr
     for name in ("attainment", "throughput", "ttft_cdf"):
         assert (tmp_path / f"sim_{name}.png").stat().st_size > 10_000
+
+
+def test_overlap_scheduling_shows_a_request_to_the_plan_after_next():
+    """SGLang plans the next batch while one runs: a request that arrives during a long prefill
+    misses the batch planned then and runs one batch later (here, the first decode step)."""
+    gpu = GpuModel()
+    long_prefill_s = gpu.prefill_s(8000, gpu.attn_pairs(8000, 0))
+    specs = [RequestSpec(0, 0.0, 8000, 50), RequestSpec(1, long_prefill_s / 2, 100, 5)]
+
+    def first_token_s(overlap: bool) -> float:
+        sim = Simulator(specs, "fcfs", 20_000, gpu, 1.0, 0.1, 0, 60.0, overlap=overlap)
+        return sim.run()[1]["token_times"][0]
+
+    without, with_overlap = first_token_s(False), first_token_s(True)
+    assert without == pytest.approx(long_prefill_s + gpu.prefill_s(100, gpu.attn_pairs(100, 0)))
+    assert with_overlap - without == pytest.approx(gpu.decode_s(1, 8000), rel=1e-6)
