@@ -51,8 +51,9 @@ CASES = ("tier_too_large", "pinning_failure", "d2h_copy_failure", "h2d_copy_fail
          "full_tier", "long_soak")
 COPY_CASES = ("d2h_copy_failure", "h2d_copy_failure")
 FAIL_AT = 3  # the rotation copy (per direction, from 1) the injection fails
-# full_tier: the soak's length and rate, and how long in all the tier must have been full
-FULL_SOAK_S, FULL_SOAK_RATE, FULL_FOR_S = 180, 20.0, 60
+# full_tier: the soak's rate, and how long in all the tier must have been full (its length:
+# --full-soak-s)
+FULL_SOAK_RATE, FULL_FOR_S = 20.0, 60
 Case = dict[str, Any]
 
 
@@ -194,14 +195,15 @@ def run_case(name: str, args: argparse.Namespace) -> Case:
                             "all (and a machine is returned after 30 minutes held), so a 30-minute "
                             "soak against one server does not fit"}
     if name == "full_tier":
+        soak_s = args.full_soak_s
         case, result, log = e2e_case(
             name, args,
-            f"a 0.5 GB host tier (a few requests) through the burst and a {FULL_SOAK_S}-second "
+            f"a 0.5 GB host tier (a few requests) through the burst and a {soak_s:g}-second "
             f"soak at {FULL_SOAK_RATE:g} req/s with client aborts: the tier turns rotations the "
             f"policy wants away for {FULL_FOR_S} s or more in all (SGLang's own admission and "
             "retraction take over), outputs equal, no request lost, no page leaks",
             {}, ["--host-kv-gb", "0.5", "--soak-rate", str(FULL_SOAK_RATE), "--soak-num",
-                 str(int(FULL_SOAK_RATE * FULL_SOAK_S)), "--soak-seconds", str(FULL_SOAK_S)])
+                 str(int(FULL_SOAK_RATE * soak_s)), "--soak-seconds", str(soak_s)])
         return judge_e2e(case, result, log, host_full_s=FULL_FOR_S)
     raise ValueError(f"unknown case {name!r}; cases: {', '.join(CASES)}")
 
@@ -221,9 +223,14 @@ def main(argv: list[str] | None = None) -> None:
                          "where outputs are compared (all at once, no request rotates)")
     ap.add_argument("--case-budget", type=float, default=420.0,
                     help="wall seconds for each e2e case (eval.e2e_rotation --budget)")
+    ap.add_argument("--full-soak-s", type=float, default=180.0,
+                    help=f"full_tier's soak, seconds (at least {FULL_FOR_S}: the tier must be "
+                         "full that long in all)")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--port", type=int, default=32000)
     args = ap.parse_args(argv)
+    if args.full_soak_s < FULL_FOR_S:
+        ap.error(f"--full-soak-s must be at least {FULL_FOR_S} (the tier must be full that long)")
     args.model_path = args.model_path.resolve()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {"cases": []}

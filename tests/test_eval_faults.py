@@ -139,3 +139,10 @@ def test_the_copy_failure_burst_is_spread_so_requests_rotate(tmp_path, monkeypat
     (cmd,) = cmds
     assert cmd[cmd.index("--burst-rate") + 1] == "15.0"
     assert not json.loads((tmp_path / "f.json").read_text())["cases"][0]["passed"]  # no result
+
+
+def test_a_full_tier_soak_shorter_than_the_full_time_asked_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        faults.main(["--cases", "full_tier", "--full-soak-s", "30", "--out",
+                     str(tmp_path / "f.json"), "--out-dir", str(tmp_path)])
+    assert "--full-soak-s must be at least 60" in capsys.readouterr().err
