@@ -31,14 +31,20 @@ D2H_BYTES = 655_000_000
 
 
 def rotator_record_fields() -> dict[str, set[str]]:
-    """The fields the rotator names in its own ``self._record(kind, ...)`` calls."""
+    """The fields the rotator names in its own ``self._record(kind, ...)`` calls (a
+    ``**self.stats.as_dict()`` among them stands for every RotationStats field)."""
     tree = ast.parse((ROOT / "src/superinfer/adapters/sglang/rotator.py").read_text())
+    stats_fields = set(RotationStats().as_dict())
     found: dict[str, set[str]] = {}
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_record"
                 and node.args and isinstance(node.args[0], ast.Constant)):
-            found.setdefault(node.args[0].value, set()).update(
-                k.arg for k in node.keywords if k.arg is not None)
+            fields = found.setdefault(node.args[0].value, set())
+            for k in node.keywords:
+                if k.arg is not None:
+                    fields.add(k.arg)
+                elif ast.unparse(k.value) == "self.stats.as_dict()":
+                    fields |= stats_fields
     return found
 
 

@@ -402,15 +402,10 @@ class Rotator:
                      device_total=self.scheduler.max_total_num_tokens,
                      host_free=self.tier.pages.available_size(),
                      host_total=self.initial_host_tokens,
-                     table=len(self.policy), rotations_out=self.stats.rotations_out,
-                     rotated_reqs=len(counts), multi_rotated_reqs=sum(c > 1 for c in counts),
-                     max_per_req=max(counts, default=0),
-                     aborted_while_rotated=self.stats.aborted_while_rotated,
-                     plans_decode_first=self.stats.plans_decode_first,
-                     plans_head_blocked=self.stats.plans_head_blocked,
-                     plans_host_full=self.stats.plans_host_full, requeued=self.stats.requeued,
-                     steps=self.stats.steps, step_us=self.stats.step_us,
-                     step_us_max=self.stats.step_us_max, check_error=error)
+                     table=len(self.policy), rotated_reqs=len(counts),
+                     multi_rotated_reqs=sum(c > 1 for c in counts),
+                     max_per_req=max(counts, default=0), **self.stats.as_dict(),
+                     check_error=error)
         self.times_rotated.clear()
 
     def away_load(self) -> tuple[int, int]:
