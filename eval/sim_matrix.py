@@ -4,9 +4,11 @@ swept over the whole space, fcfs (SGLang's rule, the baseline) against rotasched
 The space: every model with a profile for ``--gpu`` (eval/models/<model>/profile_<gpu>.json),
 or with ``--builtin`` the simulator's built-in H200 Llama-3.1-8B only; both Azure traces;
 Poisson arrivals and gamma ones with gap CV 2 and 4; TTFT SLO 0.5 / 1 / 2 s; TBT SLO 50 / 100 ms;
-rates from under each (model, trace)'s knee to twice it. Every model gets the same KV memory
-(``--kv-gb``; the default is the 60,000 Llama-3.1-8B tokens the GPU sweeps cap at), so its cap
-in tokens is ``kv_gb * 1e9 // bytes_per_token``.
+rates from under each (model, trace)'s knee to twice it. Every model of a run gets the same KV
+memory (``--kv-gb``; the default is the 60,000 Llama-3.1-8B tokens the GPU sweeps cap at), so
+its cap in tokens is ``kv_gb * 1e9 // bytes_per_token``; a model whose weights leave the card
+less (Qwen2.5-32B on an H100: 5 GB) runs on its own with ``--resume``, and ``settings``'
+``kv_gb_by_model`` records each model's.
 
 The knee of a (model, trace) is found at the default SLOs (TTFT 1 s, TBT 100 ms) on Poisson
 arrivals: the lowest rate at which fcfs's TTFT attainment falls below 90%, from a geometric scan
@@ -395,11 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     log = Progress()
     commit = source_commit()
     t0 = time.monotonic()
-    old_points, old_knees, old_elapsed = [], {}, 0.0
+    old_points, old_knees, old_elapsed, kv_gb = [], {}, 0.0, {}
     if args.resume and args.out.exists():
         doc = json.loads(args.out.read_text())
         old_points, old_knees = doc.get("points", []), doc.get("knees", {})
         old_elapsed = float(doc.get("elapsed_total_s") or 0.0)
+        old_settings = doc.get("settings", {})
+        kv_gb = dict(old_settings.get("kv_gb_by_model")
+                     or {p["model"]: old_settings.get("kv_gb") for p in old_points})
+    # each model's device KV (a model too large for the card gets less: --kv-gb per run)
+    kv_gb.update({gpu.model_name: args.kv_gb for gpu in gpus})
 
     # what each model runs with; a point or knee made with other settings is made again
     plans = []
@@ -477,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{total} points to simulate in {len(tasks)} groups on "
         f"{min(args.jobs, len(tasks) or 1)} processes{kept}")
     points = list(old_points)
-    settings = {"kv_gb": args.kv_gb, "host_kv_gb": args.host_kv_gb, "num": args.num,
+    settings = {"kv_gb_by_model": kv_gb, "host_kv_gb": args.host_kv_gb, "num": args.num,
                 "seeds": args.seeds, "horizon_s": args.horizon,
                 "rate_factors": args.rate_factors, "knee_target": KNEE_TARGET,
                 "knee_metric": args.knee_metric,

@@ -33,6 +33,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,7 +105,7 @@ class Simulator:
 
     def __init__(self, specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel,
                  ttft_slo: float, tbt_slo: float, host_tokens: int, horizon_s: float,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, settings: dict[str, Any] | None = None) -> None:
         self.gpu, self.cap, self.horizon = gpu, cap, horizon_s
         self.overlap = overlap
         self._seen_until = 0.0  # arrivals up to here are in the scheduler's queue
@@ -138,7 +139,7 @@ class Simulator:
             cfg = RotaConfig(policy="lvf" if system == "rotasched-lvf" else "slo",
                              ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo,
                              keep_host_copy=system == "rotasched-keep",
-                             write_through=system == "rotasched-wt")
+                             write_through=system == "rotasched-wt", **(settings or {}))
             self.policy = create_policy(cfg)
             self.write_through = cfg.write_through
             self.mover = ModelledMover(self._tier_clock, gpu.link_bytes_per_s,
@@ -487,8 +488,11 @@ class Simulator:
 
 
 def simulate(specs: list[RequestSpec], system: str, cap: int, gpu: GpuModel, ttft_slo: float,
-             tbt_slo: float, host_tokens: int, horizon_s: float, overlap: bool = True) -> dict:
-    sim = Simulator(specs, system, cap, gpu, ttft_slo, tbt_slo, host_tokens, horizon_s, overlap)
+             tbt_slo: float, host_tokens: int, horizon_s: float, overlap: bool = True,
+             settings: dict[str, Any] | None = None) -> dict:
+    """One replay; ``settings``: RotaConfig fields for rotasched (a diagnostic's variants)."""
+    sim = Simulator(specs, system, cap, gpu, ttft_slo, tbt_slo, host_tokens, horizon_s, overlap,
+                    settings)
     records = sim.run()
     if sim.tier is not None:
         sim.tier.check()  # every host page has one owner

@@ -54,6 +54,7 @@ def test_the_file_has_the_matrix_shape(tiny):
             assert s["throughput_tok_s"] > 0
         assert p["checks"] == matrix.check_point(p)
         assert p["checks"]["never_worse"] in (True, False)
+    assert doc["settings"]["kv_gb_by_model"] == {"llama-3.1-8b": 1.0}
     s = doc["summary"]
     assert s["points"] == 2 and s["never_worse"].endswith("/2")
     assert set(s["never_worse_by_bound"]) == {"memory", "compute", "none"}
@@ -68,6 +69,26 @@ def test_resume_adds_nothing_new(tiny, capsys):
     assert "0 points to simulate" in log and "kept from" in log
     again = json.loads(out.read_text())
     assert again["points"] == doc["points"] and again["knees"] == doc["knees"]
+
+
+def test_resume_keeps_each_models_kv_memory(tmp_path, tiny):
+    """A model run on its own with less KV (``--kv-gb``, ``--resume``) keeps the other models'
+    figure in ``settings``; a file from before the per-model record reads its one figure as
+    every earlier model's."""
+    _, doc = tiny
+    old = dict(doc, settings={k: v for k, v in doc["settings"].items() if k != "kv_gb_by_model"})
+    old["settings"]["kv_gb"] = 1.0
+    old["points"] = [dict(p, model="qwen2.5-32b") for p in doc["points"]]
+    out = tmp_path / "m.json"
+    out.write_text(json.dumps(old))
+    assert sim_matrix.main([*TINY, "--jobs", "1", "--out", str(out), "--resume"]) == 0
+    kv = json.loads(out.read_text())["settings"]["kv_gb_by_model"]
+    assert kv == {"qwen2.5-32b": 1.0, "llama-3.1-8b": 1.0}
+    args = [*TINY[:-1], "0.5", "--jobs", "1", "--out", str(out), "--resume",
+            "--rate-factors", "1"]
+    assert sim_matrix.main(args) == 0
+    kv = json.loads(out.read_text())["settings"]["kv_gb_by_model"]
+    assert kv == {"qwen2.5-32b": 1.0, "llama-3.1-8b": 0.5}
 
 
 def test_knee_search_brackets_a_known_knee():

@@ -307,14 +307,22 @@ def test_the_queue_check_reads_the_walks_ranking_from_a_head_past_its_first_pass
     assert not p._room_comes_in_time(queue, 100, 0.6, cap(10**6), COSTS)
 
 
-def test_no_bytes_move_for_a_head_already_late():
-    """Every waiting request is past its TTFT deadline: admitting one sooner buys no
-    attainment, so room comes from streams finishing, not from rotations."""
-    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
-    running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)
-    add(p, "late", 0.0, 2500, 1.0, 0.1, 10)
-    plan = plan_at(p, 1.5, cap(1000), COSTS, 16384)
-    assert plan.admit == ["late"] and plan.rotate_out == [] and plan.head_blocked
+def test_a_late_head_waits_for_finishing_streams_only_within_two_of_its_ttft_slos():
+    """Every waiting request is past its latest start. A stream that finishes within two of
+    the head's TTFT SLOs frees its room: no bytes move. One that runs on longer would leave it
+    waiting while streams come and go from the host, to the end of a finite workload (its last
+    tokens come later: throughput lost): a rotation makes the room."""
+    def plan(max_new: int):
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+        running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=max_new)
+        add(p, "late", 0.0, 2500, 1.0, 0.1, 10)
+        return plan_at(p, 1.5, cap(1000), COSTS, 16384)
+
+    soon = plan(60)  # 30 tokens left at 20 ms a step: its room is free in 0.6 s
+    assert soon.admit == ["late"] and soon.rotate_out == [] and soon.head_blocked
+    later = plan(1000)  # 970 left: 19.4 s
+    assert later.admit == ["late"] and later.rotate_out == ["long"] and not later.head_blocked
+    assert later.room_needed
 
 
 def test_compute_bound_rotates_nothing_for_new_work_but_returns_urgent_streams():

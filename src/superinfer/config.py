@@ -125,6 +125,12 @@ class RotaConfig:
     reserve_max_frac: float = _internal(0.25, FRACTION_BELOW_1)
     # Requests already past their deadline are admitted after those that can still make it.
     late_last: bool = _internal(True)
+    # A late head (every waiting request is past its latest start) waits for finishing streams
+    # to free its room at most this many of its TTFT SLOs, then a rotation makes it. With no
+    # limit, late requests waited while streams came and went from the host, to the end of a
+    # finite workload, whose last tokens then came seconds later (README, rule 3; the value:
+    # eval/README.md, "Late heads").
+    late_wait_slos: float = _internal(2.0, POSITIVE)
     # LVF (reference rule): fixed proactive budget B in tokens.
     lvf_budget_tokens: int = _internal(2400 * 16, COUNT)
     mover: str = _flag(

@@ -17,12 +17,13 @@ Each iteration:
    could no longer earn the slack the streams on the host spend (``deadlines.slack_gain``,
    ``deadlines.max_extra_away``), and keep one stream's KV free on the host for swaps. If no room
    can be made for a new head, urgent returns behind it still swap in.
-   Bytes move only when they buy something: not for a head already past its latest start, not
-   when streams finishing in time free the room anyway, for the head and for every waiting
-   request behind it that can still make its TTFT, each by its latest start (streams finishing
-   before the head must start are no victims either), and not for new work at all while
-   compute binds (``policy.binding``:
-   new work waits for the GPU, so room made for it would only cost link time and decode steps).
+   Bytes move only when they buy something: not when streams finishing in time free the room
+   anyway, for the head and for every waiting request behind it that can still make its TTFT,
+   each by its latest start (streams finishing before the head must start are no victims
+   either); for a head already past its latest start (only late requests wait then), not when
+   finishing streams free its room within ``late_wait_slos`` of its TTFT SLOs; and not for
+   new work at all while compute binds (``policy.binding``: new work waits for the GPU, so
+   room made for it would only cost link time and decode steps).
 4. Bound this step's prefill tokens by the least slack of the resident streams and of the
    rotated-out ones up to their urgency point (none left, or a stream behind pace: decode
    first); the head's whole first batch must fit, since SGLang runs chunks back to back.
@@ -128,16 +129,20 @@ class SloPolicy(Policy):
         needed_by_s: float | None = None  # when the room must be there (None: now)
         if blocked_new:
             needed_by_s = self._latest_start_s(plan.admit[-1], costs)
+            if needed_by_s < now_s:  # late: no request that can make its TTFT waits
+                needed_by_s = now_s + cfg.late_wait_slos * self._ttft_slo_s(plan.admit[-1])
+                queue = None  # nobody behind it can make theirs: its own room is the test
         elif deficit is None:
             deficit, wait_s = reserve - (free - used), cfg.reserve_window_s
             needed_by_s = now_s + wait_s
             why = "keep the free reserve"
         if needed_by_s is not None and deficit > 0 and (
-                compute_bound or needed_by_s < now_s
+                compute_bound
                 or (self._room_comes_in_time(queue, free - used, now_s, cap, costs)
-                    if blocked_new else self._freed_by(needed_by_s, now_s, cap, costs) >= deficit)):
-            # Moving bytes would buy nothing: the GPU, not memory, holds new work back; the
-            # head is late already; or the room comes in time anyway.
+                    if queue is not None
+                    else self._freed_by(needed_by_s, now_s, cap, costs) >= deficit)):
+            # Moving bytes would buy nothing: the GPU, not memory, holds new work back; or the
+            # room comes in time anyway.
             deficit = 0
         if deficit > 0:
             self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window,
@@ -289,8 +294,8 @@ class SloPolicy(Policy):
                        new_deadline - costs.prefill_s(t.num_prompt_tokens[cand]))
         if self.config.late_last:
             # A new request's key is its latest start: past it, its first token comes late
-            # whatever happens now, and at the head it would block (and, since no bytes move
-            # for a late head, stop rotation for) those behind it that can still make it.
+            # whatever happens now, and at the head it would block those behind it that can
+            # still make it.
             key = key + np.where((~on_host) & (key < now_s), _LATE, 0.0)
         if depth < len(cand):
             head = np.argpartition(key, depth)[:depth]
@@ -413,6 +418,9 @@ class SloPolicy(Policy):
         t = self._table
         reserve = t.decode_reservation(np.array([row]), cap.new_token_ratio, cap.fixed_length_ratio)
         return int(t.num_tokens[row]) + int(reserve[0])
+
+    def _ttft_slo_s(self, req_id: str) -> float:
+        return float(self._table.ttft_slo_s[self._table.row(req_id)])
 
     def _latest_start_s(self, req_id: str, costs: Costs) -> float:
         """When a waiting request's prefill must start to make its TTFT deadline."""

@@ -1,0 +1,28 @@
+"""eval/diagnostics/late_wait.py: the limit reaches the simulated policy; the comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from eval.diagnostics.late_wait import LLAMA, METRICS, Point, compare, replay
+from eval.lib.gpu_model import MODELS_DIR
+from superinfer.config import ConfigError
+
+SMALL = Point(LLAMA, "h100", "conv", "poisson", 1, 20, 30, 60000, 1.0, 0.1)
+
+
+def test_the_limit_reaches_the_policy_and_a_bad_one_is_refused():
+    run = replay((SMALL, str(MODELS_DIR), 2.0, 0))
+    assert set(run) == set(METRICS) and 0 <= run["both_attainment"] <= 1
+    with pytest.raises(ConfigError, match="late_wait_slos"):
+        replay((SMALL, str(MODELS_DIR), 0.0, 0))
+
+
+def test_compare_averages_the_draws_and_sets_throughput_against_fcfs():
+    def run(ttft: float, tput: float) -> dict[str, float]:
+        return {"ttft_attainment": ttft, "tbt_attainment": 1.0, "both_attainment": ttft,
+                "throughput_tok_s": tput}
+
+    out = compare([run(0.5, 100.0), run(0.7, 300.0)], [run(0.9, 190.0), run(1.0, 230.0)])
+    assert out == {"ttft_attainment": 0.95, "tbt_attainment": 1.0, "both_attainment": 0.95,
+                   "throughput_vs_fcfs": 1.05}
