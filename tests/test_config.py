@@ -32,7 +32,7 @@ FLAGS = {
     "--rota-min-request-slo-ratio": ("min_request_slo_ratio", 1.0),
     "--rota-monitor": ("monitor", False),
 }
-INTERNAL = {"reserve_window_s", "reserve_max_frac", "late_last", "late_wait_slos",
+INTERNAL = {"away_margin", "reserve_window_s", "reserve_max_frac", "late_last", "late_wait_slos",
             "lvf_budget_tokens", "min_prefill_chunk"}
 
 

@@ -168,15 +168,16 @@ def test_urgency_covers_the_overlap_pipeline_of_a_swap():
 
 def test_away_streams_are_bounded_by_the_slack_the_resident_ones_earn():
     """Rotating out for new work only while the resident streams earn the slack the ones on
-    the host spend: 20 ms steps and a 100 ms TBT earn 4 s per second per stream, /2 margin."""
+    the host spend: 20 ms steps and a 100 ms TBT earn 4 s per second per stream, over the
+    away margin (1.5 by default)."""
     assert deadlines.slack_gain(0.1, 0.02, 0.0) == pytest.approx(4.0)
     assert deadlines.slack_gain(0.1, 0.02, 0.5) == pytest.approx(1.5)
     assert deadlines.slack_gain(0.1, 0.2, 0.0) == 0.0
     assert deadlines.max_extra_away(resident=10, away=0, gain=2.0) == 7  # 7 <= (10 - 7 + 1) * 2
     assert deadlines.max_extra_away(resident=10, away=22, gain=2.0) == 0
 
-    def plan_with_away(n_away: int) -> list[str]:
-        p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    def plan_with_away(n_away: int, margin: float = 1.5) -> list[str]:
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0, away_margin=margin))
         for i in range(4):
             running(p, f"r{i}", tokens=1000, first_s=0.0, out=40)  # 3 s of slack at now=1
         for i in range(n_away):
@@ -185,8 +186,10 @@ def test_away_streams_are_bounded_by_the_slack_the_resident_ones_earn():
         add(p, "new", 0.9, 1500, 1.0, 0.1, 10)
         return plan_at(p, 1.0, cap(600), COSTS, 16384).rotate_out
 
-    assert plan_with_away(0) == ["r0"]  # gain 4 / margin 2: (4 + 1) * 2 - 0 >= 3 * 1
-    assert plan_with_away(9) == []  # 9 on the host already use what 4 resident streams earn
+    assert plan_with_away(0) == ["r0"]  # (4 + 1) * 4 / 1.5 - 0 >= 1 * (1 + 4 / 1.5)
+    assert plan_with_away(9) == ["r0"]  # 13.3 - 9 >= 3.67
+    assert plan_with_away(10) == []  # 10 on the host already use what 4 resident streams earn
+    assert plan_with_away(9, margin=2.0) == []  # a wider margin funds fewer: 10 - 9 < 3
 
 
 def test_streams_on_the_host_already_late_do_not_hold_prefill_back():

@@ -120,6 +120,10 @@ class RotaConfig:
     slack_margin: float = _flag(
         "--rota-slack-margin", 2.0,
         "a victim's slack must cover its round trip this many times.", POSITIVE)
+    # The streams on the host may spend at most 1 / away_margin of the slack the resident ones
+    # earn (deadlines.max_extra_away). An aggregate over many streams, so it needs less margin
+    # than one victim's round trip (slack_margin); the value: eval/README.md, "The away bound".
+    away_margin: float = _internal(1.5, POSITIVE)
     # Proactive free reserve = arrival rate × mean prompt × window, capped at a pool fraction.
     reserve_window_s: float = _internal(0.2, NON_NEGATIVE)
     reserve_max_frac: float = _internal(0.25, FRACTION_BELOW_1)

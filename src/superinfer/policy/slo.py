@@ -14,9 +14,10 @@ Each iteration:
    over the time since the last plan (rotation costs the model SM time; see
    RotaConfig.link_share): a long prefill batch leaves room for more than a decode step.
    Rotations that admit new work (not an urgent return) stop where the resident streams
-   could no longer earn the slack the streams on the host spend (``deadlines.slack_gain``,
-   ``deadlines.max_extra_away``), and keep one stream's KV free on the host for swaps. If no room
-   can be made for a new head, urgent returns behind it still swap in.
+   could no longer earn the slack the streams on the host spend, with ``away_margin`` to spare
+   (``deadlines.slack_gain``, ``deadlines.max_extra_away``), and keep one stream's KV free on
+   the host for swaps. If no room can be made for a new head, urgent returns behind it still
+   swap in.
    Bytes move only when they buy something: not when streams finishing in time free the room
    anyway, for the head and for every waiting request behind it that can still make its TTFT,
    each by its latest start (streams finishing before the head must start are no victims
@@ -544,4 +545,4 @@ class SloPolicy(Policy):
             return 0
         gain = deadlines.slack_gain(float(t.tbt_slo_s[resident].min()), costs.decode_step_s,
                                     deadlines.prefill_share(costs))
-        return deadlines.max_extra_away(len(resident), away, gain / self.config.slack_margin)
+        return deadlines.max_extra_away(len(resident), away, gain / self.config.away_margin)

@@ -1,21 +1,26 @@
-"""eval/diagnostics/late_wait.py: the limit reaches the simulated policy; the comparison."""
+"""eval/diagnostics/setting_sweep.py: the setting reaches the simulated policy, a bad value is
+refused before any replay, and the comparison."""
 
 from __future__ import annotations
 
 import pytest
 
-from eval.diagnostics.late_wait import LLAMA, METRICS, Point, compare, replay
+from eval.diagnostics.setting_sweep import LLAMA, METRICS, Point, compare, main, replay
 from eval.lib.gpu_model import MODELS_DIR
 from superinfer.config import ConfigError
 
 SMALL = Point(LLAMA, "h100", "conv", "poisson", 1, 20, 30, 60000, 1.0, 0.1)
 
 
-def test_the_limit_reaches_the_policy_and_a_bad_one_is_refused():
-    run = replay((SMALL, str(MODELS_DIR), 2.0, 0))
+def test_the_setting_reaches_the_policy_and_a_bad_value_is_refused(tmp_path, capsys):
+    run = replay((SMALL, str(MODELS_DIR), "late_wait_slos", 2.0, 0))
     assert set(run) == set(METRICS) and 0 <= run["both_attainment"] <= 1
-    with pytest.raises(ConfigError, match="late_wait_slos"):
-        replay((SMALL, str(MODELS_DIR), 0.0, 0))
+    with pytest.raises(ConfigError, match="away_margin"):
+        replay((SMALL, str(MODELS_DIR), "away_margin", 0.0, 0))
+    with pytest.raises(SystemExit):
+        main(["--setting", "away_margin", "--values", "1.5", "-1", "--out",
+              str(tmp_path / "d.json")])
+    assert "away_margin" in capsys.readouterr().err and not (tmp_path / "d.json").exists()
 
 
 def test_compare_averages_the_draws_and_sets_throughput_against_fcfs():

@@ -1,16 +1,18 @@
-"""How long should a late head wait for finishing streams before a rotation makes its room?
+"""One policy setting swept in the simulator over a fixed set of matrix points.
 
-RotaSched ranks requests past their latest start behind every request that can still make its
-TTFT (README, rule 1). Such a late head used to get no rotation at all (rule 3): it waited for
-streams to finish, while the room they freed went to streams coming back from the host. On a
-finite workload that left late requests waiting to its end, and its last tokens came seconds
-later (Qwen2.5-32B on an H100: 91% of lpm's throughput, eval/results/slo_matrix.json). Now it
-waits at most ``RotaConfig.late_wait_slos`` of its TTFT SLOs. This replays a fixed set of
-points in eval.sim_policy (calibrated GPU profiles; models, traces, arrivals, SLOs and replay
-lengths the matrix covers) for several values of that limit, ``1e9`` standing for the rule
-before (no limit), and fcfs as the baseline each is set against.
+Some of RotaSched's settings are judgment calls with no flag (``RotaConfig``'s internal
+fields): how long a late head waits for finishing streams before a rotation makes its room
+(``late_wait_slos``, README rule 3), how much of the slack the resident streams earn the
+streams on the host may spend (``away_margin``). This replays a fixed set of points in
+eval.sim_policy (calibrated GPU profiles; models, traces, arrivals, SLOs and replay lengths the
+matrix covers) for several values of one setting, with fcfs as the baseline each is set
+against, so a value is chosen where the figures are flat rather than where one point peaks
+(eval/README.md, "Late heads" and "The away bound").
 
-    python -m eval.diagnostics.late_wait --jobs 2 --out eval/results/diag_late_wait_sim.json
+    python -m eval.diagnostics.setting_sweep --setting late_wait_slos --values 1e9 1 1.5 2 3 5 \\
+        --jobs 2 --out eval/results/diag_late_wait_sim.json
+    python -m eval.diagnostics.setting_sweep --setting away_margin --values 1 1.25 1.5 2 \\
+        --jobs 2 --out eval/results/diag_away_margin_sim.json
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from eval.lib.progress import Progress
 from eval.lib.traces import load_azure, make_specs
 from eval.sim_matrix import TRACE_DIR
 from eval.sim_policy import simulate
+from superinfer.config import ConfigError, RotaConfig
 
-NO_LIMIT = 1e9  # the rule before: a late head waits for finishes, however long they take
+# RotaConfig's internal fields worth a sweep (the others are switches or have flags)
+TUNABLE = ("late_wait_slos", "away_margin", "reserve_window_s", "reserve_max_frac")
 HOST_GB = 64.0
 HORIZON_S = 600.0
 METRICS = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s")
@@ -71,19 +75,23 @@ POINTS = (
     Point(QWEN, "h100", "conv", "poisson", 1, 4.5, 100, 19073, 1.0, 0.1),
     Point(QWEN, "h100", "conv", "poisson", 1, 3.0, 100, 19073, 1.0, 0.1),
     Point(QWEN, "h100", "conv", "poisson", 1, 4.5, 300, 19073, 1.0, 0.1),
+    Point(QWEN, "h100", "conv", "poisson", 1, 1.78, 300, 19073, 1.0, 0.1),
+    Point(QWEN, "h100", "conv", "poisson", 1, 1.78, 300, 19073, 0.5, 0.05),
+    Point(QWEN, "h100", "conv", "gamma", 4, 1.49, 300, 19073, 1.0, 0.1),
     Point(QWEN, "h100", "code", "poisson", 1, 4.0, 300, 19073, 1.0, 0.1),
 )
 
 
-def replay(task: tuple[Point, str, float | None, int]) -> dict[str, float]:
-    """One arrival draw of one point: fcfs (``limit`` None) or rotasched with that limit."""
-    point, models_dir, limit, seed = task
+def replay(task: tuple[Point, str, str, float | None, int]) -> dict[str, float]:
+    """One arrival draw of one point: fcfs (``value`` None) or rotasched with ``setting`` at
+    ``value``."""
+    point, models_dir, setting, value, seed = task
     gpu = resolve_gpu_model(point.model, point.gpu, models_dir=Path(models_dir), mover="staging")
     rows = load_azure(TRACE_DIR / f"AzureLLMInferenceTrace_{point.trace}.csv")
     specs = make_specs(rows, num=point.num, arrival=point.arrival, rate=point.rate, cv=point.cv,
                        seed=seed)
-    system = "fcfs" if limit is None else "rotasched"
-    settings = None if limit is None else {"late_wait_slos": limit}
+    system = "fcfs" if value is None else "rotasched"
+    settings = None if value is None else {setting: value}
     out = simulate(specs, system, point.cap, gpu, point.ttft_slo, point.tbt_slo,
                    int(HOST_GB * 1e9) // gpu.bytes_per_token, HORIZON_S, settings=settings)
     return {k: out["summary"][k] for k in METRICS}
@@ -102,37 +110,44 @@ def compare(base: list[dict[str, float]], runs: list[dict[str, float]]) -> dict[
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limits", nargs="+", type=float, default=[NO_LIMIT, 1.0, 1.5, 2.0, 3.0, 5.0],
-                    help=f"late_wait_slos values ({NO_LIMIT:g}: no limit, the rule before)")
+    ap.add_argument("--setting", required=True, choices=TUNABLE,
+                    help="a RotaConfig field without a flag")
+    ap.add_argument("--values", nargs="+", type=float, required=True)
     ap.add_argument("--seeds", type=int, default=3, help="arrival draws per point")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.jobs < 1 or min(args.limits) <= 0:
-        ap.error("--seeds and --jobs must be at least 1, --limits positive")
+    if args.seeds < 1 or args.jobs < 1:
+        ap.error("--seeds and --jobs must be at least 1")
+    try:  # the config's own check, before minutes of replays
+        for v in args.values:
+            RotaConfig(**{args.setting: v})
+    except ConfigError as e:
+        ap.error(str(e))
     log = Progress()
     results = []
     with Pool(args.jobs) as pool:
         for n, point in enumerate(POINTS, 1):
-            limits: list[float | None] = [None, *args.limits]
-            tasks = [(point, str(args.models_dir), lim, s)
-                     for lim in limits for s in range(args.seeds)]
+            values: list[float | None] = [None, *args.values]
+            tasks = [(point, str(args.models_dir), args.setting, v, s)
+                     for v in values for s in range(args.seeds)]
             runs = pool.map(replay, tasks)
-            per = {lim: runs[i * args.seeds:(i + 1) * args.seeds] for i, lim in enumerate(limits)}
+            per = {v: runs[i * args.seeds:(i + 1) * args.seeds] for i, v in enumerate(values)}
             base = per.pop(None)
             entry: dict[str, Any] = {
                 "point": point._asdict(), "label": point.label,
                 "fcfs": {k: round(statistics.mean(r[k] for r in base), 4) for k in METRICS},
-                "rotasched": {f"{lim:g}": compare(base, r) for lim, r in per.items()}}
+                "rotasched": {f"{v:g}": compare(base, r) for v, r in per.items()}}
             results.append(entry)
             row = ", ".join(f"{k}: both {v['both_attainment']:.3f} "
                             f"thr {v['throughput_vs_fcfs']:.3f}"
                             for k, v in entry["rotasched"].items())
             log(f"[{n}/{len(POINTS)}] {point.label}: {row}")
-            write_json(args.out, {"command": command_line("eval.diagnostics.late_wait", argv),
-                                  "seeds": args.seeds, "limits": args.limits,
-                                  "no_limit": NO_LIMIT, "points": results})
+            write_json(args.out, {
+                "command": command_line("eval.diagnostics.setting_sweep", argv),
+                "setting": args.setting, "values": args.values, "seeds": args.seeds,
+                "default": getattr(RotaConfig(), args.setting), "points": results})
 
 
 if __name__ == "__main__":
