@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 from eval.lib.gpu_model import MODELS_DIR, resolve_gpu_model
 from eval.lib.jsonfiles import command_line, write_json
 from eval.lib.progress import Progress
-from eval.lib.traces import load_azure, make_specs
-from eval.sim_matrix import TRACE_DIR
+from eval.lib.traces import make_specs
+from eval.sim_matrix import _rows
 from eval.sim_policy import simulate
 from superinfer.config import ConfigError, RotaConfig
 
@@ -87,9 +87,8 @@ def replay(task: tuple[Point, str, str, float | None, int]) -> dict[str, float]:
     ``value``."""
     point, models_dir, setting, value, seed = task
     gpu = resolve_gpu_model(point.model, point.gpu, models_dir=Path(models_dir), mover="staging")
-    rows = load_azure(TRACE_DIR / f"AzureLLMInferenceTrace_{point.trace}.csv")
-    specs = make_specs(rows, num=point.num, arrival=point.arrival, rate=point.rate, cv=point.cv,
-                       seed=seed)
+    specs = make_specs(_rows(point.trace), num=point.num, arrival=point.arrival,
+                       rate=point.rate, cv=point.cv, seed=seed)
     system = "fcfs" if value is None else "rotasched"
     settings = None if value is None else {setting: value}
     out = simulate(specs, system, point.cap, gpu, point.ttft_slo, point.tbt_slo,
