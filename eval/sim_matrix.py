@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_total_s": round(old_elapsed + elapsed, 1),  # over --resume runs
             "command": command_line("eval.sim_matrix", argv),
             "note": ("eval.sim_policy's simulator swept over the space: estimates on a "
-                     "modelled GPU, not measurements; see eval/lib/matrix.py for the goals")})
+                     "modelled GPU, not measurements; see eval/lib/matrix.py for the goals")},
+                   rows="points")
         return summary
 
     t_points, done = time.monotonic(), 0

@@ -39,6 +39,10 @@ def test_the_file_has_the_matrix_shape(tiny):
     assert knee > 0 and doc["summary"]["knees"] == {"llama-3.1-8b conv h200": knee}
     pts = doc["points"]
     assert sorted(p["rate"] for p in pts) == [round(knee, 2), round(2 * knee, 2)]
+    # one compact point per line: 900 points stay a small file that diffs point by point
+    lines = out.read_text().splitlines()
+    assert [json.loads(line.strip().rstrip(",")) for line in lines
+            if line.startswith('  {"model"')] == pts
     for p in pts:
         assert set(matrix.KEY_FIELDS) <= set(p)
         assert p["gpu"] == "modelled h200" and p["simulated"] is True and p["seeds"] == 1

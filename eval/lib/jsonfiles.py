@@ -12,12 +12,26 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json(path: str | Path, doc: Any) -> None:
-    """Write ``doc`` through a temporary file, so a run killed mid-write keeps its last result."""
+def write_json(path: str | Path, doc: Any, rows: str | None = None) -> None:
+    """Write ``doc`` through a temporary file, so a run killed mid-write keeps its last result.
+    ``rows``: a top-level list of ``doc`` written one compact item per line (a result of
+    hundreds of points stays small and diffs point by point)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    if rows is None:
+        text = json.dumps(doc, indent=1)
+    else:
+        fields = []
+        for key, value in doc.items():
+            if key == rows and value:
+                items = ",\n".join("  " + json.dumps(v, separators=(",", ":")) for v in value)
+                fields.append(f" {json.dumps(key)}: [\n{items}\n ]")
+            else:
+                fields.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1)
+                              .replace("\n", "\n "))
+        text = "{\n" + ",\n".join(fields) + "\n}"
+    tmp.write_text(text + "\n")
     tmp.replace(path)
 
 
