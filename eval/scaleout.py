@@ -81,19 +81,24 @@ def setup_text(args: argparse.Namespace) -> str:
 
 def start_servers(args: argparse.Namespace, system: str, stack: ExitStack,
                   warmup: list[RequestSpec], budget: Budget) -> list[str] | None:
-    """Every server of ``system`` started at once, healthy, warmed up, idle (their bases), or
-    None if one is not; they stop when ``stack`` closes."""
+    """Every server of ``system`` healthy, warmed up, idle (their bases), or None if one is not;
+    they stop when ``stack`` closes. Servers start one wave per GPU at a time: a server that
+    shares its GPU sizes its KV pool from the memory it finds free, so it starts only once the
+    one before it on that GPU holds its own (two at once: the later one finds no room)."""
     ports = [args.port + 10 * k for k in range(args.servers)]
-    servers = [ServerProcess(cmd, args.raw_dir / f"server_{system}_{k}.log")
-               for k, cmd in enumerate(server_cmds(args, system, ports))]
-    stack.callback(stop_servers, servers, 30.0)
-    for s in servers:
-        log(f"{system}: starting: {' '.join(s.cmd)}")
+    cmds = server_cmds(args, system, ports)
     bases = [f"http://127.0.0.1:{p}" for p in ports]
-    for base, s in zip(bases, servers, strict=True):
-        if not wait_healthy(base, s.alive, min(args.startup_timeout, budget.usable())):
-            log(f"{system}: {base} did not start, see {s.log_path}")
-            return None
+    started = time.monotonic()
+    for wave in range(0, args.servers, args.gpus):
+        servers = [ServerProcess(cmds[k], args.raw_dir / f"server_{system}_{k}.log")
+                   for k in range(wave, min(wave + args.gpus, args.servers))]
+        stack.callback(stop_servers, servers, 30.0)
+        for s in servers:
+            log(f"{system}: starting: {' '.join(s.cmd)}")
+        for base, s in zip(bases[wave:], servers, strict=False):
+            if not wait_healthy(base, s.alive, min(args.startup_timeout, budget.usable())):
+                log(f"{system}: {base} did not start, see {s.log_path}")
+                return None
     for k, base in enumerate(bases):
         warm = asyncio.run(replay(base, warmup, salt=-1 - k, time_limit=120.0, progress=False,
                                   vocab=args.vocab))
@@ -101,7 +106,7 @@ def start_servers(args: argparse.Namespace, system: str, stack: ExitStack,
         if errors or not wait_idle(base, args.drain_timeout):
             log(f"{system}: {base} failed its warm-up ({errors} errors) or did not drain")
             return None
-    log(f"{system}: {len(bases)} servers up in {time.monotonic() - servers[0].started:.0f}s")
+    log(f"{system}: {len(bases)} servers up in {time.monotonic() - started:.0f}s")
     return bases
 
 
