@@ -76,6 +76,32 @@ def test_edf_admission_order_and_late_last():
     assert plan_at(pure, 2.0, cap(100_000), COSTS, 16384).admit == ["late", "a", "b"]
 
 
+def burst(config: RotaConfig, prompts: dict[str, int]) -> SloPolicy:
+    """Requests all arriving at 0 with a 1 s TTFT SLO (COSTS: 2e-5 s a prompt token)."""
+    p = SloPolicy(config)
+    for rid, tokens in prompts.items():
+        add(p, rid, 0.0, tokens, 1.0, 0.1, 10)
+    return p
+
+
+def test_fewest_late_when_not_every_prefill_fits_before_its_deadline():
+    # 0.8 s + 0.3 s + 0.3 s of prefill, all due at 1.0: latest-start order serves the long
+    # prompt first and both short ones miss; the fewest late: the long one goes last.
+    prompts = {"long": 40_000, "s1": 15_000, "s2": 15_000}
+    plan = plan_at(burst(RotaConfig(), prompts), 0.0, cap(100_000), COSTS, 100_000)
+    assert plan.admit == ["s1", "s2", "long"]
+    plain = burst(RotaConfig(fewest_late=False), prompts)
+    assert plan_at(plain, 0.0, cap(100_000), COSTS, 100_000).admit == ["long", "s1", "s2"]
+    # 0.4 + 0.2 + 0.2 s all fit: deadline (latest start) order, nobody late
+    fits = burst(RotaConfig(), {"long": 20_000, "s1": 10_000, "s2": 10_000})
+    assert plan_at(fits, 0.0, cap(100_000), COSTS, 100_000).admit == ["long", "s1", "s2"]
+    # equal prefills: the later arrival of the ones past the cut goes late
+    even = burst(RotaConfig(), {"a": 20_000, "b": 20_000, "c": 20_000})
+    assert plan_at(even, 0.0, cap(100_000), COSTS, 100_000).admit == ["a", "b", "c"]
+    assert even._served_late(even._table.rows_in(Phase.WAITING), 0.0, COSTS).tolist() == [
+        False, False, True]
+
+
 def test_rotated_request_key_brought_forward_by_swap_in():
     p = SloPolicy(RotaConfig())
     running(p, "away", tokens=200_000, first_s=0.0, out=20)  # next token due at 2.0

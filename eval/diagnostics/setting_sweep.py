@@ -13,6 +13,8 @@ against, so a value is chosen where the figures are flat rather than where one p
         --jobs 2 --out eval/results/diag_late_wait_sim.json
     python -m eval.diagnostics.setting_sweep --setting away_margin --values 1 1.25 1.5 2 \\
         --jobs 2 --out eval/results/diag_away_margin_sim.json
+    python -m eval.diagnostics.setting_sweep --setting fewest_late --values 0 1 \\
+        --jobs 2 --out eval/results/diag_fewest_late_sim.json
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from eval.sim_matrix import _rows
 from eval.sim_policy import simulate
 from superinfer.config import ConfigError, RotaConfig
 
-# RotaConfig's internal fields worth a sweep (the others are switches or have flags)
-TUNABLE = ("late_wait_slos", "away_margin", "reserve_window_s", "reserve_max_frac")
+# RotaConfig's internal fields worth a sweep (the others have flags); a switch takes 0 and 1
+TUNABLE = ("late_wait_slos", "away_margin", "reserve_window_s", "reserve_max_frac",
+           "fewest_late")
 HOST_GB = 64.0
 HORIZON_S = 600.0
 METRICS = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s")
@@ -90,6 +93,8 @@ def replay(task: tuple[Point, str, str, float | None, int]) -> dict[str, float]:
     specs = make_specs(_rows(point.trace), num=point.num, arrival=point.arrival,
                        rate=point.rate, cv=point.cv, seed=seed)
     system = "fcfs" if value is None else "rotasched"
+    if isinstance(getattr(RotaConfig(), setting), bool):
+        value = None if value is None else bool(value)
     settings = None if value is None else {setting: value}
     out = simulate(specs, system, point.cap, gpu, point.ttft_slo, point.tbt_slo,
                    int(HOST_GB * 1e9) // gpu.bytes_per_token, HORIZON_S, settings=settings)

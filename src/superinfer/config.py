@@ -129,6 +129,9 @@ class RotaConfig:
     reserve_max_frac: float = _internal(0.25, FRACTION_BELOW_1)
     # Requests already past their deadline are admitted after those that can still make it.
     late_last: bool = _internal(True)
+    # When the GPU cannot prefill every waiting request by its TTFT deadline, the ones with the
+    # longest prefills go late with them (Moore-Hodgson: the fewest late; README, rule 1).
+    fewest_late: bool = _internal(True)
     # A late head (every waiting request is past its latest start) waits for finishing streams
     # to free its room at most this many of its TTFT SLOs, then a rotation makes it. With no
     # limit, late requests waited while streams came and went from the host, to the end of a

@@ -76,6 +76,13 @@ def prefill_share(costs: Costs) -> float:
     return costs.arrival_rate_per_s * costs.mean_prompt_tokens * costs.prefill_s_per_token
 
 
+def prefill_time_share(decode_step_s: float, tbt_slo_s: float) -> float:
+    """Share of GPU time left to prefill while decoding streams keep their pace: a decode step
+    per TBT. Never under half: a decode step near a TBT long would otherwise read as no
+    prefill at all."""
+    return 1.0 - min(decode_step_s / tbt_slo_s, 0.5)
+
+
 def decode_token_s(costs: Costs) -> float:
     """Seconds between a resident stream's tokens: a decode step, stretched by the prefills
     between steps (their share of the GPU is capped so a saturated estimate stays finite)."""

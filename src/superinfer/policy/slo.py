@@ -3,7 +3,9 @@
 Each iteration:
 1. Rank new requests (TTFT deadline minus prefill time: their latest start) and rotated-out
    requests (next-token deadline minus swap-in time) in one EDF order; new ones past their
-   latest start go last (a late rotated-out request keeps its place so it is never starved).
+   latest start go last (a late rotated-out request keeps its place so it is never starved),
+   and so do the fewest with the longest prefills where the GPU cannot prefill every waiting
+   request by its deadline (``_served_late``).
 2. Walk that order while it fits in free device memory: new requests to the queue front,
    urgent rotated ones (within ``deadlines.make_room_lag_s`` of their key) back in, within the
    host→device budget. Rotated ones not urgent yet wait for room left over once everything
@@ -44,6 +46,7 @@ where the adapter sets it); a new request needs its prompt plus its whole (clipp
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 
 import numpy as np
@@ -297,12 +300,50 @@ class SloPolicy(Policy):
             # A new request's key is its latest start: past it, its first token comes late
             # whatever happens now, and at the head it would block those behind it that can
             # still make it.
-            key = key + np.where((~on_host) & (key < now_s), _LATE, 0.0)
+            late = (~on_host) & (key < now_s)
+            if self.config.fewest_late:
+                late[~on_host & ~late] = self._served_late(cand[~on_host & ~late], now_s, costs)
+            key = key + np.where(late, _LATE, 0.0)
         if depth < len(cand):
             head = np.argpartition(key, depth)[:depth]
             cand, key = cand[head], key[head]
         order = np.lexsort((t.seq[cand], key))
         return cand[order], key[order]
+
+    def _served_late(self, rows: np.ndarray, now_s: float, costs: Costs) -> np.ndarray:
+        """Which of these waiting requests (each can still make its TTFT alone) go late so that
+        the most of them make it, where the GPU cannot prefill them all by their deadlines.
+        Moore-Hodgson: in deadline order, whenever the prefills so far end past the current
+        request's deadline, the longest of them goes late (the latest arrival among equals).
+        In a burst, deadline order alone serves the long prompts first and the short ones
+        behind them all miss; this serves the most requests on time per GPU second. Prefill
+        gets the GPU time the decoding streams' pace leaves it, and no batch's fixed cost
+        but the first is counted (the test errs toward keeping requests on time)."""
+        t = self._table
+        late = np.zeros(rows.size, dtype=bool)
+        if rows.size < 2:
+            return late
+        deadline = deadlines.ttft_deadline(t.arrival_s[rows], t.ttft_slo_s[rows])
+        work = t.num_prompt_tokens[rows] * costs.prefill_s_per_token
+        streams = t.rows_in(Phase.RUNNING)
+        if streams.size:  # their pace takes a decode step per TBT: prefill gets the rest
+            work = work / deadlines.prefill_time_share(costs.decode_step_s,
+                                                       float(t.tbt_slo_s[streams].min()))
+        order = np.lexsort((t.seq[rows], deadline))
+        done = now_s + costs.prefill_overhead_s + np.cumsum(work[order])
+        if np.all(done <= deadline[order]):
+            return late
+        seq = t.seq[rows]
+        kept: list[tuple[float, int, int]] = []  # max-heap by work, then by arrival
+        done_s = now_s + costs.prefill_overhead_s
+        for i in order.tolist():
+            heapq.heappush(kept, (-float(work[i]), -int(seq[i]), i))
+            done_s += float(work[i])
+            if done_s > deadline[i]:
+                neg_work, _, longest = heapq.heappop(kept)
+                done_s += neg_work
+                late[longest] = True
+        return late
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
                max_prefill_tokens: int, reserve: int,
