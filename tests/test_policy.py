@@ -100,6 +100,12 @@ def test_fewest_late_when_not_every_prefill_fits_before_its_deadline():
     assert plan_at(even, 0.0, cap(100_000), COSTS, 100_000).admit == ["a", "b", "c"]
     assert even._served_late(even._table.rows_in(Phase.WAITING), 0.0, COSTS).tolist() == [
         False, False, True]
+    # a long queue: only the earliest _LATE_HORIZON deadlines are weighed (0.1 s each, all
+    # due at 1.0: the first ten make it, the rest of the horizon goes late)
+    queue = burst(RotaConfig(), {f"q{i:03d}": 5_000 for i in range(300)})
+    late = queue._served_late(queue._table.rows_in(Phase.WAITING), 0.0, COSTS)
+    assert not late[:10].any() and late[10:slo._LATE_HORIZON].all()
+    assert int(late.sum()) == slo._LATE_HORIZON - 10
 
 
 def test_rotated_request_key_brought_forward_by_swap_in():

@@ -57,6 +57,7 @@ from .table import CLIP_NEW_TOKENS
 from .types import Capacity, Costs, Phase, StepPlan, StepSnapshot
 
 _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
+_LATE_HORIZON = 256  # waiting requests weighed for who goes late, earliest deadlines first
 _ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
 _LATE = 1e12  # added to the key of a request that can no longer make its TTFT (late_last)
 _PACING_CREDIT_MAX_S = 0.5  # pacing's cost credit at most: a burst of paced steps, not a backlog
@@ -318,31 +319,40 @@ class SloPolicy(Policy):
         In a burst, deadline order alone serves the long prompts first and the short ones
         behind them all miss; this serves the most requests on time per GPU second. Prefill
         gets the GPU time the decoding streams' pace leaves it, and no batch's fixed cost
-        but the first is counted (the test errs toward keeping requests on time)."""
+        but the first is counted (the test errs toward keeping requests on time). Only the
+        _LATE_HORIZON earliest deadlines are weighed: a queue that long is decided again at
+        every plan, and requests further out are judged when they come nearer."""
         t = self._table
         late = np.zeros(rows.size, dtype=bool)
         if rows.size < 2:
             return late
         deadline = deadlines.ttft_deadline(t.arrival_s[rows], t.ttft_slo_s[rows])
-        work = t.num_prompt_tokens[rows] * costs.prefill_s_per_token
+        seq = t.seq[rows]
+        order = np.lexsort((seq, deadline))[:_LATE_HORIZON]
+        work = t.num_prompt_tokens[rows[order]] * costs.prefill_s_per_token
         streams = t.rows_in(Phase.RUNNING)
         if streams.size:  # their pace takes a decode step per TBT: prefill gets the rest
             work = work / deadlines.prefill_time_share(costs.decode_step_s,
                                                        float(t.tbt_slo_s[streams].min()))
-        order = np.lexsort((t.seq[rows], deadline))
-        done = now_s + costs.prefill_overhead_s + np.cumsum(work[order])
-        if np.all(done <= deadline[order]):
+        done = now_s + costs.prefill_overhead_s + np.cumsum(work)
+        over = np.flatnonzero(done > deadline[order])
+        if over.size == 0:
             return late
-        seq = t.seq[rows]
-        kept: list[tuple[float, int, int]] = []  # max-heap by work, then by arrival
-        done_s = now_s + costs.prefill_overhead_s
-        for i in order.tolist():
-            heapq.heappush(kept, (-float(work[i]), -int(seq[i]), i))
-            done_s += float(work[i])
-            if done_s > deadline[i]:
+        first = int(over[0])  # the prefix before it is on time as it stands
+        # the longest (then the latest arrival) on top; plain floats: this loop runs per plan
+        items = list(zip((-work).tolist(), (-seq[order]).tolist(), range(order.size),
+                         strict=True))
+        due = deadline[order].tolist()
+        kept = items[:first]
+        heapq.heapify(kept)
+        done_s = float(done[first - 1]) if first else now_s + costs.prefill_overhead_s
+        for j in range(first, order.size):
+            heapq.heappush(kept, items[j])
+            done_s -= items[j][0]
+            if done_s > due[j]:
                 neg_work, _, longest = heapq.heappop(kept)
                 done_s += neg_work
-                late[longest] = True
+                late[order[longest]] = True
         return late
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
