@@ -45,7 +45,15 @@ from eval.lib.traces import RequestSpec, load_azure, make_specs
 from superinfer.config import RotaConfig
 from superinfer.host_tier.manager import HostTierManager, TierState, TierStats
 from superinfer.host_tier.pool import HostPages
-from superinfer.policy import Capacity, CostModel, Policy, StepSnapshot, create_policy, deadlines
+from superinfer.policy import (
+    HELD_BY,
+    Capacity,
+    CostModel,
+    Policy,
+    StepSnapshot,
+    create_policy,
+    deadlines,
+)
 from superinfer.policy import events as ev
 from superinfer.policy.binding import BindingMonitor, wait_reason
 from superinfer.policy.table import CLIP_NEW_TOKENS
@@ -124,7 +132,8 @@ class Simulator:
         self.last_was_decode = False
         self.stats = {"rotations_out": 0, "rotations_no_room": 0, "retractions": 0,
                       "prefill_batches": 0, "prefill_tokens": 0, "decode_steps": 0,
-                      "decode_first": 0, "mixed_decode_tokens": 0}
+                      "decode_first": 0, "mixed_decode_tokens": 0, "head_blocked": 0,
+                      **{f"blocked_{why}": 0 for why in HELD_BY}}
         self.binding = BindingMonitor()  # what bound, measured as the adapter measures it
         self._room_needed = False  # the last plan's EDF head waited for room
         self.policy: Policy | None = None
@@ -310,6 +319,9 @@ class Simulator:
         plan = self.policy.plan(StepSnapshot(self.now, cap, costs, limit,
                                              bound=self.binding.recent_bound()))
         self._room_needed = plan.room_needed
+        self.stats["head_blocked"] += plan.head_blocked
+        if plan.held_by is not None:
+            self.stats[f"blocked_{plan.held_by}"] += 1
         self.admitted = set(plan.admit)
         if plan.rotate_out:
             self._rotate_out(set(plan.rotate_out))

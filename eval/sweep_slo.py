@@ -35,6 +35,7 @@ from eval.lib.replay_server import ready_server
 from eval.lib.server import add_server_run_args, sglang_command
 from eval.lib.traces import ARRIVALS, RequestSpec, load_azure, make_specs, model_vocab_size
 from superinfer.adapters.sglang.stats import binding_summary, parse_records
+from superinfer.policy import HELD_BY
 
 EVAL = Path(__file__).resolve().parent
 SYSTEMS: dict[str, list[str]] = {
@@ -54,7 +55,8 @@ SERIES = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_to
           "errors")
 # The rotator's cumulative plan counters, read from each replay's last idle record.
 PLAN_COUNTERS = ("rotations_out", "plans_decode_first", "plans_head_blocked", "plans_host_full",
-                 "requeued", "steps", "step_us", "step_us_max")
+                 *(f"plans_blocked_{why}" for why in HELD_BY), "requeued", "steps", "step_us",
+                 "step_us_max")
 STOP_MARGIN_S = 40.0  # kept free at the end of the budget to stop a server cleanly
 STARTUP_GUESS_S = 150.0  # start-up on a fresh H200 until one server has been timed
 

@@ -22,6 +22,7 @@ from eval.lib import gpus
 from eval.lib.server import failure_text
 from eval.lib.traces import TraceRow
 from superinfer.adapters.sglang.stats import KINDS, RotationStats, format_record
+from superinfer.policy import HELD_BY
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_sglang_server.py"
@@ -663,3 +664,13 @@ def test_reanalyze_rebuilds_the_result_from_a_run_dir(tmp_path):
     r = json.loads(out.read_text())
     assert r["leaked_host_pages"] == 4 and r["leaked_host_tokens"] == 64
     assert not r["outputs_equal"] and r["outputs_compared"] == {"rota_p1": "2/3 of 3"}
+
+
+def test_blocked_heads_are_counted_by_why_no_rotation_made_room():
+    stats = RotationStats()
+    for why in ("away_bound", None, "away_bound", "compute"):
+        stats.count_blocked(why)
+    counts = {k: v for k, v in stats.as_dict().items() if k.startswith("plans_blocked_")}
+    assert set(counts) == {f"plans_blocked_{why}" for why in HELD_BY}
+    assert counts["plans_blocked_away_bound"] == 2 and counts["plans_blocked_compute"] == 1
+    assert sum(counts.values()) == 3

@@ -216,12 +216,13 @@ def test_away_streams_are_bounded_by_the_slack_the_resident_ones_earn():
             running(p, f"h{i}", tokens=10, first_s=0.0, out=90)
             park(p, f"h{i}", 0.5)
         add(p, "new", 0.9, 1500, 1.0, 0.1, 10)
-        return plan_at(p, 1.0, cap(600), COSTS, 16384).rotate_out
+        return plan_at(p, 1.0, cap(600), COSTS, 16384)
 
-    assert plan_with_away(0) == ["r0"]  # (4 + 1) * 4 / 1.5 - 0 >= 1 * (1 + 4 / 1.5)
-    assert plan_with_away(9) == ["r0"]  # 13.3 - 9 >= 3.67
-    assert plan_with_away(10) == []  # 10 on the host already use what 4 resident streams earn
-    assert plan_with_away(9, margin=2.0) == []  # a wider margin funds fewer: 10 - 9 < 3
+    assert plan_with_away(0).rotate_out == ["r0"]  # (4 + 1) * 4 / 1.5 - 0 >= 1 * (1 + 4 / 1.5)
+    assert plan_with_away(9).rotate_out == ["r0"]  # 13.3 - 9 >= 3.67
+    held = plan_with_away(10)  # 10 on the host already use what 4 resident streams earn
+    assert held.rotate_out == [] and held.head_blocked and held.held_by == "away_bound"
+    assert plan_with_away(9, margin=2.0).rotate_out == []  # a wider margin: 10 - 9 < 3
 
 
 def test_streams_on_the_host_already_late_do_not_hold_prefill_back():
@@ -304,9 +305,10 @@ def test_no_bytes_move_when_finishing_streams_free_the_room_in_time():
 
     waits = plan(3000, 5)
     assert waits.rotate_out == [] and waits.admit == ["new"]
-    assert waits.room_needed and waits.head_blocked
+    assert waits.room_needed and waits.head_blocked and waits.held_by == "room_comes"
     rest = plan(1000, 5)  # frees 1000 of the 1510 missing: "long" makes the rest
     assert rest.rotate_out == ["long"] and rest.room_needed and not rest.head_blocked
+    assert rest.held_by is None
     assert plan(1000, 100).rotate_out[0] == "ending"  # most slack first, as before
 
 
@@ -355,6 +357,7 @@ def test_a_late_head_waits_for_finishing_streams_only_within_two_of_its_ttft_slo
 
     soon = plan(60)  # 30 tokens left at 20 ms a step: its room is free in 0.6 s
     assert soon.admit == ["late"] and soon.rotate_out == [] and soon.head_blocked
+    assert soon.held_by == "room_comes"
     later = plan(1000)  # 970 left: 19.4 s
     assert later.admit == ["late"] and later.rotate_out == ["long"] and not later.head_blocked
     assert later.room_needed
@@ -373,6 +376,7 @@ def test_compute_bound_rotates_nothing_for_new_work_but_returns_urgent_streams()
     snap = StepSnapshot(1.0, cap(1000), COSTS, 16384, bound="compute")
     plan = setup().plan(snap)
     assert plan.rotate_out == [] and plan.head_blocked and plan.room_needed
+    assert plan.held_by == "compute"
     assert setup().plan(dataclasses.replace(snap, bound="memory")).rotate_out == ["long"]
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "resident", tokens=1000, first_s=0.0, out=40)
@@ -380,6 +384,15 @@ def test_compute_bound_rotates_nothing_for_new_work_but_returns_urgent_streams()
     park(p, "away", 0.5)
     due = p.plan(StepSnapshot(2.96, cap(500), COSTS, 16384, bound="compute"))
     assert due.rotate_out == ["resident"]
+
+
+def test_a_full_host_tier_holds_the_head_and_says_so():
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)
+    add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+    plan = plan_at(p, 1.0, cap(1000, host=2000), COSTS, 16384)  # 3000 tokens would go out
+    assert plan.rotate_out == [] and plan.head_blocked and plan.host_full
+    assert plan.held_by == "host_full"
 
 
 def test_decode_reservation_counts_like_sglang():
@@ -391,6 +404,7 @@ def test_decode_reservation_counts_like_sglang():
     blocked = plan_at(p, 1.0, cap(1000, ratio=0.7), COSTS, 16384)
     assert blocked.reasons["new"] == "EDF head, blocked"
     assert blocked.head_blocked and not blocked.rotate_out  # "r" has no slack to lend
+    assert blocked.held_by == "no_victims"
     assert not plan_at(p, 1.0, cap(1000, ratio=0.0), COSTS, 16384).head_blocked
 
 

@@ -9,7 +9,17 @@ from .costs import CostModel
 from .lvf import LvfPolicy
 from .slo import SloPolicy
 from .table import RequestTable
-from .types import Capacity, Costs, Phase, ReqView, StepPlan, StepSnapshot, TierReport, Transfer
+from .types import (
+    HELD_BY,
+    Capacity,
+    Costs,
+    Phase,
+    ReqView,
+    StepPlan,
+    StepSnapshot,
+    TierReport,
+    Transfer,
+)
 
 _POLICIES: dict[str, type[Policy]] = {"slo": SloPolicy, "lvf": LvfPolicy}
 
@@ -18,6 +28,6 @@ def create_policy(config: RotaConfig) -> Policy:
     return _POLICIES[config.policy](config)
 
 
-__all__ = ["Capacity", "CostModel", "Costs", "LvfPolicy", "Phase", "Policy", "ReqView",
+__all__ = ["HELD_BY", "Capacity", "CostModel", "Costs", "LvfPolicy", "Phase", "Policy", "ReqView",
            "RequestTable", "SloPolicy", "StepPlan", "StepSnapshot", "TierReport", "Transfer",
            "create_policy", "events"]

@@ -141,6 +141,7 @@ class SloPolicy(Policy):
             deficit, wait_s = reserve - (free - used), cfg.reserve_window_s
             needed_by_s = now_s + wait_s
             why = "keep the free reserve"
+        held_by = None
         if needed_by_s is not None and deficit > 0 and (
                 compute_bound
                 or (self._room_comes_in_time(queue, free - used, now_s, cap, costs)
@@ -149,11 +150,13 @@ class SloPolicy(Policy):
             # Moving bytes would buy nothing: the GPU, not memory, holds new work back; or the
             # room comes in time anyway.
             deficit = 0
+            held_by = "compute" if compute_bound else "room_comes"
         if deficit > 0:
-            self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window,
-                             grows_away=not urgent, keep_until_s=needed_by_s)
+            held_by = self._rotate_out(plan, deficit, now_s, cap, costs, wait_s, why, window,
+                                       grows_away=not urgent, keep_until_s=needed_by_s)
         plan.head_blocked = blocked_new and not plan.rotate_out
         if plan.head_blocked:
+            plan.held_by = held_by
             # The new head waits (no room can be made for it now), but a rotated-out stream due
             # now must not wait behind it: it can still swap with a resident that has slack.
             self._urgent_returns(plan, now_s, free - used, cap, costs, window)
@@ -528,16 +531,17 @@ class SloPolicy(Policy):
 
     def _rotate_out(self, plan: StepPlan, deficit: int, now_s: float, cap: Capacity, costs: Costs,
                     wait_s: float, why: str, window_s: float, grows_away: bool,
-                    keep_until_s: float | None = None) -> None:
+                    keep_until_s: float | None = None) -> str | None:
         """Pick victims with the most slack until ``deficit`` tokens are freed (or none at all if
         the eligible victims cannot cover it: a partial rotation would only waste bandwidth).
         ``grows_away``: the room is for new work, so the streams away from the device grow in
         number: ``_away_room`` bounds them, and one stream's KV stays free on the host.
-        Streams that finish by ``keep_until_s`` are no victims: their room comes anyway."""
+        Streams that finish by ``keep_until_s`` are no victims: their room comes anyway.
+        Returns why nobody was picked (a HELD_BY reason), None if somebody was."""
         t = self._table
         run = t.rows_in(Phase.RUNNING)
         if run.size == 0:
-            return
+            return "no_victims"
         largest = int(t.num_tokens[run].max())
         # Decoding, and not about to finish: a request that finishes in the step in flight
         # is released by SGLang itself.
@@ -546,7 +550,7 @@ class SloPolicy(Policy):
         if keep_until_s is not None:
             run = run[self._finish_s(run, now_s, costs) > keep_until_s]
         if run.size == 0:
-            return
+            return "no_victims"
         tokens, out = t.num_tokens[run], t.out_tokens(run)
         deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run),
                                                  t.tbt_slo_s[run])
@@ -561,7 +565,7 @@ class SloPolicy(Policy):
         run, tokens, out, slack = run[ok], tokens[ok], out[ok], slack[ok]
         frees = tokens + t.decode_reservation(run, cap.new_token_ratio, cap.fixed_length_ratio)
         if frees.sum() < deficit:
-            return
+            return "no_victims"
         if len(run) > _WALK_DEPTH:  # most-slack head first: usually covers the deficit
             head = np.argpartition(-slack, _WALK_DEPTH)[:_WALK_DEPTH]
             if frees[head].sum() >= deficit:
@@ -581,10 +585,13 @@ class SloPolicy(Policy):
         take = min(need, int(fits.sum()))
         plan.host_full = bool(np.any(moved[:need] > host_room))
         if grows_away and take > self._away_room(costs):
-            return  # the streams on the host could not all be brought back on time
+            return "away_bound"  # the streams on the host could not all come back on time
+        if take == 0:
+            return "host_full"  # the first victim's copy alone is more than the host has free
         for req_id in t.ids(run[:take]):
             plan.rotate_out.append(req_id)
             plan.reasons[req_id] = f"rotate out: {why}"
+        return None
 
     def _away_room(self, costs: Costs) -> int:
         """How many more decoding streams may leave the device to make room for new work."""

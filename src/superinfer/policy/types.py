@@ -125,6 +125,13 @@ class ReqView:
     rotated_at_s: float
 
 
+# Why a blocked new head got no room made by rotation: compute binds (new work waits for the
+# GPU), finishing streams free the room in time, no decoding stream has the slack to leave,
+# the streams on the host would spend more slack than the resident ones earn, the host tier is
+# full.
+HELD_BY = ("compute", "room_comes", "no_victims", "away_bound", "host_full")
+
+
 @dataclass(slots=True)
 class StepPlan:
     """What to do this iteration; each request id appears in at most one list."""
@@ -145,6 +152,10 @@ class StepPlan:
     # Room was wanted from rotation but the host tier had none for the streams it takes: what
     # rotation cannot do, SGLang's own admission and retraction then do.
     host_full: bool = False
+    # Why no rotation made room for a blocked head (set with ``head_blocked``; one of HELD_BY):
+    # counted per reason in the server's stats and the simulator's, to tell which guard held
+    # new work back where the two disagree.
+    held_by: str | None = None
 
     def check(self) -> None:
         ids = self.admit + self.rotate_in + self.rotate_out

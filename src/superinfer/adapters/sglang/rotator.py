@@ -141,6 +141,7 @@ class Rotator:
         self.stats.plans_decode_first += (plan.prefill_token_budget == 0 and bool(s.waiting_queue)
                                           and self.streams_decoding and s.chunked_req is None)
         self.stats.plans_head_blocked += plan.head_blocked
+        self.stats.count_blocked(plan.held_by)
         self.stats.plans_host_full += plan.host_full
         for rid in plan.rotate_in:
             self.rotate_in(rid)

@@ -39,12 +39,24 @@ class RotationStats:
     plans_decode_first: int = 0  # plans that held waiting prefill back for a decode step
     plans_head_blocked: int = 0  # plans where the new EDF head waited for room
     plans_host_full: int = 0  # plans that wanted a rotation the host tier had no room for
+    # plans_head_blocked by why no rotation made the head's room (policy.types.HELD_BY)
+    plans_blocked_compute: int = 0
+    plans_blocked_room_comes: int = 0
+    plans_blocked_no_victims: int = 0
+    plans_blocked_away_bound: int = 0
+    plans_blocked_host_full: int = 0
     requeued: int = 0  # requests SGLang retracted (back in its waiting queue to recompute)
     # The rotator's own CPU time in the scheduler loop: a step (plan included) delays every
     # batch behind it, and a long queue in a burst makes plans dearer.
     steps: int = 0
     step_us: int = 0
     step_us_max: int = 0
+
+    def count_blocked(self, held_by: str | None) -> None:
+        """One plan whose blocked head got no room made, by why (None: not counted)."""
+        if held_by is not None:
+            name = f"plans_blocked_{held_by}"
+            setattr(self, name, getattr(self, name) + 1)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
