@@ -69,6 +69,7 @@ _Queue = tuple[np.ndarray, np.ndarray]  # ranked candidate rows and their EDF ke
 class SloPolicy(Policy):
     _last_plan_s: float | None = None
     _pacing_credit_s: float = _PACING_CREDIT_MAX_S  # GPU seconds pacing may still cost
+    _chosen_late_rows: np.ndarray | None = None  # this plan's fewest-late choice, once made
 
     def _since_last_plan_s(self, now_s: float) -> float | None:
         """Seconds since the last plan (None for the first), and this plan is the last now."""
@@ -93,6 +94,7 @@ class SloPolicy(Policy):
         plan = StepPlan()
         cfg = self.config
         t = self._table
+        self._chosen_late_rows = None  # the table changed since the last plan
         resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
         leaving = t.rows_in(Phase.ROTATING_OUT)
         # KV on its way out is as good as free: counting it again as a deficit next step would
@@ -161,6 +163,7 @@ class SloPolicy(Policy):
             # now must not wait behind it: it can still swap with a resident that has slack.
             self._urgent_returns(plan, now_s, free - used, cap, costs, window)
         plan.check()
+        self._chosen_late_rows = None  # read only within this plan
         return plan
 
     def _charge_pacing(self, budget: int, room: int, costs: Costs) -> None:
@@ -198,13 +201,15 @@ class SloPolicy(Policy):
         behind), throughput comes first: the batch is the one the whole queue fills, and a
         request that could make its TTFT only in a smaller batch is served late (smaller
         batches pay the prefill's fixed cost more often, so the queue behind them grows
-        faster). Otherwise the batch holds the requests that can still make their TTFT."""
+        faster). Otherwise the batch holds the requests that can still make their TTFT (and
+        are not among those the fewest-late choice puts late)."""
         t = self._table
         waiting = t.rows_in(Phase.WAITING)
         prompts = t.num_prompt_tokens[waiting]
         deadline = deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting])
         whole = min(int(prompts.sum()), room)
-        on_time = deadline - costs.prefill_s(prompts) >= now_s
+        on_time = ((deadline - costs.prefill_s(prompts) >= now_s)
+                   & ~np.isin(waiting, self._chosen_late(now_s, costs)))
         if not on_time.any():
             return whole, None
         if compute_bound and not on_time.all():
@@ -304,15 +309,30 @@ class SloPolicy(Policy):
             # A new request's key is its latest start: past it, its first token comes late
             # whatever happens now, and at the head it would block those behind it that can
             # still make it.
-            late = (~on_host) & (key < now_s)
-            if self.config.fewest_late:
-                late[~on_host & ~late] = self._served_late(cand[~on_host & ~late], now_s, costs)
+            late = ((~on_host) & (key < now_s)) | np.isin(cand, self._chosen_late(now_s, costs))
             key = key + np.where(late, _LATE, 0.0)
         if depth < len(cand):
             head = np.argpartition(key, depth)[:depth]
             cand, key = cand[head], key[head]
         order = np.lexsort((t.seq[cand], key))
         return cand[order], key[order]
+
+    def _chosen_late(self, now_s: float, costs: Costs) -> np.ndarray:
+        """The waiting rows that can still make their TTFT alone but go late so that the most
+        make theirs (``_served_late``): chosen once per plan, for the EDF ranking and for the
+        batch prefill pacing waits for alike."""
+        if self._chosen_late_rows is None:
+            t = self._table
+            rows = t.rows_in(Phase.WAITING)
+            if self.config.late_last and self.config.fewest_late:
+                latest_s = (deadlines.ttft_deadline(t.arrival_s[rows], t.ttft_slo_s[rows])
+                            - costs.prefill_s(t.num_prompt_tokens[rows]))
+                rows = rows[latest_s >= now_s]
+                rows = rows[self._served_late(rows, now_s, costs)]
+            else:
+                rows = rows[:0]
+            self._chosen_late_rows = rows
+        return self._chosen_late_rows
 
     def _served_late(self, rows: np.ndarray, now_s: float, costs: Costs) -> np.ndarray:
         """Which of these waiting requests (each can still make its TTFT alone) go late so that
