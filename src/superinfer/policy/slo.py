@@ -69,7 +69,8 @@ _Queue = tuple[np.ndarray, np.ndarray]  # ranked candidate rows and their EDF ke
 class SloPolicy(Policy):
     _last_plan_s: float | None = None
     _pacing_credit_s: float = _PACING_CREDIT_MAX_S  # GPU seconds pacing may still cost
-    _chosen_late_rows: np.ndarray | None = None  # this plan's fewest-late choice, once made
+    _chosen_late_rows: np.ndarray | None = None  # the plan in progress's fewest-late choice
+    _planning: bool = False
 
     def _since_last_plan_s(self, now_s: float) -> float | None:
         """Seconds since the last plan (None for the first), and this plan is the last now."""
@@ -94,7 +95,7 @@ class SloPolicy(Policy):
         plan = StepPlan()
         cfg = self.config
         t = self._table
-        self._chosen_late_rows = None  # the table changed since the last plan
+        self._planning, self._chosen_late_rows = True, None
         resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
         leaving = t.rows_in(Phase.ROTATING_OUT)
         # KV on its way out is as good as free: counting it again as a deficit next step would
@@ -163,7 +164,7 @@ class SloPolicy(Policy):
             # now must not wait behind it: it can still swap with a resident that has slack.
             self._urgent_returns(plan, now_s, free - used, cap, costs, window)
         plan.check()
-        self._chosen_late_rows = None  # read only within this plan
+        self._planning, self._chosen_late_rows = False, None  # the table changes before the next
         return plan
 
     def _charge_pacing(self, budget: int, room: int, costs: Costs) -> None:
@@ -320,8 +321,8 @@ class SloPolicy(Policy):
     def _chosen_late(self, now_s: float, costs: Costs) -> np.ndarray:
         """The waiting rows that can still make their TTFT alone but go late so that the most
         make theirs (``_served_late``): chosen once per plan, for the EDF ranking and for the
-        batch prefill pacing waits for alike."""
-        if self._chosen_late_rows is None:
+        batch prefill pacing waits for alike (kept only while ``plan`` runs)."""
+        if self._chosen_late_rows is None or not self._planning:
             t = self._table
             rows = t.rows_in(Phase.WAITING)
             if self.config.late_last and self.config.fewest_late:
@@ -331,7 +332,8 @@ class SloPolicy(Policy):
                 rows = rows[self._served_late(rows, now_s, costs)]
             else:
                 rows = rows[:0]
-            self._chosen_late_rows = rows
+            self._chosen_late_rows = rows if self._planning else None
+            return rows
         return self._chosen_late_rows
 
     def _served_late(self, rows: np.ndarray, now_s: float, costs: Costs) -> np.ndarray:
