@@ -31,3 +31,18 @@ def test_compare_averages_the_draws_and_sets_throughput_against_fcfs():
     out = compare([run(0.5, 100.0), run(0.7, 300.0)], [run(0.9, 190.0), run(1.0, 230.0)])
     assert out == {"ttft_attainment": 0.95, "tbt_attainment": 1.0, "both_attainment": 0.95,
                    "throughput_vs_fcfs": 1.05}
+
+
+def test_a_switch_reaches_the_policy_as_a_bool(monkeypatch):
+    import eval.diagnostics.setting_sweep as sweep
+
+    seen = []
+
+    def fake_simulate(*args, settings=None):
+        seen.append(settings)
+        return {"summary": dict.fromkeys(METRICS, 1.0)}
+
+    monkeypatch.setattr(sweep, "simulate", fake_simulate)
+    for value in (0.0, 1.0, None):
+        replay((SMALL, str(MODELS_DIR), "fewest_late", value, 0))
+    assert seen == [{"fewest_late": False}, {"fewest_late": True}, None]
