@@ -114,6 +114,24 @@ def test_round_trip_restores_every_kv_byte(page_size, radix, mover, kv):
     assert_pools_initial(parts, rot)
 
 
+def test_stats_record_carries_the_policys_cost_estimates(caplog):
+    parts, rot, batch = setup(1, True)
+    batch = rot.rotate_out(batch, {"r0"})
+    with caplog.at_level("INFO", logger="superinfer"):
+        rot._report()
+    (record,) = [r for r in parse_records(caplog.text) if r["kind"] == "stats"]
+    costs = rot.costs.costs()
+    assert record["rotations_out"] == 1
+    assert record["costs"]["decode_step_ms"] == pytest.approx(costs.decode_step_s * 1e3, abs=1e-3)
+    assert set(record["costs"]) == {"decode_step_ms", "prefill_us_per_token",
+                                    "prefill_overhead_ms", "d2h_gb_per_s", "h2d_gb_per_s",
+                                    "arrivals_per_s", "mean_prompt_tokens"}
+    rot._collect(batch)
+    rot.on_abort("r0", abort_all=False)  # parked: let it go, and leave the pools as they were
+    finish_all(parts, rot, batch)
+    assert_pools_initial(parts, rot)
+
+
 @pytest.mark.parametrize("page_size,radix,mover", MOVER_CONFIGS)
 def test_abort_while_parked_frees_host_and_device(page_size, radix, mover):
     parts, rot, batch = setup(page_size, radix, mover=mover)

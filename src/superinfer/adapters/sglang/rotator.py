@@ -34,7 +34,7 @@ from .kv_ops import SglangKV, device_planes
 from .metrics import RotationMetrics
 from .pacing import PrefillPacer, joins_running
 from .placement import tier_placement
-from .stats import RotationStats, format_record
+from .stats import RotationStats, cost_fields, format_record
 from .tp_sync import TpAgreement
 
 if TYPE_CHECKING:
@@ -376,7 +376,8 @@ class Rotator:
         if self.stats.rotations_out:
             self._record("stats", **self.stats.as_dict(), **tier.stats.as_dict(),
                          away=tier.num_away(), host_used=tier.used_tokens(),
-                         kept=tier.num_kept(), at_s=round(self.now_s, 3))
+                         kept=tier.num_kept(), at_s=round(self.now_s, 3),
+                         costs=cost_fields(self.costs.costs()))
 
     def on_idle(self) -> None:
         """Fully idle: every pool must be back at its initial free size. Checked and recorded

@@ -5,7 +5,8 @@ scripts, an operator's log pipeline) read records with ``parse_records``, never 
 the wording of a log message. Four kinds:
 
 - ``start``: once per scheduler process (policy, host tier size and page, mover, data path);
-- ``stats``: every few seconds while requests rotate (cumulative counters, tier gauges);
+- ``stats``: every few seconds while requests rotate (cumulative counters, tier gauges, the
+  policy's cost estimates under ``costs``);
 - ``idle``: once per idle period (pools back at their initial free sizes, per-request counts
   for the busy period that just ended, the cumulative plan counters: a replay that never
   rotates logs no ``stats`` record);
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ...policy.binding import BindingTimes
+from ...policy.types import Costs
 
 STATS_PREFIX = "superinfer-stats "
 KINDS = ("start", "stats", "idle", "binding")
@@ -60,6 +62,18 @@ class RotationStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def cost_fields(costs: Costs) -> dict[str, float]:
+    """The policy's current cost estimates, in readable units: what its deadlines and bounds
+    were computed from, to set against the simulator's profile of the same GPU."""
+    return {"decode_step_ms": round(costs.decode_step_s * 1e3, 3),
+            "prefill_us_per_token": round(costs.prefill_s_per_token * 1e6, 3),
+            "prefill_overhead_ms": round(costs.prefill_overhead_s * 1e3, 3),
+            "d2h_gb_per_s": round(costs.d2h_bytes_per_s / 1e9, 2),
+            "h2d_gb_per_s": round(costs.h2d_bytes_per_s / 1e9, 2),
+            "arrivals_per_s": round(costs.arrival_rate_per_s, 2),
+            "mean_prompt_tokens": round(costs.mean_prompt_tokens, 1)}
 
 
 def format_record(kind: str, tp_rank: int, dp_rank: int, fields: dict[str, Any]) -> str:
