@@ -31,8 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from eval.e2e.outputs import record_counts
+from eval.e2e.probes import check_metrics, parse_prometheus
+from eval.e2e.rotator_stats import leak_summary
 from eval.lib.gpus import gpu_names
-from eval.lib.http import wait_healthy, wait_idle
+from eval.lib.http import http_request, wait_healthy, wait_idle
 from eval.lib.jsonfiles import command_line, source_commit, write_json, write_jsonl
 from eval.lib.metrics import summarize
 from eval.lib.progress import Budget, Progress
@@ -40,6 +43,7 @@ from eval.lib.replay import replay
 from eval.lib.server import ServerProcess, add_server_run_args, sglang_command, stop_servers
 from eval.lib.traces import RequestSpec, load_azure, make_specs, model_vocab_size
 from eval.sweep_slo import SYSTEMS, system_flags, warmup_specs
+from superinfer.adapters.sglang.stats import parse_records
 
 EVAL = Path(__file__).resolve().parent
 POLICIES = ("round_robin", "cache_aware", "power_of_two", "random")
@@ -177,6 +181,13 @@ def run_system(args: argparse.Namespace, system: str, rate_specs: dict[float, li
                     write_json(args.out, result)
                     if not ok:
                         return
+                if (args.abort_frac > 0 and system.startswith("rotasched")
+                        and policy == args.policies[0]):
+                    check = abort_check(args, system, url, bases, rate_specs[args.rates[-1]],
+                                        budget, salt)
+                    salt += 1
+                    result["abort_checks"].append(check)
+                    write_json(args.out, result)
         if args.direct:
             for rate in args.rates:
                 entry = new_entry(args, system, "direct", rate / args.servers)
@@ -187,6 +198,54 @@ def run_system(args: argparse.Namespace, system: str, rate_specs: dict[float, li
                 write_json(args.out, result)
                 if not ok:
                     return
+
+
+def abort_check(args: argparse.Namespace, system: str, url: str, bases: list[str],
+                specs: list[RequestSpec], budget: Budget, salt: int) -> dict[str, Any]:
+    """Issue 16's router checks: the highest rate again through the router, ``--abort-frac``
+    of the requests dropped by the client mid-stream (a rotated-out one among them, when the
+    server rotated); then every server must drain, its last idle record must find its pools
+    as they started (nothing leaked) and its ``/metrics`` must export every superinfer series
+    with the rotations it counted."""
+    check: dict[str, Any] = {"system": system, "routing": args.policies[0],
+                             "rate": args.rates[-1], "abort_frac": args.abort_frac}
+    span = specs[-1].arrival
+    if budget.usable() < span + 10.0:
+        return {**check, "status": "skipped: budget"}
+    logs = [args.raw_dir / f"server_{system}_{k}.log" for k in range(len(bases))]
+    offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
+    records = asyncio.run(replay(url, specs, salt=salt, abort_frac=args.abort_frac,
+                                 seed=args.seed, time_limit=min(span + args.tail,
+                                                                budget.usable()),
+                                 label=f"{system} abort check ", vocab=args.vocab))
+    servers = []
+    for base, path, offset in zip(bases, logs, offsets, strict=True):
+        idle = wait_idle(base, args.drain_timeout)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            logged = parse_records(f.read().decode(errors="replace"))
+        last = [r for r in logged if r["kind"] == "idle"]
+        status, text = http_request(base + "/metrics", timeout=30)
+        metrics = (check_metrics(parse_prometheus(text)) if status == 200
+                   else {"ok": False, "status": status})
+        leaks = leak_summary(last[-1], 1) if idle and last else None
+        servers.append({"url": base, "idle": idle, "leaks": leaks,
+                        "aborted_while_rotated": last[-1].get("aborted_while_rotated")
+                        if last else None,
+                        "metrics_ok": bool(metrics.get("ok")),
+                        "metrics_missing": metrics.get("missing")})
+    passed = all(s["idle"] and s["leaks"] is not None and s["leaks"]["clean"]
+                 and s["metrics_ok"] for s in servers)
+    counts = record_counts(records)
+    log(f"{system} abort check via {args.policies[0]}: {counts['client_aborted']} of "
+        f"{counts['n']} aborted by the client; "
+        + "; ".join(f"{s['url']}: idle {'yes' if s['idle'] else 'NO'}, leaks "
+                    f"{'none' if s['leaks'] and s['leaks']['clean'] else s['leaks']}, "
+                    f"metrics {'ok' if s['metrics_ok'] else 'NOT ok'}" for s in servers)
+        + f": {'passed' if passed else 'FAILED'}")
+    return {**check, "status": "ok", **{k: counts[k] for k in ("n", "complete",
+                                                               "client_aborted", "errors")},
+            "servers": servers, "passed": passed}
 
 
 def report(entries: list[dict[str, Any]], servers: int, baseline: str = "lpm"
@@ -244,6 +303,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default=["round_robin", "cache_aware"])
     ap.add_argument("--direct", action=argparse.BooleanOptionalAction, default=True,
                     help="also rate / servers straight to one server")
+    ap.add_argument("--abort-frac", type=float, default=0.1,
+                    help="after each rotasched system's first routing policy: the highest rate "
+                         "again through the router with this share of requests dropped "
+                         "mid-stream, then each server's leaks and /metrics (0: no check)")
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--tbt-slo", type=float, default=0.1)
     ap.add_argument("--router-port", type=int, default=30900)
@@ -258,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.servers < 1 or args.num < 1 or min(args.rates) <= 0:
         ap.error("--servers, --num and --rates must be positive")
+    if not 0 <= args.abort_frac < 1:
+        ap.error("--abort-frac must be at least 0 and under 1")
     if not 0 < args.mem_fraction_static < 1:
         ap.error("--mem-fraction-static must be in (0, 1)")
     names = gpu_names()
@@ -284,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo, "server_extra": args.server_extra,
         "command": command_line("eval.scaleout", argv), "commit": source_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "entries": [], "skipped": []}
+        "entries": [], "abort_checks": [], "skipped": []}
     write_json(args.out, result)
     log(f"{len(args.systems)} systems x {len(args.policies)} routing policies x "
         f"{len(args.rates)} rates; {result['setup']}; results -> {args.out}")

@@ -5,6 +5,7 @@ the router, one server's share straight to it, and the report that judges issue 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ def test_both_systems_through_two_routing_policies(tmp_path: Path, port_base: in
     cmd = [sys.executable, "-m", "eval.scaleout", "--trace", str(TRACE), "--rates", "20",
            "--num", "16", "--servers", "2", "--gpus", "1", "--systems", "lpm", "rotasched",
            "--policies", "round_robin", "cache_aware", "--tail", "10", "--budget", "200",
+           "--abort-frac", "0.5",
            "--port", str(port_base), "--router-port", str(port_base + 40),
            "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
            "--raw-dir", str(tmp_path / "raw")]
@@ -36,9 +38,32 @@ def test_both_systems_through_two_routing_policies(tmp_path: Path, port_base: in
         assert e["status"] == "ok" and e["errors"] == 0 and e["n"] in (16, 8)
         assert 0 <= e["ttft_attainment"] <= 1 and e["throughput_tok_s"] > 0
     assert "2 servers on 1 GPU(s)" in doc["setup"]
+    # the router checks: aborts mid-stream through the first routing policy, then every
+    # server drained, clean and exporting its metrics
+    (check,) = doc["abort_checks"]
+    assert (check["system"], check["routing"], check["status"]) == ("rotasched", "round_robin",
+                                                                    "ok")
+    assert check["client_aborted"] >= 1 and check["passed"], check
+    assert [s["leaks"]["clean"] and s["metrics_ok"] for s in check["servers"]] == [True, True]
     assert [(r["routing"], r["rate"]) for r in doc["report"]] == [("cache_aware", 20),
                                                                   ("round_robin", 20)]
     assert (tmp_path / "raw" / "router_rotasched_cache_aware.log").exists()
+
+
+def test_the_abort_check_fails_a_server_that_leaks(tmp_path: Path, port_base: int) -> None:
+    out = tmp_path / "scaleout.json"
+    cmd = [sys.executable, "-m", "eval.scaleout", "--trace", str(TRACE), "--rates", "20",
+           "--num", "8", "--servers", "2", "--gpus", "1", "--systems", "rotasched",
+           "--policies", "round_robin", "--no-direct", "--tail", "10", "--budget", "200",
+           "--abort-frac", "0.5", "--port", str(port_base), "--router-port", str(port_base + 40),
+           "--launcher", f"{sys.executable} {FAKE}", "--out", str(out),
+           "--raw-dir", str(tmp_path / "raw")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+                         env={**os.environ, "FAKE_SGLANG_LEAK": "3"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (check,) = json.loads(out.read_text())["abort_checks"]
+    assert check["passed"] is False
+    assert [s["leaks"]["device_tokens"] for s in check["servers"]] == [3, 3]
 
 
 def entry(routing: str, system: str, rate: float, ttft: float, tbt: float = 0.99,
