@@ -1,19 +1,22 @@
 """Rotasched behind the SGLang router (issue 16): several servers, one router in front, the
 same requests through each routing policy, each system's servers back to back.
 
-Per system: start ``--servers`` SGLang servers at once (server k on GPU k mod the GPU count,
-each with ``--mem-fraction-static``: two servers on one GPU split it), wait until every one is
-healthy, warmed up and idle; then per routing policy start ``python -m sglang_router.
-launch_router`` in front of them and replay the trace at every rate through it, waiting for
-every server to drain after each rate; with ``--direct``, also the rate over the server count
-straight to server 0 (what one server sees under a perfectly even split, while the others
-idle). Every entry has the SLO sweep's fields (TTFT / TBT / both-SLO attainment, throughput)
-and a ``setup`` string; results go to ``--out`` after every replay, so a run cut short keeps
-what it measured. Needs ``sglang-router`` (PyPI) beside SGLang.
+Per system: start ``--servers`` SGLang servers (server k on GPU k mod the GPU count, each with
+``--mem-fraction-static``: two servers on one GPU split it; one wave per GPU at a time), wait
+until every one is healthy, warmed up and idle; then per routing policy start ``python -m
+sglang_router.launch_router`` in front of them and replay the trace at every rate through it,
+waiting for every server to drain after each rate; with ``--direct``, also the rate over the
+server count straight to server 0 (what one server sees under a perfectly even split, while
+the others idle). Every entry has the SLO sweep's fields (TTFT / TBT / both-SLO attainment,
+throughput) and a ``setup`` string. For rotasched, after the first routing policy's rates, the
+router checks (``abort_checks``): the highest rate again with ``--abort-frac`` of the requests
+dropped mid-stream, then each server drained, its pools as they started and its ``/metrics``
+complete. Results go to ``--out`` after every replay, so a run cut short keeps what it
+measured. Needs ``sglang-router`` (PyPI) beside SGLang.
 
     python -m eval.scaleout --trace eval/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
-        --rates 44 --num 300 --servers 2 --mem-fraction-static 0.42 --cap 60000 \\
-        --policies round_robin cache_aware --systems lpm rotasched --budget 540 \\
+        --rates 22 --num 300 --servers 2 --mem-fraction-static 0.6 --cap 30000 \\
+        --policies round_robin power_of_two --systems lpm rotasched --budget 540 \\
         --out eval/results/scaleout.json --server-extra --rota-host-kv-gb 32
 """
 
