@@ -337,7 +337,7 @@ def test_the_queue_check_reads_the_walks_ranking_from_a_head_past_its_first_pass
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     for i in range(200):
         add(p, f"w{i}", 0.5 + i / 1000, 100, 1.0, 0.1, 10)
-    order, key = p._rank(0.6, cap(10**6), COSTS, 256)  # the walk's second pass
+    order, key = p._rank(0.6, cap(10**6), COSTS, 256, p._chosen_late(0.6, COSTS))  # 2nd pass
     at = int(np.flatnonzero(order == p.table.row("w150"))[0])
     queue = (order[at:], key[at:])
     assert p._room_comes_in_time(queue, 10**6, 0.6, cap(10**6), COSTS)

@@ -69,8 +69,6 @@ _Queue = tuple[np.ndarray, np.ndarray]  # ranked candidate rows and their EDF ke
 class SloPolicy(Policy):
     _last_plan_s: float | None = None
     _pacing_credit_s: float = _PACING_CREDIT_MAX_S  # GPU seconds pacing may still cost
-    _chosen_late_rows: np.ndarray | None = None  # the plan in progress's fewest-late choice
-    _planning: bool = False
 
     def _since_last_plan_s(self, now_s: float) -> float | None:
         """Seconds since the last plan (None for the first), and this plan is the last now."""
@@ -95,7 +93,6 @@ class SloPolicy(Policy):
         plan = StepPlan()
         cfg = self.config
         t = self._table
-        self._planning, self._chosen_late_rows = True, None
         resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
         leaving = t.rows_in(Phase.ROTATING_OUT)
         # KV on its way out is as good as free: counting it again as a deficit next step would
@@ -108,19 +105,20 @@ class SloPolicy(Policy):
         budget = None
         room = 0  # prefill tokens free memory and the batch limit allow (when paced)
         compute_bound = snapshot.bound == "compute"
+        late = self._chosen_late(now_s, costs)  # one choice for the ranking and for pacing
         if cfg.prefill_pacing and self._pacing_affordable(since_s, compute_bound, costs):
             start_s = max(now_s, gpu_free_at_s or now_s)
             room = min(max_prefill_tokens, max(free, 0))
             budget = self._prefill_budget(
                 start_s, cap.bytes_per_token, costs, room,
-                lambda: self._batch_wanted(now_s, room, costs, compute_bound))
+                lambda: self._batch_wanted(now_s, room, costs, compute_bound, late))
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         window = self._link_window_s(since_s, costs)
         batch_limit = (max_prefill_tokens if budget is None
                        else min(max_prefill_tokens, max(budget, 1)))
         used, deficit, wait_s, urgent, queue = self._admit(plan, now_s, free, cap, costs,
-                                                           batch_limit, reserve, window)
+                                                           batch_limit, reserve, window, late)
         if budget and plan.admit:
             # SGLang chunks a prompt longer than its chunk limit and then runs every chunk
             # back to back, decode waiting: so the head's whole first batch must fit, or a
@@ -164,7 +162,6 @@ class SloPolicy(Policy):
             # now must not wait behind it: it can still swap with a resident that has slack.
             self._urgent_returns(plan, now_s, free - used, cap, costs, window)
         plan.check()
-        self._planning, self._chosen_late_rows = False, None  # the table changes before the next
         return plan
 
     def _charge_pacing(self, budget: int, room: int, costs: Costs) -> None:
@@ -192,8 +189,8 @@ class SloPolicy(Policy):
                 _PACING_CREDIT_MAX_S)
         return not compute_bound or self._pacing_credit_s >= costs.decode_step_s * _ROUNDING
 
-    def _batch_wanted(self, now_s: float, room: int, costs: Costs,
-                      compute_bound: bool) -> tuple[int, float | None]:
+    def _batch_wanted(self, now_s: float, room: int, costs: Costs, compute_bound: bool,
+                      late: np.ndarray) -> tuple[int, float | None]:
         """The prefill batch worth waiting for (its tokens, at most ``room``: free memory and
         the batch limit), and by when it must start (None: no waiting request can still make
         its TTFT). Every first token in a batch comes when the whole batch ends.
@@ -202,15 +199,16 @@ class SloPolicy(Policy):
         behind), throughput comes first: the batch is the one the whole queue fills, and a
         request that could make its TTFT only in a smaller batch is served late (smaller
         batches pay the prefill's fixed cost more often, so the queue behind them grows
-        faster). Otherwise the batch holds the requests that can still make their TTFT (and
-        are not among those the fewest-late choice puts late)."""
+        faster). Otherwise the batch holds the requests that can still make their TTFT and
+        are not among those the fewest-late choice puts ``late``."""
         t = self._table
         waiting = t.rows_in(Phase.WAITING)
         prompts = t.num_prompt_tokens[waiting]
         deadline = deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting])
         whole = min(int(prompts.sum()), room)
-        on_time = ((deadline - costs.prefill_s(prompts) >= now_s)
-                   & ~np.isin(waiting, self._chosen_late(now_s, costs)))
+        on_time = deadline - costs.prefill_s(prompts) >= now_s
+        if late.size:
+            on_time &= ~np.isin(waiting, late)
         if not on_time.any():
             return whole, None
         if compute_bound and not on_time.all():
@@ -293,9 +291,10 @@ class SloPolicy(Policy):
             return None
         return wait_s
 
-    def _rank(self, now_s: float, cap: Capacity, costs: Costs,
-              depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``depth`` candidate rows in admission order, and their EDF keys.
+    def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int,
+              late: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``depth`` candidate rows in admission order, and their EDF keys (the rows
+        ``late``, chosen to go late, rank behind every request that can still make its TTFT).
 
         Only the head of the order is ever walked, so it is selected in O(n) with
         ``argpartition`` and only that part is sorted (ties by arrival order, so every TP rank
@@ -310,8 +309,10 @@ class SloPolicy(Policy):
             # A new request's key is its latest start: past it, its first token comes late
             # whatever happens now, and at the head it would block those behind it that can
             # still make it.
-            late = ((~on_host) & (key < now_s)) | np.isin(cand, self._chosen_late(now_s, costs))
-            key = key + np.where(late, _LATE, 0.0)
+            past = (~on_host) & (key < now_s)
+            if late.size:
+                past |= np.isin(cand, late)
+            key = key + np.where(past, _LATE, 0.0)
         if depth < len(cand):
             head = np.argpartition(key, depth)[:depth]
             cand, key = cand[head], key[head]
@@ -320,21 +321,15 @@ class SloPolicy(Policy):
 
     def _chosen_late(self, now_s: float, costs: Costs) -> np.ndarray:
         """The waiting rows that can still make their TTFT alone but go late so that the most
-        make theirs (``_served_late``): chosen once per plan, for the EDF ranking and for the
-        batch prefill pacing waits for alike (kept only while ``plan`` runs)."""
-        if self._chosen_late_rows is None or not self._planning:
-            t = self._table
-            rows = t.rows_in(Phase.WAITING)
-            if self.config.late_last and self.config.fewest_late:
-                latest_s = (deadlines.ttft_deadline(t.arrival_s[rows], t.ttft_slo_s[rows])
-                            - costs.prefill_s(t.num_prompt_tokens[rows]))
-                rows = rows[latest_s >= now_s]
-                rows = rows[self._served_late(rows, now_s, costs)]
-            else:
-                rows = rows[:0]
-            self._chosen_late_rows = rows if self._planning else None
-            return rows
-        return self._chosen_late_rows
+        make theirs (``_served_late``)."""
+        t = self._table
+        rows = t.rows_in(Phase.WAITING)
+        if not (self.config.late_last and self.config.fewest_late):
+            return rows[:0]
+        latest_s = (deadlines.ttft_deadline(t.arrival_s[rows], t.ttft_slo_s[rows])
+                    - costs.prefill_s(t.num_prompt_tokens[rows]))
+        rows = rows[latest_s >= now_s]
+        return rows[self._served_late(rows, now_s, costs)]
 
     def _served_late(self, rows: np.ndarray, now_s: float, costs: Costs) -> np.ndarray:
         """Which of these waiting requests (each can still make its TTFT alone) go late so that
@@ -381,12 +376,13 @@ class SloPolicy(Policy):
         return late
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
-               max_prefill_tokens: int, reserve: int,
-               window_s: float) -> tuple[int, int | None, float, bool, _Queue | None]:
+               max_prefill_tokens: int, reserve: int, window_s: float,
+               late: np.ndarray) -> tuple[int, int | None, float, bool, _Queue | None]:
         """Fill ``plan.admit``/``plan.rotate_in``. Returns (tokens used, deficit of the blocked
         head or None, how long a victim would wait for that head, whether the head is a
         rotated-out stream that must come back now, and for a blocked new head the ranked
-        candidates from it on with their keys).
+        candidates from it on with their keys). ``late``: the rows the fewest-late choice puts
+        behind (``_rank``).
 
         New requests and urgent returns go in EDF order. A rotated-out stream that is not
         urgent yet yields to both and only takes room left once everything ranked fits:
@@ -394,7 +390,7 @@ class SloPolicy(Policy):
         two swap again and again (seen in eval/sim_policy.py on the code trace)."""
         t = self._table
         depth = _WALK_DEPTH
-        order, key = self._rank(now_s, cap, costs, depth)
+        order, key = self._rank(now_s, cap, costs, depth, late)
         h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
         used = prefill = h2d = 0
         walked: set[int] = set()
@@ -437,7 +433,7 @@ class SloPolicy(Policy):
             if len(order) < depth:
                 break
             depth *= 4  # everything ranked so far fit: look deeper
-            order, key = self._rank(now_s, cap, costs, depth)
+            order, key = self._rank(now_s, cap, costs, depth, late)
         for s in deferred:  # room to spare: bring streams back early, never past the reserve
             need = self._return_need(s, cap)
             if (need > free - used - reserve
