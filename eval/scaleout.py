@@ -86,6 +86,10 @@ def setup_text(args: argparse.Namespace) -> str:
             f"KV cap {args.cap} tokens each, behind sglang-router")
 
 
+def server_log(args: argparse.Namespace, system: str, k: int) -> Path:
+    return args.raw_dir / f"server_{system}_{k}.log"
+
+
 def start_servers(args: argparse.Namespace, system: str, stack: ExitStack,
                   warmup: list[RequestSpec], budget: Budget) -> list[str] | None:
     """Every server of ``system`` healthy, warmed up, idle (their bases), or None if one is not;
@@ -97,7 +101,7 @@ def start_servers(args: argparse.Namespace, system: str, stack: ExitStack,
     bases = [f"http://127.0.0.1:{p}" for p in ports]
     started = time.monotonic()
     for wave in range(0, args.servers, args.gpus):
-        servers = [ServerProcess(cmds[k], args.raw_dir / f"server_{system}_{k}.log")
+        servers = [ServerProcess(cmds[k], server_log(args, system, k))
                    for k in range(wave, min(wave + args.gpus, args.servers))]
         stack.callback(stop_servers, servers, 30.0)
         for s in servers:
@@ -215,7 +219,7 @@ def abort_check(args: argparse.Namespace, system: str, url: str, bases: list[str
     span = specs[-1].arrival
     if budget.usable() < span + 10.0:
         return {**check, "status": "skipped: budget"}
-    logs = [args.raw_dir / f"server_{system}_{k}.log" for k in range(len(bases))]
+    logs = [server_log(args, system, k) for k in range(len(bases))]
     offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
     records = asyncio.run(replay(url, specs, salt=salt, abort_frac=args.abort_frac,
                                  seed=args.seed, time_limit=min(span + args.tail,
