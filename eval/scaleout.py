@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import shlex
 import signal
@@ -289,7 +290,24 @@ def report(entries: list[dict[str, Any]], servers: int, baseline: str = "lpm"
 
 def new_entry(args: argparse.Namespace, system: str, routing: str, rate: float) -> dict[str, Any]:
     return {"routing": routing, "system": system, "rate": rate, "setup": setup_text(args),
-            "status": "not run", **dict.fromkeys(FIELDS)}
+            "commit": source_commit(), "status": "not run", **dict.fromkeys(FIELDS)}
+
+
+SAME_RUN = ("setup", "trace_path", "model_path", "num", "ttft_slo", "tbt_slo", "server_extra")
+
+
+def kept_from(path: Path, result: dict[str, Any], systems: list[str]) -> None:
+    """``--append``: carry the entries, checks and skips of the systems not run now over from
+    an earlier result of the same setup and requests; refuse one that differs."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    differ = [k for k in SAME_RUN if old.get(k) != result[k]]
+    if differ or old.get("seed", 0) != result["seed"]:
+        raise SystemExit(f"--append: {path} is another run ({', '.join(differ) or 'seed'} "
+                         "differ); give another --out")
+    for key in ("entries", "abort_checks", "skipped"):
+        result[key] = [e for e in old.get(key, []) if e.get("system") not in systems]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -324,6 +342,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu", default=None, help="name in the output (default: nvidia-smi's)")
     ap.add_argument("--out", type=Path, default=EVAL / "results" / "scaleout.json")
     ap.add_argument("--raw-dir", type=Path, default=Path("/tmp/scaleout"))
+    ap.add_argument("--append", action="store_true",
+                    help="keep --out's entries of the systems not run now (same setup and "
+                         "requests): one system per device call")
     add_server_run_args(ap)
     args = ap.parse_args(argv)
     if args.servers < 1 or args.num < 1 or min(args.rates) <= 0:
@@ -354,9 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         "setup": setup_text(args), "gpu": args.gpu, "servers": args.servers, "gpus": args.gpus,
         "trace_path": str(args.trace), "model_path": str(args.model_path), "num": args.num,
         "ttft_slo": args.ttft_slo, "tbt_slo": args.tbt_slo, "server_extra": args.server_extra,
+        "seed": args.seed,
         "command": command_line("eval.scaleout", argv), "commit": source_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "entries": [], "abort_checks": [], "skipped": []}
+    if args.append:
+        kept_from(args.out, result, args.systems)
     write_json(args.out, result)
     log(f"{len(args.systems)} systems x {len(args.policies)} routing policies x "
         f"{len(args.rates)} rates; {result['setup']}; results -> {args.out}")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from eval import scaleout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +89,24 @@ def test_report_judges_the_routed_gain_against_one_servers():
     # no single-server figure: no verdict of met
     lone = scaleout.report(entries[2:4], servers=2)
     assert lone[0]["single_server_gain_points"] is None and lone[0]["goal_met"] is False
+
+
+def test_append_keeps_the_other_systems_entries_and_refuses_another_run(tmp_path: Path) -> None:
+    out = tmp_path / "scaleout.json"
+    same = {"setup": "2 servers", "trace_path": "t.csv", "model_path": "m", "num": 300,
+            "ttft_slo": 1.0, "tbt_slo": 0.1, "server_extra": [], "seed": 0}
+    earlier = {**same, "entries": [entry("round_robin", "lpm", 16, 0.5),
+                                   entry("round_robin", "rotasched", 16, 0.6)],
+               "abort_checks": [{"system": "rotasched", "passed": False}], "skipped": []}
+    out.write_text(json.dumps(earlier))
+    now = {**same, "entries": [], "abort_checks": [], "skipped": []}
+    scaleout.kept_from(out, now, ["rotasched"])
+    # lpm's entry stays; rotasched's, being run again, go
+    assert [(e["system"], e["ttft_attainment"]) for e in now["entries"]] == [("lpm", 0.5)]
+    assert now["abort_checks"] == []
+    other = {**now, "num": 150, "entries": []}
+    with pytest.raises(SystemExit, match="num"):
+        scaleout.kept_from(out, other, ["rotasched"])
+    missing = {**same, "entries": [], "abort_checks": [], "skipped": []}
+    scaleout.kept_from(tmp_path / "none.json", missing, ["lpm"])
+    assert missing["entries"] == []
