@@ -53,6 +53,21 @@ def load_plan(path: Path) -> dict[str, Any]:
     return plan
 
 
+def narrowed(plan: dict[str, Any], systems: list[str] | None, rates: list[float] | None
+             ) -> dict[str, Any]:
+    """The plan cut to the items of ``systems`` and to ``rates`` of each workload (a plan too
+    long for one device call, or a re-run of some points)."""
+    if systems:
+        plan["queues"] = [[i for i in q if i.partition(":")[2] in systems]
+                          for q in plan["queues"]]
+    if rates:
+        for name, wl in plan["workloads"].items():
+            wl["rates"] = [r for r in wl["rates"] if r in rates]
+            if not wl["rates"]:
+                raise SystemExit(f"--rates: workload {name} has none of {rates}")
+    return plan
+
+
 def item_cmd(plan: dict[str, Any], item: str, queue: int, index: int, out_dir: Path,
              budget_s: float) -> list[str]:
     workload, _, system = item.partition(":")
@@ -107,11 +122,10 @@ def main() -> None:
     ap.add_argument("--systems", nargs="+", default=None,
                     help="run only the items of these systems (a plan too long for one device "
                          "call runs in several with the same --out-dir: parts accumulate)")
+    ap.add_argument("--rates", type=float, nargs="+", default=None,
+                    help="run only these of each workload's rates (a re-run of some points)")
     args = ap.parse_args()
-    plan = load_plan(args.plan)
-    if args.systems:
-        plan["queues"] = [[i for i in q if i.partition(":")[2] in args.systems]
-                          for q in plan["queues"]]
+    plan = narrowed(load_plan(args.plan), args.systems, args.rates)
     t0 = time.monotonic()
     deadline = t0 + args.budget
     if args.dry_run:

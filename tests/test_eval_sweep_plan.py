@@ -87,3 +87,11 @@ def test_picked_systems_keep_the_run_they_came_from():
         pick([("hicache", run1, "aaa")])
     with pytest.raises(SystemExit, match="cap_tokens"):
         pick([("fcfs", run1, "aaa"), ("lpm", _part({"lpm": [1, 1]}, "day3", cap=900), "ccc")])
+
+
+def test_a_plan_narrowed_to_some_systems_and_rates():
+    plan = sweep_plan.narrowed(json.loads(json.dumps(PLAN)), ["rotasched"], [2, 3])
+    assert plan["queues"] == [[], ["conv:rotasched"]]
+    assert [wl["rates"] for wl in plan["workloads"].values()] == [[2], [3]]
+    with pytest.raises(SystemExit, match="none of"):
+        sweep_plan.narrowed(json.loads(json.dumps(PLAN)), None, [5])
