@@ -21,7 +21,13 @@ POINT = {"model": "llama-3.1-8b", "trace": "conv", "arrival": "poisson", "cv": 1
 def point(base: float, rota: float, big_win: bool | None, **over) -> dict:
     return {**POINT, **over, "checks": {"best_baseline": "fcfs", "big_win": big_win},
             "systems": {"fcfs": {"ttft_attainment": base},
-                        "rotasched": {"ttft_attainment": rota}}}
+                        "rotasched": {"ttft_attainment": rota, "tbt_attainment": 0.99}}}
+
+
+def unbounded(fcfs: float, rota: float) -> dict:
+    return {"fcfs": {"ttft_attainment": fcfs, "tbt_attainment": 0.7, "both_attainment": 0.6},
+            "rotasched": {"ttft_attainment": rota, "tbt_attainment": 0.98,
+                          "both_attainment": rota}}
 
 
 def test_only_the_points_the_goal_judges():
@@ -32,16 +38,18 @@ def test_only_the_points_the_goal_judges():
 def test_memory_unbounded_lifts_a_memory_bound_replay():
     tight = replay((POINT, str(MODELS_DIR), "fcfs", 0, 1.0))
     loose = replay((POINT, str(MODELS_DIR), "fcfs", 0, 20.0))
-    assert 0 <= tight < loose <= 1
+    assert set(tight) == {"ttft_attainment", "tbt_attainment", "both_attainment"}
+    assert 0 <= tight["ttft_attainment"] < loose["ttft_attainment"] <= 1
 
 
 def test_a_miss_is_within_reach_only_where_the_ceiling_clears_the_goal():
-    reach = entry(point(0.40, 0.70, False), {"fcfs": 0.85, "rotasched": 0.95})
+    reach = entry(point(0.40, 0.70, False), unbounded(0.85, 0.95))
     assert reach["ceiling_ttft"] == 0.95 and reach["win_possible"]
     assert reach["left_points"] == 25.0
-    out = entry(point(0.40, 0.70, False), {"fcfs": 0.75, "rotasched": 0.80})
+    out = entry(point(0.40, 0.70, False), unbounded(0.75, 0.80))
     assert not out["win_possible"] and out["left_points"] == 10.0
-    won = entry(point(0.30, 0.90, True, model="qwen2.5-32b"), {"fcfs": 0.92, "rotasched": 0.9})
+    won = entry(point(0.30, 0.90, True, model="qwen2.5-32b"), unbounded(0.92, 0.9))
+    assert won["unbounded"]["fcfs"] == {"ttft": 0.92, "tbt": 0.7, "both": 0.6}
     rows = summarize([reach, out, won])
     assert rows["all"] == {"points": 3, "big_win": 1, "misses_within_reach": 1,
                            "misses_out_of_reach": 1, "mean_left_points": 12.33,
