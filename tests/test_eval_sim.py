@@ -114,6 +114,25 @@ def test_a_rotate_out_with_nothing_to_copy_still_lands():
     assert stats["d2h_tokens_saved"] == 32
 
 
+def test_a_copy_slows_the_decode_step_only_for_the_part_it_runs():
+    """A copy ending partway into a step pays that share of the full-step slowdown, so a fast
+    link (short copies) costs the decode no more than a slow one for the same bytes."""
+    g = GpuModel(link_bytes_per_s=450e9)
+    sim = Simulator([RequestSpec(i, 0.0, 1000, 100) for i in range(2)], "rotasched", 100_000,
+                    g, 1.0, 0.1, 100_000, 60.0)
+    sim._arrivals()
+    assert sim._prefill(None)
+    batch = sim.running[:1]
+    base = g.decode_s(1, batch[0].kv)
+    assert sim._decode_step_s(batch) == pytest.approx(base)
+    other = sim.running[1]
+    sim.tier.start_out(other.rid, other.device_slots(), None, sim.now)
+    share = other.kv * g.bytes_per_token / g.link_bytes_per_s / base
+    assert 0.01 < share < 0.5
+    assert sim._decode_step_s(batch) == pytest.approx(base * (1 + g.copy_slowdown(share, 0)))
+    assert sim._decode_step_s(batch) < base * (1 + g.copy_slowdown(True, False))
+
+
 def test_cli_rejects_bad_arguments(tmp_path):
     run = subprocess.run([sys.executable, "-m", "eval.sim_policy", "--trace", str(CONV),
                           "--cap", "0", "--rates", "10"],
@@ -135,6 +154,8 @@ def test_interference_model_reproduces_the_measured_decode_costs():
         assert g.copy_slowdown(False, False) == 0.0
         one_way = (g.copy_slowdown(True, False), g.copy_slowdown(False, True))
         assert 0 < one_way[0] < one_way[1] < g.copy_slowdown(True, True)
+        # copies through a quarter of the step pay a quarter of it
+        assert g.copy_slowdown(0.25, 0.25) == pytest.approx(g.copy_slowdown(True, True) / 4)
 
 
 def test_cli_writes_a_result_plot_slo_can_draw(tmp_path):

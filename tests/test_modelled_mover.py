@@ -34,20 +34,20 @@ def make() -> tuple[Clock, ModelledMover]:
 
 def test_jobs_of_one_direction_queue_and_finish_in_order_by_the_clock():
     clock, mover = make()
-    assert mover.next_done_s() is None and not mover.busy(True)
+    assert mover.next_done_s() is None and mover.busy_until(True) <= clock.now
     assert mover.submit_d2h("a", slots(100), slots(100), None) == 100 * BPT
     assert mover.submit_d2h("b", slots(50), slots(50), None) == 50 * BPT  # behind a
     assert mover.next_done_s() == pytest.approx(0.1)
     clock.now = 0.099
     report = mover.poll()
-    assert report.done_d2h == [] and mover.busy(True)
+    assert report.done_d2h == [] and mover.busy_until(True) > clock.now
     clock.now = 0.1
     report = mover.poll()
     assert report.done_d2h == ["a"] and report.bytes_d2h == 100 * BPT
-    assert mover.next_done_s() == pytest.approx(0.15) and mover.busy(True)
+    assert mover.next_done_s() == pytest.approx(0.15) and mover.busy_until(True) > clock.now
     clock.now = 1.0
     assert mover.poll().done_d2h == ["b"] and mover.poll().done_d2h == []
-    assert mover.next_done_s() is None and not mover.busy(True)
+    assert mover.next_done_s() is None and mover.busy_until(True) <= clock.now
 
 
 def test_the_two_directions_run_at_once_and_an_idle_link_starts_now():
@@ -55,7 +55,7 @@ def test_the_two_directions_run_at_once_and_an_idle_link_starts_now():
     mover.submit_d2h("out", slots(100), slots(100), None)
     clock.now = 0.05
     mover.submit_h2d("in", slots(20), slots(20))  # its own link: not behind "out"
-    assert mover.busy(True) and mover.busy(False)
+    assert mover.busy_until(True) > clock.now and mover.busy_until(False) > clock.now
     assert mover.next_done_s() == pytest.approx(0.07)
     clock.now = 0.07
     report = mover.poll()
@@ -94,7 +94,7 @@ def test_write_through_is_a_d2h_job_on_the_same_link():
     clock, mover = make()
     tier = HostTierManager(HostPages(256, 16), mover, BPT, keep_copies=True)
     tier.write_through([("a", 40)], lambda rid: slots(40), budget_tokens=100, ready=None)
-    assert mover.busy(True) and mover.next_done_s() == pytest.approx(0.032)
+    assert mover.busy_until(True) > clock.now and mover.next_done_s() == pytest.approx(0.032)
     tier.start_out("b", slots(10), None, clock.now)  # behind the write-through
     assert mover.next_done_s() == pytest.approx(0.032)
     clock.now = 0.042

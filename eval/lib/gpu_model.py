@@ -76,7 +76,9 @@ class GpuModel:
         attends over: each new token sees the prefix, the chunk's earlier tokens and itself."""
         return take * prefix + take * (take + 1) // 2
 
-    def decode_s(self, batch: int, kv_tokens: int, d2h: bool = False, h2d: bool = False) -> float:
+    def decode_s(self, batch: int, kv_tokens: int, d2h: float = 0.0, h2d: float = 0.0) -> float:
+        """One decode step; ``d2h``/``h2d``: the share of it each direction's copies run at
+        full rate alongside (True: all of it)."""
         step = (self.decode_base_s + batch * self.decode_s_per_req
                 + kv_tokens * self.decode_s_per_kv_token)
         if self.moe_experts:
@@ -86,14 +88,16 @@ class GpuModel:
             step += self.decode_eager_s
         return step * (1 + self.copy_slowdown(d2h, h2d))
 
-    def copy_slowdown(self, d2h: bool, h2d: bool) -> float:
-        """Decode-step slowdown while the link runs full rate in the directions given."""
+    def copy_slowdown(self, d2h: float, h2d: float) -> float:
+        """Decode-step slowdown while the link runs full rate for these shares of the step in
+        each direction (measured with copies all through the step: a copy through part of
+        it pays that part)."""
         gbps = self.link_bytes_per_s / 1e9
         cost = 0.0
-        for active, (reads, writes) in zip((d2h, h2d), HBM_PASSES[self.mover], strict=False):
-            if active:
-                cost += gbps * (reads * HBM_COST_PER_GBPS[0] + writes * HBM_COST_PER_GBPS[1])
-                cost += EXTRA_BEYOND_TRAFFIC[self.mover] / 2
+        for share, (reads, writes) in zip((d2h, h2d), HBM_PASSES[self.mover], strict=False):
+            cost += float(share) * (gbps * (reads * HBM_COST_PER_GBPS[0]
+                                            + writes * HBM_COST_PER_GBPS[1])
+                                    + EXTRA_BEYOND_TRAFFIC[self.mover] / 2)
         return cost
 
     @classmethod

@@ -47,10 +47,10 @@ class ModelledMover(KVMover):
         self._jobs[to_host].append((end, job_id, num_bytes))
         return num_bytes
 
-    def busy(self, to_host: bool) -> bool:
-        """A copy of this direction is still running at the current clock (what a decode step
-        pays for in the simulator's cost model)."""
-        return self._link_free_s[to_host] > self.clock()
+    def busy_until(self, to_host: bool) -> float:
+        """When this direction's last queued copy ends (in the past: the link is idle); the
+        simulator charges a decode step for the part of it the copies run."""
+        return self._link_free_s[to_host]
 
     def next_done_s(self) -> float | None:
         """When the next job not yet reported by ``poll`` ends (None: nothing queued)."""
