@@ -60,14 +60,16 @@ log = Progress()
 
 
 def server_cmds(args: argparse.Namespace, system: str, ports: list[int]) -> list[list[str]]:
-    """One SGLang command per server of ``system``: its GPU, port, share of GPU memory."""
+    """One SGLang command per server of ``system``: its GPU, port, share of GPU memory; every
+    system with ``--enable-metrics`` (the router checks read ``/metrics``, which SGLang serves
+    only with it), so the systems compared run alike."""
     launcher = shlex.split(args.launcher) if args.launcher else None
     flags = system_flags(system, args.ttft_slo, args.tbt_slo)
     return [sglang_command(args.model_path, port,
                            ["--max-total-tokens", str(args.cap), "--base-gpu-id",
                             str(k % args.gpus), "--mem-fraction-static",
                             str(args.mem_fraction_static), "--nccl-port", str(port + 1),
-                            *flags, *args.server_extra], launcher)
+                            "--enable-metrics", *flags, *args.server_extra], launcher)
             for k, port in enumerate(ports)]
 
 
@@ -240,7 +242,7 @@ def abort_check(args: argparse.Namespace, system: str, url: str, bases: list[str
         servers.append({"url": base, "idle": idle, "leaks": leaks,
                         "aborted_while_rotated": last[-1].get("aborted_while_rotated")
                         if last else None,
-                        "metrics_ok": bool(metrics.get("ok")),
+                        "metrics_status": status, "metrics_ok": bool(metrics.get("ok")),
                         "metrics_missing": metrics.get("missing")})
     passed = all(s["idle"] and s["leaks"] is not None and s["leaks"]["clean"]
                  and s["metrics_ok"] for s in servers)
@@ -249,7 +251,8 @@ def abort_check(args: argparse.Namespace, system: str, url: str, bases: list[str
         f"{counts['n']} aborted by the client; "
         + "; ".join(f"{s['url']}: idle {'yes' if s['idle'] else 'NO'}, leaks "
                     f"{'none' if s['leaks'] and s['leaks']['clean'] else s['leaks']}, "
-                    f"metrics {'ok' if s['metrics_ok'] else 'NOT ok'}" for s in servers)
+                    f"metrics {'ok' if s['metrics_ok'] else 'NOT ok'} (HTTP {s['metrics_status']})"
+                    for s in servers)
         + f": {'passed' if passed else 'FAILED'}")
     return {**check, "status": "ok", **{k: counts[k] for k in ("n", "complete",
                                                                "client_aborted", "errors")},

@@ -3,14 +3,14 @@ eval.sweep_slo.
 
 It speaks what the script uses, in sglang 0.5.17's formats: /health, /generate (token ids,
 ``stream`` SSE with --incremental-streaming-output deltas, or one JSON answer), /flush_cache
-(200 only when idle), /metrics (Prometheus text), and it logs the rotator's stats records
-(``superinfer.adapters.sglang.stats.format_record``) the way SGLang's scheduler logger prints
-them (``[date time TPn] record`` with --tp-size > 1, ``[date time DPd TPn]`` with --dp-size >
-1). Output ids depend only
-on the prompt, so every server agrees. Under rotasched every request counts as rotated
-``idx % 3`` times; a per-request SLO is checked by SuperInfer's own ``parse_request_slo`` under
-the --rota-* SLO flags, and a refused one is answered as SGLang + SuperInfer do (HTTP 400, or an
-abort with status_code 400 inside a 200 stream). Knobs for negative tests (environment):
+(200 only when idle), /metrics (Prometheus text, with --enable-metrics), and it logs the
+rotator's stats records (``superinfer.adapters.sglang.stats.format_record``) the way SGLang's
+scheduler logger prints them (``[date time TPn] record`` with --tp-size > 1, ``[date time DPd
+TPn]`` with --dp-size > 1). Output ids depend only on the prompt, so every server agrees.
+Under rotasched every request counts as rotated ``idx % 3`` times; a per-request SLO is
+checked by SuperInfer's own ``parse_request_slo`` under the --rota-* SLO flags, and a refused
+one is answered as SGLang + SuperInfer do (HTTP 400, or an abort with status_code 400 inside a
+200 stream). Knobs for negative tests (environment):
 FAKE_SGLANG_FAIL_DETERMINISTIC=1 (exit like a failed deterministic-inference start),
 FAKE_SGLANG_LEAK=N (rotasched idle checks report N device tokens still held),
 FAKE_SGLANG_VOCAB=N (the vocabulary, instead of --model-path's config.json). Like SGLang with
@@ -50,6 +50,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--max-total-tokens", type=int, default=100000)
     ap.add_argument("--enable-deterministic-inference", action="store_true")
+    ap.add_argument("--enable-metrics", action="store_true")
     defaults = RotaConfig()
     ap.add_argument("--rota-ttft-slo", type=float, default=defaults.ttft_slo_s)
     ap.add_argument("--rota-tbt-slo", type=float, default=defaults.tbt_slo_s)
@@ -230,7 +231,8 @@ async def serve(args: argparse.Namespace) -> None:
     app.router.add_get("/health", lambda _: web.Response(status=200))
     app.router.add_post("/generate", generate)
     app.router.add_route("*", "/flush_cache", flush_cache)
-    app.router.add_get("/metrics", metrics)
+    if args.enable_metrics:  # as SGLang: no /metrics route (404) without the flag
+        app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
