@@ -50,10 +50,13 @@ def test_a_miss_is_within_reach_only_where_the_ceiling_clears_the_goal():
     assert not out["win_possible"] and out["left_points"] == 10.0
     won = entry(point(0.30, 0.90, True, model="qwen2.5-32b"), unbounded(0.92, 0.9))
     assert won["unbounded"]["fcfs"] == {"ttft": 0.92, "tbt": 0.7, "both": 0.6}
-    rows = summarize([reach, out, won])
-    assert rows["all"] == {"points": 3, "big_win": 1, "misses_within_reach": 1,
-                           "misses_out_of_reach": 1, "mean_left_points": 12.33,
-                           "max_left_points": 25.0}
+    # reached by fcfs alone (its TBT given up), not by rotasched's own rules
+    fcfs_only = entry(point(0.40, 0.70, False), unbounded(0.95, 0.85))
+    assert fcfs_only["win_possible"]
+    rows = summarize([reach, out, won, fcfs_only])
+    assert rows["all"] == {"points": 4, "big_win": 1, "misses_within_reach": 2,
+                           "misses_within_reach_of_rotasched": 1, "misses_out_of_reach": 1,
+                           "mean_left_points": 15.5, "max_left_points": 25.0}
     assert rows["qwen2.5-32b conv poisson"]["big_win"] == 1
 
 
