@@ -18,8 +18,16 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
-from eval.diagnostics.setting_sweep import HORIZON_S, HOST_GB, METRICS, POINTS, Point, compare
-from eval.lib.gpu_model import MODELS_DIR, resolve_gpu_model
+from eval.diagnostics.setting_sweep import (
+    HORIZON_S,
+    HOST_GB,
+    METRICS,
+    POINTS,
+    Point,
+    add_replay_args,
+    compare,
+)
+from eval.lib.gpu_model import resolve_gpu_model
 from eval.lib.jsonfiles import command_line, write_json
 from eval.lib.progress import Progress
 from eval.lib.traces import make_specs
@@ -45,9 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gbps", nargs="+", type=float, default=[50.0, 100.0, 450.0],
                     help="host link speeds, GB/s each way")
     ap.add_argument("--seeds", type=int, default=2, help="arrival draws per point")
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
-    ap.add_argument("--out", type=Path, required=True)
+    add_replay_args(ap)
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1 or min(args.gbps) <= 0:
         ap.error("--seeds, --jobs and --gbps must be positive")

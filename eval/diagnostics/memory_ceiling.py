@@ -25,7 +25,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from eval.lib.gpu_model import MODELS_DIR, GpuModel, resolve_gpu_model
+from eval.diagnostics.setting_sweep import add_replay_args
+from eval.lib.gpu_model import GpuModel, resolve_gpu_model
 from eval.lib.jsonfiles import command_line, write_json
 from eval.lib.progress import Progress
 from eval.lib.traces import make_specs
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--systems", nargs="+", default=["fcfs", "rotasched"],
                     choices=("fcfs", "rotasched"))
     ap.add_argument("--limit", type=int, default=None, help="first N judged points only")
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
-    ap.add_argument("--out", type=Path, required=True)
+    add_replay_args(ap)
     args = ap.parse_args(argv)
     if args.cap_factor < 1 or args.jobs < 1:
         ap.error("--cap-factor and --jobs must be at least 1")

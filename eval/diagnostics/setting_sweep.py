@@ -85,6 +85,13 @@ POINTS = (
 )
 
 
+def add_replay_args(ap: argparse.ArgumentParser) -> None:
+    """The flags every simulated diagnostic takes: its processes, the profiles, its result."""
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    ap.add_argument("--out", type=Path, required=True)
+
+
 def replay(task: tuple[Point, str, str, float | None, int]) -> dict[str, float]:
     """One arrival draw of one point: fcfs (``value`` None) or rotasched with ``setting`` at
     ``value``."""
@@ -118,9 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="a RotaConfig field without a flag")
     ap.add_argument("--values", nargs="+", type=float, required=True)
     ap.add_argument("--seeds", type=int, default=3, help="arrival draws per point")
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--models-dir", type=Path, default=MODELS_DIR)
-    ap.add_argument("--out", type=Path, required=True)
+    add_replay_args(ap)
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         ap.error("--seeds and --jobs must be at least 1")
