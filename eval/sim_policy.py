@@ -485,13 +485,12 @@ class Simulator:
         of the step they run. (Charging the whole step for any copy still running at its
         start made a fast link look slow: a 4 ms copy cost a 30 ms step ~90% more at 450
         GB/s, and a faster link lost TBT attainment.)"""
-        tokens = sum(r.kv for r in batch)
-        base = self.gpu.decode_s(len(batch), tokens)
+        base = self.gpu.decode_s(len(batch), sum(r.kv for r in batch))
         if self.mover is None:
             return base
-        shares = [min(max(self.mover.busy_until(to_host) - self.now, 0.0), base) / base
-                  for to_host in (True, False)]
-        return self.gpu.decode_s(len(batch), tokens, d2h=shares[0], h2d=shares[1])
+        d2h, h2d = (min(max(self.mover.busy_until(to_host) - self.now, 0.0), base) / base
+                    for to_host in (True, False))
+        return base * (1 + self.gpu.copy_slowdown(d2h, h2d))
 
     def _after_token(self, r: SimReq) -> list[ev.Event]:
         """A finished request leaves (its events); an unfinished one decodes from now on."""

@@ -76,9 +76,8 @@ class GpuModel:
         attends over: each new token sees the prefix, the chunk's earlier tokens and itself."""
         return take * prefix + take * (take + 1) // 2
 
-    def decode_s(self, batch: int, kv_tokens: int, d2h: float = 0.0, h2d: float = 0.0) -> float:
-        """One decode step; ``d2h``/``h2d``: the share of it each direction's copies run at
-        full rate alongside (True: all of it)."""
+    def decode_s(self, batch: int, kv_tokens: int) -> float:
+        """One decode step with no copy alongside (``copy_slowdown`` prices one)."""
         step = (self.decode_base_s + batch * self.decode_s_per_req
                 + kv_tokens * self.decode_s_per_kv_token)
         if self.moe_experts:
@@ -86,7 +85,7 @@ class GpuModel:
                                                                   self.moe_top_k)
         if self.cuda_graph_max_bs and batch > self.cuda_graph_max_bs:
             step += self.decode_eager_s
-        return step * (1 + self.copy_slowdown(d2h, h2d))
+        return step
 
     def copy_slowdown(self, d2h: float, h2d: float) -> float:
         """Decode-step slowdown while the link runs full rate for these shares of the step in
