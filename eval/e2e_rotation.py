@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--soak-tail", type=float, default=10.0,
                     help="seconds after the last arrival before the client hangs up on the rest")
     ap.add_argument("--abort-frac", type=float, default=0.1)
+    ap.add_argument("--abort-stall-s", type=float, default=0.5,
+                    help="those of them still streaming also hang up after this many seconds "
+                         "without a token (a rotated-out stream pauses; 0: never)")
     ap.add_argument("--startup-timeout", type=float, default=420.0)
     ap.add_argument("--probe-timeout", type=float, default=180.0, help="first request, s")
     ap.add_argument("--drain-timeout", type=float, default=120.0)

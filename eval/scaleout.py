@@ -218,14 +218,16 @@ def abort_check(args: argparse.Namespace, system: str, url: str, bases: list[str
     as they started (nothing leaked) and its ``/metrics`` must export every superinfer series
     with the rotations it counted."""
     check: dict[str, Any] = {"system": system, "routing": args.policies[0],
-                             "rate": args.rates[-1], "abort_frac": args.abort_frac}
+                             "rate": args.rates[-1], "abort_frac": args.abort_frac,
+                             "abort_stall_s": args.abort_stall_s}
     span = specs[-1].arrival
     if budget.usable() < span + 10.0:
         return {**check, "status": "skipped: budget"}
     logs = [server_log(args, system, k) for k in range(len(bases))]
     offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
     records = asyncio.run(replay(url, specs, salt=salt, abort_frac=args.abort_frac,
-                                 seed=args.seed, time_limit=min(span + args.tail,
+                                 seed=args.seed, abort_stall_s=args.abort_stall_s or None,
+                                 time_limit=min(span + args.tail,
                                                                 budget.usable()),
                                  label=f"{system} abort check ", vocab=args.vocab))
     servers = []
@@ -335,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="after each rotasched system's first routing policy: the highest rate "
                          "again through the router with this share of requests dropped "
                          "mid-stream, then each server's leaks and /metrics (0: no check)")
+    ap.add_argument("--abort-stall-s", type=float, default=0.5,
+                    help="those of them still streaming also hang up after this many seconds "
+                         "without a token (a rotated-out stream pauses; 0: never)")
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--tbt-slo", type=float, default=0.1)
     ap.add_argument("--router-port", type=int, default=30900)

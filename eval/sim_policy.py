@@ -128,7 +128,6 @@ class Simulator:
         self.ratio = NewTokenRatio()
         self.costs = CostModel()
         self.now = 0.0
-        self._poll_s: float | None = None  # the tier's clock while it is polled at a copy's end
         self.last_was_decode = False
         self.stats = {"rotations_out": 0, "rotations_no_room": 0, "retractions": 0,
                       "prefill_batches": 0, "prefill_tokens": 0, "decode_steps": 0,
@@ -151,7 +150,7 @@ class Simulator:
                              write_through=system == "rotasched-wt", **(settings or {}))
             self.policy = create_policy(cfg)
             self.write_through = cfg.write_through
-            self.mover = ModelledMover(self._tier_clock, gpu.link_bytes_per_s,
+            self.mover = ModelledMover(lambda: self.now, gpu.link_bytes_per_s,
                                        gpu.bytes_per_token)
             pages = HostPages(host_tokens // HOST_PAGE * HOST_PAGE, HOST_PAGE)
             self.tier = HostTierManager(pages, self.mover, gpu.bytes_per_token,
@@ -273,31 +272,17 @@ class Simulator:
                                     self.tbt_slo, r.spec.output_len)])
 
     # --- the host tier -------------------------------------------------------------------------
-    def _tier_clock(self) -> float:
-        return self.now if self._poll_s is None else self._poll_s
-
     def _collect(self) -> None:
-        """Copies that ended by now move their requests on. Each is polled at its own end, so
-        the cost model learns the copy's own duration. (The adapter polls once per iteration,
-        so its elapsed times include the rest of the step; with write-through's small tails
-        its d2h rate estimate then collapses. This models the link, not that measurement.)"""
-        if self.tier is None or self.mover is None:
+        """Copies that ended by now move their requests on, polled once per iteration as the
+        adapter polls; the cost model learns the link's rate from each copy's own time on it
+        (``Transfer.link``), as the adapter does from CUDA events."""
+        if self.tier is None or self.policy is None:
             return
-        while (done_s := self.mover.next_done_s()) is not None and done_s <= self.now:
-            self._poll(done_s)
-        self._poll(self.now)  # rotate-outs with nothing to copy end here, in their order
-
-    def _poll(self, at_s: float) -> None:
-        assert self.tier is not None and self.policy is not None
-        self._poll_s = at_s
-        try:
-            report = self.tier.poll(at_s)
-        finally:
-            self._poll_s = None
+        report = self.tier.poll(self.now)
         if report.cancelled:  # requests away neither finish nor get retracted here
             raise AssertionError(f"dropped while a copy ran: {sorted(report.cancelled)}")
         for t in report.transfers:
-            self.costs.observe_transfer("d2h" if t.to_host else "h2d", t.num_bytes, t.elapsed_s)
+            self.costs.observe_transfer(t)
         for rid in report.finished_out:
             self.away[rid].kv = 0  # its device pages are released once the copy is done
         for rid in report.finished_in:

@@ -23,6 +23,8 @@ from eval.lib.replay import replay
 from eval.lib.traces import RequestSpec, prompt_ids
 
 HTTP_400, STREAM_ERROR, SERVER_ABORT = 13, 17, 19  # prompt lengths that trigger failures
+STALL = 23  # a prompt length whose stream pauses STALL_S after its first 6 tokens (rotated out)
+STALL_S = 0.6
 INCREMENTAL = web.AppKey("incremental", bool)
 BODIES = web.AppKey("bodies", list)
 TICK = 0.02  # seconds between the fake server's events
@@ -65,6 +67,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
                     "completion_tokens": len(ids)}
             await resp.write(event({"output_ids": ids[-1:], "meta_info": meta}))
             break
+        if plen == STALL and len(ids) == 6:
+            await asyncio.sleep(STALL_S)
         new = [token(len(ids) + i) for i in range(size)]
         ids += new
         done = len(ids) == n
@@ -187,6 +191,31 @@ def test_time_limit_cancels_and_client_abort_hangs_up():
     assert cut[1]["error"].startswith("not sent") and cut[1]["send"] is None
     for r in dropped:
         assert r["aborted"] and r["error"] is None and 1 <= len(r["token_times"]) < 12
+
+
+def test_an_impatient_client_hangs_up_on_a_paused_stream_and_only_then():
+    import time
+
+    paused = [RequestSpec(0, 0.0, STALL, 2000)]
+    steady = [RequestSpec(0, 0.0, 30, 2000)]
+
+    async def go():
+        async with fake_sglang(True) as (url, _):
+            t0 = time.perf_counter()
+            dropped = await replay(url, paused, abort_frac=1.0, seed=3, abort_stall_s=0.2,
+                                   progress=False)
+            waited = time.perf_counter() - t0
+            kept = await replay(url, [RequestSpec(0, 0.0, STALL, 12)], abort_stall_s=0.2,
+                                progress=False)  # not chosen to hang up
+            fast = await replay(url, steady[:1], abort_frac=0.0, abort_stall_s=0.2,
+                                time_limit=0.5, progress=False)
+            return dropped[0], waited, kept[0], fast[0]
+
+    dropped, waited, kept, fast = run(go())
+    assert dropped["aborted"] and dropped["error"] is None
+    assert len(dropped["token_times"]) == 6 and waited < STALL_S  # at the pause, not the end
+    assert not kept["aborted"] and kept["error"] is None and len(kept["token_times"]) == 12
+    assert not fast["aborted"]  # a stream that keeps coming is never dropped for stalling
 
 
 def test_the_commit_a_device_command_names_wins_over_its_git_copy(monkeypatch):

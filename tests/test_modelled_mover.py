@@ -86,7 +86,10 @@ def test_it_runs_the_host_tier_manager_through_a_round_trip_with_a_kept_copy():
     assert tier.start_out("a", slots(45), None, clock.now) == 13 * BPT  # only the tail moves
     assert tier.stats.bytes_d2h_saved == 32 * BPT
     clock.now = 1.0
-    tier.poll(clock.now)
+    (tail,) = tier.poll(clock.now).transfers
+    # priced by the whole KV over the wait, and timed by what it moved over its own 13 ms
+    assert tail.num_bytes == 45 * BPT and tail.elapsed_s == pytest.approx(0.92)
+    assert tail.link == (13 * BPT, pytest.approx(0.013))
     tier.check()
 
 
@@ -101,4 +104,5 @@ def test_write_through_is_a_d2h_job_on_the_same_link():
     report = tier.poll(clock.now)
     assert report.host_tokens == {"a": 32} and report.finished_out == ["b"]
     assert report.transfers[0].elapsed_s == pytest.approx(0.042)  # waited for the link
+    assert report.transfers[0].link == (10 * BPT, pytest.approx(0.01))  # ran 10 ms on it
     tier.check()

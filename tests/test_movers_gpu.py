@@ -251,3 +251,31 @@ def test_direct_issuer_threads_push_many_slices_through_a_small_queue() -> None:
     torch.cuda.synchronize()
     assert torch.equal(token_rows(host, out_host), expected_out)
     assert bool((rows(kv, in_slots) == 3.0).all())
+
+
+# --- timing: what the cost model learns the link's rate from ---------------------------------
+
+
+@pytest.mark.parametrize("kind", [*MOVERS, "direct"])
+def test_copies_are_timed_alone_not_with_the_forward_they_waited_for(kind: str) -> None:
+    """Both copies wait ~0.1 s for their ``ready`` event; their timings must hold only their
+    own run on the link (a 32 MB copy: a few ms), so the policy's link budgets see the link."""
+    import time
+
+    kv, host, mover = make_direct() if kind == "direct" else make_mover(kind)
+    out_slots, in_slots = page_slots(2000), page_slots(1000)
+    in_slots = in_slots[~torch.isin(in_slots, out_slots)]
+    out_host, in_host = host.alloc(len(out_slots)), host.alloc(len(in_slots))
+    t0 = time.perf_counter()
+    mover.submit_d2h("out", out_slots, out_host, delayed_event())
+    mover.submit_h2d("in", in_host, in_slots, delayed_event())
+    mover.synchronize()
+    torch.cuda.synchronize()
+    waited_s = time.perf_counter() - t0
+    report = mover.poll()
+    assert (report.done_d2h, report.done_h2d) == (["out"], ["in"])
+    assert report.timings["out"][0] == len(out_slots) * host.bytes_per_token
+    assert report.timings["in"][0] == len(in_slots) * host.bytes_per_token
+    for num_bytes, seconds in report.timings.values():
+        assert 0 < seconds < 0.25 * waited_s  # the wait is not in it
+        assert num_bytes / seconds > 1e9  # bytes per second: a link's rate

@@ -19,6 +19,7 @@ from superinfer.policy import (
     SloPolicy,
     StepSnapshot,
     TierReport,
+    Transfer,
     create_policy,
     deadlines,
     slo,
@@ -464,8 +465,11 @@ def test_cost_model_first_sample_replaces_default_then_smooths():
     assert cm.costs().decode_step_s == pytest.approx(0.04)
     cm.observe_decode(0.02)
     assert cm.costs().decode_step_s == pytest.approx(0.03)
-    cm.observe_transfer("d2h", 10**9, 0.02)
+    cm.observe_transfer(Transfer(True, 10**9, 0.02))
     assert cm.costs().d2h_bytes_per_s == pytest.approx(5e10)
+    # a timed copy: the link's rate from what it moved and how long it ran, not the wait
+    cm.observe_transfer(Transfer(False, 10**9, 0.5, link=(10**9, 0.025)))
+    assert cm.costs().h2d_bytes_per_s == pytest.approx(4e10)
     for i in range(12):  # 10 req/s, the first five in one burst at t=0
         cm.observe_arrival(0.0 if i < 5 else (i - 4) * 0.1, 100)
     # window [0, 0.5): 5 + 4 arrivals -> 18 req/s (a burst counts, but never as infinite)

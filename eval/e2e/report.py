@@ -114,6 +114,7 @@ def new_result(args: argparse.Namespace, gpus: list[str], base_tokens: int,
                      "host_kv_gb": args.host_kv_gb, "mem_fraction_static": args.mem_fraction_static,
                      "soak_rate": args.soak_rate, "soak_num": args.soak_num,
                      "soak_seconds": args.soak_seconds, "abort_frac": args.abort_frac,
+                     "abort_stall_s": args.abort_stall_s,
                      "rota_extra": args.rota_extra, "server_extra": args.server_extra,
                      "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)},
         "notes": [

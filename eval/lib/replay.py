@@ -87,14 +87,24 @@ def _take_chunk(rec: Record, chunk: dict[str, Any], now: float) -> None:
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, body: bytes, rec: Record,
-                  clock: float, abort_after: int | None) -> None:
+                  clock: float, abort_after: int | None, stall_s: float | None) -> None:
     async with session.post(url, data=body,
                             headers={"Content-Type": "application/json"}) as resp:
         if resp.status != 200:
             rec["error"] = f"HTTP {resp.status}: {(await resp.text())[:300]}"
             return
         buf = b""
-        async for data in resp.content.iter_any():
+        while True:
+            # an impatient client: once streaming, it hangs up after ``stall_s`` without a token
+            wait_s = stall_s if abort_after is not None and rec["token_times"] else None
+            try:
+                data = await asyncio.wait_for(resp.content.readany(), wait_s)
+            except asyncio.TimeoutError:
+                rec["aborted"] = True
+                resp.close()
+                return
+            if not data:
+                return
             now = time.perf_counter() - clock
             buf += data
             *lines, buf = buf.split(b"\n")
@@ -115,12 +125,13 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: bytes, rec: Re
 
 
 async def _one(session: aiohttp.ClientSession, url: str, spec: RequestSpec, body: bytes,
-               rec: Record, clock: float, abort_after: int | None, progress: _Progress) -> None:
+               rec: Record, clock: float, abort_after: int | None, stall_s: float | None,
+               progress: _Progress) -> None:
     await asyncio.sleep(max(0.0, spec.arrival - (time.perf_counter() - clock)))
     rec["send"] = time.perf_counter() - clock
     progress.sent += 1
     try:
-        await _stream(session, url, body, rec, clock, abort_after)
+        await _stream(session, url, body, rec, clock, abort_after, stall_s)
         got = len(rec["token_times"])
         if rec["error"] is None and not rec["aborted"] and got != spec.output_len:
             rec["error"] = f"short output: {got} of {spec.output_len} tokens"
@@ -172,8 +183,8 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
                  extra: dict[str, Any] | None = None,
                  extras: list[dict[str, Any] | None] | None = None,
                  time_limit: float | None = None, abort_frac: float = 0.0, seed: int = 0,
-                 progress: bool = True, label: str = "", vocab: int | None = None
-                 ) -> list[Record]:
+                 abort_stall_s: float | None = None, progress: bool = True, label: str = "",
+                 vocab: int | None = None) -> list[Record]:
     """Send ``specs`` at their arrival offsets; return one record per spec (in spec order).
     Token ids stay under ``vocab`` (the served model's vocabulary size).
 
@@ -182,7 +193,9 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
 
     After ``time_limit`` seconds every unfinished request is cancelled and marked as an error.
     ``abort_frac`` of the requests (chosen with ``seed``) hang up after a random number of
-    tokens, to exercise the server's abort path; they are marked ``aborted``.
+    tokens, to exercise the server's abort path; they are marked ``aborted``. With
+    ``abort_stall_s`` they also hang up once no token came for that long after their first: a
+    rotated-out stream pauses, so these aborts find requests on the host tier.
     """
     _raise_fd_limit()
     gen_url = url.rstrip("/") + "/generate"
@@ -201,7 +214,8 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
         clock = time.perf_counter()
-        tasks = [asyncio.create_task(_one(session, gen_url, s, b, r, clock, a, prog))
+        tasks = [asyncio.create_task(_one(session, gen_url, s, b, r, clock, a, abort_stall_s,
+                                          prog))
                  for s, b, r, a in zip(specs, bodies, records, aborts, strict=False)]
         ticker = asyncio.create_task(prog.run(1.0 if prog.tty else 10.0)) if progress else None
         _, pending = await asyncio.wait(tasks, timeout=time_limit)

@@ -38,7 +38,7 @@ import torch
 from superinfer.host_tier.interface import LayerPlanes, TransferReport
 from superinfer.host_tier.jobs import Job, check_slots
 from superinfer.host_tier.pool import HostKVPool
-from superinfer.host_tier.stream_mover import StreamMover
+from superinfer.host_tier.stream_mover import StreamMover, timing_event
 
 # Pieces of at least this size reached full duplex with the copy engines alone in the DuplexKV
 # bench; below it, staging is the default.
@@ -190,6 +190,8 @@ class DirectKVMover(StreamMover):
             count = dsts[piece].numel()
             if issuer is not None:
                 issuer.make_room(count)
+            if start == 0 and self._on_cuda:
+                pending.job.started = timing_event(self._stream(to_host))
             event = self._copy_slice(to_host, dsts[piece], srcs[piece])
             if issuer is not None:
                 issuer.issued(event, count)
@@ -289,10 +291,9 @@ def _stop_issuers() -> None:
 
 def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
     """An event recorded on ``stream`` that an issuer thread waits on: a blocking-sync event,
-    so the thread sleeps in the wait instead of spinning a CPU core for the whole copy."""
-    event = torch.cuda.Event(blocking=True)
-    event.record(stream)
-    return event
+    so the thread sleeps in the wait instead of spinning a CPU core for the whole copy (and a
+    timing one: the last slice's times the job)."""
+    return timing_event(stream, blocking=True)
 
 
 def pages_of(slots: torch.Tensor, page_size: int, side: str) -> torch.Tensor:

@@ -78,6 +78,9 @@ class TransferReport:
     done_h2d: list[str] = field(default_factory=list)
     bytes_d2h: int = 0
     bytes_h2d: int = 0
+    # Job id: (bytes, seconds the copy itself ran), for jobs the mover could time (CUDA
+    # events); the link's rate, where the time from submission to poll is mostly waiting.
+    timings: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 class KVMover(abc.ABC):

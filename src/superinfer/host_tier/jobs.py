@@ -21,9 +21,19 @@ class Job:
     event: torch.cuda.Event | None  # None: the work finished before submit returned (CPU)
     keepalive: tuple[torch.Tensor, ...] = ()
     issued: bool = True  # False while a mover holds the copy back (direct.py's deferred jobs)
+    # Recorded on the copy's stream once its fences have fired; with ``event`` (both timing
+    # events) it times the copy alone, not the forward it waited for nor the polling.
+    started: torch.cuda.Event | None = None
 
     def is_done(self) -> bool:
         return self.issued and (self.event is None or self.event.query())
+
+    def device_s(self) -> float | None:
+        """Seconds the copy ran on the device (None: not timed, e.g. on the CPU); call once
+        done."""
+        if self.started is None or self.event is None:
+            return None
+        return self.started.elapsed_time(self.event) / 1e3
 
 
 class JobQueue:
@@ -39,13 +49,16 @@ class JobQueue:
     def push(self, job: Job) -> None:
         self._jobs.append(job)
 
-    def pop_done(self) -> tuple[list[str], int]:
-        """Remove the finished head jobs; return their ids and bytes. Never blocks."""
+    def pop_done(self, timings: dict[str, tuple[int, float]]) -> tuple[list[str], int]:
+        """Remove the finished head jobs; return their ids and bytes, and add the timed ones
+        to ``timings`` (id: bytes, seconds on the device). Never blocks."""
         done_ids, num_bytes = [], 0
         while self._jobs and self._jobs[0].is_done():
             job = self._jobs.popleft()
             done_ids.append(job.job_id)
             num_bytes += job.num_bytes
+            if (seconds := job.device_s()) is not None and job.num_bytes:
+                timings[job.job_id] = (job.num_bytes, seconds)
         return done_ids, num_bytes
 
     def last_event(self) -> torch.cuda.Event | None:

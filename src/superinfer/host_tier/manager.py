@@ -101,7 +101,8 @@ class HostTierManager:
         # finished: a direction's done count is the finished prefix of its order, the same
         # jobs on every TP rank (see ``collect``).
         self._order: dict[bool, deque[str]] = {True: deque(), False: deque()}
-        self._finished: set[str] = set()
+        # done on this rank, not reported yet: job id -> (bytes, seconds on the link) or None
+        self._finished: dict[str, tuple[int, float] | None] = {}
         self._ids = itertools.count()
         self._fail_copies = fail_copies or {}
         self._num_copies = {True: 0, False: 0}  # rotation copies submitted, per direction
@@ -196,7 +197,7 @@ class HostTierManager:
         self.stats.bytes_d2h += nbytes
         self.stats.bytes_d2h_saved += int(kept.numel()) * self.bytes_per_token
         if not tail_len:
-            self._finished.add(job_id)  # nothing to copy: done once the jobs before it are
+            self._finished[job_id] = None  # nothing to copy: done once the jobs before it are
         return nbytes
 
     def start_in(self, req_id: str, device_slots: torch.Tensor, prefix_len: int,
@@ -276,8 +277,8 @@ class HostTierManager:
         except Exception as e:  # a copy engine or kernel fault: the CUDA context is suspect
             raise HostTierFault(f"a DuplexKV copy failed ({e}); KV of the requests in flight is "
                                 "lost and the CUDA context may be unusable: stopping") from e
-        self._finished.update(report.done_d2h)
-        self._finished.update(report.done_h2d)
+        for job_id in (*report.done_d2h, *report.done_h2d):
+            self._finished[job_id] = report.timings.get(job_id)
         return self._finished_prefix(True), self._finished_prefix(False)
 
     def _finished_prefix(self, to_host: bool) -> int:
@@ -299,8 +300,8 @@ class HostTierManager:
         for to_host, count in ((True, num_d2h), (False, num_h2d)):
             for _ in range(count):
                 job_id = self._order[to_host].popleft()
-                self._finished.remove(job_id)  # KeyError: asked to finish a job still running
-                self._finish(self._jobs.pop(job_id), now_s, report)
+                link = self._finished.pop(job_id)  # KeyError: asked to finish a running job
+                self._finish(self._jobs.pop(job_id), now_s, report, link)
         self._fill_usage(report)
         return report
 
@@ -316,16 +317,19 @@ class HostTierManager:
         report.used_host_tokens = self.used_tokens()
         return report
 
-    def _finish(self, job: _Job, now_s: float, report: TierReport) -> None:
+    def _finish(self, job: _Job, now_s: float, report: TierReport,
+                link: tuple[int, float] | None) -> None:
         if job.write_through:
             self._extend(job)
             return
         entry = self._entries[job.req_id]
         elapsed = max(now_s - entry.submitted_s, 1e-6)
-        # NOTE: priced by the whole KV the copy stands for, not the bytes it moved: the policy
-        # prices a request's return by its whole KV, so a radix hit or a kept copy reads as a
-        # faster link (and a copy of nothing still times the round of polling it took).
-        report.transfers.append(Transfer(job.to_host, entry.kv_len * self.bytes_per_token, elapsed))
+        # NOTE: where the mover did not time the copy (``link``), it is priced by the whole KV
+        # it stands for, not the bytes it moved: the policy prices a request's return by its
+        # whole KV, so a radix hit or a kept copy reads as a faster link (and a copy of nothing
+        # still times the round of polling it took).
+        report.transfers.append(
+            Transfer(job.to_host, entry.kv_len * self.bytes_per_token, elapsed, link))
         if job.fails and not entry.dropped:
             self._fail(job, entry, report)
             return

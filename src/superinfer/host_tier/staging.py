@@ -25,7 +25,13 @@ import torch
 from superinfer.host_tier.interface import LayerPlanes
 from superinfer.host_tier.jobs import contiguous_runs
 from superinfer.host_tier.pool import HostKVPool
-from superinfer.host_tier.stream_mover import D2H_PRIORITY, H2D_PRIORITY, CopyMover, CopyResult
+from superinfer.host_tier.stream_mover import (
+    D2H_PRIORITY,
+    H2D_PRIORITY,
+    CopyMover,
+    CopyResult,
+    timing_event,
+)
 from superinfer.triton_kernels.kv_gather_scatter import gather_kv, make_kv_table, scatter_kv
 
 # Defaults: the staging kernels only have to outrun the DMA, so a few programs leave most SMs
@@ -91,7 +97,7 @@ class StagingKVMover(CopyMover):
             dma_stream.wait_event(gather_stream.record_event())
             with torch.cuda.stream(dma_stream):
                 self._dma(host_slots[chunk], staged, to_host=True)
-            done = dma_stream.record_event()
+            done = timing_event(dma_stream)
             self._d2h_staging.release(done)
         return (), done
 
@@ -110,7 +116,7 @@ class StagingKVMover(CopyMover):
             scatter_stream.wait_event(dma_stream.record_event())
             with torch.cuda.stream(scatter_stream):
                 scatter_kv(self._table, device_slots[chunk], staged, num_programs=self.num_programs)
-            done = scatter_stream.record_event()
+            done = timing_event(scatter_stream)
             self._h2d_staging.release(done)
         return (), done
 

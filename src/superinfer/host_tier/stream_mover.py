@@ -92,9 +92,10 @@ class StreamMover(KVMover):
             yield stream
 
     def poll(self) -> TransferReport:
-        done_d2h, bytes_d2h = self._d2h_jobs.pop_done()
-        done_h2d, bytes_h2d = self._h2d_jobs.pop_done()
-        return TransferReport(done_d2h, done_h2d, bytes_d2h, bytes_h2d)
+        report = TransferReport()
+        report.done_d2h, report.bytes_d2h = self._d2h_jobs.pop_done(report.timings)
+        report.done_h2d, report.bytes_h2d = self._h2d_jobs.pop_done(report.timings)
+        return report
 
     def fence_compute(self, stream: object | None) -> None:
         last = self._h2d_jobs.last_event()
@@ -123,11 +124,12 @@ class CopyMover(StreamMover):
         else:
             with self._fenced(to_host, ready) as stream:
                 dev_idx = device_slots.to(self.device, non_blocking=True)
+                started = timing_event(stream)
                 keepalive, event = copy(dev_idx, host_slots)
                 if event is None:
-                    event = torch.cuda.Event()
-                    event.record(stream)
-            job = Job(job_id, num_bytes, event, (device_slots, dev_idx, host_slots, *keepalive))
+                    event = timing_event(stream)
+            job = Job(job_id, num_bytes, event, (device_slots, dev_idx, host_slots, *keepalive),
+                      started=started)
         self._jobs(to_host).push(job)
         return num_bytes
 
@@ -136,8 +138,15 @@ class CopyMover(StreamMover):
         """Enqueue the copy after the work on the current (direction) stream.
 
         Returns the tensors the copy still uses and, if it ends on another stream, the event
-        that marks its end (None: it ends on the direction stream)."""
+        that marks its end (a ``timing_event``; None: it ends on the direction stream)."""
 
     @abc.abstractmethod
     def _copy_h2d(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> CopyResult:
         """As ``_copy_d2h``, for host→device."""
+
+
+def timing_event(stream: torch.cuda.Stream, blocking: bool = False) -> torch.cuda.Event:
+    """An event recorded on ``stream`` that can time a copy (``Job.device_s``)."""
+    event = torch.cuda.Event(enable_timing=True, blocking=blocking)
+    event.record(stream)
+    return event

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .types import Costs
+from .types import Costs, Transfer
 
 DEFAULT_COSTS = Costs(
     prefill_s_per_token=25e-6,  # a guess for an 8B model on one Hopper GPU, until fitted
@@ -89,10 +89,14 @@ class CostModel:
         if elapsed_s > 0:
             self._decode.add(elapsed_s)
 
-    def observe_transfer(self, direction: str, num_bytes: int, elapsed_s: float) -> None:
-        if num_bytes <= 0 or elapsed_s <= 0:
-            return
-        (self._d2h if direction == "d2h" else self._h2d).add(num_bytes / elapsed_s)
+    def observe_transfer(self, transfer: Transfer) -> None:
+        """The link's rate: from the copy's own time where the mover timed it. Its time from
+        submission to the poll that saw it done is mostly the forward it waited behind and the
+        rest of the iteration (a few GB/s on a ~50 GB/s link): as a rate it would starve the
+        policy's link budgets, which the step counts of ``deadlines`` already wait for."""
+        num_bytes, seconds = transfer.link or (transfer.num_bytes, transfer.elapsed_s)
+        if num_bytes > 0 and seconds > 0:
+            (self._d2h if transfer.to_host else self._h2d).add(num_bytes / seconds)
 
     def observe_arrival(self, now_s: float, num_prompt_tokens: int) -> None:
         """Arrivals are counted over windows of at least RATE_WINDOW_S: a burst landing in one

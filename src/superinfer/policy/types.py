@@ -80,6 +80,9 @@ class Transfer:
     to_host: bool
     num_bytes: int  # the KV the copy stands for (a request's whole KV), not the bytes it moved
     elapsed_s: float  # from submission to the poll that saw it done
+    # What the copy moved and how long it ran on the link alone, where the mover timed it
+    # (CUDA events); None: only ``elapsed_s`` is known.
+    link: tuple[int, float] | None = None
 
 
 @dataclass(slots=True)

@@ -172,7 +172,7 @@ class Rotator:
         self.now_s, self.costs = agreed.now_s, agreed.costs
         report = self.tier.poll(self.now_s, agreed.done_d2h, agreed.done_h2d)
         for t in report.transfers:
-            self.costs.observe_transfer("d2h" if t.to_host else "h2d", t.num_bytes, t.elapsed_s)
+            self.costs.observe_transfer(t)
         events: list[ev.Event] = [report]
         for rid in report.finished_out:
             req = self.away[rid]
