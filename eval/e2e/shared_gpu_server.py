@@ -27,13 +27,14 @@ def allow_shared_gpu() -> None:
         return
 
     def check_server_args(self: ServerArgs) -> None:
+        # object.__setattr__: SGLang 0.5.17 makes resolved ServerArgs read-only
         step = self.gpu_id_step
         if step == 0:
-            self.gpu_id_step = 1
+            object.__setattr__(self, "gpu_id_step", 1)
         try:
             check(self)
         finally:
-            self.gpu_id_step = step
+            object.__setattr__(self, "gpu_id_step", step)
 
     setattr(check_server_args, _MARK, True)
     ServerArgs.check_server_args = check_server_args
