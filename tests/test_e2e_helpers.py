@@ -355,6 +355,7 @@ def test_plans_default_tp2_and_gpu_placement():
     cmd = servers.server_cmd(args_for(), rota, 31000, True)
     assert cmd[1:3] == ["-m", servers.SHARED_GPU_SERVER]
     assert " --dp-size 2 --gpu-id-step 0 " in " ".join(cmd)
+    assert "--nccl-port" not in cmd  # each replica takes a free one (a given one: all bind it)
     plain = servers.server_cmd(args_for(), plans[0], 31000, True)
     assert plain[1:3] == ["-m", "sglang.launch_server"]
     args = args_for("--servers", "baseline", "rota_p16", "--baseline-gpu", "1")
@@ -389,6 +390,7 @@ def test_server_commands():
     assert "--tp-size 2" in joined["rota_tp2"] and "--rota" not in joined["baseline"]
     ports = [c[c.index("--port") + 1] for c in cmds.values()] + [c[c.index("--nccl-port") + 1]
                                                                 for c in cmds.values()]
+    assert all("--dp-size" not in c for c in cmds.values())  # all of these name their port
     assert len(set(ports)) == len(ports)
     plan = plans[0]
     assert "--enable-deterministic-inference" not in servers.server_cmd(args, plan, 1, False)

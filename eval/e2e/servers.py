@@ -109,8 +109,12 @@ def server_cmd(args: argparse.Namespace, plan: ServerPlan, port: int,
                deterministic: bool) -> list[str]:
     launcher = (shlex.split(args.launcher) if args.launcher
                 else [sys.executable, "-m", plan.module])
-    flags = ["--random-seed", "1", "--mem-fraction-static", f"{args.mem_fraction_static:g}",
-             "--nccl-port", str(port + 1), *plan.flags]
+    flags = ["--random-seed", "1", "--mem-fraction-static", f"{args.mem_fraction_static:g}"]
+    if "--dp-size" not in plan.flags:
+        # SGLang's data-parallel controller gives each replica's own group the port it is told,
+        # so every replica would bind the same one (EADDRINUSE); left out, each gets a free one.
+        flags += ["--nccl-port", str(port + 1)]
+    flags += plan.flags
     if deterministic:
         flags.append("--enable-deterministic-inference")
     return sglang_command(args.model_path, port, flags + shlex.split(args.server_extra), launcher)
