@@ -117,11 +117,12 @@ def test_data_parallel_ranks_can_share_one_gpu_under_the_eval_launcher():
     its arguments when the engine launches (check_server_args), as here."""
     from eval.e2e.shared_gpu_server import allow_shared_gpu
 
-    # a shipped config, as on the GPU: SGLang 0.5.17 then makes the resolved arguments read-only
+    # a shipped config, as on the GPU: SGLang 0.5.17 then resolves and seals the arguments
+    # (read-only), which a plain assignment in the launcher broke there
     model = Path(__file__).resolve().parents[1] / "eval" / "models" / "llama-3.2-1b"
     args = ServerArgs(model_path=str(model), device="cpu", schedule_policy="rotasched",
                       dp_size=2, gpu_id_step=0, chunked_prefill_size=8192, page_size=1,
-                      skip_tokenizer_init=True, load_format="dummy")
+                      skip_tokenizer_init=True, load_format="dummy", served_model_name="dummy")
     with pytest.raises(AssertionError, match="gpu_id_step"):
         args.check_server_args()
     allow_shared_gpu()

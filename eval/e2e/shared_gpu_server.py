@@ -27,17 +27,28 @@ def allow_shared_gpu() -> None:
         return
 
     def check_server_args(self: ServerArgs) -> None:
-        # object.__setattr__: SGLang 0.5.17 makes resolved ServerArgs read-only
         step = self.gpu_id_step
         if step == 0:
-            object.__setattr__(self, "gpu_id_step", 1)
+            _set_sealed(self, "gpu_id_step", 1)
         try:
             check(self)
         finally:
-            object.__setattr__(self, "gpu_id_step", step)
+            _set_sealed(self, "gpu_id_step", step)
 
     setattr(check_server_args, _MARK, True)
     ServerArgs.check_server_args = check_server_args
+
+
+def _set_sealed(args: ServerArgs, name: str, value: object) -> None:
+    """Assign a field of resolved ServerArgs, which SGLang seals with a ``__setattr__`` of its
+    own (0.5.17 over ``object``'s, 0.5.23 over ``msgspec.Struct``'s): through the setter that
+    one wraps."""
+    mro = type(args).__mro__
+    sealer = next(i for i, cls in enumerate(mro) if "__setattr__" in vars(cls))
+    if mro[sealer] is object:  # not sealed
+        setattr(args, name, value)
+    else:
+        mro[sealer + 1].__setattr__(args, name, value)
 
 
 if __name__ == "__main__":
