@@ -226,7 +226,7 @@ def abort_check(args: argparse.Namespace, system: str, url: str, bases: list[str
     logs = [server_log(args, system, k) for k in range(len(bases))]
     offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
     records = asyncio.run(replay(url, specs, salt=salt, abort_frac=args.abort_frac,
-                                 seed=args.seed, abort_stall_s=args.abort_stall_s or None,
+                                 seed=args.seed, abort_stall_s=args.abort_stall_s,
                                  time_limit=min(span + args.tail,
                                                                 budget.usable()),
                                  label=f"{system} abort check ", vocab=args.vocab))

@@ -163,7 +163,7 @@ async def _soaks(args: argparse.Namespace, targets: list[Server], specs: list[Re
         out: Result = {"offset": s.log_size()}
         out["records"] = await replay(s.url, specs, salt=args.salt + 1, time_limit=limit,
                                       abort_frac=args.abort_frac, seed=args.seed,
-                                      abort_stall_s=args.abort_stall_s or None,
+                                      abort_stall_s=args.abort_stall_s,
                                       label=f"{s.name} soak ", vocab=s.vocab)
         out["idle"] = await asyncio.to_thread(wait_idle, s.url, args.drain_timeout)
         out["log_end"] = s.log_size()

@@ -26,10 +26,8 @@ class ModelledMover(KVMover):
         self.clock = clock
         self.bytes_per_s, self.bytes_per_token = bytes_per_s, bytes_per_token
         self._link_free_s = {True: 0.0, False: 0.0}  # by to_host: when its last job ends
-        # by to_host: (end, job id, bytes, seconds on the link) in submission order, so ends
-        # are ascending
-        self._jobs: dict[bool, deque[tuple[float, str, int, float]]] = {
-            True: deque(), False: deque()}
+        # by to_host: (end, job id, bytes) in submission order, so ends are ascending
+        self._jobs: dict[bool, deque[tuple[float, str, int]]] = {True: deque(), False: deque()}
 
     def submit_d2h(self, job_id: str, device_slots: torch.Tensor, host_slots: torch.Tensor,
                    ready: object | None) -> int:
@@ -46,7 +44,7 @@ class ModelledMover(KVMover):
         start = max(self.clock(), self._link_free_s[to_host])
         end = start + num_bytes / self.bytes_per_s
         self._link_free_s[to_host] = end
-        self._jobs[to_host].append((end, job_id, num_bytes, end - start))
+        self._jobs[to_host].append((end, job_id, num_bytes))
         return num_bytes
 
     def busy_until(self, to_host: bool) -> float:
@@ -68,11 +66,11 @@ class ModelledMover(KVMover):
             queue = self._jobs[to_host]
             num_bytes = 0
             while queue and queue[0][0] <= now:
-                _, job_id, job_bytes, seconds = queue.popleft()
+                _, job_id, job_bytes = queue.popleft()
                 done.append(job_id)
                 num_bytes += job_bytes
                 if job_bytes:
-                    report.timings[job_id] = (job_bytes, seconds)
+                    report.timings[job_id] = (job_bytes, job_bytes / self.bytes_per_s)
             if to_host:
                 report.bytes_d2h = num_bytes
             else:

@@ -194,8 +194,9 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
     After ``time_limit`` seconds every unfinished request is cancelled and marked as an error.
     ``abort_frac`` of the requests (chosen with ``seed``) hang up after a random number of
     tokens, to exercise the server's abort path; they are marked ``aborted``. With
-    ``abort_stall_s`` they also hang up once no token came for that long after their first: a
-    rotated-out stream pauses, so these aborts find requests on the host tier.
+    ``abort_stall_s`` (0 or None: never) they also hang up once no token came for that long
+    after their first: a rotated-out stream pauses, so these aborts find requests on the host
+    tier.
     """
     _raise_fd_limit()
     gen_url = url.rstrip("/") + "/generate"
@@ -205,6 +206,7 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
     # Encoded before the clock starts.
     bodies = [request_body(s, salt, _merge(copy.deepcopy(extra or {}), e or {}), vocab)
               for s, e in zip(specs, per_spec, strict=True)]
+    stall_s = abort_stall_s or None  # 0: never
     rng = random.Random(seed)
     aborts = [rng.randint(1, s.output_len - 1) if s.output_len > 1 and rng.random() < abort_frac
               else None for s in specs]
@@ -214,8 +216,7 @@ async def replay(url: str, specs: list[RequestSpec], *, salt: int = 0,
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
         clock = time.perf_counter()
-        tasks = [asyncio.create_task(_one(session, gen_url, s, b, r, clock, a, abort_stall_s,
-                                          prog))
+        tasks = [asyncio.create_task(_one(session, gen_url, s, b, r, clock, a, stall_s, prog))
                  for s, b, r, a in zip(specs, bodies, records, aborts, strict=False)]
         ticker = asyncio.create_task(prog.run(1.0 if prog.tty else 10.0)) if progress else None
         _, pending = await asyncio.wait(tasks, timeout=time_limit)
