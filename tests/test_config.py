@@ -32,8 +32,8 @@ FLAGS = {
     "--rota-min-request-slo-ratio": ("min_request_slo_ratio", 1.0),
     "--rota-monitor": ("monitor", False),
 }
-INTERNAL = {"away_margin", "fewest_late", "reserve_window_s", "reserve_max_frac", "late_last",
-            "late_wait_slos", "lvf_budget_tokens", "min_prefill_chunk"}
+INTERNAL = {"away_margin", "fewest_late", "early_returns", "reserve_window_s", "reserve_max_frac",
+            "late_last", "late_wait_slos", "lvf_budget_tokens", "min_prefill_chunk"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -387,6 +387,28 @@ def test_compute_bound_rotates_nothing_for_new_work_but_returns_urgent_streams()
     assert due.rotate_out == ["resident"]
 
 
+def test_streams_on_the_host_return_early_into_room_a_blocked_head_leaves_idle():
+    """The head (2,510 tokens) waits for the GPU with 1,500 free: the stream on the host (due at
+    3 s, not urgent at 1 s) comes back into that room rather than leaving it idle, but never into
+    the reserve, and not when the rule is off."""
+    def plan(free: int, costs=COSTS, **config) -> object:
+        p = SloPolicy(RotaConfig(**{"reserve_window_s": 0.0, **config}))
+        running(p, "resident", tokens=1000, first_s=0.0, out=40)
+        running(p, "away", tokens=1000, first_s=0.0, out=30)
+        park(p, "away", 0.5)
+        add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+        return p.plan(StepSnapshot(1.0, cap(free), costs, 16384, bound="compute"))
+
+    early = plan(1500)
+    assert early.head_blocked and early.held_by == "compute" and early.admit == ["new"]
+    assert early.rotate_in == ["away"] and early.rotate_out == []
+    assert "blocked head" in early.reasons["away"]
+    assert plan(1500, early_returns=False).rotate_in == []
+    assert plan(900).rotate_in == []  # 1,000 tokens do not fit
+    arrivals = dataclasses.replace(COSTS, arrival_rate_per_s=10.0, mean_prompt_tokens=300.0)
+    assert plan(1500, arrivals, reserve_window_s=0.2).rotate_in == []  # 600 tokens kept free
+
+
 def test_a_full_host_tier_holds_the_head_and_says_so():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)

@@ -35,7 +35,7 @@ from superinfer.config import ConfigError, RotaConfig
 
 # RotaConfig's internal fields worth a sweep (the others have flags); a switch takes 0 and 1
 TUNABLE = ("late_wait_slos", "away_margin", "reserve_window_s", "reserve_max_frac",
-           "fewest_late")
+           "fewest_late", "early_returns")
 HOST_GB = 64.0
 HORIZON_S = 600.0
 METRICS = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s")
@@ -82,6 +82,11 @@ POINTS = (
     Point(QWEN, "h100", "conv", "poisson", 1, 1.78, 300, 19073, 0.5, 0.05),
     Point(QWEN, "h100", "conv", "gamma", 4, 1.49, 300, 19073, 1.0, 0.1),
     Point(QWEN, "h100", "code", "poisson", 1, 4.0, 300, 19073, 1.0, 0.1),
+    # long outputs (eval.lib.traces.SYNTHETIC), decode-bound: where a rule that leaves device
+    # memory idle shows in throughput first
+    Point(LLAMA, "h100", "long-output", "gamma", 4, 9.11, 300, 60000, 1.0, 0.05),
+    Point(QWEN, "h100", "long-output", "poisson", 1, 1.35, 300, 30000, 0.5, 0.1),
+    Point(QWEN, "h100", "long-output", "poisson", 1, 1.35, 300, 30000, 1.0, 0.05),
 )
 
 

@@ -138,6 +138,10 @@ class RotaConfig:
     # finite workload, whose last tokens then came seconds later (README, rule 3; the value:
     # eval/README.md, "Late heads").
     late_wait_slos: float = _internal(2.0, POSITIVE)
+    # While a blocked new head waits for room no rotation makes now, rotated-out streams come
+    # back early into the free room it leaves idle (README, rule 3; eval/README.md, "Early
+    # returns"): left on the host, they cost a loaded decode-bound GPU throughput.
+    early_returns: bool = _internal(True)
     # LVF (reference rule): fixed proactive budget B in tokens.
     lvf_budget_tokens: int = _internal(2400 * 16, COUNT)
     mover: str = _flag(
