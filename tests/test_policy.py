@@ -405,6 +405,16 @@ def test_streams_on_the_host_return_early_into_room_a_blocked_head_leaves_idle()
     assert "blocked head" in early.reasons["away"]
     assert plan(1500, early_returns=False).rotate_in == []
     assert plan(900).rotate_in == []  # 1,000 tokens do not fit
+    # first fit in deadline order: a stream due sooner but too large for the room waits (it
+    # comes back when due, with room made for it) and the one behind it comes back now
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "big", tokens=2000, first_s=0.0, out=25)  # due at 2.5 s
+    running(p, "small", tokens=1000, first_s=0.0, out=30)  # due at 3 s
+    park(p, "big", 0.5)
+    park(p, "small", 0.5)
+    add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+    fit = p.plan(StepSnapshot(1.0, cap(1500), COSTS, 16384, bound="compute"))
+    assert fit.head_blocked and fit.rotate_in == ["small"]
     arrivals = dataclasses.replace(COSTS, arrival_rate_per_s=10.0, mean_prompt_tokens=300.0)
     assert plan(1500, arrivals, reserve_window_s=0.2).rotate_in == []  # 600 tokens kept free
 

@@ -476,11 +476,11 @@ class SloPolicy(Policy):
 
     def _early_returns(self, plan: StepPlan, room: int, cap: Capacity, costs: Costs,
                        window_s: float) -> None:
-        """Bring rotated-out streams back ahead of their deadlines, in deadline order, into
-        ``room`` (free device tokens less the reserve) that a blocked head leaves idle: on the
-        device they decode, and earn slack for the next rotation. Left on the host while the head
-        waited for finishing streams, they cost a loaded decode-bound GPU ~5% of its throughput
-        (eval/README.md, "Early returns")."""
+        """Bring rotated-out streams back ahead of their deadlines, first fit in deadline order,
+        into ``room`` (free device tokens less the reserve) that a blocked head leaves idle: on
+        the device they decode, and earn slack for the next rotation. Left on the host while the
+        head waited, they cost a loaded GPU whose time goes to decoding up to 5% of its
+        throughput (eval/README.md, "Early returns")."""
         t = self._table
         away = t.rows_in(Phase.ON_HOST)
         if away.size == 0:
@@ -493,7 +493,9 @@ class SloPolicy(Policy):
             if t.id_at(s) in plan.reasons:  # already coming back (urgent)
                 continue
             need = self._return_need(s, cap)
-            if need > room or (h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in):
+            if need > room:
+                continue  # a later one may fit: this one comes back when due, made room for
+            if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
                 return
             h2d += self._take_return(plan, s, "rotate-in: room the blocked head leaves idle")
             room -= need
