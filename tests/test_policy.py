@@ -17,6 +17,7 @@ from superinfer.policy import (
     LvfPolicy,
     Phase,
     SloPolicy,
+    StepPlan,
     StepSnapshot,
     TierReport,
     Transfer,
@@ -391,7 +392,7 @@ def test_streams_on_the_host_return_early_into_room_a_blocked_head_leaves_idle()
     """The head (2,510 tokens) waits for the GPU with 1,500 free: the stream on the host (due at
     3 s, not urgent at 1 s) comes back into that room rather than leaving it idle, but never into
     the reserve, and not when the rule is off."""
-    def plan(free: int, costs=COSTS, **config) -> object:
+    def plan(free: int, costs=COSTS, **config) -> StepPlan:
         p = SloPolicy(RotaConfig(**{"reserve_window_s": 0.0, **config}))
         running(p, "resident", tokens=1000, first_s=0.0, out=40)
         running(p, "away", tokens=1000, first_s=0.0, out=30)
