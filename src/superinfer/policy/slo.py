@@ -161,9 +161,7 @@ class SloPolicy(Policy):
             plan.held_by = held_by
             # The new head waits (no room can be made for it now), but a rotated-out stream due
             # now must not wait behind it: it can still swap with a resident that has slack.
-            self._urgent_returns(plan, now_s, free - used, cap, costs, window)
-            if cfg.early_returns and not plan.rotate_out:
-                self._early_returns(plan, free - used - reserve, cap, costs, window)
+            self._returns_past_head(plan, now_s, free - used, reserve, cap, costs, window)
         plan.check()
         return plan
 
@@ -446,24 +444,31 @@ class SloPolicy(Policy):
             used += need
         return used, None, 0.0, False, None
 
-    def _urgent_returns(self, plan: StepPlan, now_s: float, room: int, cap: Capacity, costs: Costs,
-                        window_s: float) -> None:
-        """Bring back the rotated-out streams that are due now, in deadline order, making room
-        for the first that does not fit (the EDF walk stopped at a new request it could not
-        place, before reaching them)."""
+    def _returns_past_head(self, plan: StepPlan, now_s: float, room: int, reserve: int,
+                           cap: Capacity, costs: Costs, window_s: float) -> None:
+        """Bring back streams on the host past a blocked new head. ``room``: the free device
+        tokens the walk left (its own returns already counted).
+
+        First those due now, in deadline order, making room for the first that does not fit:
+        the walk stopped at the head before reaching them. Then, if no room had to be made
+        (``early_returns``), the others ahead of their deadlines, first fit in deadline order
+        into the room the head leaves idle, keeping the free reserve: on the device they
+        decode and earn slack for the next rotation; left on the host while the head waited,
+        they cost a loaded GPU whose time goes to decoding up to 5% of its throughput
+        (eval/README.md, "Early returns")."""
         t = self._table
         away = t.rows_in(Phase.ON_HOST)
+        away = away[[t.id_at(s) not in plan.reasons for s in away.tolist()]]  # not yet coming
         if away.size == 0:
             return
         key = self._return_key(away, cap, costs)
-        lag_s = deadlines.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token, costs)
-        due = key <= now_s + lag_s
-        away, key = away[due], key[due]
+        order = np.lexsort((t.seq[away], key))
+        away, key = away[order], key[order]
+        due = key <= now_s + deadlines.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token,
+                                                       costs)
         h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
         h2d = sum(int(t.num_tokens[t.row(r)]) for r in plan.rotate_in)
-        for s in away[np.lexsort((t.seq[away], key))].tolist():
-            if t.id_at(s) in plan.reasons:  # already coming back (the walk reached it)
-                continue
+        for s in away[due].tolist():
             need = self._return_need(s, cap)
             if need > room:
                 self._rotate_out(plan, need - room, now_s, cap, costs, costs.decode_step_s,
@@ -473,27 +478,11 @@ class SloPolicy(Policy):
                 return
             h2d += self._take_return(plan, s, "urgent rotate-in")
             room -= need
-
-    def _early_returns(self, plan: StepPlan, room: int, cap: Capacity, costs: Costs,
-                       window_s: float) -> None:
-        """Bring rotated-out streams back ahead of their deadlines, first fit in deadline order,
-        into ``room`` (free device tokens less the reserve) that a blocked head leaves idle: on
-        the device they decode, and earn slack for the next rotation. Left on the host while the
-        head waited, they cost a loaded GPU whose time goes to decoding up to 5% of its
-        throughput (eval/README.md, "Early returns")."""
-        t = self._table
-        away = t.rows_in(Phase.ON_HOST)
-        if away.size == 0:
+        if not self.config.early_returns:
             return
-        room -= sum(self._return_need(t.row(r), cap) for r in plan.rotate_in)
-        key = self._return_key(away, cap, costs)
-        h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
-        h2d = sum(int(t.num_tokens[t.row(r)]) for r in plan.rotate_in)
-        for s in away[np.lexsort((t.seq[away], key))].tolist():
-            if t.id_at(s) in plan.reasons:  # already coming back (urgent)
-                continue
+        for s in away[~due].tolist():
             need = self._return_need(s, cap)
-            if need > room:
+            if need > room - reserve:
                 continue  # a later one may fit: this one comes back when due, made room for
             if h2d + t.num_tokens[s] > h2d_budget and plan.rotate_in:
                 return
