@@ -420,6 +420,22 @@ def test_streams_on_the_host_return_early_into_room_a_blocked_head_leaves_idle()
     assert plan(1500, arrivals, reserve_window_s=0.2).rotate_in == []  # 600 tokens kept free
 
 
+def test_early_returns_count_the_room_of_the_walks_own_returns_once():
+    """The walk brings "due" back (urgent, ahead of the head in deadline order) and counts its
+    1,000 tokens; the blocked head then leaves 1,600 free, and "later" (1,000 tokens, not due)
+    fits there. Counting "due" a second time would leave 600 and keep "later" on the host."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "due", tokens=1000, first_s=0.0, out=10)  # its next token is due at 1 s
+    running(p, "later", tokens=1000, first_s=0.0, out=30)  # due at 3 s
+    park(p, "due", 0.5)
+    park(p, "later", 0.5)
+    add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+    plan = p.plan(StepSnapshot(1.0, cap(2600), COSTS, 16384, bound="compute"))
+    assert plan.head_blocked and plan.admit == ["new"]
+    assert plan.rotate_in == ["due", "later"]
+    assert plan.reasons["due"] == "urgent rotate-in" and "blocked head" in plan.reasons["later"]
+
+
 def test_a_full_host_tier_holds_the_head_and_says_so():
     p = SloPolicy(RotaConfig(reserve_window_s=0.0))
     running(p, "long", tokens=3000, first_s=0.0, out=30, max_new=1000)
