@@ -23,7 +23,8 @@ from superinfer.policy import (
     Transfer,
     create_policy,
     deadlines,
-    slo,
+    late,
+    pacing,
 )
 from superinfer.policy import events as ev
 from superinfer.policy.costs import DEFAULT_COSTS
@@ -102,12 +103,12 @@ def test_fewest_late_when_not_every_prefill_fits_before_its_deadline():
     assert plan_at(even, 0.0, cap(100_000), COSTS, 100_000).admit == ["a", "b", "c"]
     assert even._served_late(even._table.rows_in(Phase.WAITING), 0.0, COSTS).tolist() == [
         False, False, True]
-    # a long queue: only the earliest _LATE_HORIZON deadlines are weighed (0.1 s each, all
+    # a long queue: only the earliest late.HORIZON deadlines are weighed (0.1 s each, all
     # due at 1.0: the first ten make it, the rest of the horizon goes late)
     queue = burst(RotaConfig(), {f"q{i:03d}": 5_000 for i in range(300)})
-    late = queue._served_late(queue._table.rows_in(Phase.WAITING), 0.0, COSTS)
-    assert not late[:10].any() and late[10:slo._LATE_HORIZON].all()
-    assert int(late.sum()) == slo._LATE_HORIZON - 10
+    chosen = queue._served_late(queue._table.rows_in(Phase.WAITING), 0.0, COSTS)
+    assert not chosen[:10].any() and chosen[10:late.HORIZON].all()
+    assert int(chosen.sum()) == late.HORIZON - 10
 
 
 def test_rotated_request_key_brought_forward_by_swap_in():
@@ -807,7 +808,7 @@ def test_where_compute_binds_pacing_spends_only_its_share_of_gpu_time():
         return p.plan(StepSnapshot(now_s, cap(100_000), COSTS, 16384, bound=bound)
                       ).prefill_token_budget
 
-    paced = int(slo._PACING_CREDIT_MAX_S / COSTS.decode_step_s + 0.5)  # steps the full credit buys
+    paced = int(pacing.CREDIT_MAX_S / COSTS.decode_step_s + 0.5)  # steps the full credit buys
     p = policy()
     assert [budget(p, 1.0, "compute") for _ in range(paced)] == [0] * paced
     plan = p.plan(StepSnapshot(1.0, cap(100_000), COSTS, 16384, bound="compute"))
@@ -826,11 +827,11 @@ def test_pacing_pays_for_a_decode_step_first_and_for_a_batch_cut_short():
     costs = dataclasses.replace(COSTS, prefill_overhead_s=0.03)
     p = SloPolicy(RotaConfig())
     add(p, "w", 0.9, 3000, 1.0, 0.1, 10)
-    credit = p._pacing_credit_s
-    p._charge_pacing(0, 16384, costs)
-    assert p._pacing_credit_s == pytest.approx(credit - 0.02)
-    p._charge_pacing(1000, 16384, costs)  # the queue's 3000 tokens would fit: a cut
-    assert p._pacing_credit_s == pytest.approx(credit - 0.05)
-    p._charge_pacing(3000, 16384, costs)  # the whole queue
-    p._charge_pacing(1000, 800, costs)  # memory allows less than the budget anyway
-    assert p._pacing_credit_s == pytest.approx(credit - 0.05)
+    credit = p.pacer.credit_s
+    p.pacer.charge(0, 16384, costs)
+    assert p.pacer.credit_s == pytest.approx(credit - 0.02)
+    p.pacer.charge(1000, 16384, costs)  # the queue's 3000 tokens would fit: a cut
+    assert p.pacer.credit_s == pytest.approx(credit - 0.05)
+    p.pacer.charge(3000, 16384, costs)  # the whole queue
+    p.pacer.charge(1000, 800, costs)  # memory allows less than the budget anyway
+    assert p.pacer.credit_s == pytest.approx(credit - 0.05)

@@ -47,29 +47,29 @@ where the adapter sets it); a new request needs its prompt plus its whole (clipp
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable
-
 import numpy as np
 
+from ..config import RotaConfig
 from . import deadlines
 from .base import Policy
+from .late import fewest_late
+from .pacing import PrefillPacer
 from .table import CLIP_NEW_TOKENS
 from .types import Capacity, Costs, Phase, StepPlan, StepSnapshot
 
 _WALK_DEPTH = 64  # candidates ranked per pass: admission rarely goes deeper
-_LATE_HORIZON = 256  # waiting requests weighed for who goes late, earliest deadlines first
 _ON_HOST = int(Phase.ON_HOST)  # plain int: compared per candidate in the walk
 _LATE = 1e12  # added to the key of a request that can no longer make its TTFT (late_last)
-_PACING_CREDIT_MAX_S = 0.5  # pacing's cost credit at most: a burst of paced steps, not a backlog
-_ROUNDING = 1 - 1e-9  # a credit of a step summed from parts is still a step
 _LINK_WINDOW_MAX_S = 0.1  # unused link time carried over between plans at most (burst bound)
 _Queue = tuple[np.ndarray, np.ndarray]  # ranked candidate rows and their EDF keys
 
 
 class SloPolicy(Policy):
     _last_plan_s: float | None = None
-    _pacing_credit_s: float = _PACING_CREDIT_MAX_S  # GPU seconds pacing may still cost
+
+    def __init__(self, config: RotaConfig) -> None:
+        super().__init__(config)
+        self.pacer = PrefillPacer(config, self._table)
 
     def _since_last_plan_s(self, now_s: float) -> float | None:
         """Seconds since the last plan (None for the first), and this plan is the last now."""
@@ -107,12 +107,12 @@ class SloPolicy(Policy):
         room = 0  # prefill tokens free memory and the batch limit allow (when paced)
         compute_bound = snapshot.bound == "compute"
         late = self._chosen_late(now_s, costs)  # one choice for the ranking and for pacing
-        if cfg.prefill_pacing and self._pacing_affordable(since_s, compute_bound, costs):
+        if cfg.prefill_pacing and self.pacer.affordable(since_s, compute_bound, costs):
             start_s = max(now_s, gpu_free_at_s or now_s)
             room = min(max_prefill_tokens, max(free, 0))
-            budget = self._prefill_budget(
+            budget = self.pacer.budget(
                 start_s, cap.bytes_per_token, costs, room,
-                lambda: self._batch_wanted(now_s, room, costs, compute_bound, late))
+                lambda: self.pacer.batch_wanted(now_s, room, costs, compute_bound, late))
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)
         window = self._link_window_s(since_s, costs)
@@ -128,7 +128,7 @@ class SloPolicy(Policy):
             if head > budget:
                 budget = 0
         if compute_bound and plan.admit and budget is not None:
-            self._charge_pacing(budget, room, costs)
+            self.pacer.charge(budget, room, costs)
         plan.prefill_token_budget = budget
         blocked_new = deficit is not None and not urgent
         why = "bring back an urgent stream" if urgent else "make room for the EDF head"
@@ -164,133 +164,6 @@ class SloPolicy(Policy):
             self._returns_past_head(plan, now_s, free - used, reserve, cap, costs, window)
         plan.check()
         return plan
-
-    def _charge_pacing(self, budget: int, room: int, costs: Costs) -> None:
-        """Pay for what pacing did to a runnable prefill where compute binds: a decode step
-        ahead of it (budget 0), or a batch cut short of what the queue would fill in ``room``
-        (the rest pays a forward's fixed cost again)."""
-        if budget == 0:
-            self._pacing_credit_s -= costs.decode_step_s
-            return
-        waiting = self._table.rows_in(Phase.WAITING)
-        if budget < min(room, int(self._table.num_prompt_tokens[waiting].sum())):
-            self._pacing_credit_s -= costs.prefill_overhead_s
-
-    def _pacing_affordable(self, since_s: float | None, compute_bound: bool,
-                           costs: Costs) -> bool:
-        """Top up pacing's credit for the ``since_s`` seconds since the last plan, and say
-        whether this step's prefill may be paced. Pacing is free unless compute binds; then
-        what it costs in GPU time (``_charge_pacing``) is paid from a credit that grows by
-        ``pacing_cost_share`` of the elapsed time (up to _PACING_CREDIT_MAX_S). Without
-        credit, prefill runs unpaced and the decoding streams' TBT is served late: throughput
-        first, since the GPU is what everyone waits for."""
-        if since_s is not None:
-            self._pacing_credit_s = min(
-                self._pacing_credit_s + self.config.pacing_cost_share * since_s,
-                _PACING_CREDIT_MAX_S)
-        return not compute_bound or self._pacing_credit_s >= costs.decode_step_s * _ROUNDING
-
-    def _batch_wanted(self, now_s: float, room: int, costs: Costs, compute_bound: bool,
-                      late: np.ndarray) -> tuple[int, float | None]:
-        """The prefill batch worth waiting for (its tokens, at most ``room``: free memory and
-        the batch limit), and by when it must start (None: no waiting request can still make
-        its TTFT). Every first token in a batch comes when the whole batch ends.
-
-        Where compute binds and requests already wait past their latest start (the GPU is
-        behind), throughput comes first: the batch is the one the whole queue fills, and a
-        request that could make its TTFT only in a smaller batch is served late (smaller
-        batches pay the prefill's fixed cost more often, so the queue behind them grows
-        faster). Otherwise the batch holds the requests that can still make their TTFT and
-        are not among those the fewest-late choice puts ``late``."""
-        t = self._table
-        waiting = t.rows_in(Phase.WAITING)
-        prompts = t.num_prompt_tokens[waiting]
-        deadline = deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting])
-        whole = min(int(prompts.sum()), room)
-        on_time = deadline - costs.prefill_s(prompts) >= now_s
-        if late.size:
-            on_time &= ~np.isin(waiting, late)
-        if not on_time.any():
-            return whole, None
-        if compute_bound and not on_time.all():
-            latest = deadline - costs.prefill_s(whole)
-            latest = latest[latest >= now_s]
-            return whole, float(latest.min()) if latest.size else None
-        tokens = min(int(prompts[on_time].sum()), room)
-        return tokens, float(deadline[on_time].min() - costs.prefill_s(tokens))
-
-    def _prefill_budget(self, start_s: float, bpt: int, costs: Costs, most_tokens: int,
-                        wanted: Callable[[], tuple[int, float | None]]) -> int | None:
-        """Prefill tokens that fit in the least slack of the decoding streams. A prefill batch
-        delays every decode step behind it; past this many tokens a stream's next token would
-        come after its deadline. 0 means: decode first. A stream already behind its pace
-        counts as no slack: only decode steps (each shorter than its TBT) let it catch up.
-        (Letting prefill run unbounded once every stream was behind stalled all of them, and
-        they never caught up.)
-
-        The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
-        it can only delay tokens not launched yet, so a stream whose prefill is in flight
-        counts from its expected first token: its second token is the one at risk.
-
-        A budget short of the batch the queue would fill (``wanted()``, at most
-        ``most_tokens``; only asked for when the budget is short of that) waits for decode steps
-        instead, as long as they earn the resident streams the slack for the whole batch
-        before a waiting request that can still make its TTFT must start: each batch pays
-        the prefill's fixed cost once, and cutting the queue into the chunks the slack allows
-        at once paid it over and over (throughput lost where compute binds), while the decode
-        steps in between produce tokens that were due anyway."""
-        t = self._table
-        run = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
-        run = run[~np.isnan(t.first_token_s[run])]
-        if run.size == 0:
-            return None
-        deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run),
-                                                 t.tbt_slo_s[run])
-        slack = deadlines.slack_s(deadline, start_s, costs)
-        away = t.phase[run] == _ON_HOST
-        late = away & (deadline < start_s)  # not waited for: decode steps would not bring it back
-        # A stream on the host may need room made and its copy to be back: a prefill now
-        # delays both (past its urgency point, it counts as no slack).
-        tokens = t.num_tokens[run[away]]
-        slack[away] -= (deadlines.make_room_lag_s(tokens, bpt, costs) - costs.decode_step_s
-                        + deadlines.transfer_s(tokens, bpt, costs.h2d_bytes_per_s))
-        run, slack, away = run[~late], slack[~late], away[~late]
-        if slack.size == 0:
-            return None
-        least = max(float(slack.min()), 0.0)
-        budget = costs.prefill_tokens_within(least)
-        if budget >= most_tokens:
-            return budget
-        tokens, must_start_by_s = wanted()
-        if budget >= tokens:
-            return budget
-        wait_s = self._wait_for_slack_s(costs.prefill_s(tokens), slack, away, t.tbt_slo_s[run],
-                                        costs)
-        if wait_s is not None and (must_start_by_s is None
-                                   or start_s + wait_s <= must_start_by_s):
-            return 0
-        # Below the size where the fixed cost is half the forward, wait a decode step instead
-        # (it adds a TBT minus a step to every stream's slack): tiny chunks cost throughput.
-        worthwhile = max(self.config.min_prefill_chunk,
-                         int(costs.prefill_overhead_s / costs.prefill_s_per_token))
-        return budget if budget >= worthwhile else 0
-
-    @staticmethod
-    def _wait_for_slack_s(batch_s: float, slack: np.ndarray, away: np.ndarray, tbt: np.ndarray,
-                          costs: Costs) -> float | None:
-        """How long decode steps take to give every stream ``batch_s`` of slack: each step
-        earns a resident stream its TBT minus the step, and costs a stream on the host the
-        step. None if they never do (a step as long as a TBT, or a stream on the host short
-        of it already)."""
-        short = slack < batch_s
-        gain = tbt - costs.decode_step_s
-        if np.any(short & (away | (gain <= 0))):
-            return None
-        steps = int(np.ceil(np.max((batch_s - slack[short]) / gain[short], initial=0.0)))
-        wait_s = steps * costs.decode_step_s
-        if away.any() and float(slack[away].min()) - wait_s < batch_s:
-            return None
-        return wait_s
 
     def _rank(self, now_s: float, cap: Capacity, costs: Costs, depth: int,
               late: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -334,47 +207,17 @@ class SloPolicy(Policy):
 
     def _served_late(self, rows: np.ndarray, now_s: float, costs: Costs) -> np.ndarray:
         """Which of these waiting requests (each can still make its TTFT alone) go late so that
-        the most of them make it, where the GPU cannot prefill them all by their deadlines.
-        Moore-Hodgson: in deadline order, whenever the prefills so far end past the current
-        request's deadline, the longest of them goes late (the latest arrival among equals).
-        In a burst, deadline order alone serves the long prompts first and the short ones
-        behind them all miss; this serves the most requests on time per GPU second. Prefill
-        gets the GPU time the decoding streams' pace leaves it, and no batch's fixed cost
-        but the first is counted (the test errs toward keeping requests on time). Only the
-        _LATE_HORIZON earliest deadlines are weighed: a queue that long is decided again at
-        every plan, and requests further out are judged when they come nearer."""
+        the most of them make it (``late.fewest_late``). Prefill gets the GPU time the decoding
+        streams' pace leaves it, and no batch's fixed cost but the first is counted (the test
+        errs toward keeping requests on time)."""
         t = self._table
-        late = np.zeros(rows.size, dtype=bool)
-        if rows.size < 2:
-            return late
-        deadline = deadlines.ttft_deadline(t.arrival_s[rows], t.ttft_slo_s[rows])
-        seq = t.seq[rows]
-        order = np.lexsort((seq, deadline))[:_LATE_HORIZON]
-        work = t.num_prompt_tokens[rows[order]] * costs.prefill_s_per_token
+        work = t.num_prompt_tokens[rows] * costs.prefill_s_per_token
         streams = t.rows_in(Phase.RUNNING)
         if streams.size:  # their pace takes a decode step per TBT: prefill gets the rest
             work = work / deadlines.prefill_time_share(costs.decode_step_s,
                                                        float(t.tbt_slo_s[streams].min()))
-        done = now_s + costs.prefill_overhead_s + np.cumsum(work)
-        over = np.flatnonzero(done > deadline[order])
-        if over.size == 0:
-            return late
-        first = int(over[0])  # the prefix before it is on time as it stands
-        # the longest (then the latest arrival) on top; plain floats: this loop runs per plan
-        items = list(zip((-work).tolist(), (-seq[order]).tolist(), range(order.size),
-                         strict=True))
-        due = deadline[order].tolist()
-        kept = items[:first]
-        heapq.heapify(kept)
-        done_s = float(done[first - 1]) if first else now_s + costs.prefill_overhead_s
-        for j in range(first, order.size):
-            heapq.heappush(kept, items[j])
-            done_s -= items[j][0]
-            if done_s > due[j]:
-                neg_work, _, longest = heapq.heappop(kept)
-                done_s += neg_work
-                late[order[longest]] = True
-        return late
+        deadline = deadlines.ttft_deadline(t.arrival_s[rows], t.ttft_slo_s[rows])
+        return fewest_late(deadline, t.seq[rows], work, now_s + costs.prefill_overhead_s)
 
     def _admit(self, plan: StepPlan, now_s: float, free: int, cap: Capacity, costs: Costs,
                max_prefill_tokens: int, reserve: int, window_s: float,
