@@ -87,6 +87,24 @@ def burst(config: RotaConfig, prompts: dict[str, int]) -> SloPolicy:
     return p
 
 
+def test_fewest_late_is_moore_hodgson_on_deadlines_and_prefill_times():
+    """The rule alone, without a table: the longest prefill so far goes late whenever the
+    prefills in deadline order end past a deadline; equal lengths: the latest arrival."""
+    due = np.array([1.0, 1.0, 1.0])
+    seq = np.array([0, 1, 2])
+    assert late.fewest_late(due, seq, np.array([0.8, 0.3, 0.3]), 0.0).tolist() == [
+        True, False, False]
+    assert late.fewest_late(due, seq, np.array([0.4, 0.3, 0.3]), 0.0).tolist() == [
+        False, False, False]
+    assert late.fewest_late(due, seq, np.array([0.4, 0.4, 0.4]), 0.0).tolist() == [
+        False, False, True]
+    # the start counts: 0.25 s in, two of three 0.3 s prefills still make a 1 s deadline
+    assert int(late.fewest_late(due, seq, np.array([0.3, 0.3, 0.3]), 0.25).sum()) == 1
+    # an earlier deadline is weighed first, whatever the input order
+    assert late.fewest_late(np.array([2.0, 0.5]), np.array([0, 1]), np.array([0.6, 0.6]),
+                            0.0).tolist() == [False, True]
+
+
 def test_fewest_late_when_not_every_prefill_fits_before_its_deadline():
     # 0.8 s + 0.3 s + 0.3 s of prefill, all due at 1.0: latest-start order serves the long
     # prompt first and both short ones miss; the fewest late: the long one goes last.
