@@ -407,6 +407,17 @@ def test_compute_bound_rotates_nothing_for_new_work_but_returns_urgent_streams()
     assert due.rotate_out == ["resident"]
 
 
+def on_host_behind_a_head(**streams: tuple[int, int]) -> SloPolicy:
+    """Streams (name=(tokens, tokens out), first token at 0 s, 100 ms TBT) parked on the host
+    at 0.5 s, and a new request of 2,500 prompt tokens arrived at 0.9 s."""
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    for rid, (tokens, out) in streams.items():
+        running(p, rid, tokens=tokens, first_s=0.0, out=out)
+        park(p, rid, 0.5)
+    add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+    return p
+
+
 def test_streams_on_the_host_return_early_into_room_a_blocked_head_leaves_idle():
     """The head (2,510 tokens) waits for the GPU with 1,500 free: the stream on the host (due at
     3 s, not urgent at 1 s) comes back into that room rather than leaving it idle, but never into
@@ -427,12 +438,7 @@ def test_streams_on_the_host_return_early_into_room_a_blocked_head_leaves_idle()
     assert plan(900).rotate_in == []  # 1,000 tokens do not fit
     # first fit in deadline order: a stream due sooner but too large for the room waits (it
     # comes back when due, with room made for it) and the one behind it comes back now
-    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
-    running(p, "big", tokens=2000, first_s=0.0, out=25)  # due at 2.5 s
-    running(p, "small", tokens=1000, first_s=0.0, out=30)  # due at 3 s
-    park(p, "big", 0.5)
-    park(p, "small", 0.5)
-    add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+    p = on_host_behind_a_head(big=(2000, 25), small=(1000, 30))  # due at 2.5 s and 3 s
     fit = p.plan(StepSnapshot(1.0, cap(1500), COSTS, 16384, bound="compute"))
     assert fit.head_blocked and fit.rotate_in == ["small"]
     arrivals = dataclasses.replace(COSTS, arrival_rate_per_s=10.0, mean_prompt_tokens=300.0)
@@ -443,12 +449,7 @@ def test_early_returns_count_the_room_of_the_walks_own_returns_once():
     """The walk brings "due" back (urgent, ahead of the head in deadline order) and counts its
     1,000 tokens; the blocked head then leaves 1,600 free, and "later" (1,000 tokens, not due)
     fits there. Counting "due" a second time would leave 600 and keep "later" on the host."""
-    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
-    running(p, "due", tokens=1000, first_s=0.0, out=10)  # its next token is due at 1 s
-    running(p, "later", tokens=1000, first_s=0.0, out=30)  # due at 3 s
-    park(p, "due", 0.5)
-    park(p, "later", 0.5)
-    add(p, "new", 0.9, 2500, 1.0, 0.1, 10)
+    p = on_host_behind_a_head(due=(1000, 10), later=(1000, 30))  # next tokens due at 1 s, 3 s
     plan = p.plan(StepSnapshot(1.0, cap(2600), COSTS, 16384, bound="compute"))
     assert plan.head_blocked and plan.admit == ["new"]
     assert plan.rotate_in == ["due", "later"]
