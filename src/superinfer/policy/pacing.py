@@ -19,7 +19,6 @@ from .types import Costs, Phase
 
 CREDIT_MAX_S = 0.5  # pacing's cost credit at most: a burst of paced steps, not a backlog
 _ROUNDING = 1 - 1e-9  # a credit of a step summed from parts is still a step
-_ON_HOST = int(Phase.ON_HOST)
 
 
 class PrefillPacer:
@@ -108,7 +107,7 @@ class PrefillPacer:
         deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run),
                                                  t.tbt_slo_s[run])
         slack = deadlines.slack_s(deadline, start_s, costs)
-        away = t.phase[run] == _ON_HOST
+        away = t.phase[run] == Phase.ON_HOST
         late = away & (deadline < start_s)  # not waited for: decode steps would not bring it back
         # A stream on the host may need room made and its copy to be back: a prefill now
         # delays both (past its urgency point, it counts as no slack).

@@ -301,7 +301,8 @@ class SloPolicy(Policy):
         (eval/README.md, "Early returns")."""
         t = self._table
         away = t.rows_in(Phase.ON_HOST)
-        away = away[[t.id_at(s) not in plan.reasons for s in away.tolist()]]  # not yet coming
+        coming = [t.row(r) for r in plan.rotate_in]  # the walk's returns: a few, not all away
+        away = away[~np.isin(away, coming)]
         if away.size == 0:
             return
         key = self._return_key(away, cap, costs)
