@@ -63,7 +63,7 @@ def load_azure(path: str | Path) -> list[TraceRow]:
 
 # Length mixes the Azure traces do not have, for probing the policy off its own workloads:
 # name -> (mean prompt, mean output) tokens, lognormal with sigma SYNTHETIC_SIGMA.
-SYNTHETIC = {"long-output": (1500, 400), "rag": (6000, 150)}
+SYNTHETIC = {"long-output": (1500, 400), "rag": (6000, 150), "short-chat": (250, 120)}
 SYNTHETIC_SIGMA = 0.8
 
 
