@@ -105,6 +105,26 @@ def test_fewest_late_is_moore_hodgson_on_deadlines_and_prefill_times():
                             0.0).tolist() == [False, True]
 
 
+def test_wait_for_slack_counts_the_decode_steps_the_shortest_stream_needs():
+    """Each 20 ms step earns a resident stream its TBT minus the step and costs a stream on
+    the host the step; the wait is whole steps, and None when steps never get there."""
+    tbt = np.array([0.1, 0.05])
+    resident = np.array([False, False])
+    wait = pacing.wait_for_slack_s
+    assert wait(0.05, np.array([0.06, 0.07]), resident, tbt, COSTS) == 0.0  # enough already
+    # 0.05 s short at 0.03 s a step (TBT 50 ms): two steps; the other earns 0.08 s a step
+    assert wait(0.06, np.array([0.05, 0.01]), resident, tbt, COSTS) == pytest.approx(0.04)
+    # a TBT no longer than the step: decode steps never earn it slack
+    assert wait(0.06, np.array([0.05, 0.01]), resident,
+                np.array([0.1, 0.02]), COSTS) is None
+    # a stream on the host short of the batch never gets slack from steps
+    assert wait(0.06, np.array([0.05, 0.5]), np.array([True, False]), tbt, COSTS) is None
+    # one with slack to spare still pays for the steps the others need: 0.07 - 2 steps < 0.06
+    assert wait(0.06, np.array([0.07, 0.01]), np.array([True, False]), tbt, COSTS) is None
+    assert wait(0.06, np.array([0.2, 0.01]), np.array([True, False]), tbt,
+                COSTS) == pytest.approx(0.04)
+
+
 def test_fewest_late_when_not_every_prefill_fits_before_its_deadline():
     # 0.8 s + 0.3 s + 0.3 s of prefill, all due at 1.0: latest-start order serves the long
     # prompt first and both short ones miss; the fewest late: the long one goes last.
