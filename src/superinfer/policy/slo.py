@@ -301,7 +301,7 @@ class SloPolicy(Policy):
         (eval/README.md, "Early returns")."""
         t = self._table
         away = t.rows_in(Phase.ON_HOST)
-        coming = [t.row(r) for r in plan.rotate_in]  # the walk's returns: a few, not all away
+        coming = np.array([t.row(r) for r in plan.rotate_in], dtype=away.dtype)  # the walk's
         away = away[~np.isin(away, coming)]
         if away.size == 0:
             return
@@ -311,7 +311,7 @@ class SloPolicy(Policy):
         due = key <= now_s + deadlines.make_room_lag_s(t.num_tokens[away], cap.bytes_per_token,
                                                        costs)
         h2d_budget = self._link_tokens(costs.h2d_bytes_per_s, window_s, cap)
-        h2d = sum(int(t.num_tokens[t.row(r)]) for r in plan.rotate_in)
+        h2d = int(t.num_tokens[coming].sum())
         for s in away[due].tolist():
             need = self._return_need(s, cap)
             if need > room:
