@@ -285,6 +285,28 @@ def test_a_stream_behind_pace_means_decode_first():
     assert plan_at(p, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget == 0
 
 
+def test_a_stream_whose_tbt_the_step_nearly_fills_does_not_hold_prefill_back():
+    """A 20 ms step earns a stream with a 25 ms TBT 5 ms per step: pacing prefill for it
+    leaves the queue waiting for many steps and buys it almost nothing. Streams with room in
+    their TBT still pace."""
+    def plan(tbt_s: float, share: float = 0.75):
+        p = SloPolicy(RotaConfig(reserve_window_s=0.0, pacing_step_share=share))
+        running(p, "s", tokens=100, first_s=0.0, out=5, tbt=tbt_s)  # behind its pace at 1.0
+        add(p, "new", 0.9, 1000, 1.0, 0.1, 10)
+        return plan_at(p, 1.0, cap(100_000), COSTS, 16384)
+
+    assert plan(0.1).prefill_token_budget == 0  # 0.02 / 0.1 = 0.2 of its TBT: decode first
+    assert plan(0.025).prefill_token_budget is None  # 0.8 of its TBT: unpaced
+    assert plan(0.025, share=0.9).prefill_token_budget == 0
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "tight", tokens=100, first_s=0.0, out=5, tbt=0.025)
+    running(p, "loose", tokens=100, first_s=0.95, out=1)  # 30 ms of slack at 1.0
+    add(p, "new", 0.9, 1000, 1.0, 0.1, 10)
+    # (1.05 - 1.0 - 0.02) / 2e-5 = 1500 tokens: the loose stream's slack bounds the batch
+    assert plan_at(p, 1.0, cap(100_000), COSTS, 16384).prefill_token_budget == pytest.approx(
+        1500, abs=1)
+
+
 def test_room_already_leaving_is_not_freed_twice():
     """A victim's KV is released only when its copy is done, a step or more later; until then
     the same deficit must not pick new victims every step."""

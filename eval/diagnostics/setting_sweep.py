@@ -35,7 +35,7 @@ from superinfer.config import ConfigError, RotaConfig
 
 # RotaConfig's internal fields worth a sweep (the others have flags); a switch takes 0 and 1
 TUNABLE = ("late_wait_slos", "away_margin", "reserve_window_s", "reserve_max_frac",
-           "fewest_late", "early_returns")
+           "fewest_late", "early_returns", "pacing_step_share")
 HOST_GB = 64.0
 HORIZON_S = 600.0
 METRICS = ("ttft_attainment", "tbt_attainment", "both_attainment", "throughput_tok_s")

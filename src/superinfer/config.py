@@ -161,6 +161,11 @@ class RotaConfig:
         "ahead of a runnable prefill, batches cut short), as a share of elapsed time; past it, "
         "prefill runs unpaced and decoding streams' TBT is served late. 1.0 paces whatever it "
         "costs.", SHARE)
+    # A stream holds prefill back only while the decode step is under this share of its TBT.
+    # A step earns a stream its TBT minus the step; past 3/4 that is at most a third of a step,
+    # so waiting prefill out of such slack leaves the queue and free KV idle for many steps
+    # and buys almost no TBT (eval/README.md, "A TBT about one decode step").
+    pacing_step_share: float = _internal(0.75, POSITIVE)
     # Smallest paced prefill worth a forward (the fitted overhead can raise it): below it,
     # decode first instead.
     min_prefill_chunk: int = _internal(256, AT_LEAST_1)

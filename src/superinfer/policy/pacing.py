@@ -86,7 +86,9 @@ class PrefillPacer:
         come after its deadline. 0 means: decode first. A stream already behind its pace
         counts as no slack: only decode steps (each shorter than its TBT) let it catch up.
         (Letting prefill run unbounded once every stream was behind stalled all of them, and
-        they never caught up.)
+        they never caught up.) A stream whose TBT the decode step nearly fills
+        (``pacing_step_share``) does not count: steps earn it too little slack to pay for any
+        prefill worth waiting for.
 
         The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
@@ -102,6 +104,7 @@ class PrefillPacer:
         t = self._table
         run = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
         run = run[~np.isnan(t.first_token_s[run])]
+        run = run[t.tbt_slo_s[run] * self.config.pacing_step_share > costs.decode_step_s]
         if run.size == 0:
             return None
         deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run),
