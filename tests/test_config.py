@@ -33,7 +33,8 @@ FLAGS = {
     "--rota-monitor": ("monitor", False),
 }
 INTERNAL = {"away_margin", "fewest_late", "early_returns", "reserve_window_s", "reserve_max_frac",
-            "late_last", "late_wait_slos", "lvf_budget_tokens", "min_prefill_chunk"}
+            "late_last", "late_wait_slos", "lvf_budget_tokens", "min_prefill_chunk",
+            "pacing_step_share"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,6 +157,7 @@ def test_server_args_built_in_python_are_checked_too():
     ("reserve_max_frac", 1.0, "reserve_max_frac must be in [0, 1)"),
     ("lvf_budget_tokens", -1, "lvf_budget_tokens must be >= 0"),
     ("min_prefill_chunk", 0, "min_prefill_chunk must be >= 1"),
+    ("pacing_step_share", 0.0, "pacing_step_share must be a positive finite number"),
 ])
 def test_config_checks_name_the_setting(field, value, needle):
     with pytest.raises(ConfigError) as exc:

@@ -760,9 +760,10 @@ def test_short_budget_waits_for_decode_steps_that_earn_the_whole_batch():
         add(q, f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
     plan = plan_at(q, 1.0, cap(100_000), costs, 16384)
     assert plan.prefill_token_budget == pytest.approx(1000, abs=1) and plan.admit == ["n0"]
-    # ... or if decode steps earn nothing (one takes a TBT): take what fits now
+    # ... or if decode steps earn nothing (one takes a TBT; by default such a stream would not
+    # hold prefill back at all, pacing_step_share): take what fits now
     flat = dataclasses.replace(COSTS, decode_step_s=0.06)
-    r = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    r = SloPolicy(RotaConfig(reserve_window_s=0.0, pacing_step_share=2.0))
     running(r, "s", tokens=100, first_s=0.95, out=2, tbt=0.06)  # due 1.07: 10 ms of slack
     for i in range(3):
         add(r, f"n{i}", 0.9, 400, 1.0, 0.1, 10)
