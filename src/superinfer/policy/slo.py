@@ -301,7 +301,8 @@ class SloPolicy(Policy):
         (eval/README.md, "Early returns")."""
         t = self._table
         away = t.rows_in(Phase.ON_HOST)
-        coming = np.array([t.row(r) for r in plan.rotate_in], dtype=away.dtype)  # the walk's
+        # The walk's own returns (a few, not all away): left out here, their tokens already move.
+        coming = np.array([t.row(r) for r in plan.rotate_in], dtype=away.dtype)
         away = away[~np.isin(away, coming)]
         if away.size == 0:
             return
