@@ -48,9 +48,9 @@ from eval.lib.profile_fit import (
     describe_fit,
     fit_rows,
     kv_bytes_per_token,
-    moe_routing,
 )
 from eval.lib.server import DUMMY_SERVER_FLAGS
+from superinfer.profiles import moe_routing
 
 PLAN_ENV = "EVAL_PROFILE_PLAN"  # the worker's plan (spawned TP ranks inherit the environment)
 BUDGET_MARGIN_S = 20.0  # kept for the fit and the write after the last row

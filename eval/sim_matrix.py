@@ -59,6 +59,8 @@ from eval.lib.jsonfiles import command_line, source_commit, write_json
 from eval.lib.metrics import summarize as summarize_records
 from eval.lib.progress import Progress
 from eval.lib.traces import SYNTHETIC, synthetic_rows
+from superinfer.config import RotaConfig
+from superinfer.profiles import load_profile_file
 
 TRACE_DIR = Path(__file__).resolve().parent / "data" / "azure_llm_2023"
 TRACES = ("conv", "code")
@@ -165,7 +167,7 @@ def _replays(gpu: GpuModel, trace: str, system: str, arrival: str, cv: float, ra
     return [simulate(make_specs(_rows(trace), num=cfg["num"], arrival=arrival, rate=rate, cv=cv,
                                 seed=k),
                      system, cfg["cap"], gpu, ttft_slo, tbt_slo, cfg["host_tokens"],
-                     cfg["horizon"])
+                     cfg["horizon"], settings={"decode_profile": cfg["decode_profile"]})
             for k in range(cfg["seeds"])]
 
 
@@ -368,6 +370,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
                          "within both SLOs (both)")
     ap.add_argument("--mover", choices=MOVERS, default="staging")
     ap.add_argument("--link-gbps", type=float, default=None, help="host link GB/s each way")
+    ap.add_argument("--decode-profile", default="auto",
+                    help="rotasched's --rota-decode-profile: 'auto' (each model's own profile, "
+                         "as the server finds the shipped one), 'off', or a profile file whose "
+                         "shape every model's pacing then reads (how much a wrong one costs)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=Path("eval/results/sim_matrix.json"))
     ap.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
@@ -386,6 +392,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
         ap.error("sizes, SLOs, rate factors and the horizon must be positive")
     if args.link_gbps is not None and args.link_gbps <= 0:
         ap.error("--link-gbps must be positive")
+    try:  # before minutes of replays
+        RotaConfig(decode_profile=args.decode_profile)
+        if args.decode_profile not in ("auto", "off"):
+            load_profile_file(args.decode_profile)
+    except ValueError as e:  # ConfigError is one
+        ap.error(str(e))
     if BASELINE not in args.systems:
         args.systems.insert(0, BASELINE)
     return args, ap
@@ -415,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         host_tokens = int(args.host_kv_gb * 1e9) // gpu.bytes_per_token
         sig = {"gpu_model": gpu.profile or "built-in", "host_kv_gb": args.host_kv_gb,
                "horizon_s": args.horizon, "mover": gpu.mover,
-               "link_gbps": gpu.link_bytes_per_s / 1e9}
+               "link_gbps": gpu.link_bytes_per_s / 1e9, "decode_profile": args.decode_profile}
         cfg = {"num": args.num, "seeds": args.seeds, "cap": cap, "host_tokens": host_tokens,
-               "horizon": args.horizon}
+               "horizon": args.horizon, "decode_profile": args.decode_profile}
         plans.append((gpu, cfg, sig))
         log(f"{gpu.model_name} on modelled {gpu.gpu_name} ({sig['gpu_model']}): "
             f"{gpu.bytes_per_token} B/token, cap {cap} tokens, host {host_tokens} tokens")

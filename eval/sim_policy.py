@@ -57,6 +57,7 @@ from superinfer.policy import (
 from superinfer.policy import events as ev
 from superinfer.policy.binding import BindingMonitor, wait_reason
 from superinfer.policy.table import CLIP_NEW_TOKENS
+from superinfer.profiles import load_profile_file
 
 # --rota-keep-host-copy, --rota-write-through
 SYSTEMS = ("fcfs", "rotasched", "rotasched-keep", "rotasched-wt", "fcfs-mixed", "rotasched-mixed")
@@ -149,6 +150,11 @@ class Simulator:
                              keep_host_copy=system == "rotasched-keep",
                              write_through=system == "rotasched-wt", **(settings or {}))
             self.policy = create_policy(cfg)
+            # 'auto': the GPU model's own, as the server finds the shipped profile of a model
+            # the simulator has one of; a path: that file's shape on this model's steps
+            if cfg.decode_profile != "off":
+                self.costs.decode_profile = (gpu.decode_profile if cfg.decode_profile == "auto"
+                                             else load_profile_file(cfg.decode_profile).profile)
             self.write_through = cfg.write_through
             self.mover = ModelledMover(lambda: self.now, gpu.link_bytes_per_s,
                                        gpu.bytes_per_token)

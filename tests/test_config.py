@@ -31,6 +31,7 @@ FLAGS = {
     "--rota-request-slo": ("request_slo", "clamp"),
     "--rota-min-request-slo-ratio": ("min_request_slo_ratio", 1.0),
     "--rota-monitor": ("monitor", False),
+    "--rota-decode-profile": ("decode_profile", "auto"),
 }
 INTERNAL = {"away_margin", "fewest_late", "early_returns", "reserve_window_s", "reserve_max_frac",
             "late_last", "late_wait_slos", "lvf_budget_tokens", "min_prefill_chunk",
@@ -93,6 +94,8 @@ def test_every_flag_is_generated_with_the_config_default_and_help():
     ("--rota-min-request-slo-ratio", "-0.5", "must be in (0, 1]"),
     ("--rota-min-request-slo-ratio", "nan", "must be in (0, 1]"),
     ("--rota-min-request-slo-ratio", "half", "expects a number"),
+    ("--rota-decode-profile", "/no/such/profile.json",
+     "must be 'auto', 'off' or the path of an existing file"),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(flag, value, needle, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -27,13 +27,13 @@ from eval.lib.profile_fit import (
     captured_graph_max_bs,
     causal_pairs,
     decode_kv_tokens,
-    expert_share,
     fit_decode,
     fit_prefill,
     kv_bytes_per_token,
-    moe_routing,
     nonneg_relative_lstsq,
 )
+from superinfer.policy.step_profile import expert_share
+from superinfer.profiles import moe_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = json.loads((ROOT / "eval/models/llama-3.1-8b/config.json").read_text())

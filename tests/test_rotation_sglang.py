@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import types
 from collections import deque
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -19,13 +20,14 @@ from superinfer.adapters.sglang.pacing import joins_running
 from superinfer.adapters.sglang.rotator import Rotator
 from superinfer.adapters.sglang.stats import parse_records
 from superinfer.adapters.sglang.tp_sync import TpAgreement
-from superinfer.config import RotaConfig, parse_request_slo
+from superinfer.config import ConfigError, RotaConfig, parse_request_slo
 from superinfer.host_tier.direct import mover_path
 from superinfer.host_tier.manager import TierState
 from superinfer.policy import Capacity, CostModel, Phase, StepSnapshot
 from superinfer.policy.events import Finished
 
 CONFIGS = [(1, True), (1, False), (16, True), (16, False)]
+LLAMA_DIR = Path(__file__).resolve().parents[1] / "eval" / "models" / "llama-3.1-8b"
 # The direct mover (page-major host pool, page copies; memmove on the CPU) on the same parts.
 MOVER_CONFIGS = [(p, r, "auto") for p, r in CONFIGS] + [(16, True, "direct"), (16, False, "direct"),
                                                          (1, True, "direct")]
@@ -112,6 +114,31 @@ def test_round_trip_restores_every_kv_byte(page_size, radix, mover, kv):
     assert compat.kv_committed_len(r1) == len(r1.origin_input_ids) + len(r1.output_ids) - 1
     finish_all(parts, rot, batch)
     assert_pools_initial(parts, rot)
+
+
+def test_the_served_models_decode_profile_is_found_and_recorded(caplog, tmp_path):
+    """--rota-decode-profile auto: the shipped profile of the model's shape (SGLang's hf_config);
+    'off': none; a file that is not a profile stops the scheduler naming the flag."""
+    from transformers import AutoConfig
+
+    def start(**config):
+        parts = SchedulerParts(size=256)
+        parts.model_config.hf_config = AutoConfig.from_pretrained(LLAMA_DIR)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="superinfer"):
+            rot = Rotator(parts, RotaConfig(**config))
+        (record,) = [r for r in parse_records(caplog.text) if r["kind"] == "start"]
+        return rot, record["decode_profile"]
+
+    rot, source = start()
+    assert source == "llama-3.1-8b on h100 (shape only: no profile for this device)"
+    assert rot.costs.costs().decode_profile is not None
+    rot, source = start(decode_profile="off")
+    assert source == "none" and rot.costs.costs().decode_profile is None
+    bad = tmp_path / "p.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="--rota-decode-profile"):
+        start(decode_profile=str(bad))
 
 
 def test_stats_record_carries_the_policys_cost_estimates(caplog):

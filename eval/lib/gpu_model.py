@@ -2,18 +2,20 @@
 constants, or a per-model, per-GPU profile that eval.profile_model fitted from SGLang's own
 one-batch benchmark (eval/models/<model>/profile_<gpu>.json).
 
-Stdlib only, so it loads anywhere the simulator runs.
+Stdlib and the policy's step formula (superinfer.policy.step_profile) only, so it loads
+anywhere the simulator runs.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from eval.lib.profile_fit import expert_share
+from superinfer.policy.step_profile import DecodeStepProfile
+from superinfer.profiles import gpu_slug
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 PROFILE_GLOB = "profile_*.json"
@@ -76,16 +78,19 @@ class GpuModel:
         attends over: each new token sees the prefix, the chunk's earlier tokens and itself."""
         return take * prefix + take * (take + 1) // 2
 
+    @cached_property
+    def decode_profile(self) -> DecodeStepProfile:
+        """The decode step's terms as the policy reads a served model's profile."""
+        return DecodeStepProfile(
+            base_s=self.decode_base_s, s_per_req=self.decode_s_per_req,
+            s_per_kv_token=self.decode_s_per_kv_token,
+            s_per_expert_share=self.decode_s_per_expert_share, experts=self.moe_experts,
+            top_k=self.moe_top_k, eager_s=self.decode_eager_s,
+            graph_max_bs=self.cuda_graph_max_bs)
+
     def decode_s(self, batch: int, kv_tokens: int) -> float:
         """One decode step with no copy alongside (``copy_slowdown`` prices one)."""
-        step = (self.decode_base_s + batch * self.decode_s_per_req
-                + kv_tokens * self.decode_s_per_kv_token)
-        if self.moe_experts:
-            step += self.decode_s_per_expert_share * expert_share(batch, self.moe_experts,
-                                                                  self.moe_top_k)
-        if self.cuda_graph_max_bs and batch > self.cuda_graph_max_bs:
-            step += self.decode_eager_s
-        return step
+        return self.decode_profile.step_s(batch, kv_tokens)
 
     def copy_slowdown(self, d2h: float, h2d: float) -> float:
         """Decode-step slowdown while the link runs full rate for these shares of the step in
@@ -136,23 +141,6 @@ class GpuModel:
             raise TypeError(f"unknown GpuModel fields: {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def gpu_slug(name: str, tp_size: int = 1) -> str:
-    """A short name for a GPU, as profile files are named: 'NVIDIA H100 80GB HBM3' -> 'h100',
-    'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100'; an already short 'h100' stays.
-    Anything without a letters-then-digits word becomes its lowercased words joined by '-'.
-    Tensor parallel runs get '-tp<N>' (from ``tp_size`` or a 'tp<N>' word in ``name``):
-    'h100-tp2'."""
-    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
-    for w in list(words):
-        if m := re.fullmatch(r"tp(\d+)", w):
-            tp_size = max(tp_size, int(m.group(1)))
-            words.remove(w)
-    words = [w for w in words if w not in ("nvidia", "amd", "tesla", "geforce", "instinct")]
-    base = next((w for w in words if re.fullmatch(r"[a-z]{1,3}\d{2,4}[a-z]{0,2}", w)), None)
-    base = base or "-".join(words) or "gpu"
-    return f"{base}-tp{tp_size}" if tp_size > 1 else base
 
 
 def profile_path(model: str, gpu: str, models_dir: Path = MODELS_DIR) -> Path:

@@ -10,10 +10,11 @@ with ``output_len > 1``, ``median_decode_latency`` over its ``output_len - 1`` d
 
 ``tokens`` = batch * input_len, ``pairs`` = the causal (query, key) pairs its attention covers
 (batch * L * (L + 1) / 2), ``kv_tokens`` = the KV the median decode step reads, batch *
-(input_len + output_len / 2). ``expert_share`` (MoE models only, ``moe_routing``): the share of
-the routed experts a decode step of ``batch`` tokens reads, 1 - (1 - top_k / experts) ** batch
-under uniform routing; a step's weight reads grow with it and stop growing once every expert
-is touched, which a term linear in the batch cannot follow. ``eager_s``: what a step pays
+(input_len + output_len / 2). ``expert_share`` (MoE models only; routing from
+``superinfer.profiles.moe_routing``): the share of the routed experts a decode step of
+``batch`` tokens reads, 1 - (1 - top_k / experts) ** batch under uniform routing; a step's
+weight reads grow with it and stop growing once every expert is touched, which a term linear
+in the batch cannot follow. ``eager_s``: what a step pays
 when its batch is larger than the largest CUDA graph SGLang captured and runs without one
 (fitted only where rows beyond ``graph_max_bs`` exist; a profile without them models such steps
 as captured, too fast). Fits minimize the relative error (short prefills matter as much as
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from superinfer.policy.step_profile import expert_share
 
 LONG_PROMPT = 4096  # input_len from which a prompt counts as long for the pair-term decision
 # Keep the pair term when the linear fit misses long prompts by more than this (RMS relative)...
@@ -68,24 +71,6 @@ def kv_bytes_per_token(config: dict[str, Any], tp_size: int = 1,
             "dtype": str(dtype), "dtype_bytes": nbytes, "tp_size": tp_size,
             "formula": f"{layers} layers * {per_rank} kv heads per rank ({kv_heads} / tp "
                        f"{tp_size}) * {head_dim} head_dim * 2 (K, V) * {nbytes} B"}
-
-
-# --- mixture of experts ----------------------------------------------------------------------
-def moe_routing(config: dict[str, Any]) -> tuple[int, int] | None:
-    """(routed experts, experts per token) from a HF ``config.json`` (Mixtral
-    ``num_local_experts``, DeepSeek ``n_routed_experts``, Qwen-MoE ``num_experts``); None for a
-    dense model."""
-    cfg = config.get("text_config") or config
-    experts = (cfg.get("num_local_experts") or cfg.get("n_routed_experts")
-               or cfg.get("num_experts"))
-    top_k = cfg.get("num_experts_per_tok")
-    return (int(experts), int(top_k)) if experts and top_k else None
-
-
-def expert_share(batch: int | float | np.ndarray, experts: int, top_k: int):
-    """Expected share of ``experts`` that ``batch`` tokens, each routed to ``top_k`` of them
-    uniformly, touch together."""
-    return 1.0 - (1.0 - top_k / experts) ** batch
 
 
 # --- points from rows ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ metadata: the SGLang adapter generates the flags from the fields, and argparse a
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
@@ -73,6 +74,9 @@ NON_NEGATIVE = Check(float, "a number", "must be a finite number >= 0",
                      lambda v: 0 <= v < math.inf)
 NUMA_NODE = Check(str, "'auto', 'off' or a node number", "must be 'auto', 'off' or a node number",
                   lambda v: v in ("auto", "off") or v.isdecimal())
+DECODE_PROFILE = Check(str, "'auto', 'off' or a file path",
+                       "must be 'auto', 'off' or the path of an existing file",
+                       lambda v: v in ("auto", "off") or os.path.isfile(v))
 COUNT = Check(int, "an integer", "must be >= 0", lambda v: v >= 0)
 AT_LEAST_1 = Check(int, "an integer", "must be >= 1", lambda v: v >= 1)
 
@@ -166,6 +170,14 @@ class RotaConfig:
     # so waiting prefill out of such slack leaves the queue and free KV idle for many steps
     # and buys almost no TBT (eval/README.md, "A TBT about one decode step").
     pacing_step_share: float = _internal(0.75, POSITIVE)
+    # A burst's queue can make the step outgrow the TBT that the step of now is well within;
+    # seeing that coming takes the step as a function of the batch (policy.step_profile).
+    decode_profile: str = _flag(
+        "--rota-decode-profile", "auto",
+        "how the decode step grows with the batch, so prefill pacing sees a waiting burst push "
+        "the step past the TBT: 'auto' (default) uses the shipped profile of the served model "
+        "(and GPU, if there is one for it), 'off' none (pacing reads the step of now), or a "
+        "profile JSON written by eval.profile_model.", DECODE_PROFILE)
     # Smallest paced prefill worth a forward (the fitted overhead can raise it): below it,
     # decode first instead.
     min_prefill_chunk: int = _internal(256, AT_LEAST_1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .step_profile import DecodeStepProfile
 from .types import Costs, Transfer
 
 DEFAULT_COSTS = Costs(
@@ -71,7 +72,9 @@ class _AffineFit:
 class CostModel:
     """Accumulates observations; ``costs()`` returns the current estimates."""
 
-    def __init__(self, alpha: float = 0.2, defaults: Costs = DEFAULT_COSTS) -> None:
+    def __init__(self, alpha: float = 0.2, defaults: Costs = DEFAULT_COSTS,
+                 decode_profile: DecodeStepProfile | None = None) -> None:
+        self.decode_profile = decode_profile  # the served model's, if known (step_profile)
         self._prefill = _AffineFit(defaults.prefill_overhead_s, defaults.prefill_s_per_token, alpha)
         self._decode = _Ewma(defaults.decode_step_s, alpha)
         self._d2h = _Ewma(defaults.d2h_bytes_per_s, alpha)
@@ -119,4 +122,5 @@ class CostModel:
             arrival_rate_per_s=self._rate.value,
             mean_prompt_tokens=self._prompt.value,
             prefill_overhead_s=self._prefill.overhead,
+            decode_profile=self.decode_profile,
         )

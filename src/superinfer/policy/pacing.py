@@ -79,7 +79,7 @@ class PrefillPacer:
         tokens = min(int(prompts[on_time].sum()), room)
         return tokens, float(deadline[on_time].min() - costs.prefill_s(tokens))
 
-    def budget(self, start_s: float, bpt: int, costs: Costs, most_tokens: int,
+    def budget(self, start_s: float, bpt: int, costs: Costs, most_tokens: int, free: int,
                wanted: Callable[[], tuple[int, float | None]]) -> int | None:
         """Prefill tokens that fit in the least slack of the decoding streams. A prefill batch
         delays every decode step behind it; past this many tokens a stream's next token would
@@ -88,7 +88,9 @@ class PrefillPacer:
         (Letting prefill run unbounded once every stream was behind stalled all of them, and
         they never caught up.) A stream whose TBT the decode step nearly fills
         (``pacing_step_share``) does not count: steps earn it too little slack to pay for any
-        prefill worth waiting for.
+        prefill worth waiting for. Nor does one whose TBT the step will not hold once the
+        waiting requests that fit ``free`` tokens have joined (``_step_once_joined``): pacing
+        would only postpone that, and the queue's TTFT would pay for it.
 
         The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
         it can only delay tokens not launched yet, so a stream whose prefill is in flight
@@ -104,7 +106,11 @@ class PrefillPacer:
         t = self._table
         run = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN, Phase.ON_HOST)
         run = run[~np.isnan(t.first_token_s[run])]
-        run = run[t.tbt_slo_s[run] * self.config.pacing_step_share > costs.decode_step_s]
+        tbt = t.tbt_slo_s[run]
+        paced_for = tbt * self.config.pacing_step_share > costs.decode_step_s
+        if costs.decode_profile is not None and run.size:
+            paced_for &= tbt > self._step_once_joined(costs, free)
+        run = run[paced_for]
         if run.size == 0:
             return None
         deadline = deadlines.next_token_deadline(t.first_token_s[run], t.next_token_index(run),
@@ -136,6 +142,24 @@ class PrefillPacer:
         worthwhile = max(self.config.min_prefill_chunk,
                          int(costs.prefill_overhead_s / costs.prefill_s_per_token))
         return budget if budget >= worthwhile else 0
+
+
+    def _step_once_joined(self, costs: Costs, free: int) -> float:
+        """The decode step once the waiting requests that fit ``free`` tokens (in TTFT deadline
+        order, as admission takes them) decode beside the resident streams: a burst's queue
+        can make the step outgrow the TBT that the step of now is well within. From the served
+        model's profile (``Costs.decode_step_for``)."""
+        t = self._table
+        resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
+        waiting = t.rows_in(Phase.WAITING)
+        order = np.argsort(deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting]),
+                           kind="stable")
+        prompts = t.num_prompt_tokens[waiting[order]]
+        joining = np.cumsum(prompts) <= max(free, 0)
+        kv_now = int(t.num_tokens[resident].sum())
+        return costs.decode_step_for(
+            (resident.size, kv_now),
+            (resident.size + int(joining.sum()), kv_now + int(prompts[joining].sum())))
 
 
 def wait_for_slack_s(batch_s: float, slack: np.ndarray, away: np.ndarray, tbt: np.ndarray,

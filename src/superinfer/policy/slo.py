@@ -111,7 +111,7 @@ class SloPolicy(Policy):
             start_s = max(now_s, gpu_free_at_s or now_s)
             room = min(max_prefill_tokens, max(free, 0))
             budget = self.pacer.budget(
-                start_s, cap.bytes_per_token, costs, room,
+                start_s, cap.bytes_per_token, costs, room, free,
                 lambda: self.pacer.batch_wanted(now_s, room, costs, compute_bound, late))
         reserve = deadlines.reserve_tokens(costs, cfg.reserve_window_s, cap.total_device_tokens,
                                      cfg.reserve_max_frac)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from .step_profile import DecodeStepProfile
+
 
 class Phase(IntEnum):
     WAITING = 0  # needs a prefill (new, or retracted by SGLang)
@@ -32,6 +34,18 @@ class Costs:
     # A prefill forward costs this much on top of its tokens (launches, weights read once): a
     # per-token rate alone, measured on small chunks, would read as slow and shrink them more.
     prefill_overhead_s: float = 0.0
+    # How the decode step grows with the batch, for the served model (None: not known).
+    decode_profile: DecodeStepProfile | None = None
+
+    def decode_step_for(self, now: tuple[int, int], then: tuple[int, int]) -> float:
+        """The decode step of a batch of ``then`` (streams, KV tokens), from the measured step
+        of the batch ``now``: the profile gives the shape, the measurement the level (a profile
+        taken with another attention backend or on another GPU still says how the step
+        grows). Without a profile, the measured step."""
+        if self.decode_profile is None:
+            return self.decode_step_s
+        base = self.decode_profile.step_s(*now)
+        return self.decode_step_s * self.decode_profile.step_s(*then) / base
 
     def prefill_s(self, num_tokens: float) -> float:
         """Seconds to prefill ``num_tokens`` in one forward (a numpy array works too)."""

@@ -30,6 +30,7 @@ from ...policy import events as ev
 from ...policy.deadlines import link_tokens
 from . import batch_surgery, compat, translate
 from .binding_probe import BindingProbe
+from .decode_profile import served_decode_profile
 from .kv_ops import SglangKV, device_planes
 from .metrics import RotationMetrics
 from .pacing import PrefillPacer, joins_running
@@ -52,10 +53,11 @@ class Rotator:
         self.scheduler, self.config = scheduler, config
         self.kv = SglangKV(scheduler)
         self.policy = create_policy(config)
-        self.costs = CostModel()
         self.stats = RotationStats()
         planes = device_planes(scheduler.token_to_kv_pool_allocator.get_kvcache())
         on_gpu = planes[0][0].is_cuda
+        decode_profile = served_decode_profile(scheduler, config, on_gpu)
+        self.costs = CostModel(decode_profile=decode_profile and decode_profile.profile)
         self.placement = tier_placement(scheduler.server_args,
                                         compat.scheduler_gpu_id(scheduler) if on_gpu else None,
                                         config.host_numa_node)
@@ -85,7 +87,8 @@ class Rotator:
         self._record("start", policy=config.policy, host_kv_gb=config.host_kv_gb,
                      host_tokens=spec.host_tokens, host_page=spec.host_page, mover=spec.mover,
                      path=spec.path, numa_node=self.placement.numa_node,
-                     ranks_on_host=self.placement.ranks_on_host)
+                     ranks_on_host=self.placement.ranks_on_host,
+                     decode_profile=decode_profile.source if decode_profile else "none")
 
     # --- the per-iteration step -----------------------------------------------------------
     def step(self, running: ScheduleBatch, last_batch: ScheduleBatch | None = None
