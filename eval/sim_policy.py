@@ -458,7 +458,7 @@ class Simulator:
         dur = self._decode_step_s(self.running)
         self.now += dur
         if self.last_was_decode:
-            self.costs.observe_decode(dur)
+            self.costs.observe_decode(dur, len(self.running), sum(r.kv for r in self.running))
         self.last_was_decode = True
         self.ratio.decode()
         self.stats["decode_steps"] += 1

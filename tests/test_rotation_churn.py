@@ -18,7 +18,7 @@ def gpu_step_costs(monkeypatch):
     """On the real clock: decode steps priced as a GPU's (the default 25 ms), not as this CPU
     stand-in's microseconds: at those, finishing streams free room long before any deadline
     and the policy never needs to rotate."""
-    monkeypatch.setattr(CostModel, "observe_decode", lambda self, elapsed_s: None)
+    monkeypatch.setattr(CostModel, "observe_decode", lambda self, *measured: None)
 
 
 @pytest.mark.parametrize("page_size,radix,mover", [(1, True, "auto"), (16, False, "auto"),

@@ -15,7 +15,7 @@ import pytest
 import torch
 from sglang_parts import SchedulerParts
 
-from superinfer.adapters.sglang import compat
+from superinfer.adapters.sglang import compat, translate
 from superinfer.adapters.sglang.pacing import joins_running
 from superinfer.adapters.sglang.rotator import Rotator
 from superinfer.adapters.sglang.stats import parse_records
@@ -133,6 +133,15 @@ def test_the_served_models_decode_profile_is_found_and_recorded(caplog, tmp_path
     rot, source = start()
     assert source == "llama-3.1-8b on h100 (shape only: no profile for this device)"
     assert rot.costs.costs().decode_profile is not None
+    # each measured step calibrates the profile against the batch it ran (streams, KV read)
+    parts = rot.scheduler
+    rot.step(parts.empty_batch())
+    reqs = [parts.make_req(f"r{i}", 30 + i, max_new_tokens=16) for i in range(3)]
+    batch = prefill_and_decode(parts, rot, reqs, steps=3)
+    assert translate.decode_kv_tokens(batch) == sum(
+        len(r.origin_input_ids) + len(r.output_ids) for r in batch.reqs)
+    assert rot._last_decode_shape[0] == 3
+    assert rot.costs.costs().decode_calibration != 1.0  # CPU steps are not an H100's
     rot, source = start(decode_profile="off")
     assert source == "none" and rot.costs.costs().decode_profile is None
     bad = tmp_path / "p.json"
@@ -216,7 +225,7 @@ def test_policy_driven_rotation_under_memory_pressure(monkeypatch):
     # Decode steps priced as a GPU's (the default 25 ms), not as this test's microseconds: at
     # those the running streams would finish before the newcomer's deadline on their own, and
     # room that comes in time anyway moves no bytes.
-    monkeypatch.setattr(CostModel, "observe_decode", lambda self, elapsed_s: None)
+    monkeypatch.setattr(CostModel, "observe_decode", lambda self, *measured: None)
     reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
     running = prefill_and_decode(parts, rot, reqs, steps=2)
     rot.policy.table.first_token_s[:] += 5.0  # far ahead of their 0.1 s pace: plenty of slack
@@ -259,7 +268,7 @@ def test_a_rotation_the_host_tier_cannot_take_is_counted(monkeypatch):
     """The newcomer of the test above, with a host tier of a few tokens: no rotation, the
     plan counted as host-full (SGLang's own admission and retraction take over)."""
     parts, rot = fresh(size=512, host_kv_gb=0.000004, reserve_window_s=0.0)
-    monkeypatch.setattr(CostModel, "observe_decode", lambda self, elapsed_s: None)
+    monkeypatch.setattr(CostModel, "observe_decode", lambda self, *measured: None)
     reqs = [parts.make_req(f"r{i}", 120, max_new_tokens=40) for i in range(3)]
     running = prefill_and_decode(parts, rot, reqs, steps=2)
     rot.policy.table.first_token_s[:] += 5.0

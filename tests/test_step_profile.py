@@ -60,16 +60,21 @@ def test_a_fit_that_cannot_be_a_cost_is_refused(fit, needle):
         DecodeStepProfile.from_fit(fit)
 
 
-def test_the_step_of_a_batch_scales_the_measured_step_by_the_profiles_shape():
-    """The profile gives the shape, the measurement the level: a profile measured on another
-    backend or GPU still says by how much the step grows."""
+def test_the_step_of_a_batch_is_the_profiles_calibrated_by_the_measured_steps():
+    """The profile gives the shape, the measured steps the level: a profile measured on
+    another backend or GPU still says by how much the step grows. Calibrated per measured
+    step against that step's own batch, so a step estimate that lags a growing batch does not
+    read as a faster GPU."""
     prof = DecodeStepProfile(base_s=0.01, s_per_req=0.001, s_per_kv_token=1e-7)
-    costs = dataclasses.replace(COSTS, decode_profile=prof)  # 20 ms measured
-    now = (10, 10_000)  # the profile says 21 ms
-    assert costs.decode_step_for(now, now) == pytest.approx(0.02)
-    assert costs.decode_step_for(now, (30, 10_000)) == pytest.approx(0.02 * 0.041 / 0.021)
-    assert COSTS.decode_step_for(now, (30, 10_000)) == 0.02  # no profile: the step of now
-    assert CostModel(decode_profile=prof).costs().decode_profile is prof
+    model = CostModel(alpha=1.0, decode_profile=prof)
+    assert model.costs().decode_step_for(30, 10_000) == pytest.approx(0.041)  # not measured yet
+    model.observe_decode(0.042, 10, 10_000)  # the profile says 21 ms for that batch: 2x
+    costs = model.costs()
+    assert costs.decode_profile is prof and costs.decode_calibration == pytest.approx(2.0)
+    assert costs.decode_step_for(30, 10_000) == pytest.approx(0.082)
+    model.observe_decode(0.05)  # a step of an unknown batch: the step, not the calibration
+    assert model.costs().decode_calibration == pytest.approx(2.0)
+    assert COSTS.decode_step_for(30, 10_000) == COSTS.decode_step_s  # no profile: the step
 
 
 # --- pacing with it ----------------------------------------------------------------------------
@@ -80,14 +85,15 @@ def paced_budget(profile: DecodeStepProfile | None, burst: int, free: int = 100_
     running(p, "s", tokens=100, first_s=0.95, out=1)
     for i in range(burst):
         add(p, f"n{i}", 0.9, 1000, 1.0, 0.1, 10)
-    costs = dataclasses.replace(COSTS, decode_profile=profile)
+    costs = dataclasses.replace(COSTS, decode_profile=profile, decode_calibration=2.0)
     return plan_at(p, 1.0, cap(free), costs, 16384).prefill_token_budget
 
 
 def test_a_stream_the_joined_queue_puts_past_its_tbt_does_not_hold_prefill_back():
-    """Once the 50 waiting requests have joined, the step is 20 ms x 61 / 11 = 111 ms, past
-    the stream's 100 ms TBT: pacing for it would only postpone that, at the queue's TTFT. With
-    30 waiting (75 ms), or only 10 that fit free memory, or no profile, it paces as before."""
+    """Once the 50 waiting requests have joined, the step is 10 + 51 x 1 = 61 ms, times the
+    calibration 2 (steps measured twice the profile's) = 122 ms, past the stream's 100 ms TBT:
+    pacing for it would only postpone that, at the queue's TTFT. With 30 waiting (82 ms), or
+    only 10 that fit free memory, or no profile, it paces as before."""
     prof = DecodeStepProfile(base_s=0.01, s_per_req=0.001, s_per_kv_token=0.0)
     assert paced_budget(None, 50) is not None
     assert paced_budget(prof, 50) is None

@@ -77,6 +77,7 @@ class CostModel:
         self.decode_profile = decode_profile  # the served model's, if known (step_profile)
         self._prefill = _AffineFit(defaults.prefill_overhead_s, defaults.prefill_s_per_token, alpha)
         self._decode = _Ewma(defaults.decode_step_s, alpha)
+        self._calibration = _Ewma(1.0, alpha)  # measured step / the profile's, per step
         self._d2h = _Ewma(defaults.d2h_bytes_per_s, alpha)
         self._h2d = _Ewma(defaults.h2d_bytes_per_s, alpha)
         self._rate = _Ewma(defaults.arrival_rate_per_s, alpha)
@@ -88,9 +89,13 @@ class CostModel:
         if num_tokens > 0 and elapsed_s > 0:
             self._prefill.add(float(num_tokens), elapsed_s)
 
-    def observe_decode(self, elapsed_s: float) -> None:
+    def observe_decode(self, elapsed_s: float, streams: int = 0, kv_tokens: int = 0) -> None:
+        """A decode step of ``streams`` streams reading ``kv_tokens`` KV tokens (0: not known)
+        took ``elapsed_s``."""
         if elapsed_s > 0:
             self._decode.add(elapsed_s)
+            if self.decode_profile is not None and streams > 0:
+                self._calibration.add(elapsed_s / self.decode_profile.step_s(streams, kv_tokens))
 
     def observe_transfer(self, transfer: Transfer) -> None:
         """The link's rate: from the copy's own time where the mover timed it. Its time from
@@ -123,4 +128,5 @@ class CostModel:
             mean_prompt_tokens=self._prompt.value,
             prefill_overhead_s=self._prefill.overhead,
             decode_profile=self.decode_profile,
+            decode_calibration=self._calibration.value,
         )

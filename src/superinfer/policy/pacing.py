@@ -156,10 +156,8 @@ class PrefillPacer:
                            kind="stable")
         prompts = t.num_prompt_tokens[waiting[order]]
         joining = np.cumsum(prompts) <= max(free, 0)
-        kv_now = int(t.num_tokens[resident].sum())
-        return costs.decode_step_for(
-            (resident.size, kv_now),
-            (resident.size + int(joining.sum()), kv_now + int(prompts[joining].sum())))
+        return costs.decode_step_for(resident.size + int(joining.sum()),
+                                     int(t.num_tokens[resident].sum() + prompts[joining].sum()))
 
 
 def wait_for_slack_s(batch_s: float, slack: np.ndarray, away: np.ndarray, tbt: np.ndarray,

@@ -34,18 +34,19 @@ class Costs:
     # A prefill forward costs this much on top of its tokens (launches, weights read once): a
     # per-token rate alone, measured on small chunks, would read as slow and shrink them more.
     prefill_overhead_s: float = 0.0
-    # How the decode step grows with the batch, for the served model (None: not known).
+    # How the decode step grows with the batch, for the served model (None: not known), and
+    # the measured steps' ratio to what it says (its error on this GPU and backend).
     decode_profile: DecodeStepProfile | None = None
+    decode_calibration: float = 1.0
 
-    def decode_step_for(self, now: tuple[int, int], then: tuple[int, int]) -> float:
-        """The decode step of a batch of ``then`` (streams, KV tokens), from the measured step
-        of the batch ``now``: the profile gives the shape, the measurement the level (a profile
-        taken with another attention backend or on another GPU still says how the step
-        grows). Without a profile, the measured step."""
+    def decode_step_for(self, streams: int, kv_tokens: int) -> float:
+        """The decode step of a batch of ``streams`` streams reading ``kv_tokens`` KV tokens:
+        the profile's step for it times the calibration (the profile gives the shape, the
+        measured steps the level, so a profile taken with another attention backend or on
+        another GPU still serves). Without a profile, the measured step of now."""
         if self.decode_profile is None:
             return self.decode_step_s
-        base = self.decode_profile.step_s(*now)
-        return self.decode_step_s * self.decode_profile.step_s(*then) / base
+        return self.decode_calibration * self.decode_profile.step_s(streams, kv_tokens)
 
     def prefill_s(self, num_tokens: float) -> float:
         """Seconds to prefill ``num_tokens`` in one forward (a numpy array works too)."""

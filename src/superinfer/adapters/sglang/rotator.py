@@ -82,6 +82,7 @@ class Rotator:
         self.initial_host_tokens = self.tier.pages.available_size()
         self.times_rotated: dict[str, int] = {}  # rid -> rotate-outs, over the current busy period
         self._last_decode_launch: float | None = None
+        self._last_decode_shape = (0, 0)  # (streams, KV tokens) of the last decode batch
         self._launched_done_at_s = 0.0  # when the last launched batch should be done
         spec = self.tier_spec
         self._record("start", policy=config.policy, host_kv_gb=config.host_kv_gb,
@@ -306,8 +307,11 @@ class Rotator:
         if batch.forward_mode.is_decode():
             launch = batch.launch_ts
             if launch is not None and self._last_decode_launch is not None:
-                self.costs.observe_decode(launch - self._last_decode_launch)
+                # launch to launch: the step of the batch before this one
+                self.costs.observe_decode(launch - self._last_decode_launch,
+                                          *self._last_decode_shape)
             self._last_decode_launch = launch
+            self._last_decode_shape = (len(batch.reqs), translate.decode_kv_tokens(batch))
             self._apply(translate.decoded(batch, self.policy))
         elif batch.forward_mode.is_extend():
             self._last_decode_launch = None  # a decode step's cost must not include this one

@@ -62,6 +62,15 @@ def decoded(batch: ScheduleBatch, policy: Policy) -> list[ev.Event]:
     return _decode_events([r for r in batch.reqs if r.rid in policy], policy)
 
 
+def decode_kv_tokens(batch: ScheduleBatch) -> int:
+    """KV tokens a decode batch reads: SGLang's host-side ``seq_lens_sum`` where it keeps one
+    (never the device tensor: reading it would wait for the GPU)."""
+    total = getattr(batch, "seq_lens_sum", None)
+    if total is not None:
+        return int(total)
+    return sum(len(r.origin_input_ids) + len(r.output_ids) for r in batch.reqs)
+
+
 def _decode_events(reqs: list[Req], policy: Policy) -> list[ev.Event]:
     stepped: list[str] = []
     events: list[ev.Event] = []
