@@ -5,7 +5,7 @@ so every iteration ranks the whole queue, finds the head blocked and picks victi
 case), with a few rotated-out requests coming back. Between iterations the table is updated
 the way the adapter does it (one decode step for every running request, a few arrivals).
 
-    python -m eval.bench_policy [--iterations 2000] [--rounds 5] \
+    python -m eval.bench_policy [--iterations 2000] [--rounds 5] [--decode-profile auto|off] \
         [--out eval/results/bench_policy.json]
 """
 
@@ -29,6 +29,8 @@ from superinfer.config import RotaConfig
 from superinfer.policy import Capacity, Phase, Policy, StepSnapshot, TierReport, create_policy
 from superinfer.policy import events as ev
 from superinfer.policy.costs import DEFAULT_COSTS
+from superinfer.policy.step_profile import DecodeStepProfile
+from superinfer.profiles import shipped_profiles
 
 BPT = 131072
 
@@ -53,10 +55,19 @@ def build(policy_name: str, num_running: int, num_waiting: int, seed: int) -> Po
     return policy
 
 
-def run(policy_name: str, iterations: int, num_running: int, num_waiting: int) -> dict:
+def llama_profile() -> DecodeStepProfile:
+    """The decode-step profile a Llama-3.1-8B server finds (--rota-decode-profile auto): with
+    one, pacing also predicts the step of the batch the waiting queue will make."""
+    (entry,) = [p for p in shipped_profiles() if p["model"] == "llama-3.1-8b"]
+    return DecodeStepProfile.from_fit(entry["decode"])
+
+
+def run(policy_name: str, iterations: int, num_running: int, num_waiting: int,
+        decode_profile: DecodeStepProfile | None = None) -> dict:
     policy = build(policy_name, num_running, num_waiting, seed=0)
     costs = dataclasses.replace(DEFAULT_COSTS, arrival_rate_per_s=20.0, mean_prompt_tokens=1000,
-                                d2h_bytes_per_s=50e9, h2d_bytes_per_s=50e9)
+                                d2h_bytes_per_s=50e9, h2d_bytes_per_s=50e9,
+                                decode_profile=decode_profile)
     cap = Capacity(available_device_tokens=20_000, total_device_tokens=600_000,
                    free_host_tokens=2_000_000, bytes_per_token=BPT, new_token_ratio=0.3)
     step = ev.Decoded(tuple(policy.ids_in(Phase.RUNNING)))
@@ -79,7 +90,8 @@ def run(policy_name: str, iterations: int, num_running: int, num_waiting: int) -
             rotations += len(plan.rotate_out)
     plan_ms = np.array(plan_s) * 1e3
     return {
-        "policy": policy_name, "iterations": iterations, "running": num_running,
+        "policy": policy_name, "decode_profile": decode_profile is not None,
+        "iterations": iterations, "running": num_running,
         "waiting": num_waiting, "plan_ms_p50": float(np.percentile(plan_ms, 50)),
         "plan_ms_p99": float(np.percentile(plan_ms, 99)), "plan_ms_max": float(plan_ms.max()),
         "table_update_ms_p50": float(np.percentile(np.array(event_s) * 1e3, 50)),
@@ -94,6 +106,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--running", type=int, default=1024)
     ap.add_argument("--waiting", type=int, default=4096)
+    ap.add_argument("--decode-profile", choices=("auto", "off"), default="auto",
+                    help="auto: the shipped Llama-3.1-8B profile, as a server for it runs")
     ap.add_argument("--out", default="eval/results/bench_policy.json")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
@@ -102,7 +116,8 @@ def main() -> None:
     for name in ("slo", "lvf"):
         # NOTE: a shared 2-vCPU VM stalls now and then; rounds expose that, and the median
         # round is the figure (METHOD.md: repeat, take the median).
-        rounds = [run(name, args.iterations, args.running, args.waiting)
+        profile = llama_profile() if args.decode_profile == "auto" else None
+        rounds = [run(name, args.iterations, args.running, args.waiting, profile)
                   for _ in range(args.rounds)]
         r = dict(rounds[0], rounds=rounds)
         for key in ("plan_ms_p50", "plan_ms_p99", "plan_ms_max", "table_update_ms_p50"):

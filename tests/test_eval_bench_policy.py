@@ -9,8 +9,11 @@ import pytest
 from eval import bench_policy
 
 
-@pytest.mark.parametrize("name", ["slo", "lvf"])
-def test_a_short_benchmark_plans_and_rotates(name):
-    r = bench_policy.run(name, iterations=20, num_running=1024, num_waiting=4096)
-    assert r["iterations"] == 20 and r["plan_ms_p50"] > 0 and r["plan_ms_max"] >= r["plan_ms_p99"]
+@pytest.mark.parametrize("name,profiled", [("slo", True), ("slo", False), ("lvf", False)])
+def test_a_short_benchmark_plans_and_rotates(name, profiled):
+    profile = bench_policy.llama_profile() if profiled else None
+    r = bench_policy.run(name, iterations=20, num_running=1024, num_waiting=4096,
+                         decode_profile=profile)
+    assert r["decode_profile"] is profiled and r["iterations"] == 20
+    assert r["plan_ms_p50"] > 0 and r["plan_ms_max"] >= r["plan_ms_p99"]
     assert r["victims_chosen_per_iteration"] > 0  # memory is tight: the worst case is timed

@@ -101,6 +101,20 @@ def test_a_stream_the_joined_queue_puts_past_its_tbt_does_not_hold_prefill_back(
     assert paced_budget(prof, 50, free=10_000) == paced_budget(None, 50, free=10_000)
 
 
+def test_the_joined_batch_is_the_queue_in_deadline_order_not_the_most_that_could_fit():
+    """10,000 tokens free: a 9,000-token prompt due first, then 40 of 100 tokens. As many as
+    could fit would be 41 streams (a 104 ms step, past the 100 ms TBT), but admission takes
+    the long one first and 10 short ones after it: 11 join, a 44 ms step, so the stream paces."""
+    prof = DecodeStepProfile(base_s=0.01, s_per_req=0.001, s_per_kv_token=0.0)
+    p = SloPolicy(RotaConfig(reserve_window_s=0.0))
+    running(p, "s", tokens=100, first_s=0.95, out=1)
+    add(p, "long", 0.8, 9000, 1.0, 0.1, 10)
+    for i in range(40):
+        add(p, f"n{i}", 0.9, 100, 1.0, 0.1, 10)
+    costs = dataclasses.replace(COSTS, decode_profile=prof, decode_calibration=2.0)
+    assert plan_at(p, 1.0, cap(10_000), costs, 16384).prefill_token_budget is not None
+
+
 # --- shipped profiles ------------------------------------------------------------------------
 def test_shipped_profiles_are_current():
     assert ship_profiles.main(["--check"]) == 0

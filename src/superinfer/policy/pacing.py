@@ -89,7 +89,7 @@ class PrefillPacer:
         they never caught up.) A stream whose TBT the decode step nearly fills
         (``pacing_step_share``) does not count: steps earn it too little slack to pay for any
         prefill worth waiting for. Nor does one whose TBT the step will not hold once the
-        waiting requests that fit ``free`` tokens have joined (``_step_once_joined``): pacing
+        waiting requests that fit ``free`` tokens have joined (``_tbt_above_joined_step``): pacing
         would only postpone that, and the queue's TTFT would pay for it.
 
         The batch starts at ``start_s`` (when the GPU is done with the batches in flight), and
@@ -109,7 +109,7 @@ class PrefillPacer:
         tbt = t.tbt_slo_s[run]
         paced_for = tbt * self.config.pacing_step_share > costs.decode_step_s
         if costs.decode_profile is not None and run.size:
-            paced_for &= tbt > self._step_once_joined(costs, free)
+            paced_for &= self._tbt_above_joined_step(costs, free, tbt)
         run = run[paced_for]
         if run.size == 0:
             return None
@@ -144,20 +144,30 @@ class PrefillPacer:
         return budget if budget >= worthwhile else 0
 
 
-    def _step_once_joined(self, costs: Costs, free: int) -> float:
-        """The decode step once the waiting requests that fit ``free`` tokens (in TTFT deadline
-        order, as admission takes them) decode beside the resident streams: a burst's queue
-        can make the step outgrow the TBT that the step of now is well within. From the served
-        model's profile (``Costs.decode_step_for``)."""
+    def _tbt_above_joined_step(self, costs: Costs, free: int, tbt: np.ndarray) -> np.ndarray:
+        """Whether each of ``tbt`` is above the decode step once the waiting requests that fit
+        ``free`` tokens (in TTFT deadline order, as admission takes them) decode beside the
+        resident streams: a burst's queue can make the step outgrow the TBT that the step of
+        now is well within. From the served model's profile (``Costs.decode_step_for``). The
+        step only grows with streams and KV tokens, so the exact batch, which takes a sort of
+        the queue, is worked out only for a TBT between the step with none of them and the
+        step with as many as could fit."""
         t = self._table
         resident = t.rows_in(Phase.RUNNING, Phase.PREFILLING, Phase.ROTATING_IN)
+        streams, kv = resident.size, int(t.num_tokens[resident].sum())
         waiting = t.rows_in(Phase.WAITING)
+        prompts = t.num_prompt_tokens[waiting]
+        free = max(free, 0)
+        most = min(waiting.size, free // max(int(prompts.min()), 1)) if waiting.size else 0
+        above = tbt > costs.decode_step_for(streams + most, kv + min(free, int(prompts.sum())))
+        if above.all() or not np.any(tbt > costs.decode_step_for(streams, kv)):
+            return above
         order = np.argsort(deadlines.ttft_deadline(t.arrival_s[waiting], t.ttft_slo_s[waiting]),
                            kind="stable")
-        prompts = t.num_prompt_tokens[waiting[order]]
-        joining = np.cumsum(prompts) <= max(free, 0)
-        return costs.decode_step_for(resident.size + int(joining.sum()),
-                                     int(t.num_tokens[resident].sum() + prompts[joining].sum()))
+        prompts = prompts[order]
+        joining = np.cumsum(prompts) <= free
+        return tbt > costs.decode_step_for(streams + int(joining.sum()),
+                                           kv + int(prompts[joining].sum()))
 
 
 def wait_for_slack_s(batch_s: float, slack: np.ndarray, away: np.ndarray, tbt: np.ndarray,
