@@ -143,7 +143,6 @@ class PrefillPacer:
                          int(costs.prefill_overhead_s / costs.prefill_s_per_token))
         return budget if budget >= worthwhile else 0
 
-
     def _tbt_above_joined_step(self, costs: Costs, free: int, tbt: np.ndarray) -> np.ndarray:
         """Whether each of ``tbt`` is above the decode step once the waiting requests that fit
         ``free`` tokens (in TTFT deadline order, as admission takes them) decode beside the
