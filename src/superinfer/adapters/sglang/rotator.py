@@ -311,7 +311,8 @@ class Rotator:
                 self.costs.observe_decode(launch - self._last_decode_launch,
                                           *self._last_decode_shape)
             self._last_decode_launch = launch
-            self._last_decode_shape = (len(batch.reqs), translate.decode_kv_tokens(batch))
+            if self.costs.decode_profile is not None:  # only a profile's calibration reads it
+                self._last_decode_shape = (len(batch.reqs), translate.decode_kv_tokens(batch))
             self._apply(translate.decoded(batch, self.policy))
         elif batch.forward_mode.is_extend():
             self._last_decode_launch = None  # a decode step's cost must not include this one

@@ -64,7 +64,8 @@ def decoded(batch: ScheduleBatch, policy: Policy) -> list[ev.Event]:
 
 def decode_kv_tokens(batch: ScheduleBatch) -> int:
     """KV tokens a decode batch reads: SGLang's host-side ``seq_lens_sum`` where it keeps one
-    (never the device tensor: reading it would wait for the GPU)."""
+    (0.5.17's ``prepare_for_decode`` clears it: then the requests' lengths; never the device
+    tensor, reading it would wait for the GPU)."""
     total = getattr(batch, "seq_lens_sum", None)
     if total is not None:
         return int(total)
